@@ -1,0 +1,469 @@
+"""Extract IEMOCAP's utterances into DATA_DIR: the manifest, the transcripts, the target audio.
+
+    python mocap_data_collect.py IEMOCAP_ROOT DATA_DIR [--emotions ang,hap,exc,sad,neu]
+                                 [--allow-missing] [--expect-full | --no-expect-full]
+
+Reads (never writes) an IEMOCAP_full_release tree:
+    IEMOCAP_ROOT/Session{1..5}/dialog/EmoEvaluation/<dialog>.txt    labels, times, V/A/D
+    IEMOCAP_ROOT/Session{1..5}/dialog/transcriptions/<dialog>.txt   transcripts
+    IEMOCAP_ROOT/Session{1..5}/sentences/wav/<dialog>/<utterance_id>.wav
+Writes, as the data contract says:
+    DATA_DIR/utterances.csv      one row per utterance in corpus order (MANIFEST_COLUMNS)
+    DATA_DIR/Text/<name>.txt     the transcript of every utterance, one line, no line break
+    DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the utterances of the target emotions
+    DATA_DIR/labels_train_t.txt  "<name>.txt<TAB><code>" per target utterance (the seed's codes)
+where name = "{index}_s_{session}_{emotion}" and index is the row's position in the manifest.
+
+How the corpus is read (each rule is a quirk of the real release):
+- An utterance is a summary line of an EmoEvaluation block,
+  "[START - END]<TAB>UTTERANCE_ID<TAB>EMO<TAB>[V, A, D]". Annotator lines (C-E2:, A-E3:, ...;
+  some malformed) and the sub-directories (Categorical/, Attribute/, Self-evaluation/) are not
+  read. A line that starts like a summary line but does not parse stops the run (file:line).
+- Only files named like a dialogue (Ses01F_impro01.txt, Ses05M_script01_1b.txt) are dialogues;
+  macOS "._*" files and other stray files are ignored. An utterance belongs to the dialogue
+  named by its id minus the last part, matched exactly (Ses03M_impro05a is not Ses03M_impro05b).
+- Transcription lines "ID [START-END]: text" are looked up by exact id; lines of ids without an
+  EmoEvaluation entry (speaker-only "M: Yeah.", the XX lines) are not utterances.
+- A transcript is kept as it is in the file (tags, double spaces), except that surrounding
+  whitespace is stripped and each TAB, carriage return or other line-breaking character inside
+  it becomes one space, so that the manifest row and Text/<name>.txt stay one line.
+- The speaker is the F/M of the id's last part (Ses01F_impro01_M013 is spoken by Ses01M).
+- Corpus order: session, dialogue name, then (start, end, utterance id) -- neither file is in
+  time order.
+
+Verification: a summary table per session and class is printed. A target utterance whose wav
+is missing or not 16 kHz mono stops the run before anything is written (with --allow-missing
+the run goes on without that audio and lists it). When the corpus is the full release (all five
+sessions, at least half its 10039 utterances; --expect-full forces the check, --no-expect-full
+turns it off) the counts must be the published ones or the run stops, as SpeechBrain's recipe
+does: a corpus read wrongly should not silently train a model.
+
+Re-running gives byte-identical files, never appends; files whose content is unchanged are not
+rewritten; Audio/ and Text/ files named like an utterance that the new manifest does not list
+are removed. Every file is written atomically and the manifest last, so an interrupted run
+leaves no half-written file and no manifest that promises files which are not there.
+"""
+import argparse
+import csv
+import io
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from utils import atomic_path
+
+CLASSES = ("ang", "hap", "sad", "neu")
+LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
+SEED_CODES = {"ang": 0, "hap": 1, "exc": 2, "sad": 3, "neu": 4}
+DEFAULT_EMOTIONS = ("ang", "hap", "exc", "sad", "neu")
+EMOTION_CODES = ("ang", "hap", "exc", "sad", "neu", "fru", "sur", "fea", "dis", "oth", "xxx")
+MANIFEST_COLUMNS = ("name", "utterance_id", "session", "dialog", "speaker", "gender", "start",
+                    "end", "emotion", "label", "valence", "activation", "dominance", "transcript")
+SESSIONS = (1, 2, 3, 4, 5)
+SAMPLE_RATE = 16000
+
+# The published shape of IEMOCAP_full_release, counted by emotion code so that it does not
+# depend on --emotions. "labelled" means one of the five codes of the 4-class task.
+FULL_CORPUS = {
+    "utterances": 10039,
+    "labelled": 5531,
+    "ang": 1103, "hap+exc": 1636, "sad": 1084, "neu": 1708,
+    "labelled_per_session": {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241},
+}
+
+DIALOG_RE = re.compile(r"^Ses0([1-5])[FM]_(?:impro|script)\w+$")
+SUMMARY_RE = re.compile(
+    r"^\[\s*(?P<start>\d+(?:\.\d*)?)\s*-\s*(?P<end>\d+(?:\.\d*)?)\s*\]\s+"
+    r"(?P<utterance_id>\S+)\s+(?P<emotion>[a-z]{3})\s+"
+    r"\[\s*(?P<valence>\d+(?:\.\d*)?)\s*,\s*(?P<activation>\d+(?:\.\d*)?)\s*,"
+    r"\s*(?P<dominance>\d+(?:\.\d*)?)\s*\]\s*$")
+TRANSCRIPT_RE = re.compile(r"^(?P<utterance_id>\S+)\s+\[[^\]]*\]:(?P<text>.*)$")
+# TAB, CR and the other characters str.splitlines() breaks on: none may survive inside a text.
+INNER_BREAK_RE = re.compile(r"[\t\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+NAME_RE = re.compile(r"^\d+_s_[1-5]_[a-z]{3}$")
+
+
+class CorpusError(ValueError):
+    """The corpus (or a manifest) is not what this script can read; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the corpus
+
+def dialogue_of(utterance_id):
+    return utterance_id.rsplit("_", 1)[0]
+
+
+def read_lines(path):
+    """The file's lines without their line endings (LF or CRLF); a lone CR stays in the line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")  # every byte decodes; the release is ASCII in practice
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def normalise_transcript(text):
+    return INNER_BREAK_RE.sub(" ", text).strip()
+
+
+def parse_emo_evaluation(path):
+    """The summary lines of one EmoEvaluation file: a list of dicts, in file order."""
+    path = Path(path)
+    dialog = path.stem
+    entries = []
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.lstrip().startswith("["):
+            continue  # header, blank and annotator lines carry nothing the manifest needs
+        m = SUMMARY_RE.match(line.strip())
+        if m is None:
+            raise CorpusError(f"{path}:{lineno}: malformed summary line, expected "
+                              f"'[START - END]<TAB>UTTERANCE_ID<TAB>EMO<TAB>[V, A, D]': {line!r}")
+        e = m.groupdict()
+        where = f"{path}:{lineno}"
+        if dialogue_of(e["utterance_id"]) != dialog:
+            raise CorpusError(f"{where}: utterance {e['utterance_id']} does not belong to "
+                              f"dialogue {dialog}")
+        if not re.match(r"^[FM]", e["utterance_id"].rsplit("_", 1)[-1]):
+            raise CorpusError(f"{where}: utterance id {e['utterance_id']} does not end in "
+                              f"_F... or _M..., so its speaker is unknown")
+        if e["emotion"] not in EMOTION_CODES:
+            raise CorpusError(f"{where}: unknown emotion code {e['emotion']!r}")
+        start, end = float(e["start"]), float(e["end"])
+        if end < start:
+            raise CorpusError(f"{where}: utterance {e['utterance_id']} ends before it starts")
+        entries.append({"utterance_id": e["utterance_id"], "start": start, "end": end,
+                        "emotion": e["emotion"], "valence": float(e["valence"]),
+                        "activation": float(e["activation"]),
+                        "dominance": float(e["dominance"]), "where": where})
+    return entries
+
+
+def parse_transcription(path):
+    """{utterance_id: transcript} for every line shaped "ID [START-END]: text".
+
+    Which of them are utterances is decided by EmoEvaluation, not here. An id repeated with
+    the same text is one line written twice; with a different text, the first one is kept
+    and a warning names both lines.
+    """
+    texts, first_line = {}, {}
+    for lineno, line in enumerate(read_lines(path), 1):
+        m = TRANSCRIPT_RE.match(line)
+        if m is None:
+            continue
+        uid, text = m["utterance_id"], normalise_transcript(m["text"])
+        if uid in texts:
+            if texts[uid] != text:
+                print(f"warning: {path}:{lineno}: {uid} already has a different transcript "
+                      f"on line {first_line[uid]}; keeping that one", file=sys.stderr)
+            continue
+        texts[uid], first_line[uid] = text, lineno
+    return texts
+
+
+def find_dialogues(session_dir):
+    """Sorted dialogue names of one session and the stray entries skipped beside them."""
+    emo_dir = Path(session_dir) / "dialog" / "EmoEvaluation"
+    if not Path(session_dir).is_dir():
+        raise CorpusError(f"{session_dir}: session folder not found; IEMOCAP_ROOT must be the "
+                          f"IEMOCAP_full_release folder that holds Session1 .. Session5")
+    if not emo_dir.is_dir():
+        raise CorpusError(f"{session_dir}: empty session folder: no dialog/EmoEvaluation/ in it")
+    dialogs, stray = [], []
+    for entry in sorted(emo_dir.iterdir()):
+        if entry.is_dir():
+            continue  # Categorical/, Attribute/, Self-evaluation/: per-annotator copies
+        if entry.suffix == ".txt" and DIALOG_RE.match(entry.stem):
+            dialogs.append(entry.stem)
+        else:
+            stray.append(entry)
+    if not dialogs:
+        raise CorpusError(f"{session_dir}: empty session folder: no dialogue files "
+                          f"(Ses0*_impro*.txt, Ses0*_script*.txt) in {emo_dir}")
+    return sorted(dialogs), stray
+
+
+def read_corpus(iemocap_root, emotions=DEFAULT_EMOTIONS, allow_missing=False):
+    """Manifest rows of every utterance of Session1..5, in corpus order, named.
+
+    Returns (rows, notes): notes lists what --allow-missing let through and what was skipped.
+    """
+    root = Path(iemocap_root)
+    if not root.is_dir():
+        raise CorpusError(f"{root}: IEMOCAP root folder not found")
+    rows, notes, seen = [], {"missing_transcript": [], "stray": []}, {}
+    for session in SESSIONS:
+        session_dir = root / f"Session{session}"
+        dialogs, stray = find_dialogues(session_dir)
+        notes["stray"] += stray
+        for dialog in dialogs:
+            if int(DIALOG_RE.match(dialog)[1]) != session:
+                raise CorpusError(f"{session_dir / 'dialog/EmoEvaluation' / (dialog + '.txt')}: "
+                                  f"dialogue of another session in Session{session}")
+            emo_path = session_dir / "dialog" / "EmoEvaluation" / f"{dialog}.txt"
+            entries = parse_emo_evaluation(emo_path)
+            if not entries:
+                raise CorpusError(f"{emo_path}: no summary line, so no utterance, in this "
+                                  f"EmoEvaluation file")
+            trans_path = session_dir / "dialog" / "transcriptions" / f"{dialog}.txt"
+            if not trans_path.is_file():
+                raise CorpusError(f"{trans_path}: transcription file not found for dialogue "
+                                  f"{dialog}")
+            texts = parse_transcription(trans_path)
+            entries.sort(key=lambda e: (e["start"], e["end"], e["utterance_id"]))
+            for e in entries:
+                uid = e["utterance_id"]
+                if uid in seen:
+                    raise CorpusError(f"{e['where']}: utterance {uid} appears twice "
+                                      f"(first at {seen[uid]})")
+                seen[uid] = e["where"]
+                if uid not in texts:
+                    if not allow_missing:
+                        raise CorpusError(f"{trans_path}: no transcript line for utterance {uid} "
+                                          f"(--allow-missing goes on with an empty text)")
+                    notes["missing_transcript"].append(f"{uid} ({trans_path})")
+                speaker = f"Ses0{session}{uid.rsplit('_', 1)[-1][0]}"
+                rows.append({
+                    "name": f"{len(rows)}_s_{session}_{e['emotion']}",
+                    "utterance_id": uid, "session": session, "dialog": dialog,
+                    "speaker": speaker, "gender": speaker[-1],
+                    "start": e["start"], "end": e["end"], "emotion": e["emotion"],
+                    "label": LABEL_OF_EMOTION[e["emotion"]] if e["emotion"] in emotions else "",
+                    "valence": e["valence"], "activation": e["activation"],
+                    "dominance": e["dominance"], "transcript": texts.get(uid, ""),
+                })
+    return rows, notes
+
+
+def wav_path(iemocap_root, row):
+    return (Path(iemocap_root) / f"Session{row['session']}" / "sentences" / "wav" / row["dialog"]
+            / f"{row['utterance_id']}.wav")
+
+
+def check_audio(iemocap_root, rows):
+    """[(row, problem)] for every target utterance whose wav is missing or not 16 kHz mono."""
+    problems = []
+    for row in rows:
+        if not row["label"]:
+            continue
+        path = wav_path(iemocap_root, row)
+        if not path.is_file():
+            problems.append((row, f"{path}: wav not found for {row['utterance_id']}"))
+            continue
+        try:
+            info = sf.info(str(path))
+        except RuntimeError as err:  # libsndfile cannot parse it
+            problems.append((row, f"{path}: unreadable wav ({err})"))
+            continue
+        if info.samplerate != SAMPLE_RATE or info.channels != 1:
+            problems.append((row, f"{path}: {info.samplerate} Hz, {info.channels} channel(s); "
+                                  f"expected {SAMPLE_RATE} Hz mono"))
+    return problems
+
+
+def corpus_counts(rows):
+    """The figures FULL_CORPUS lists, counted from the rows' emotion codes."""
+    emo = Counter(r["emotion"] for r in rows)
+    per_session = Counter(r["session"] for r in rows if r["emotion"] in SEED_CODES)
+    return {
+        "utterances": len(rows),
+        "labelled": sum(emo[e] for e in SEED_CODES),
+        "ang": emo["ang"], "hap+exc": emo["hap"] + emo["exc"], "sad": emo["sad"],
+        "neu": emo["neu"],
+        "labelled_per_session": {s: per_session[s] for s in SESSIONS},
+    }
+
+
+def looks_like_full_corpus(rows):
+    return len(rows) >= FULL_CORPUS["utterances"] // 2
+
+
+def verify_full_corpus(rows, iemocap_root="IEMOCAP_ROOT"):
+    """Stop unless the counts are those of the published IEMOCAP_full_release."""
+    found = corpus_counts(rows)
+    diffs = [f"{key}: expected {FULL_CORPUS[key]}, found {found[key]}"
+             for key in FULL_CORPUS if found[key] != FULL_CORPUS[key]]
+    if diffs:
+        raise CorpusError(f"{iemocap_root}: this is not the corpus the full release should give "
+                          f"({'; '.join(diffs)}). Check the tree (missing or extra files?); "
+                          f"use --no-expect-full to read a modified corpus on purpose.")
+
+
+def summary_table(rows):
+    """Utterances per session and per class, as printed after a run."""
+    header = ["session", "dialogues", "utterances"] + list(CLASSES) + ["labelled", "other"]
+    lines = []
+    for session in list(SESSIONS) + ["all"]:
+        sel = [r for r in rows if session == "all" or r["session"] == session]
+        labels = Counter(r["label"] for r in sel)
+        cells = [str(session), str(len({r["dialog"] for r in sel})), str(len(sel))]
+        cells += [str(labels[c]) for c in CLASSES]
+        cells += [str(len(sel) - labels[""]), str(labels[""])]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    exc = sum(r["emotion"] == "exc" and r["label"] == "hap" for r in rows)
+    return "\n".join([fmt(header), *map(fmt, lines)]
+                     + [f"(hap includes {exc} exc; other = emotions outside the targets)"])
+
+
+# ---------------------------------------------------------------------------------------------
+# writing DATA_DIR
+
+def write_if_changed(path, data):
+    """Atomically write bytes, leaving the file (and its mtime) alone when it already holds them."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def wav_bytes(samples):
+    buf = io.BytesIO()
+    sf.write(buf, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def manifest_bytes(rows):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerows([row[c] for c in MANIFEST_COLUMNS] for row in rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def remove_stale(data_dir, rows):
+    """Remove Audio/ and Text/ files named like an utterance that this manifest does not list.
+
+    Only names this script itself gives are touched, so a user's own files survive.
+    """
+    keep = {("Text", r["name"] + ".txt") for r in rows}
+    keep |= {("Audio", r["name"] + ".wav") for r in rows if r["label"]}
+    for sub, suffix in (("Text", ".txt"), ("Audio", ".wav")):
+        folder = Path(data_dir) / sub
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            ours = f.suffix == suffix and NAME_RE.match(f.stem)
+            if ours and (sub, f.name) not in keep:
+                f.unlink()
+
+
+def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True):
+    """Write Text/, Audio/, labels_train_t.txt and, last, utterances.csv."""
+    data_dir = Path(data_dir)
+    for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
+        write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
+        if row["label"] and row["name"] not in skip_audio:
+            samples, _ = sf.read(str(wav_path(iemocap_root, row)), dtype="int16")
+            write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples))
+    remove_stale(data_dir, rows)
+    labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
+    write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))
+    write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
+
+
+def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=False,
+            expect_full=None, progress=True, out=sys.stdout):
+    """Read the corpus, verify it, write DATA_DIR. Returns the manifest rows.
+
+    expect_full: True checks the full release's counts, False never does, None checks when
+    the corpus looks like the full release (see looks_like_full_corpus).
+    """
+    unknown = [e for e in emotions if e not in LABEL_OF_EMOTION]
+    if unknown or not emotions:
+        raise CorpusError(f"target emotions must be among {', '.join(LABEL_OF_EMOTION)}; "
+                          f"got {', '.join(emotions) or 'none'}")
+    iemocap_root, data_dir = Path(iemocap_root), Path(data_dir)
+    if data_dir.resolve().is_relative_to(iemocap_root.resolve()):
+        raise CorpusError(f"{data_dir}: DATA_DIR lies inside IEMOCAP_ROOT; the corpus is never "
+                          f"written to")
+    rows, notes = read_corpus(iemocap_root, emotions, allow_missing)
+    if expect_full or (expect_full is None and looks_like_full_corpus(rows)):
+        verify_full_corpus(rows, iemocap_root)
+    problems = check_audio(iemocap_root, rows)
+    if problems and not allow_missing:
+        raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
+                                            len(problems) > 1 else "")
+                          + "; use --allow-missing to go on without these utterances' audio")
+    write_data_dir(iemocap_root, data_dir, rows, skip_audio={r["name"] for r, _ in problems},
+                   progress=progress)
+    print(summary_table(rows), file=out)
+    if notes["stray"]:
+        print(f"ignored {len(notes['stray'])} stray file(s) beside the dialogues, "
+              f"e.g. {notes['stray'][0]}", file=out)
+    for what, items in (("audio", [p for _, p in problems]),
+                        ("transcript", notes["missing_transcript"])):
+        if items:
+            print(f"--allow-missing: {len(items)} utterance(s) without {what}:", file=out)
+            for item in items:
+                print(f"  {item}", file=out)
+    print(f"wrote {data_dir / 'utterances.csv'} ({len(rows)} utterances)", file=out)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# reading DATA_DIR back
+
+_FLOAT_COLUMNS = ("start", "end", "valence", "activation", "dominance")
+
+
+def read_manifest(data_dir):
+    """The rows of DATA_DIR/utterances.csv in corpus order, typed as the brief lists.
+
+    session is an int, start/end/valence/activation/dominance floats, the rest strings
+    (label is "" for utterances outside the target emotions).
+    """
+    path = Path(data_dir) / "utterances.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run mocap_data_collect.py first")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != MANIFEST_COLUMNS:
+            raise CorpusError(f"{path}: header is {header}, expected {list(MANIFEST_COLUMNS)}")
+        rows = []
+        for lineno, cells in enumerate(reader, 2):
+            if len(cells) != len(MANIFEST_COLUMNS):
+                raise CorpusError(f"{path}:{lineno}: {len(cells)} fields, expected "
+                                  f"{len(MANIFEST_COLUMNS)}")
+            row = dict(zip(MANIFEST_COLUMNS, cells))
+            try:
+                row["session"] = int(row["session"])
+                for c in _FLOAT_COLUMNS:
+                    row[c] = float(row[c])
+            except ValueError as err:
+                raise CorpusError(f"{path}:{lineno}: {err}") from None
+            rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("iemocap_root", help="the IEMOCAP_full_release folder (Session1..5)")
+    parser.add_argument("data_dir", help="output folder (created if needed)")
+    parser.add_argument("--emotions", default=",".join(DEFAULT_EMOTIONS),
+                        help="target emotion codes, comma separated (default: %(default)s)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="go on when a target wav is missing or not 16 kHz mono, or a "
+                             "transcript line is missing, and list them")
+    parser.add_argument("--expect-full", action=argparse.BooleanOptionalAction, default=None,
+                        help="check the full release's published counts (default: when the "
+                             "corpus has at least half of them)")
+    args = parser.parse_args(argv)
+    emotions = tuple(e.strip() for e in args.emotions.split(",") if e.strip())
+    try:
+        collect(args.iemocap_root, args.data_dir, emotions, args.allow_missing, args.expect_full)
+    except CorpusError as err:
+        sys.exit(f"mocap_data_collect.py: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
