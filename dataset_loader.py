@@ -1,0 +1,183 @@
+"""Labelled utterances of DATA_DIR as model inputs: loaded into memory once, batched with padding.
+
+Reads (nothing is written):
+  DATA_DIR/utterances.csv                 through mocap_data_collect.read_manifest
+  DATA_DIR/GPT2Tokens/<name>.npy          text RoBERTa ids  <s> ... </s>   (text branch)
+  DATA_DIR/vqw2vTokens/<name>.npy         speech RoBERTa ids <s> codes </s> (speech branch)
+  DATA_DIR/FullBertEmb{c}/<name>.npy      (2c+1)*H context vector           (context branch)
+
+Each utterance becomes a dict: index, name, session, speaker, dialog, label (index into CLASSES)
+and, per branch, text_ids / speech_ids (1-D int64 tensors) and context ((2c+1, H) float32).
+Token sequences are cut to the maximum length keeping `</s>` last, as fairseq's encoder saw them
+in pre-training; a batch is padded only to its own longest sequence with `<pad>` = 1.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from mocap_data_collect import CLASSES, read_manifest
+
+BRANCHES = ("text", "speech", "context")
+BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
+
+
+def truncate_tokens(ids, max_tokens):
+    """Cut a `<s> ... </s>` sequence to at most max_tokens, keeping `</s>` as its last token."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2 (<s> and </s>), got {max_tokens}")
+    if len(ids) <= max_tokens:
+        return ids
+    return np.concatenate([ids[: max_tokens - 1], [EOS]]).astype(ids.dtype)
+
+
+def _load_npy(path, what):
+    try:
+        array = np.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing {what}; run the feature extraction stage first") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: not a readable .npy file ({error})") from None
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{path}: expected a non-empty 1-D array for {what}, got shape {array.shape}")
+    return array
+
+
+def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=BRANCHES):
+    """Read the labelled utterances of DATA_DIR, with the features the given branches need."""
+    data_dir = Path(data_dir)
+    unknown = set(branches) - set(BRANCHES)
+    if unknown or not branches:
+        raise ValueError(f"branches must be a non-empty subset of {BRANCHES}, got {tuple(branches)}")
+    slices = 2 * context_window + 1
+    rows = [row for row in read_manifest(data_dir) if row["label"]]
+    if not rows:
+        raise ValueError(f"{data_dir / 'utterances.csv'}: no utterance has one of the labels {CLASSES}")
+    utterances = []
+    for row in tqdm(rows, desc="loading features", unit="utt", leave=False):
+        name = row["name"]
+        item = {
+            "index": len(utterances), "name": name, "session": row["session"],
+            "speaker": row["speaker"], "dialog": row["dialog"], "label": CLASSES.index(row["label"]),
+        }
+        if "text" in branches:
+            ids = _load_npy(data_dir / "GPT2Tokens" / f"{name}.npy", "text tokens")
+            item["text_ids"] = torch.from_numpy(truncate_tokens(ids, max_text_tokens).astype(np.int64))
+        if "speech" in branches:
+            ids = _load_npy(data_dir / "vqw2vTokens" / f"{name}.npy", "speech tokens")
+            item["speech_ids"] = torch.from_numpy(truncate_tokens(ids, max_audio_tokens).astype(np.int64))
+        if "context" in branches:
+            path = data_dir / f"FullBertEmb{context_window}" / f"{name}.npy"
+            vector = _load_npy(path, f"context vector (window {context_window})")
+            if vector.size % slices:
+                raise ValueError(f"{path}: length {vector.size} is not a multiple of 2*{context_window}+1 = {slices} "
+                                 f"context slots; was it made with another context window?")
+            item["context"] = torch.from_numpy(vector.astype(np.float32).reshape(slices, -1))
+        utterances.append(item)
+    if "context" in branches:
+        widths = {item["context"].shape[1] for item in utterances}
+        if len(widths) > 1:
+            raise ValueError(f"{data_dir}/FullBertEmb{context_window}: context vectors of different widths {sorted(widths)}")
+    return utterances
+
+
+def context_slice_width(utterances):
+    """H, the sentence model's width, read from the data rather than assumed to be 768."""
+    return int(utterances[0]["context"].shape[1])
+
+
+def pad_tokens(sequences):
+    """Right-pad 1-D id tensors to the longest with <pad>; returns (ids, attention_mask)."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=PAD)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return ids, mask
+
+
+def collate_utterances(items):
+    """A list of utterance dicts -> one batch dict of tensors (the model's keyword arguments + labels)."""
+    batch = {
+        "index": torch.tensor([it["index"] for it in items]),
+        "names": [it["name"] for it in items],
+        "labels": torch.tensor([it["label"] for it in items]),
+    }
+    if "text_ids" in items[0]:
+        batch["text_ids"], batch["text_mask"] = pad_tokens([it["text_ids"] for it in items])
+    if "speech_vector" in items[0]:  # a frozen speech encoder's output, computed once per run
+        batch["speech_vectors"] = torch.stack([it["speech_vector"] for it in items])
+    elif "speech_ids" in items[0]:
+        batch["speech_ids"], batch["speech_mask"] = pad_tokens([it["speech_ids"] for it in items])
+    if "context" in items[0]:
+        batch["context"] = torch.stack([it["context"] for it in items])
+    return batch
+
+
+def utterance_length(item):
+    """Tokens the encoders will run on for this utterance (cached speech costs nothing)."""
+    n = len(item["text_ids"]) if "text_ids" in item else 0
+    if "speech_ids" in item and "speech_vector" not in item:
+        n += len(item["speech_ids"])
+    return n
+
+
+class UtteranceDataset(Dataset):
+    def __init__(self, utterances):
+        self.utterances = list(utterances)
+
+    def __len__(self):
+        return len(self.utterances)
+
+    def __getitem__(self, i):
+        return self.utterances[i]
+
+
+class EpochBatchSampler(Sampler):
+    """Batches from a DistributedSampler (one replica unless under torchrun), reshuffled per epoch.
+
+    The order depends only on (seed, epoch), never on the global RNG, so a resumed run sees the
+    same batches as an uninterrupted one. With group_by_length, the shuffled indices are cut into
+    mega-batches of 50 batches and sorted by length inside each, so a batch pads little while the
+    batch order stays random.
+    """
+
+    def __init__(self, sampler, batch_size, lengths=None, seed=0):
+        self.sampler, self.batch_size, self.lengths, self.seed = sampler, batch_size, lengths, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        order = list(self.sampler)
+        if self.lengths is not None:
+            mega = self.batch_size * 50
+            order = [i for s in range(0, len(order), mega)
+                     for i in sorted(order[s:s + mega], key=lambda i: -self.lengths[i])]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.lengths is not None:
+            g = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return iter(batches)
+
+
+def training_loader(utterances, batch_size, seed, group_by_length=False, rank=0, world_size=1, num_workers=0):
+    """Shuffled training batches; this rank's share when distributed. Call .batch_sampler.set_epoch(e)."""
+    dataset = UtteranceDataset(utterances)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    lengths = [utterance_length(u) for u in utterances] if group_by_length else None
+    batches = EpochBatchSampler(sampler, batch_size, lengths, seed)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_utterances, num_workers=num_workers)
+
+
+def evaluation_loader(utterances, batch_size, rank=0, world_size=1):
+    """This rank's share of the utterances (each exactly once), in batches of similar length."""
+    share = sorted(utterances[rank::world_size], key=utterance_length)
+    batches = [share[s:s + batch_size] for s in range(0, len(share), batch_size)]
+    return DataLoader(batches, batch_size=None, collate_fn=collate_utterances)

@@ -1,0 +1,171 @@
+"""The fused emotion classifier: text RoBERTa + speech RoBERTa + Time-Asynchronous Branch.
+
+Reads the pretrained encoders (nothing is written):
+  text:   a transformers RoBERTa folder or hub name (MODELS_DIR/roberta-large by default)
+  speech: MODELS_DIR/bert_kmeans/bert_kmeans.pt, through feature_ext.load_fairseq_roberta
+
+  text ids    -> text RoBERTa   -> last layer at <s>  (fine-tuned by default)   -> Ht
+  speech ids  -> speech RoBERTa -> last layer at <s>  (frozen by default)       -> Hs
+  context     -> Time-Asynchronous Branch (2c+1 sentence vectors -> 5 x 64)     -> 320
+  concat(branches) -> Linear -> ReLU -> Linear -> 4 emotion logits (order: CLASSES)
+"""
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TimeAsynchronousBranch(nn.Module):
+    """Structured self-attention (Lin et al. 2017) over the 2c+1 context slots.
+
+    Every slot (one sentence embedding of width H) goes through one shared Linear(H, 64) + ReLU;
+    `heads` attention distributions over the slots, A = softmax_slots(W2 tanh(W1 h)), each pick
+    a weighted sum of the slots, so each head can look at a different utterance of the
+    conversation (hence time-asynchronous).
+    """
+
+    def __init__(self, slices, width, hidden=64, heads=5, dropout=0.5):
+        super().__init__()
+        self.slices, self.width, self.heads = slices, width, heads
+        self.project = nn.Linear(width, hidden)
+        self.attention_hidden = nn.Linear(hidden, hidden, bias=False)  # W1
+        self.attention_heads = nn.Linear(hidden, heads, bias=False)  # W2
+        # Lin et al. initialise the attention matrices uniformly in [-0.1, 0.1].
+        nn.init.uniform_(self.attention_hidden.weight, -0.1, 0.1)
+        nn.init.uniform_(self.attention_heads.weight, -0.1, 0.1)
+        self.dropout = nn.Dropout(dropout)
+        self.out_features = heads * hidden
+
+    def forward(self, context):
+        """context (B, slices, width) or (B, slices*width) -> ((B, heads*hidden), attention (B, heads, slices))."""
+        h = torch.relu(self.project(context.reshape(len(context), self.slices, self.width)))
+        scores = self.attention_heads(torch.tanh(self.attention_hidden(h)))  # (B, slices, heads)
+        attention = torch.softmax(scores, dim=1).transpose(1, 2)  # each head sums to 1 over slots
+        return self.dropout(attention @ h).flatten(1), attention
+
+
+class EmotionClassifier(nn.Module):
+    """Late fusion of any subset of the three branches; the absent ones are not built at all."""
+
+    def __init__(self, text_encoder=None, speech_encoder=None, context_window=None, context_width=None,
+                 finetune_text=True, finetune_speech=False, fusion_hidden=256, num_classes=4):
+        super().__init__()
+        self.text_encoder, self.speech_encoder = text_encoder, speech_encoder
+        self.finetune_text, self.finetune_speech = finetune_text, finetune_speech
+        self.context_branch = None
+        if context_window is not None:
+            self.context_branch = TimeAsynchronousBranch(2 * context_window + 1, context_width)
+        sizes = []
+        for encoder, finetune in ((text_encoder, finetune_text), (speech_encoder, finetune_speech)):
+            if encoder is not None:
+                # A pooler is never used (the <s> vector is); under DDP unused weights are an error.
+                if getattr(encoder, "pooler", None) is not None:
+                    encoder.pooler = None
+                encoder.requires_grad_(finetune)
+                sizes.append(encoder.config.hidden_size)
+        if self.context_branch is not None:
+            sizes.append(self.context_branch.out_features)
+        if not sizes:
+            raise ValueError("the model needs at least one branch (text, speech or context)")
+        self.classifier = nn.Sequential(nn.Linear(sum(sizes), fusion_hidden), nn.ReLU(),
+                                        nn.Linear(fusion_hidden, num_classes))
+
+    @property
+    def branches(self):
+        present = (self.text_encoder, self.speech_encoder, self.context_branch)
+        return tuple(b for b, module in zip(("text", "speech", "context"), present) if module is not None)
+
+    def train(self, mode=True):
+        super().train(mode)
+        # A frozen encoder stays in eval mode (no dropout), so its output is a fixed function of
+        # the input and can be computed once per run.
+        for encoder, finetune in ((self.text_encoder, self.finetune_text), (self.speech_encoder, self.finetune_speech)):
+            if encoder is not None and not finetune:
+                encoder.eval()
+        return self
+
+    def encode_speech(self, speech_ids, speech_mask):
+        """The speech branch's vector: last layer at <s>; no graph is kept when the encoder is frozen."""
+        with torch.set_grad_enabled(self.finetune_speech and torch.is_grad_enabled()):
+            return self.speech_encoder(input_ids=speech_ids, attention_mask=speech_mask).last_hidden_state[:, 0]
+
+    def forward(self, text_ids=None, text_mask=None, speech_ids=None, speech_mask=None,
+                speech_vectors=None, context=None):
+        """-> (logits (B, classes), context attention (B, heads, slots) or None).
+
+        speech_vectors, when given, replace running the (frozen) speech encoder on speech_ids.
+        """
+        parts, attention = [], None
+        if self.text_encoder is not None:
+            with torch.set_grad_enabled(self.finetune_text and torch.is_grad_enabled()):
+                parts.append(self.text_encoder(input_ids=text_ids, attention_mask=text_mask).last_hidden_state[:, 0])
+        if self.speech_encoder is not None:
+            if speech_vectors is None:
+                speech_vectors = self.encode_speech(speech_ids, speech_mask)
+            parts.append(speech_vectors)
+        if self.context_branch is not None:
+            vector, attention = self.context_branch(context)
+            parts.append(vector)
+        # Under autocast the branches come in bf16 while cached speech vectors are fp32.
+        fused = torch.cat([p.float() for p in parts], dim=-1)
+        return self.classifier(fused), attention
+
+    def frozen_prefixes(self):
+        """State-dict prefixes of the frozen pretrained encoders: their weights live in MODELS_DIR."""
+        return [f"{name}." for name, encoder, finetune in (("text_encoder", self.text_encoder, self.finetune_text),
+                                                         ("speech_encoder", self.speech_encoder, self.finetune_speech))
+                if encoder is not None and not finetune]
+
+    def trained_state_dict(self):
+        """Everything training changed (frozen encoders left out, to keep checkpoints small)."""
+        prefixes = tuple(self.frozen_prefixes())
+        return {k: v for k, v in self.state_dict().items() if not (prefixes and k.startswith(prefixes))}
+
+    def load_trained_state_dict(self, state):
+        """Inverse of trained_state_dict: every key not under a frozen encoder must be present."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        prefixes = tuple(self.frozen_prefixes())
+        missing = [k for k in missing if not (prefixes and k.startswith(prefixes))]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_text_encoder(name_or_path):
+    """The text RoBERTa from a local folder (or, outside tests, a hub name), without its pooler."""
+    from transformers import RobertaModel
+    return RobertaModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
+
+
+def load_speech_encoder(path):
+    """The speech RoBERTa from a fairseq bert_kmeans.pt, by the project's one fairseq loader."""
+    from feature_ext import load_fairseq_roberta
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: speech RoBERTa checkpoint (bert_kmeans.pt) not found")
+    return load_fairseq_roberta(path)
+
+
+def build_model(config):
+    """The classifier a run's config.json describes, with pretrained encoders and fresh new layers.
+
+    Needs config keys: branches, text_model, speech_model, context_window, context_width,
+    finetune_text, finetune_speech, fusion_hidden, classes.
+    """
+    branches = config["branches"]
+    return EmotionClassifier(
+        text_encoder=load_text_encoder(config["text_model"]) if "text" in branches else None,
+        speech_encoder=load_speech_encoder(config["speech_model"]) if "speech" in branches else None,
+        context_window=config["context_window"] if "context" in branches else None,
+        context_width=config.get("context_width"),
+        finetune_text=config.get("finetune_text", True),
+        finetune_speech=config.get("finetune_speech", False),
+        fusion_hidden=config.get("fusion_hidden", 256),
+        num_classes=len(config["classes"]),
+    )
+
+
+def load_trained_model(config, checkpoint_path, device="cpu"):
+    """A fold's best model, ready for inference: build_model(config) + the checkpoint's weights."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model = build_model(config)
+    model.load_trained_state_dict(checkpoint["model"])
+    return model.to(device).eval()

@@ -1,0 +1,310 @@
+"""Batches, the metrics, the optimizer and schedules, one training step, the frozen-speech cache.
+
+The helpers at the top make a small DATA_DIR of features (per the data contract, with the label
+hidden in every branch's input so that a model can learn it) and a MODELS_DIR of tiny encoders;
+test_model.py and test_main.py use them too.
+"""
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dataset_loader
+import train_function
+import validation_function
+from dataset_loader import EOS, PAD, collate_utterances, load_utterances, pad_tokens, truncate_tokens
+from mocap_data_collect import CLASSES, MANIFEST_COLUMNS
+from model_structure import EmotionClassifier, load_speech_encoder, load_text_encoder
+
+SPEECH_CHECKPOINT = Path(__file__).parent / "data" / "fairseq_reference" / "bert_kmeans"
+TEXT_VOCAB = 64
+SPEECH_VOCAB = 597  # the fixture bert_kmeans.pt's dictionary
+
+
+# ------------------------------------------------------------------------------------------------
+# example data
+
+def write_feature_dir(data_dir, per_dialog=12, sessions=(1, 2, 3, 4, 5), context_window=1, width=16, seed=0):
+    """A DATA_DIR as the extraction stages write it: manifest, GPT2Tokens, vqw2vTokens, FullBertEmb{c}.
+
+    Two dialogues per session, speakers alternating; every 6th utterance is 'xxx' (no label, but
+    context). Each branch's input carries the label: a class token in the text and speech ids, a
+    one-hot in the sentence embedding.
+    """
+    data_dir = Path(data_dir)
+    rng = np.random.default_rng(seed)
+    rows, sentence = [], {}
+    for session in sessions:
+        for d in (1, 2):
+            dialog = f"Ses0{session}F_impro0{d}"
+            for u in range(per_dialog):
+                index = len(rows)
+                emotion = "xxx" if u % 6 == 5 else ("ang", "hap", "exc", "sad", "neu")[rng.integers(5)]
+                label = {"exc": "hap", "xxx": ""}.get(emotion, emotion)
+                letter = "FM"[u % 2]
+                row = {"name": f"{index}_s_{session}_{emotion}", "utterance_id": f"{dialog}_{letter}{u:03d}",
+                       "session": session, "dialog": dialog, "speaker": f"Ses0{session}{letter}", "gender": letter,
+                       "start": float(u), "end": u + 0.9, "emotion": emotion, "label": label, "valence": 2.5,
+                       "activation": 2.5, "dominance": 2.5, "transcript": f"utterance {index}"}
+                rows.append(row)
+                k = CLASSES.index(label) if label else None
+                vector = rng.normal(size=width).astype(np.float32)
+                if k is not None:
+                    vector[k] += 3.0
+                sentence[row["name"]] = vector
+                (data_dir / "GPT2Tokens").mkdir(parents=True, exist_ok=True)
+                (data_dir / "vqw2vTokens").mkdir(parents=True, exist_ok=True)
+                text = rng.integers(10, TEXT_VOCAB - 8, size=rng.integers(3, 20))
+                speech = rng.integers(10, SPEECH_VOCAB, size=rng.integers(5, 40))
+                if k is not None:
+                    text[rng.integers(len(text))] = TEXT_VOCAB - 4 + k
+                    speech[rng.integers(len(speech))] = 4 + k
+                np.save(data_dir / "GPT2Tokens" / f"{row['name']}.npy", np.r_[0, text, 2].astype(np.int32))
+                if label:
+                    np.save(data_dir / "vqw2vTokens" / f"{row['name']}.npy", np.r_[0, speech, 2].astype(np.int32))
+    out = data_dir / f"FullBertEmb{context_window}"
+    out.mkdir(parents=True, exist_ok=True)
+    for dialog in dict.fromkeys(r["dialog"] for r in rows):
+        names = [r["name"] for r in rows if r["dialog"] == dialog]
+        for i, name in enumerate(names):
+            slots = [sentence[names[i + j]] if 0 <= i + j < len(names) else np.zeros(width, np.float32)
+                     for j in range(-context_window, context_window + 1)]
+            np.save(out / f"{name}.npy", np.concatenate(slots))
+    with open(data_dir / "utterances.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return data_dir
+
+
+def write_tiny_models(models_dir, seed=0):
+    """MODELS_DIR with a tiny text RoBERTa (2 layers, 32 wide) and the fixture speech RoBERTa."""
+    from transformers import RobertaConfig, RobertaModel
+    models_dir = Path(models_dir)
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=TEXT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+    RobertaModel(config).save_pretrained(models_dir / "roberta-large")
+    shutil.copytree(SPEECH_CHECKPOINT, models_dir / "bert_kmeans")
+    return models_dir
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_feature_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def tiny_model(models_dir, context_window=1, width=16, finetune_speech=False):
+    return EmotionClassifier(load_text_encoder(models_dir / "roberta-large"),
+                             load_speech_encoder(models_dir / "bert_kmeans" / "bert_kmeans.pt"),
+                             context_window, width, finetune_speech=finetune_speech, fusion_hidden=32)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+def test_truncation_keeps_end_of_sentence_last():
+    ids = np.array([0, 11, 12, 13, 14, 2], dtype=np.int32)
+    assert truncate_tokens(ids, 4).tolist() == [0, 11, 12, EOS]
+    assert truncate_tokens(ids, 6) is ids
+    with pytest.raises(ValueError):
+        truncate_tokens(ids, 1)
+
+
+def test_batches_pad_to_their_own_longest_with_pad_and_a_mask():
+    ids, mask = pad_tokens([torch.tensor([0, 5, 2]), torch.tensor([0, 5, 6, 7, 2])])
+    assert ids.tolist() == [[0, 5, 2, PAD, PAD], [0, 5, 6, 7, 2]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_load_utterances_reads_labelled_utterances_and_cuts_tokens(data_dir):
+    utterances = load_utterances(data_dir, 1, max_text_tokens=8, max_audio_tokens=12)
+    rows = list(csv.DictReader(open(data_dir / "utterances.csv")))
+    assert len(utterances) == sum(1 for r in rows if r["label"])
+    first = utterances[0]
+    assert first["label"] == CLASSES.index(rows[0]["label"])
+    assert max(len(u["text_ids"]) for u in utterances) == 8
+    assert all(u["text_ids"][-1] == EOS and u["speech_ids"][-1] == EOS for u in utterances)
+    assert first["context"].shape == (3, 16) and dataset_loader.context_slice_width(utterances) == 16
+    batch = collate_utterances(utterances[:4])
+    assert batch["text_ids"].shape[1] == max(len(u["text_ids"]) for u in utterances[:4])
+    assert batch["context"].shape == (4, 3, 16) and batch["labels"].tolist() == [u["label"] for u in utterances[:4]]
+
+
+def test_only_the_chosen_branches_are_loaded(data_dir):
+    utterance = load_utterances(data_dir, 1, 8, 8, branches=("context",))[0]
+    assert "context" in utterance and "text_ids" not in utterance and "speech_ids" not in utterance
+
+
+def test_missing_feature_file_is_named(tmp_path):
+    data_dir = write_feature_dir(tmp_path / "data", per_dialog=6, sessions=(1,))
+    victim = next((data_dir / "vqw2vTokens").iterdir())
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        load_utterances(data_dir, 1, 8, 8)
+    with pytest.raises(FileNotFoundError, match="FullBertEmb2"):
+        load_utterances(data_dir, 2, 8, 8, branches=("context",))
+
+
+def test_training_batches_depend_only_on_seed_and_epoch_and_shard_across_ranks(data_dir):
+    utterances = load_utterances(data_dir, 1, 100, 100)
+
+    def epoch_batches(epoch, **kw):
+        loader = dataset_loader.training_loader(utterances, 8, seed=3, **kw)
+        loader.batch_sampler.set_epoch(epoch)
+        return [b["index"].tolist() for b in loader]
+
+    assert epoch_batches(1) == epoch_batches(1) != epoch_batches(2)
+    assert sorted(i for b in epoch_batches(0) for i in b) == list(range(len(utterances)))
+    grouped = epoch_batches(0, group_by_length=True)
+    assert sorted(i for b in grouped for i in b) == list(range(len(utterances)))
+    padding = lambda batches: sum(max(len(utterances[i]["text_ids"]) + len(utterances[i]["speech_ids"]) for i in b) * len(b)
+                                  for b in batches)
+    assert padding(grouped) < padding(epoch_batches(0))
+    shards = [set(i for b in epoch_batches(0, rank=r, world_size=2) for i in b) for r in (0, 1)]
+    assert shards[0] | shards[1] == set(range(len(utterances)))
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+
+def test_metrics_are_computed_over_the_whole_split():
+    y_true = [0, 0, 0, 0, 1, 1, 2, 3]
+    y_pred = [0, 0, 0, 1, 1, 0, 2, 2]
+    m = validation_function.compute_metrics(y_true, y_pred)
+    assert m["wa"] == pytest.approx(5 / 8)
+    assert m["ua"] == pytest.approx((3 / 4 + 1 / 2 + 1 + 0) / 4)
+    assert m["per_class_recall"] == {"ang": 0.75, "hap": 0.5, "sad": 1.0, "neu": 0.0}
+    assert m["confusion_matrix"][0] == [3, 1, 0, 0] and m["confusion_matrix"][3] == [0, 0, 1, 0]
+    assert 0 < m["macro_f1"] < m["weighted_f1"] < 1
+
+
+def test_a_class_absent_from_the_split_has_no_recall_and_does_not_count_in_ua():
+    m = validation_function.compute_metrics([0, 0, 1], [0, 1, 1])
+    assert m["per_class_recall"]["sad"] is None
+    assert m["ua"] == pytest.approx((0.5 + 1) / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer and schedules
+
+def test_pretrained_encoders_and_new_layers_get_their_own_learning_rates(models_dir):
+    model = tiny_model(models_dir)
+    optimizer = train_function.configure_optimizer(model, lr_encoders=1e-5, lr_head=1e-3)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"encoders": 1e-5, "encoders (no decay)": 1e-5, "head": 1e-3, "head (no decay)": 1e-3}
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in model.speech_encoder.parameters())  # frozen
+    assert all(id(p) in in_optimizer for p in model.text_encoder.parameters())
+
+
+def test_linear_schedule_warms_up_then_decays(models_dir):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = train_function.make_scheduler(optimizer, "linear", total_steps=10, warmup_fraction=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[3] > lrs[4] > lrs[9] > 0
+
+
+def test_newbob_halves_the_rate_and_restores_a_copy_of_the_best_weights():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    newbob = train_function.make_scheduler(optimizer, "newbob", total_steps=10)
+    assert not newbob.step_epoch(0.50, model)
+    best = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training moves on; the kept copy must not follow
+    assert not newbob.step_epoch(0.60, model)
+    moved = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert newbob.step_epoch(0.6005, model)  # improved by less than 0.001
+    assert optimizer.param_groups[0]["lr"] == 0.5
+    assert torch.equal(model.weight, moved + 1.0)  # 0.6005 was the best: its weights stay
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert newbob.step_epoch(0.40, model) and optimizer.param_groups[0]["lr"] == 0.25
+    assert torch.equal(model.weight, moved + 1.0) and not torch.equal(model.weight, best)
+
+
+# ------------------------------------------------------------------------------------------------
+# training steps
+
+def test_train_steps_lower_the_loss(data_dir, models_dir):
+    torch.manual_seed(0)
+    utterances = load_utterances(data_dir, 1, 32, 32)[:16]
+    model = tiny_model(models_dir)
+    optimizer = train_function.configure_optimizer(model, 1e-3, 3e-3)
+    criterion = train_function.make_criterion()
+    batch = collate_utterances(utterances)
+    model.eval()  # no dropout: the loss is a function of the weights alone
+    before = train_function.forward_loss(model, batch, criterion, "cpu")[0].item()
+    for _ in range(15):
+        train_function.train_step(model, [batch], criterion, optimizer, "cpu", clip_norm=1.0)
+    after = train_function.forward_loss(model, batch, criterion, "cpu")[0].item()
+    assert after < 0.5 * before
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir, models_dir):
+    utterances = load_utterances(data_dir, 1, 32, 32)[:8]
+    criterion = train_function.make_criterion()
+    grads = []
+    for micro in ([utterances], [utterances[:4], utterances[4:]]):
+        torch.manual_seed(0)
+        model = tiny_model(models_dir).eval()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        for batch in map(collate_utterances, micro):
+            train_function.forward_loss(model, batch, criterion, "cpu")[0].div(len(micro)).backward()
+        grads.append(model.classifier[0].weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_nonfinite_loss_stops_training(data_dir, models_dir):
+    utterances = load_utterances(data_dir, 1, 32, 32)[:4]
+    model = tiny_model(models_dir)
+    batch = collate_utterances(utterances)
+    batch["context"][0, 0, 0] = math.nan
+    optimizer = train_function.configure_optimizer(model, 1e-3, 1e-3)
+    before = model.classifier[0].weight.detach().clone()
+    with pytest.raises(train_function.NonFiniteLossError, match="nan"):
+        train_function.train_step(model, [batch], train_function.make_criterion(), optimizer, "cpu")
+    assert torch.equal(model.classifier[0].weight, before)
+
+
+def test_class_weights_balance_the_classes():
+    weights = train_function.balanced_class_weights([0, 0, 0, 1, 2, 3], 4)
+    assert weights.tolist() == pytest.approx([0.5, 1.5, 1.5, 1.5])
+    with pytest.raises(ValueError, match="every class"):
+        train_function.balanced_class_weights([0, 1, 2], 4)
+
+
+def test_frozen_speech_vectors_are_computed_once_and_equal_the_live_encoder(data_dir, models_dir):
+    utterances = load_utterances(data_dir, 1, 32, 32)[:10]
+    model = tiny_model(models_dir).train()
+    assert not model.speech_encoder.training  # frozen: no dropout, so a fixed function of the ids
+    live = collate_utterances(utterances)
+    train_function.cache_speech_vectors(model, utterances, batch_size=3, device="cpu")
+    cached = collate_utterances(utterances)
+    assert "speech_ids" not in cached and cached["speech_vectors"].shape == (10, 64)
+    with torch.no_grad():
+        expected = model.encode_speech(live["speech_ids"], live["speech_mask"])
+    assert torch.allclose(cached["speech_vectors"], expected, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        a = model(**train_function.model_inputs(live, "cpu"))[0]
+        b = model(**train_function.model_inputs(cached, "cpu"))[0]
+    assert torch.allclose(a, b, atol=1e-5)
