@@ -32,15 +32,16 @@ How the corpus is read (each rule is a quirk of the real release):
   time order.
 
 Verification: a summary table per session and class is printed. A target utterance whose wav
-is missing or not 16 kHz mono stops the run before anything is written (with --allow-missing
-the run goes on without that audio and lists it). When the corpus is the full release (all five
+is missing or not 16 kHz mono, or an utterance without a transcript line, stops the run before
+anything is written. With --allow-missing the run goes on and lists them: the row stays in the
+manifest (and labels_train_t.txt) with its label, but has no Audio/<name>.wav, or an empty text. When the corpus is the full release (all five
 sessions, at least half its 10039 utterances; --expect-full forces the check, --no-expect-full
 turns it off) the counts must be the published ones or the run stops, as SpeechBrain's recipe
 does: a corpus read wrongly should not silently train a model.
 
 Re-running gives byte-identical files, never appends; files whose content is unchanged are not
 rewritten; Audio/ and Text/ files named like an utterance that the new manifest does not list
-are removed. Every file is written atomically and the manifest last, so an interrupted run
+are removed, and so are the temporary files of a run that was killed before it could clean up. Every file is written atomically and the manifest last, so an interrupted run
 leaves no half-written file and no manifest that promises files which are not there.
 """
 import argparse
@@ -51,7 +52,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
@@ -86,6 +86,8 @@ TRANSCRIPT_RE = re.compile(r"^(?P<utterance_id>\S+)\s+\[[^\]]*\]:(?P<text>.*)$")
 # TAB, CR and the other characters str.splitlines() breaks on: none may survive inside a text.
 INNER_BREAK_RE = re.compile(r"[\t\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 NAME_RE = re.compile(r"^\d+_s_[1-5]_[a-z]{3}$")
+# utils.atomic_path's temporary names: ".<target>.<random>.tmp<suffix>"
+TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp\.[a-z]+$")
 
 
 class CorpusError(ValueError):
@@ -103,7 +105,7 @@ def read_lines(path):
     """The file's lines without their line endings (LF or CRLF); a lone CR stays in the line."""
     data = Path(path).read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a BOM would hide the first line's "["
     except UnicodeDecodeError:
         text = data.decode("latin-1")  # every byte decodes; the release is ASCII in practice
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
@@ -339,20 +341,28 @@ def manifest_bytes(rows):
     return buf.getvalue().encode("utf-8")
 
 
+def is_our_file(name):
+    return name in ("utterances.csv", "labels_train_t.txt") or (
+        Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
+
+
 def remove_stale(data_dir, rows):
-    """Remove Audio/ and Text/ files named like an utterance that this manifest does not list.
+    """Remove Audio/ and Text/ files named like an utterance that this manifest does not list,
+    and temporary files a killed run (one that could not clean up) left beside ours.
 
     Only names this script itself gives are touched, so a user's own files survive.
     """
     keep = {("Text", r["name"] + ".txt") for r in rows}
     keep |= {("Audio", r["name"] + ".wav") for r in rows if r["label"]}
-    for sub, suffix in (("Text", ".txt"), ("Audio", ".wav")):
+    for sub in ("Text", "Audio", "."):
         folder = Path(data_dir) / sub
         if not folder.is_dir():
             continue
         for f in folder.iterdir():
-            ours = f.suffix == suffix and NAME_RE.match(f.stem)
-            if ours and (sub, f.name) not in keep:
+            temp = TEMP_RE.match(f.name)
+            if temp and is_our_file(temp["target"]):
+                f.unlink()
+            elif sub != "." and is_our_file(f.name) and (sub, f.name) not in keep:
                 f.unlink()
 
 

@@ -168,14 +168,18 @@ def test_rerun_is_byte_identical_and_appends_nothing(collected, corpus, tmp_path
     assert len(lines) == len(set(lines)) == len(read_manifest(data_dir)) + 1
 
 
-def test_rerun_removes_stale_utterance_files_but_not_the_users(small_corpus, tmp_path):
+def test_rerun_removes_stale_and_half_written_files_but_not_the_users(small_corpus, tmp_path):
     root, _ = small_corpus
     data_dir = tmp_path / "data"
     (data_dir / "Audio").mkdir(parents=True)
     (data_dir / "Audio" / "9999_s_1_ang.wav").write_bytes(b"old run")
     (data_dir / "Audio" / "notes.txt").write_text("mine")
+    # What a killed run (no chance to clean up) leaves: utils.atomic_path's temporary names.
+    (data_dir / "Audio" / ".3_s_1_ang.wav.k2j4h5ab.tmp.wav").write_bytes(b"half")
+    (data_dir / ".utterances.csv.a1b2c3d4.tmp.csv").write_text("name,")
     run(root, data_dir)
     assert not (data_dir / "Audio" / "9999_s_1_ang.wav").exists()
+    assert not [p for p in data_dir.rglob(".*")]
     assert (data_dir / "Audio" / "notes.txt").read_text() == "mine"
 
 
