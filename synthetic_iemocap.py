@@ -297,7 +297,7 @@ def add_text_quirks(rng, plans):
 
 
 def ensure_every_code(rng, plans):
-    """Give each emotion code missing by chance to an utterance outside its dialogue's mood."""
+    """Give each emotion code missing by chance to an utterance of a common code."""
     present = {u["emotion"] for plan in plans for u in plan}
     pool = [u for plan in plans for u in plan if u["emotion"] in ("fru", "xxx", "neu")]
     for code in EMOTION_CODES:
@@ -310,7 +310,7 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
 
     The truth is a dict: "utterances", every utterance in corpus order with the manifest's
     fields (transcript as a reader should give it: TABs made spaces, surrounding blanks
-    stripped; transcript_raw as written), "wav" (path under root) and "n_samples";
+    stripped; transcript_raw as written, less the trailing blanks some lines get), "wav" (path under root) and "n_samples";
     "dialog_moods"; "quirks" (which ids and files carry which quirk); "seed" and the sizes.
     """
     if dialogues_per_session < 2 or utterances_per_dialogue < 10:
