@@ -36,6 +36,7 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
 
 from utils import save_npy_atomic
 
@@ -258,19 +259,26 @@ class KMeansVectorQuantizer(nn.Module):
             nn.GroupNorm(groups, dim),
         )
 
-    def forward_idx(self, z, chunk_frames=QUANTIZER_CHUNK_FRAMES):
-        """(batch, dim, frames) features -> (batch, frames, groups) code indices."""
+    def project(self, z):
+        """(batch, dim, frames) features -> (batch, frames, groups, var_dim) vectors to quantize."""
         batch, _, frames = z.shape
-        ze = self.projection(z).view(batch, self.groups, self.var_dim, frames).permute(0, 3, 1, 2)
+        return self.projection(z).view(batch, self.groups, self.var_dim, frames).permute(0, 3, 1, 2)
+
+    def nearest(self, ze, chunk_frames=QUANTIZER_CHUNK_FRAMES):
+        """(batch, frames, groups, var_dim) -> (batch, frames, groups) index of the nearest codeword."""
         codebook = self.embedding.expand(self.num_vars, self.groups, self.var_dim)
         idx = []
-        for start in range(0, frames, chunk_frames):
+        for start in range(0, ze.shape[1], chunk_frames):
             part = ze[:, start:start + chunk_frames]
             # As fairseq: the norm of the difference, not |a|^2 - 2ab + |b|^2, whose rounding
             # flips near ties.
             distances = (part.unsqueeze(0) - codebook[:, None, None]).norm(dim=-1, p=2)
             idx.append(distances.argmin(dim=0))
         return torch.cat(idx, dim=1)
+
+    def forward_idx(self, z, chunk_frames=QUANTIZER_CHUNK_FRAMES):
+        """(batch, dim, frames) features -> (batch, frames, groups) code indices."""
+        return self.nearest(self.project(z), chunk_frames)
 
 
 @contextlib.contextmanager
@@ -501,8 +509,6 @@ def load_fairseq_roberta(path):
     stacked in_proj, `emb_layer_norm`/`layernorm_embedding`); the config is read from the
     checkpoint; every weight must find its place (lm_head and classification heads are dropped).
     """
-    from transformers import RobertaConfig, RobertaModel
-
     ckpt = safe_torch_load(path)
     args = _checkpoint_args(ckpt, path)
     state = ckpt["model"]

@@ -1,0 +1,278 @@
+"""Tiny stand-ins for the pretrained models, written in the layouts of the real downloads.
+
+    python tiny_models.py MODELS_DIR DATA_DIR [--seed 0]
+
+Reads the transcripts (and, for the speech quantizer, the target audio) of a DATA_DIR written by
+mocap_data_collect.py, and writes a MODELS_DIR that feature_extraction_main.py and main.py
+accept in place of the real one:
+  MODELS_DIR/bert-base-uncased/        tiny BertModel + WordPiece tokenizer trained on the texts
+  MODELS_DIR/roberta-large/            tiny RobertaModel + byte-level BPE tokenizer (<s> 0, <pad> 1,
+                                       </s> 2, <unk> 3, <mask> 4, as fairseq numbers them)
+  MODELS_DIR/vq-wav2vec_kmeans.pt      fairseq 0.9 layout (args Namespace + state dict), a narrow
+                                       conv stack with the real strides (100 frames/s) and a k-means
+                                       codebook fitted on the given audio, so codes spread out
+  MODELS_DIR/bert_kmeans/bert_kmeans.pt, dict.txt
+                                       tiny speech RoBERTa in fairseq's key layout and the codes seen
+                                       in the audio with their counts
+The weights are random (seeded): good for tests and the demo, meaningless otherwise. Seconds to build.
+"""
+import argparse
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from sklearn.cluster import KMeans
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel,
+                          RobertaTokenizer)
+
+from feature_ext import VqWav2Vec, codes_to_string
+from mocap_data_collect import read_manifest
+from utils import atomic_path, write_text_atomic
+
+SAMPLE_RATE = 16000
+TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS, TEXT_FFN, TEXT_POSITIONS = 32, 2, 2, 64, 128
+CONV_WIDTH = 32
+# The real vq-wav2vec's strides and kernels (10,5),(8,4),(4,2)x3,(1,1)x3, narrower.
+CONV_LAYERS = [(CONV_WIDTH, 10, 5), (CONV_WIDTH, 8, 4)] + [(CONV_WIDTH, 4, 2)] * 3 + [(CONV_WIDTH, 1, 1)] * 3
+CODES_PER_GROUP = 24
+SPEECH_WIDTH, SPEECH_LAYERS, SPEECH_HEADS, SPEECH_FFN, SPEECH_MAX_TOKENS = 32, 2, 2, 64, 512
+KMEANS_MAX_VECTORS = 20000
+
+
+class _atomic_dir:
+    """Build a folder under a temporary name beside `path`; it replaces `path` on success."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"))
+        self.tmp.chmod(0o755)  # mkdtemp makes it private; the models are meant to be shared
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        return False
+
+
+def make_tiny_bert(out_dir, texts, seed=0):
+    """Tiny BertModel + lower-casing WordPiece tokenizer trained on `texts`, via save_pretrained."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    # tokenizers' WordPieceTrainer numbers (and, on ties, picks) its "##" pieces in hash order, so
+    # two runs differ; its BPE trainer is deterministic. The BPE pieces, each also as a "##"
+    # continuation, make the WordPiece vocabulary.
+    pieces = Tokenizer(models.BPE(unk_token="[UNK]"))
+    pieces.normalizer, pieces.pre_tokenizer = normalizer, pre_tokenizer
+    pieces.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, show_progress=False))
+    learned = sorted(pieces.get_vocab())
+    vocab = {token: i for i, token in enumerate(specials + learned + [f"##{p}" for p in learned])}
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tokenizer.decoder = decoders.WordPiece()
+    hf_tokenizer = BertTokenizer(tokenizer_object=tokenizer, do_lower_case=True, unk_token="[UNK]",
+                                 sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                                 mask_token="[MASK]", model_max_length=TEXT_POSITIONS)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertModel(BertConfig(
+            vocab_size=len(vocab), hidden_size=TEXT_WIDTH, num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=TEXT_HEADS, intermediate_size=TEXT_FFN,
+            max_position_embeddings=TEXT_POSITIONS, pad_token_id=vocab["[PAD]"]))
+    with _atomic_dir(out_dir) as tmp:
+        hf_tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def make_tiny_roberta(out_dir, texts, seed=0):
+    """Tiny RobertaModel + byte-level BPE tokenizer trained on `texts`, via save_pretrained."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
+                                                            add_prefix_space=False)
+    hf_tokenizer = RobertaTokenizer(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                    sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                                    pad_token="<pad>", mask_token="<mask>",
+                                    model_max_length=TEXT_POSITIONS)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = RobertaModel(RobertaConfig(
+            vocab_size=tokenizer.get_vocab_size(), hidden_size=TEXT_WIDTH, num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=TEXT_HEADS, intermediate_size=TEXT_FFN,
+            max_position_embeddings=TEXT_POSITIONS + 2, type_vocab_size=1, layer_norm_eps=1e-5,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2))
+    with _atomic_dir(out_dir) as tmp:
+        hf_tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _vq_args():
+    """vq-wav2vec k-means args as fairseq 0.9 stored them, with the tiny sizes."""
+    return argparse.Namespace(
+        arch="wav2vec", task="audio_pretraining", criterion="binary_cross_entropy",
+        conv_feature_layers=repr(CONV_LAYERS), activation="gelu", log_compression=False,
+        skip_connections_feat=False, residual_scale=0.5, non_affine_group_norm=False,
+        vq_type="kmeans", vq_vars=CODES_PER_GROUP, vq_groups=2, vq_depth=2, combine_groups=True,
+        vq_dim=0, vq_gamma=0.25, dropout=0.0, dropout_features=0.0, offset="auto")
+
+
+def _read_wav(wav):
+    if isinstance(wav, (str, os.PathLike)):
+        samples, rate = sf.read(str(wav), dtype="float32", always_2d=False)
+        if rate != SAMPLE_RATE or samples.ndim != 1:
+            raise ValueError(f"{wav}: expected 16 kHz mono, got {rate} Hz, shape {samples.shape}")
+        return samples
+    return np.asarray(wav, dtype=np.float32)
+
+
+def _default_wavs(seed):
+    """Without audio to fit on, a few seconds of noisy tones of different pitch and loudness."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(2 * SAMPLE_RATE) / SAMPLE_RATE
+    return [(amp * np.sin(2 * np.pi * f0 * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+            for f0, amp in [(110, 0.3), (180, 0.5), (260, 0.2), (330, 0.8)]]
+
+
+def make_tiny_vq_wav2vec(path, wavs, seed=0):
+    """Write a vq-wav2vec k-means checkpoint whose codebook is k-means fitted on the wavs' features.
+
+    Returns the path and the code counts over the wavs ("g0-g1" -> frames), for the dictionary.
+    """
+    args = _vq_args()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = VqWav2Vec(args).eval()
+    quantizer = model.vector_quantizer
+    with torch.inference_mode():
+        projected = [quantizer.project(model.features(wav)[None]) for wav in wavs if len(wav) >= model.min_samples]
+    vectors = torch.cat([ze.reshape(-1, quantizer.var_dim) for ze in projected]).numpy()
+    if len(vectors) < quantizer.num_vars:
+        raise ValueError(f"{len(vectors)} frames of audio are too few to fit {quantizer.num_vars} codes")
+    if len(vectors) > KMEANS_MAX_VECTORS:
+        rng = np.random.default_rng(seed)
+        vectors = vectors[rng.choice(len(vectors), KMEANS_MAX_VECTORS, replace=False)]
+    # combine_groups: both groups share one codebook, so it is fitted on both groups' vectors.
+    kmeans = KMeans(n_clusters=quantizer.num_vars, n_init=1, max_iter=20, random_state=seed).fit(vectors)
+    with torch.no_grad():
+        quantizer.embedding.copy_(torch.from_numpy(kmeans.cluster_centers_).float()[:, None, :])
+    checkpoint = {"args": args, "model": model.state_dict(), "optimizer_history": [],
+                  "extra_state": {"epoch": 0}}
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+    counts = Counter()
+    with torch.inference_mode():
+        for ze in projected:
+            counts.update(codes_to_string(quantizer.nearest(ze)[0]).split()[1:])
+    return Path(path), counts
+
+
+def _roberta_args(vocab_size):
+    return argparse.Namespace(
+        arch="roberta_base", task="masked_lm", criterion="masked_lm", tokens_per_sample=SPEECH_MAX_TOKENS,
+        max_positions=SPEECH_MAX_TOKENS, encoder_layers=SPEECH_LAYERS, encoder_embed_dim=SPEECH_WIDTH,
+        encoder_ffn_embed_dim=SPEECH_FFN, encoder_attention_heads=SPEECH_HEADS, activation_fn="gelu",
+        pooler_activation_fn="tanh", dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
+        pooler_dropout=0.0, encoder_learned_pos=True, layernorm_embedding=True,
+        no_scale_embedding=True, encoder_normalize_before=False, untie_weights_roberta=False)
+
+
+def _fairseq_roberta_state(vocab_size, generator):
+    """Random weights under fairseq 0.9's RoBERTa key names (BERT-style init, padding rows zero)."""
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator) * 0.02
+
+    d, enc = SPEECH_WIDTH, "decoder.sentence_encoder."
+    state = {enc + "embed_tokens.weight": normal(vocab_size, d),
+             enc + "embed_positions.weight": normal(SPEECH_MAX_TOKENS + 2, d),
+             enc + "emb_layer_norm.weight": torch.ones(d), enc + "emb_layer_norm.bias": torch.zeros(d)}
+    state[enc + "embed_tokens.weight"][1] = 0  # <pad>
+    state[enc + "embed_positions.weight"][1] = 0
+    for i in range(SPEECH_LAYERS):
+        layer = f"{enc}layers.{i}."
+        for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            state[f"{layer}self_attn.{name}.weight"] = normal(d, d)
+            state[f"{layer}self_attn.{name}.bias"] = torch.zeros(d)
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            state[f"{layer}{norm}.weight"], state[f"{layer}{norm}.bias"] = torch.ones(d), torch.zeros(d)
+        state[f"{layer}fc1.weight"], state[f"{layer}fc1.bias"] = normal(SPEECH_FFN, d), torch.zeros(SPEECH_FFN)
+        state[f"{layer}fc2.weight"], state[f"{layer}fc2.bias"] = normal(d, SPEECH_FFN), torch.zeros(d)
+    state["decoder.lm_head.weight"] = state[enc + "embed_tokens.weight"]
+    state["decoder.lm_head.bias"] = torch.zeros(vocab_size)
+    state["decoder.lm_head.dense.weight"], state["decoder.lm_head.dense.bias"] = normal(d, d), torch.zeros(d)
+    state["decoder.lm_head.layer_norm.weight"] = torch.ones(d)
+    state["decoder.lm_head.layer_norm.bias"] = torch.zeros(d)
+    return state
+
+
+def make_tiny_speech_roberta(out_dir, code_counts, seed=0):
+    """Write bert_kmeans.pt (fairseq key layout) and dict.txt listing `code_counts` ("g0-g1" -> n)."""
+    out_dir = Path(out_dir)
+    entries = sorted(code_counts.items(), key=lambda item: (-item[1], item[0]))
+    vocab_size = 4 + len(entries) + 1  # specials, codes, <mask>
+    generator = torch.Generator().manual_seed(seed)
+    checkpoint = {"args": _roberta_args(vocab_size), "model": _fairseq_roberta_state(vocab_size, generator),
+                  "optimizer_history": [], "extra_state": {"epoch": 0}}
+    write_text_atomic(out_dir / "dict.txt", "".join(f"{code} {n}\n" for code, n in entries))
+    with atomic_path(out_dir / "bert_kmeans.pt") as tmp:
+        torch.save(checkpoint, tmp)
+    return out_dir / "bert_kmeans.pt", out_dir / "dict.txt"
+
+
+def make_tiny_models(models_dir, texts, wavs=None, seed=0):
+    """Write a tiny MODELS_DIR (see the module docstring) and return the paths it wrote.
+
+    texts: transcripts to train the tokenizers on; wavs: 16 kHz mono waveforms (arrays or wav
+    paths) to fit the speech codebook and count the codes on (a few synthetic tones when None).
+    Returns {"sentence_model", "text_model", "vq_wav2vec", "speech_roberta", "speech_dictionary"}.
+    """
+    models_dir = Path(models_dir)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("make_tiny_models needs some non-empty texts to train the tokenizers on")
+    wavs = [_read_wav(w) for w in wavs] if wavs is not None else _default_wavs(seed)
+    paths = {"sentence_model": make_tiny_bert(models_dir / "bert-base-uncased", texts, seed),
+             "text_model": make_tiny_roberta(models_dir / "roberta-large", texts, seed)}
+    paths["vq_wav2vec"], code_counts = make_tiny_vq_wav2vec(models_dir / "vq-wav2vec_kmeans.pt", wavs, seed)
+    paths["speech_roberta"], paths["speech_dictionary"] = make_tiny_speech_roberta(
+        models_dir / "bert_kmeans", code_counts, seed)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models_dir", help="folder to write the tiny models into")
+    parser.add_argument("data_dir", help="DATA_DIR written by mocap_data_collect.py (texts and audio)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir)
+    rows = read_manifest(data_dir)
+    texts = [row["transcript"] for row in rows]
+    wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
+    for name, path in make_tiny_models(args.models_dir, texts, wavs, args.seed).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
