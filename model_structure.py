@@ -133,7 +133,15 @@ class EmotionClassifier(nn.Module):
 def load_text_encoder(name_or_path):
     """The text RoBERTa from a local folder (or, outside tests, a hub name), without its pooler."""
     from transformers import RobertaModel
-    return RobertaModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
+    from transformers.utils import logging as hf_logging
+    # The checkpoint's pooler / lm_head weights are not wanted here; a load report listing them
+    # as unexpected would only alarm the reader.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return RobertaModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_speech_encoder(path):

@@ -111,6 +111,7 @@ def plot_confusion_matrix(matrix, path, title, classes=CLASSES):
 
 def plot_training_curves(history, path, title):
     """history: one dict per epoch with train_loss, val_loss, val_wa, val_ua, lr."""
+    from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
     fig = _figure(figsize=(9, 3.5))
     left, right = fig.subplots(1, 2)
@@ -123,6 +124,8 @@ def plot_training_curves(history, path, title):
     right.axhline(1 / len(CLASSES), color="grey", linestyle=":", label="chance UA")
     right.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="validation accuracy")
     right.legend()
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     _save_figure(fig, path)
 

@@ -60,9 +60,9 @@ def write_feature_dir(data_dir, per_dialog=12, sessions=(1, 2, 3, 4, 5), context
                 (data_dir / "vqw2vTokens").mkdir(parents=True, exist_ok=True)
                 text = rng.integers(10, TEXT_VOCAB - 8, size=rng.integers(3, 20))
                 speech = rng.integers(10, SPEECH_VOCAB, size=rng.integers(5, 40))
-                if k is not None:
-                    text[rng.integers(len(text))] = TEXT_VOCAB - 4 + k
-                    speech[rng.integers(len(speech))] = 4 + k
+                if k is not None:  # every other token names the class
+                    text[::2] = TEXT_VOCAB - 4 + k
+                    speech[::2] = 4 + k
                 np.save(data_dir / "GPT2Tokens" / f"{row['name']}.npy", np.r_[0, text, 2].astype(np.int32))
                 if label:
                     np.save(data_dir / "vqw2vTokens" / f"{row['name']}.npy", np.r_[0, speech, 2].astype(np.int32))

@@ -1,0 +1,572 @@
+"""Train and evaluate the fused emotion classifier on extracted features; or run the whole demo.
+
+    python main.py RUN_DIR DATA_DIR MODELS_DIR [CONTEXT_WINDOW MAX_TEXT_TOKENS MAX_AUDIO_TOKENS] [options]
+    torchrun --nproc_per_node N main.py ...          (DistributedDataParallel, one process per device)
+    python main.py --demo [RUN_DIR]                  (synthetic corpus -> every stage -> results table)
+
+Reads DATA_DIR (utterances.csv, GPT2Tokens/, vqw2vTokens/, FullBertEmb{c}/; see dataset_loader.py)
+and the pretrained encoders in MODELS_DIR (see model_structure.py). Writes everything under RUN_DIR:
+  config.json                 every resolved setting, data_dir and the models used
+  train.log                   the log of every invocation (appended)
+  fold{k}/best.pt             the best epoch's weights by validation UA (torch.load(weights_only=True))
+  fold{k}/last.pt             the last finished epoch, to resume from (removed once the fold is done)
+  fold{k}/predictions.csv     name, true, predicted, p_ang, p_hap, p_sad, p_neu (test utterances)
+  fold{k}/confusion_matrix.png, training_curves.png, attention.png (context branch, per slot)
+  fold{k}/fold_result.json    the fold's test and validation metrics and training history
+  results.json                per-fold test metrics and their summary (mean, std, pooled)
+  summary.md                  the results table (also printed)
+Running again with the same RUN_DIR and settings resumes: finished folds are kept, an interrupted
+fold restarts from its last epoch checkpoint and ends with the numbers of an uninterrupted run.
+
+Protocols: session5 (train 1-4, test 5), loso (5 folds, one session each), speaker (10 folds, one
+speaker each; the test speaker's session partner shares their dialogues, so their context, and is
+not trained on). Validation comes from the training sessions: 10% stratified by class (default)
+or one held-out training speaker; `--val-split original` is the original's split, validating on the
+test session's other speaker (for session protocols the session's M speaker validates and its F
+speaker is tested). The test utterances never train a model or choose its checkpoint, except under
+`--val-split original`, where the test session chooses it (and the summary says so).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.model_selection import train_test_split
+
+import dataset_loader
+import model_structure
+import train_function
+import validation_function
+from mocap_data_collect import CLASSES
+from utils import atomic_path, write_text_atomic
+
+# -- defaults: the original's settings where it had them; the command line overrides each --------
+CONTEXT_WINDOW = 3  # sentences before and after: FullBertEmb3
+MAX_TEXT_TOKENS = 100
+MAX_AUDIO_TOKENS = 310
+DEFAULTS = {
+    "epochs": 10,
+    "batch_size": 16,
+    "eval_batch_size": 32,
+    "lr_encoders": 1e-5,  # the pretrained RoBERTas: small steps, or fine-tuning forgets
+    "lr_head": 1e-3,  # the new layers: fusion and context branch
+    "weight_decay": 0.01,
+    "scheduler": "linear",
+    "warmup": 0.1,  # share of all optimizer steps spent warming up (linear scheduler)
+    "seed": 2022,
+    "device": "auto",
+    "precision": "auto",  # bf16 autocast on a GPU that has it, fp32 otherwise
+    "branches": "text,speech,context",
+    "protocol": "session5",
+    "val_split": "stratified",
+    "val_fraction": 0.1,
+    "grad_accum": 1,
+    "clip_norm": 1.0,
+    "class_weights": "none",
+    "fusion_hidden": 256,
+    "finetune_speech": False,
+    "freeze_text": False,
+    "group_by_length": False,
+}
+# Demo: small enough for 2 CPU cores in a few minutes, on the synthetic corpus and tiny models.
+DEMO = {"context_window": 2, "max_text_tokens": 64, "max_audio_tokens": 160, "epochs": 8, "batch_size": 16,
+        "lr_encoders": 5e-4, "lr_head": 2e-3, "seed": 0}
+# Settings that may differ when a run is resumed: they do not change the numbers.
+NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs")
+
+log = logging.getLogger("main")
+
+
+class RunPaused(Exception):
+    """--stop-after-epochs was reached; the run resumes from RUN_DIR."""
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+
+def resolve_config(args):
+    """The complete settings of a run as plain JSON values; config.json holds exactly this."""
+    data_dir, models_dir = Path(args.data_dir).resolve(), Path(args.models_dir).resolve()
+    branches = [b.strip() for b in args.branches.split(",") if b.strip()]
+    if not branches or set(branches) - set(dataset_loader.BRANCHES) or len(set(branches)) != len(branches):
+        raise SystemExit(f"main.py: error: --branches must be a comma-separated subset of "
+                         f"{','.join(dataset_loader.BRANCHES)}, got {args.branches!r}")
+    branches = [b for b in dataset_loader.BRANCHES if b in branches]
+    text_model = args.text_model
+    if text_model is None:  # a local copy in MODELS_DIR, else the hub name through transformers' cache
+        text_model = models_dir / "roberta-large" if (models_dir / "roberta-large").is_dir() else "roberta-large"
+    if Path(text_model).exists():
+        text_model = str(Path(text_model).resolve())
+    speech_model = Path(args.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt").resolve()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    import transformers
+    return {
+        "data_dir": str(data_dir), "models_dir": str(models_dir),
+        "text_model": str(text_model), "speech_model": str(speech_model),
+        "classes": list(CLASSES), "branches": branches,
+        "context_window": args.context_window, "max_text_tokens": args.max_text_tokens,
+        "max_audio_tokens": args.max_audio_tokens,
+        "context_width": None,  # H, read from the data by load_run_data
+        "protocol": args.protocol, "val_split": args.val_split, "val_fraction": args.val_fraction,
+        "val_split_description": describe_val_split(args.val_split, args.val_fraction),
+        "epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+        "grad_accum": args.grad_accum, "lr_encoders": args.lr_encoders, "lr_head": args.lr_head,
+        "weight_decay": args.weight_decay, "scheduler": args.scheduler, "warmup": args.warmup,
+        "clip_norm": args.clip_norm, "class_weights": args.class_weights, "fusion_hidden": args.fusion_hidden,
+        "finetune_text": not args.freeze_text, "finetune_speech": args.finetune_speech,
+        "group_by_length": args.group_by_length, "seed": args.seed, "device": device, "precision": precision,
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)), "stop_after_epochs": args.stop_after_epochs,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def describe_val_split(val_split, val_fraction):
+    return {
+        "stratified": f"{val_fraction:.0%} of the training utterances, stratified by class",
+        "speaker": "one training speaker held out (chosen by the seed)",
+        "original": "the original's split: the test session's other speaker (the test session "
+                    "also chooses the checkpoint)",
+    }[val_split]
+
+
+def write_config(run_dir, config):
+    """The one place config.json is written: predict.py rebuilds the model from it."""
+    write_text_atomic(Path(run_dir) / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def check_resumable(run_dir, config):
+    """A RUN_DIR with a config.json only resumes under the same settings."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return False
+    old = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in set(old) | set(config) if k not in NOT_COMPARED_ON_RESUME and old.get(k) != config.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        raise SystemExit(f"main.py: error: {path} was written with other settings ({details}); "
+                         f"use a new RUN_DIR or the same settings to resume")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# folds
+
+def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, seed=0):
+    """-> list of {"fold", "test_sessions" | "test_speakers", "train", "val", "test"} (utterance lists)."""
+    sessions = sorted({u["session"] for u in utterances})
+    speakers_of = {s: sorted({u["speaker"] for u in utterances if u["session"] == s}) for s in sessions}
+    if protocol == "session5":
+        if 5 not in sessions:
+            raise ValueError("protocol session5 needs session 5 in the data")
+        tests = [("test_sessions", [5])]
+    elif protocol == "loso":
+        tests = [("test_sessions", [s]) for s in sessions]
+    elif protocol == "speaker":
+        tests = [("test_speakers", [sp]) for s in sessions for sp in speakers_of[s]]
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}: use session5, loso or speaker")
+    folds = []
+    for k, (key, held_out) in enumerate(tests, 1):
+        if key == "test_sessions":
+            test_sessions = set(held_out)
+            test = [u for u in utterances if u["session"] in test_sessions]
+        else:
+            test_sessions = {u["session"] for u in utterances if u["speaker"] == held_out[0]}
+            test = [u for u in utterances if u["speaker"] == held_out[0]]
+        pool = [u for u in utterances if u["session"] not in test_sessions]
+        fold = {"fold": k, key: held_out}
+        if val_split == "original":
+            test_speakers = set(held_out) if key == "test_speakers" else {
+                sp for s in test_sessions for sp in speakers_of[s] if sp.endswith("F")}
+            in_session = [u for u in utterances if u["session"] in test_sessions]
+            val = [u for u in in_session if u["speaker"] not in test_speakers]
+            test = [u for u in in_session if u["speaker"] in test_speakers]
+            fold["test_speakers"] = sorted(test_speakers)
+            train = pool
+        elif val_split == "speaker":
+            candidates = sorted({u["speaker"] for u in pool})
+            val_speaker = candidates[np.random.RandomState(seed + k).randint(len(candidates))]
+            val = [u for u in pool if u["speaker"] == val_speaker]
+            train = [u for u in pool if u["speaker"] != val_speaker]
+        elif val_split == "stratified":
+            train, val = train_test_split(pool, test_size=val_fraction, random_state=seed,
+                                          stratify=[u["label"] for u in pool])
+            train, val = sorted(train, key=lambda u: u["index"]), sorted(val, key=lambda u: u["index"])
+        else:
+            raise ValueError(f"unknown validation split {val_split!r}: use stratified, speaker or original")
+        if not train or not val or not test:
+            raise ValueError(f"fold {k} ({key} {held_out}): empty split (train {len(train)}, "
+                             f"validation {len(val)}, test {len(test)})")
+        fold.update(train=train, val=val, test=test)
+        folds.append(fold)
+    return folds
+
+
+def fold_title(fold):
+    if "test_sessions" in fold:
+        title = "session " + ",".join(map(str, fold["test_sessions"]))
+        return title + (f" ({','.join(fold['test_speakers'])})" if "test_speakers" in fold else "")
+    return "speaker " + ",".join(fold["test_speakers"])
+
+
+# ------------------------------------------------------------------------------------------------
+# one fold
+
+def save_checkpoint(path, state):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_lengths(model, utterances):
+    """RoBERTa's learned positions stop at max_position_embeddings - 2 (fairseq's padding offset)."""
+    for branch, key in (("text", "text_ids"), ("speech", "speech_ids")):
+        encoder = getattr(model, f"{branch}_encoder")
+        if encoder is None:
+            continue
+        limit = encoder.config.max_position_embeddings - 2
+        longest = max(len(u[key]) for u in utterances)
+        if longest > limit:
+            option = "MAX_TEXT_TOKENS" if branch == "text" else "MAX_AUDIO_TOKENS"
+            raise SystemExit(f"main.py: error: {branch} sequences of up to {longest} tokens, but the {branch} "
+                             f"encoder has positions for {limit}; set {option} to at most {limit}")
+
+
+def train_fold(config, fold, utterances, run_dir, env):
+    """Train one fold (resuming it if interrupted), test its best checkpoint, write its outputs."""
+    fold_dir = Path(run_dir) / f"fold{fold['fold']}"
+    result_path = fold_dir / "fold_result.json"
+    if result_path.exists():
+        log.info(f"fold {fold['fold']} ({fold_title(fold)}): already finished, kept")
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    device, amp, rank, world = env["device"], env["amp_dtype"], env["rank"], env["world_size"]
+    torch.manual_seed(config["seed"] + fold["fold"])
+    model = model_structure.build_model(config)
+    check_lengths(model, utterances)
+    model.to(device)
+    if model.speech_encoder is not None and not model.finetune_speech and "speech_vector" not in utterances[0]:
+        log.info("computing the frozen speech encoder's vectors once for the whole run")
+        train_function.cache_speech_vectors(model, utterances, config["eval_batch_size"], device, amp, rank, world)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    weights = None
+    if config["class_weights"] == "balanced":
+        weights = train_function.balanced_class_weights([u["label"] for u in fold["train"]], len(CLASSES)).to(device)
+    criterion = train_function.make_criterion(weights)
+    optimizer = train_function.configure_optimizer(model, config["lr_encoders"], config["lr_head"], config["weight_decay"])
+    loader = dataset_loader.training_loader(fold["train"], config["batch_size"], config["seed"],
+                                            config["group_by_length"], rank, world)
+    steps_per_epoch = math.ceil(len(loader) / config["grad_accum"])
+    scheduler = train_function.make_scheduler(optimizer, config["scheduler"], steps_per_epoch * config["epochs"],
+                                              config["warmup"])
+    step_scheduler = scheduler if config["scheduler"] == "linear" else None
+
+    state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_epoch": None, "best_val": None}
+    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    if last_path.exists():
+        checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_trained_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = checkpoint["state"]
+        set_rng_state(checkpoint["rng"])
+        log.info(f"fold {fold['fold']}: resuming after epoch {state['epoch']} from {last_path}")
+    log.info(f"fold {fold['fold']} ({fold_title(fold)}): train {len(fold['train'])}, "
+             f"validation {len(fold['val'])}, test {len(fold['test'])} utterances")
+
+    epochs_run = 0
+    for epoch in range(state["epoch"], config["epochs"]):
+        start = time.time()
+        loader.batch_sampler.set_epoch(epoch)
+        desc = f"fold {fold['fold']} epoch {epoch + 1}/{config['epochs']}"
+        try:
+            train_loss = train_function.train_epoch(
+                trained, loader, criterion, optimizer, device, step_scheduler, config["grad_accum"],
+                config["clip_norm"], amp, distributed=world > 1, desc=desc, progress=rank == 0)
+        except train_function.NonFiniteLossError as error:
+            kept = f"; the last good checkpoint is {last_path} (epoch {state['epoch']})" if last_path.exists() else \
+                "; no epoch had finished, so there is no checkpoint"
+            raise SystemExit(f"main.py: error: fold {fold['fold']} epoch {epoch + 1}: {error}{kept}. "
+                             f"Lower the learning rates or enable --clip-norm, then resume or start a new RUN_DIR")
+        if world > 1:
+            loss = torch.tensor([train_loss])
+            dist.all_reduce(loss)
+            train_loss = loss.item() / world
+        val, _, val_loss = validation_function.evaluate(model, fold["val"], config["eval_batch_size"], device, amp,
+                                                        rank, world)
+        lr = max(g["lr"] for g in optimizer.param_groups)
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                                 "val_wa": val["wa"], "val_ua": val["ua"], "lr": lr})
+        improved = val["ua"] > state["best_score"]
+        if improved:
+            state.update(best_score=val["ua"], best_epoch=epoch + 1, best_val=val)
+            if rank == 0:
+                save_checkpoint(best_path, {"model": model.trained_state_dict(), "epoch": epoch + 1, "fold": fold["fold"],
+                                            "classes": list(CLASSES), "val": val})
+        note = ""
+        if config["scheduler"] == "newbob" and scheduler.step_epoch(val["ua"], model):
+            note = f"  newbob: lr halved, back to epoch {state['best_epoch']}'s weights"
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            save_checkpoint(last_path, {"model": model.trained_state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state()})
+        if world > 1:
+            dist.barrier()
+        seconds = time.time() - start
+        log.info(f"{desc}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  val WA {val['wa']:.4f}  "
+                 f"UA {val['ua']:.4f}{' *' if improved else ''}  lr {lr:.2e}  {seconds:.1f}s "
+                 f"({len(fold['train']) / seconds:.1f} utt/s){note}")
+        epochs_run += 1
+        if config["stop_after_epochs"] and epochs_run >= config["stop_after_epochs"] and epoch + 1 < config["epochs"]:
+            raise RunPaused(f"stopped after epoch {epoch + 1} of fold {fold['fold']} (--stop-after-epochs); "
+                            f"run the same command again to resume")
+
+    # The test fold is seen once, with the checkpoint the validation set chose.
+    model.load_trained_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    test, predictions, _ = validation_function.evaluate(model, fold["test"], config["eval_batch_size"], device, amp,
+                                                        rank, world)
+    result = {k: fold[k] for k in ("fold", "test_sessions", "test_speakers") if k in fold}
+    result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
+                  best_epoch=state["best_epoch"], val=state["best_val"], history=state["history"],
+                  y_true=predictions["labels"].tolist(), y_pred=predictions["probs"].argmax(1).tolist())
+    if rank == 0:
+        title = f"fold {fold['fold']}: test {fold_title(fold)}"
+        validation_function.write_predictions_csv(fold_dir / "predictions.csv", predictions)
+        validation_function.plot_confusion_matrix(test["confusion_matrix"], fold_dir / "confusion_matrix.png",
+                                                  f"{title}  UA {test['ua']:.3f}  WA {test['wa']:.3f}")
+        validation_function.plot_training_curves(state["history"], fold_dir / "training_curves.png", title)
+        if predictions["attention"] is not None:
+            validation_function.plot_attention(predictions["attention"], predictions["labels"],
+                                               fold_dir / "attention.png", f"{title}: context attention")
+        write_text_atomic(result_path, json.dumps(result, indent=1) + "\n")
+        last_path.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
+    log.info(f"fold {fold['fold']} test ({fold_title(fold)}, best epoch {state['best_epoch']}): "
+             f"WA {test['wa']:.4f}  UA {test['ua']:.4f}  macro-F1 {test['macro_f1']:.4f}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole run
+
+def summarize(protocol, fold_results):
+    """results.json: the folds' test metrics, their mean/std (population, over folds) and pooled."""
+    folds = [{k: r[k] for k in ("fold", "test_sessions", "test_speakers", "n_train", "n_val", "n_test", "test") if k in r}
+             for r in fold_results]
+    metric = {k: [r["test"][k] for r in fold_results] for k in ("wa", "ua", "macro_f1", "weighted_f1")}
+    pooled = validation_function.compute_metrics([y for r in fold_results for y in r["y_true"]],
+                                                 [y for r in fold_results for y in r["y_pred"]])
+    return {"protocol": protocol, "folds": folds, "summary": {
+        "wa_mean": float(np.mean(metric["wa"])), "wa_std": float(np.std(metric["wa"])),
+        "ua_mean": float(np.mean(metric["ua"])), "ua_std": float(np.std(metric["ua"])),
+        "macro_f1_mean": float(np.mean(metric["macro_f1"])),
+        "weighted_f1_mean": float(np.mean(metric["weighted_f1"])), "pooled": pooled}}
+
+
+def results_table(results, config):
+    """summary.md: one row per fold, the mean and the pooled test predictions."""
+    lines = [f"# Results: {config['protocol']}, branches {'+'.join(config['branches'])}", "",
+             f"Data: `{config['data_dir']}`; validation: {config['val_split_description']}; "
+             f"{config['epochs']} epochs, checkpoint chosen by validation UA.", "",
+             "| fold | test | train | val | test n | WA | UA | macro-F1 | weighted-F1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for f in results["folds"]:
+        t = f["test"]
+        held = fold_title(f)
+        lines.append(f"| {f['fold']} | {held} | {f['n_train']} | {f['n_val']} | {f['n_test']} | {t['wa']:.4f} | "
+                     f"{t['ua']:.4f} | {t['macro_f1']:.4f} | {t['weighted_f1']:.4f} |")
+    s, p = results["summary"], results["summary"]["pooled"]
+    lines.append(f"| mean ± std | | | | | {s['wa_mean']:.4f} ± {s['wa_std']:.4f} | {s['ua_mean']:.4f} ± "
+                 f"{s['ua_std']:.4f} | {s['macro_f1_mean']:.4f} | {s['weighted_f1_mean']:.4f} |")
+    lines.append(f"| pooled | all folds | | | {sum(f['n_test'] for f in results['folds'])} | {p['wa']:.4f} | "
+                 f"{p['ua']:.4f} | {p['macro_f1']:.4f} | {p['weighted_f1']:.4f} |")
+    recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
+    lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(CLASSES):.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def setup_logging(run_dir, rank):
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if rank != 0:
+        log.addHandler(logging.NullHandler())
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    # The log is appended line by line on purpose (not written atomically): after a crash it
+    # should hold everything up to the crash.
+    file_handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(console)
+
+
+def setup_distributed(config):
+    """(rank, world size, device) from torchrun's environment; one process without it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, config["device"]
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = config["device"].startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def load_run_data(config):
+    """All labelled utterances with their features, once per run; fills config['context_width']."""
+    utterances = dataset_loader.load_utterances(config["data_dir"], config["context_window"], config["max_text_tokens"],
+                                                config["max_audio_tokens"], config["branches"])
+    if "context" in config["branches"]:
+        config["context_width"] = dataset_loader.context_slice_width(utterances)
+    return utterances
+
+
+def run(config, run_dir):
+    """Train and evaluate every fold of config['protocol'] into run_dir; -> results dict (None when paused)."""
+    run_dir = Path(run_dir)
+    rank, world, device = setup_distributed(config)
+    setup_logging(run_dir, rank)
+    env = {"rank": rank, "world_size": world, "device": device,
+           "amp_dtype": torch.bfloat16 if config["precision"] == "bf16" else None}
+    utterances = load_run_data(config)
+    resuming = check_resumable(run_dir, config)
+    if rank == 0:
+        write_config(run_dir, config)
+    log.info(f"{'resuming' if resuming else 'starting'} run {run_dir}: {len(utterances)} labelled utterances, "
+             f"branches {'+'.join(config['branches'])}, protocol {config['protocol']}, device {device}"
+             f"{f' x {world} processes' if world > 1 else ''}, {config['precision']}")
+    folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
+    try:
+        fold_results = [train_fold(config, fold, utterances, run_dir, env) for fold in folds]
+    except RunPaused as pause:
+        log.info(str(pause))
+        return None
+    results = summarize(config["protocol"], fold_results)
+    table = results_table(results, config)
+    if rank == 0:
+        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        write_text_atomic(run_dir / "summary.md", table)
+        log.info("\n" + table)
+        log.info(f"wrote {run_dir / 'results.json'} and {run_dir / 'summary.md'}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo
+
+def run_demo(run_dir, args):
+    raise NotImplementedError("the demo lands once the extraction stages exist")
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+def build_parser():
+    d = DEFAULTS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="where everything the run produces goes (resumes if it exists)")
+    p.add_argument("data_dir", nargs="?", help="the extracted features (DATA_DIR of the data contract)")
+    p.add_argument("models_dir", nargs="?", help="pretrained models: roberta-large/, bert_kmeans/bert_kmeans.pt")
+    p.add_argument("context_window", nargs="?", type=int, default=CONTEXT_WINDOW,
+                   help="c: sentences before and after (reads FullBertEmb{c})")
+    p.add_argument("max_text_tokens", nargs="?", type=int, default=MAX_TEXT_TOKENS)
+    p.add_argument("max_audio_tokens", nargs="?", type=int, default=MAX_AUDIO_TOKENS)
+    p.add_argument("--demo", action="store_true",
+                   help="make the synthetic corpus and tiny models in RUN_DIR (default demo_run) and run every stage")
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process, per micro-batch")
+    p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
+    p.add_argument("--lr-encoders", type=float, default=d["lr_encoders"], help="learning rate of the pretrained RoBERTas")
+    p.add_argument("--lr-head", type=float, default=d["lr_head"], help="learning rate of the new layers")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--scheduler", choices=("linear", "newbob"), default=d["scheduler"],
+                   help="linear: warm-up then linear decay; newbob: halve the rate and restore the best weights "
+                        "when validation UA improves by less than 0.001")
+    p.add_argument("--warmup", type=float, default=d["warmup"], help="share of the steps to warm up (linear)")
+    p.add_argument("--clip-norm", type=float, default=d["clip_norm"], help="gradient norm clipping (0: off)")
+    p.add_argument("--class-weights", choices=("none", "balanced"), default=d["class_weights"],
+                   help="balanced: weigh the loss by inverse class frequency in the training set")
+    p.add_argument("--fusion-hidden", type=int, default=d["fusion_hidden"], help="width of the fusion layer")
+    p.add_argument("--branches", default=d["branches"], help="any subset of text,speech,context")
+    p.add_argument("--finetune-speech", action="store_true", default=d["finetune_speech"],
+                   help="train the speech RoBERTa too (frozen otherwise, and its vectors computed once)")
+    p.add_argument("--freeze-text", action="store_true", default=d["freeze_text"],
+                   help="keep the text RoBERTa frozen (fine-tuned otherwise)")
+    p.add_argument("--text-model", default=None,
+                   help="text RoBERTa folder or name (default: MODELS_DIR/roberta-large if present, else roberta-large)")
+    p.add_argument("--speech-model", default=None, help="default: MODELS_DIR/bert_kmeans/bert_kmeans.pt")
+    p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"])
+    p.add_argument("--val-split", choices=("stratified", "speaker", "original"), default=d["val_split"],
+                   help="validation from the training sessions: stratified share or one held-out speaker; "
+                        "original: the test session's other speaker (the original's split)")
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"])
+    p.add_argument("--group-by-length", action="store_true", default=d["group_by_length"],
+                   help="batches of similar length (less padding), in random order")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--device", default=d["device"], help="auto, cpu, cuda")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d["precision"])
+    p.add_argument("--stop-after-epochs", type=int, default=0,
+                   help="stop (resumably) after this many epochs in this invocation, e.g. for job time limits")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        if args.data_dir or args.models_dir:
+            parser.error("--demo takes only RUN_DIR: it makes its own data and models")
+        return run_demo(args.run_dir or "demo_run", args)
+    if not (args.run_dir and args.data_dir and args.models_dir):
+        parser.error("RUN_DIR, DATA_DIR and MODELS_DIR are required (or --demo)")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1")
+    if args.context_window < 1:
+        parser.error("CONTEXT_WINDOW must be at least 1")
+    config = resolve_config(args)
+    try:
+        return run(config, args.run_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""main.py end to end: folds, the run folder, resuming, bad runs, torchrun, the demo."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+import train_function
+from test_training import data_dir, models_dir  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["1", "32", "64", "--epochs", "3", "--batch-size", "8", "--fusion-hidden", "32",
+         "--lr-encoders", "1e-3", "--lr-head", "3e-3"]
+
+
+def run_main(run_dir, data_dir, models_dir, *extra):
+    return main.main([str(run_dir), str(data_dir), str(models_dir), *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir, models_dir):
+    run_dir = tmp_path_factory.mktemp("run")
+    results = run_main(run_dir, data_dir, models_dir)
+    return run_dir, results
+
+
+# ------------------------------------------------------------------------------------------------
+# folds
+
+def utterances_of(sessions=(1, 2, 3, 4, 5), per_speaker=10):
+    return [{"index": i, "name": f"{i}", "session": s, "speaker": f"Ses0{s}{g}", "label": i % 4}
+            for i, (s, g, _) in enumerate((s, g, n) for s in sessions for g in "FM" for n in range(per_speaker))]
+
+
+@pytest.mark.parametrize("protocol,n_folds", [("session5", 1), ("loso", 5), ("speaker", 10)])
+@pytest.mark.parametrize("val_split", ["stratified", "speaker", "original"])
+def test_test_utterances_never_train_or_validate(protocol, n_folds, val_split):
+    utterances = utterances_of()
+    folds = main.make_folds(utterances, protocol, val_split, seed=0)
+    assert len(folds) == n_folds
+    for fold in folds:
+        train, val, test = ({u["index"] for u in fold[k]} for k in ("train", "val", "test"))
+        assert train and val and test and not (train & val) and not (train & test) and not (val & test)
+        test_sessions = {u["session"] for u in fold["test"]}
+        # The test speaker's dialogues (their words are in each other's context) never train.
+        assert not test_sessions & {u["session"] for u in fold["train"]}
+        if val_split == "original":
+            assert {u["session"] for u in fold["val"]} == test_sessions
+            assert not {u["speaker"] for u in fold["val"]} & {u["speaker"] for u in fold["test"]}
+        else:
+            assert not test_sessions & {u["session"] for u in fold["val"]}
+        if val_split == "speaker":
+            assert len({u["speaker"] for u in fold["val"]}) == 1
+
+
+def test_protocol_folds_hold_out_what_they_say():
+    folds = main.make_folds(utterances_of(), "loso")
+    assert [f["test_sessions"] for f in folds] == [[1], [2], [3], [4], [5]]
+    speaker_folds = main.make_folds(utterances_of(), "speaker")
+    assert [f["test_speakers"] for f in speaker_folds][:2] == [["Ses01F"], ["Ses01M"]]
+    stratified = main.make_folds(utterances_of(per_speaker=40), "session5", val_fraction=0.1)[0]
+    assert len(stratified["val"]) == 32 and sorted(u["label"] for u in stratified["val"]) == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+
+
+# ------------------------------------------------------------------------------------------------
+# a run
+
+def test_run_folder_holds_config_checkpoints_predictions_figures_and_results(finished_run, data_dir):
+    run_dir, results = finished_run
+    config = json.loads((run_dir / "config.json").read_text())
+    # everything predict.py must repeat
+    for key in ("data_dir", "text_model", "speech_model", "context_window", "max_text_tokens", "max_audio_tokens",
+                "branches", "classes", "context_width", "finetune_speech", "fusion_hidden", "val_split_description"):
+        assert key in config
+    assert config["classes"] == ["ang", "hap", "sad", "neu"] and config["context_width"] == 16
+    assert config["data_dir"] == str(Path(data_dir).resolve())
+
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["protocol"] == "session5" and set(saved["summary"]) == {
+        "wa_mean", "wa_std", "ua_mean", "ua_std", "macro_f1_mean", "weighted_f1_mean", "pooled"}
+    fold = saved["folds"][0]
+    assert set(fold) == {"fold", "test_sessions", "n_train", "n_val", "n_test", "test"}
+    assert fold["test_sessions"] == [5] and fold["n_train"] + fold["n_val"] == 80 and fold["n_test"] == 20
+    assert set(fold["test"]) == {"wa", "ua", "macro_f1", "weighted_f1", "per_class_recall", "confusion_matrix"}
+    assert set(fold["test"]["per_class_recall"]) == {"ang", "hap", "sad", "neu"}
+    assert sum(map(sum, fold["test"]["confusion_matrix"])) == 20
+
+    fold_dir = run_dir / "fold1"
+    checkpoint = torch.load(fold_dir / "best.pt", weights_only=True)
+    assert not any(k.startswith("speech_encoder.") for k in checkpoint["model"])
+    assert not (fold_dir / "last.pt").exists()  # only needed while the fold is unfinished
+    with open(fold_dir / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and list(rows[0]) == ["name", "true", "predicted", "p_ang", "p_hap", "p_sad", "p_neu"]
+    assert abs(sum(float(rows[0][f"p_{c}"]) for c in ("ang", "hap", "sad", "neu")) - 1) < 1e-4
+    for png in ("confusion_matrix.png", "training_curves.png", "attention.png"):
+        assert (fold_dir / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| pooled |" in (run_dir / "summary.md").read_text()
+    assert "epoch 3/3" in (run_dir / "train.log").read_text()
+    assert not list(run_dir.rglob("*.tmp*"))
+
+
+def test_a_rerun_after_an_interruption_ends_with_the_same_numbers(tmp_path, finished_run, data_dir, models_dir):
+    run_dir = tmp_path / "run"
+    assert run_main(run_dir, data_dir, models_dir, "--stop-after-epochs", "1") is None
+    last = torch.load(run_dir / "fold1" / "last.pt", weights_only=True)
+    assert last["state"]["epoch"] == 1
+    run_main(run_dir, data_dir, models_dir)
+    assert "resuming after epoch 1" in (run_dir / "train.log").read_text()
+    assert (run_dir / "results.json").read_text() == (finished_run[0] / "results.json").read_text()
+    assert (run_dir / "fold1" / "predictions.csv").read_text() == (finished_run[0] / "fold1" / "predictions.csv").read_text()
+
+
+def test_a_run_folder_refuses_other_settings(finished_run, data_dir, models_dir):
+    with pytest.raises(SystemExit, match="lr_head"):
+        main.main([str(finished_run[0]), str(data_dir), str(models_dir), *SMALL, "--lr-head", "1e-2"])
+
+
+def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, data_dir,
+                                                                           models_dir):
+    calls = {"n": 0}
+    real = train_function.forward_loss
+
+    def diverging(*args, **kwargs):
+        loss, logits = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), logits) if calls["n"] > 12 else (loss, logits)  # 9 batches per epoch
+
+    monkeypatch.setattr(train_function, "forward_loss", diverging)
+    with pytest.raises(SystemExit, match=r"epoch 2: the training loss became nan.*last good checkpoint.*epoch 1"):
+        run_main(tmp_path / "run", data_dir, models_dir)
+    last = torch.load(tmp_path / "run" / "fold1" / "last.pt", weights_only=True)
+    assert last["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+@pytest.mark.parametrize("branches", ["text", "speech", "context"])
+def test_each_branch_alone_trains(tmp_path, data_dir, models_dir, branches):
+    results = run_main(tmp_path / "run", data_dir, models_dir, "--branches", branches, "--epochs", "1",
+                       "--scheduler", "newbob", "--grad-accum", "2", "--class-weights", "balanced")
+    assert results["folds"][0]["n_test"] == 20
+
+
+def test_loso_pools_every_session(tmp_path, data_dir, models_dir):
+    results = run_main(tmp_path / "run", data_dir, models_dir, "--branches", "context", "--epochs", "2",
+                       "--protocol", "loso", "--group-by-length")
+    assert [f["test_sessions"] for f in results["folds"]] == [[1], [2], [3], [4], [5]]
+    assert sum(map(sum, results["summary"]["pooled"]["confusion_matrix"])) == 100
+
+
+def test_torchrun_two_processes_gather_every_test_utterance(tmp_path, data_dir, models_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "main.py"), str(tmp_path / "run"), str(data_dir), str(models_dir), *SMALL, "--epochs", "2"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["folds"][0]["n_test"] == 20
+    assert sum(map(sum, results["folds"][0]["test"]["confusion_matrix"])) == 20  # gathered from both ranks
+    with open(tmp_path / "run" / "fold1" / "predictions.csv") as f:
+        assert len({row["name"] for row in csv.DictReader(f)}) == 20
+    assert "x 2 processes" in (tmp_path / "run" / "train.log").read_text()
