@@ -36,8 +36,9 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
 
+from mocap_data_collect import CorpusError, read_manifest
 from utils import save_npy_atomic
 
 SAMPLE_RATE = 16000
@@ -595,3 +596,274 @@ def load_fairseq_roberta(path):
     except RuntimeError as e:
         raise ValueError(f"{path}: key mapping does not fit RobertaModel: {e}") from None
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction steps over a DATA_DIR
+
+
+@dataclass
+class StepReport:
+    """What one step did: counts, the utterances that failed (name, reason), remarks, time."""
+
+    step: str
+    written: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    error: str = ""  # the whole step could not run (a model missing, ...)
+    seconds: float = 0.0
+
+    @property
+    def ok(self):
+        return not self.failed and not self.error
+
+    def fail(self, name, reason, progress_bar=None):
+        self.failed.append((name, str(reason)))
+        (progress_bar or tqdm).write(f"{self.step}: FAILED {name}: {reason}", file=sys.stderr)
+
+
+def format_summary(reports):
+    """A table of written/skipped/failed/seconds per step, then every failure by name."""
+    lines = [f"{'step':<22}{'written':>9}{'skipped':>9}{'failed':>8}{'seconds':>9}"]
+    for r in reports:
+        failed = "ERROR" if r.error else len(r.failed)
+        lines.append(f"{r.step:<22}{r.written:>9}{r.skipped:>9}{failed:>8}{r.seconds:>9.1f}")
+    for r in reports:
+        if r.error:
+            lines.append(f"{r.step}: could not run: {r.error}")
+        lines += [f"{r.step}: {note}" for note in r.notes]
+        lines += [f"{r.step}: failed {name}: {reason}" for name, reason in r.failed]
+    everything_ok = all(r.ok for r in reports)
+    lines.append("all done" if everything_ok else
+                 f"{sum(len(r.failed) for r in reports)} utterance(s) failed"
+                 + (f", {sum(bool(r.error) for r in reports)} step(s) could not run" if any(r.error for r in reports) else "")
+                 + "; rerun to retry them (finished files are kept)")
+    return "\n".join(lines)
+
+
+def resolve_model(models_dir, name):
+    """MODELS_DIR/<name> when that local copy exists, else `name` itself (a hub name or a folder)."""
+    local = Path(models_dir) / name if models_dir is not None else None
+    return str(local) if local is not None and local.is_dir() else str(name)
+
+
+def valid_npy(path, dtype, shape=None, bos_eos=None):
+    """True when `path` loads as a finite array of `dtype` and `shape` (1-D when shape is None),
+    starting and ending with `bos_eos` ids when given."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    if array.dtype != dtype or array.ndim != 1 or (shape is not None and array.shape != shape):
+        return False
+    if bos_eos is not None and (len(array) < 2 or (array[0], array[-1]) != bos_eos):
+        return False
+    return bool(np.isfinite(array).all()) if array.dtype.kind == "f" else True
+
+
+def read_wav_16k(path):
+    """A 16 kHz mono wav as float32 samples in [-1, 1]; other rates or several channels are errors."""
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, sf.LibsndfileError) as e:
+        raise ValueError(f"{path}: unreadable audio ({e})") from None
+    if rate != SAMPLE_RATE:
+        raise ValueError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz")
+    if samples.shape[1] != 1:
+        raise ValueError(f"{path}: {samples.shape[1]} channels, expected mono")
+    return samples[:, 0]
+
+
+def read_transcript(data_dir, name):
+    path = Path(data_dir) / "Text" / f"{name}.txt"
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable transcript ({e})") from None
+    if not text:
+        raise ValueError(f"{path}: empty transcript")
+    return text
+
+
+def _device(device):
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def _pending(rows, out_dir, is_valid, overwrite, report):
+    todo = []
+    for row in rows:
+        if not overwrite and is_valid(out_dir / f"{row['name']}.npy"):
+            report.skipped += 1
+        else:
+            todo.append(row)
+    return todo
+
+
+def _run_step(report, work):
+    """Run a step's body; a problem that stops the whole step is recorded, not raised."""
+    start = time.perf_counter()
+    try:
+        work()
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, CorpusError) as e:
+        report.error = str(e)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, progress=True):
+    """vqw2vTokens/<name>.npy: `<s> g0-g1 ... </s>` speech-dictionary ids (int32) for every target
+    utterance (the ones with audio), one utterance at a time."""
+    data_dir, models_dir = Path(data_dir), Path(models_dir)
+    out_dir = data_dir / "vqw2vTokens"
+    report = StepReport("speech-tokens")
+
+    def work():
+        rows = [row for row in read_manifest(data_dir) if row["label"]]
+        todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)), overwrite, report)
+        if not todo:
+            return
+        dictionary = load_speech_dictionary(models_dir / "bert_kmeans" / "dict.txt")
+        model = load_vq_wav2vec(models_dir / "vq-wav2vec_kmeans.pt").to(_device(device))
+        bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
+        for row in bar:
+            wav_path = data_dir / "Audio" / f"{row['name']}.wav"
+            try:
+                if not wav_path.is_file():
+                    raise ValueError(f"{wav_path}: missing audio")
+                wav = read_wav_16k(wav_path)
+                codes = model.codes(wav)
+                if len(codes) == 0:
+                    report.notes.append(f"{wav_path}: {len(wav)} samples, fewer than {model.min_samples}: "
+                                        f"no frame, stored <s> </s>")
+                ids = dictionary.encode_line(codes_to_string(codes)).numpy().astype(np.int32)
+                save_npy_atomic(out_dir / f"{row['name']}.npy", ids)
+                report.written += 1
+            except ValueError as e:
+                report.fail(row["name"], e, bar)
+
+    return _run_step(report, work)
+
+
+def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=False, progress=True):
+    """GPT2Tokens/<name>.npy: the text RoBERTa's ids `<s> ... </s>` (int32), as fairseq's
+    roberta.encode gives them, for every utterance."""
+    data_dir = Path(data_dir)
+    out_dir = data_dir / "GPT2Tokens"
+    report = StepReport("text-tokens")
+    text_model = text_model or resolve_model(models_dir, "roberta-large")
+
+    def work():
+        rows = read_manifest(data_dir)
+        todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32), overwrite, report)
+        if not todo:
+            return
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
+        for row in bar:
+            try:
+                ids = tokenizer(read_transcript(data_dir, row["name"]))["input_ids"]
+                save_npy_atomic(out_dir / f"{row['name']}.npy", np.asarray(ids, dtype=np.int32))
+                report.written += 1
+            except ValueError as e:
+                report.fail(row["name"], e, bar)
+
+    return _run_step(report, work)
+
+
+def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE, progress_bar=None):
+    """Last-layer [CLS] vectors (float32, (len(texts), H)), batched by similar length with padding
+    and attention masks; equal to embedding each text alone (within float rounding)."""
+    device = next(model.parameters()).device
+    max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    vectors = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = order[start:start + batch_size]
+            inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt").to(device)
+            vectors[batch] = model(**inputs).last_hidden_state[:, 0].float().cpu().numpy()
+            if progress_bar is not None:
+                progress_bar.update(len(batch))
+    return vectors
+
+
+def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, device="cpu",
+                                overwrite=False, progress=True, batch_size=SENTENCE_BATCH_SIZE):
+    """BertEmb/<name>.npy: the sentence model's last-layer [CLS] vector (float32, (H,)) for every
+    utterance, since context vectors need the neighbours of every target utterance."""
+    data_dir = Path(data_dir)
+    out_dir = data_dir / "BertEmb"
+    report = StepReport("sentence-embeddings")
+    sentence_model = sentence_model or resolve_model(models_dir, "bert-base-uncased")
+
+    def work():
+        rows = read_manifest(data_dir)
+        width = AutoConfig.from_pretrained(sentence_model).hidden_size
+        todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.float32, shape=(width,)), overwrite, report)
+        names, texts = [], []
+        for row in todo:
+            try:
+                texts.append(read_transcript(data_dir, row["name"]))
+                names.append(row["name"])
+            except ValueError as e:
+                report.fail(row["name"], e)
+        if not texts:
+            return
+        tokenizer = AutoTokenizer.from_pretrained(sentence_model)
+        model = AutoModel.from_pretrained(sentence_model).to(_device(device)).eval()
+        with tqdm(total=len(texts), desc=report.step, unit="utt", disable=not progress) as bar:
+            # In slices, so that an interrupted run keeps what it finished.
+            for start in range(0, len(texts), 16 * batch_size):
+                part = slice(start, start + 16 * batch_size)
+                vectors = sentence_embeddings(texts[part], tokenizer, model, batch_size, bar)
+                for name, vector in zip(names[part], vectors):
+                    save_npy_atomic(out_dir / f"{name}.npy", vector)
+                    report.written += 1
+
+    return _run_step(report, work)
+
+
+def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
+             overwrite=False, progress=True):
+    """Run one of STEPS by name; returns its StepReport."""
+    if step == "speech-tokens":
+        return extract_speech_tokens(data_dir, models_dir, device, overwrite, progress)
+    if step == "text-tokens":
+        return extract_text_tokens(data_dir, models_dir, text_model, overwrite, progress)
+    if step == "sentence-embeddings":
+        return extract_sentence_embeddings(data_dir, models_dir, sentence_model, device, overwrite, progress)
+    raise ValueError(f"unknown step {step!r}; one of {', '.join(STEPS)}")
+
+
+def add_model_arguments(parser):
+    parser.add_argument("data_dir", help="DATA_DIR written by mocap_data_collect.py")
+    parser.add_argument("models_dir", help="MODELS_DIR with vq-wav2vec_kmeans.pt and bert_kmeans/")
+    parser.add_argument("--sentence-model", default=None,
+                        help="sentence model, a name or folder (default: MODELS_DIR/bert-base-uncased "
+                             "if present, else bert-base-uncased)")
+    parser.add_argument("--text-model", default=None,
+                        help="text RoBERTa whose tokenizer gives GPT2Tokens (default: "
+                             "MODELS_DIR/roberta-large if present, else roberta-large)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=STEPS, help="which features to extract")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
+                      args.device, args.overwrite)
+    print(format_summary([report]))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

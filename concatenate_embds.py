@@ -1,0 +1,114 @@
+"""Context vectors: each utterance's sentence embedding with its dialogue neighbours'.
+
+    python concatenate_embds.py DATA_DIR [--context 3] [--overwrite]
+
+Reads DATA_DIR/utterances.csv and DATA_DIR/BertEmb/<name>.npy (feature_ext.py, every utterance);
+writes DATA_DIR/FullBertEmb{c}/<name>.npy, float32 ((2c+1)*H,), for every utterance. Slot j
+(j = -c..c, laid out in that order) holds the embedding of utterance i+j of the same dialogue in
+corpus order, whatever its emotion, or zeros past the dialogue's edges; the utterance itself is
+the centre slot.
+
+--context takes one or more window sizes; this script writes c = 3 unless told otherwise
+(`--context 1 2 3` writes all three). feature_extraction_main.py writes c = 1, 2 and 3.
+A rerun skips files that exist and are valid; a missing embedding fails only the utterances
+whose window needs it.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from feature_ext import StepReport, format_summary, valid_npy
+from mocap_data_collect import CorpusError, read_manifest
+from utils import save_npy_atomic
+
+DEFAULT_CONTEXT = (3,)
+
+
+def context_vectors(embeddings, c):
+    """(n, H) embeddings of one dialogue in corpus order -> (n, (2c+1)*H) context vectors."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    n, width = embeddings.shape
+    edge = np.zeros((c, width), dtype=np.float32)
+    padded = np.concatenate([edge, embeddings, edge])
+    return np.stack([padded[i:i + 2 * c + 1].reshape(-1) for i in range(n)]) if n else \
+        np.zeros((0, (2 * c + 1) * width), dtype=np.float32)
+
+
+def dialogues(rows):
+    """The manifest's rows grouped by dialogue, each list in corpus order."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["session"], row["dialog"]), []).append(row)
+    return list(groups.values())
+
+
+def _load_embeddings(data_dir, rows):
+    """Every sentence embedding that loads, by name; the width they share."""
+    loaded, widths = {}, {}
+    for row in rows:
+        path = Path(data_dir) / "BertEmb" / f"{row['name']}.npy"
+        if valid_npy(path, np.float32):
+            loaded[row["name"]] = np.load(path)
+            widths[loaded[row["name"]].shape[0]] = widths.get(loaded[row["name"]].shape[0], 0) + 1
+    if len(widths) > 1:
+        raise CorpusError(f"{Path(data_dir) / 'BertEmb'}: embeddings of different widths {sorted(widths)}; "
+                          f"rerun feature_ext.py sentence-embeddings --overwrite")
+    return loaded, next(iter(widths), None)
+
+
+def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, progress=True):
+    """Write FullBertEmb{c}/ for each c in `contexts`; returns one StepReport per c."""
+    data_dir = Path(data_dir)
+    reports = [StepReport(f"context-{c}") for c in contexts]
+    start = time.perf_counter()
+    try:
+        rows = read_manifest(data_dir)
+        embeddings, width = _load_embeddings(data_dir, rows)
+    except (OSError, ValueError) as e:
+        for report in reports:
+            report.error = str(e)
+        return reports
+    for c, report in zip(contexts, reports):
+        out_dir = data_dir / f"FullBertEmb{c}"
+        for dialogue in tqdm(dialogues(rows), desc=report.step, unit="dialogue", disable=not progress):
+            names = [row["name"] for row in dialogue]
+            missing = [name for name in names if name not in embeddings]
+            stack = np.stack([embeddings.get(name, np.zeros(width or 0, np.float32)) for name in names])
+            vectors = context_vectors(stack, c)
+            for i, name in enumerate(names):
+                path = out_dir / f"{name}.npy"
+                if not overwrite and width and valid_npy(path, np.float32, shape=((2 * c + 1) * width,)):
+                    report.skipped += 1
+                    continue
+                needed = [n for n in names[max(0, i - c):i + c + 1] if n in missing]
+                if needed:
+                    report.fail(name, f"no valid sentence embedding {data_dir / 'BertEmb' / needed[0]}.npy"
+                                      + (f" (and {len(needed) - 1} more in its window)" if len(needed) > 1 else ""))
+                    continue
+                save_npy_atomic(path, vectors[i])
+                report.written += 1
+        report.seconds = time.perf_counter() - start
+        start = time.perf_counter()
+    return reports
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data_dir", help="DATA_DIR with utterances.csv and BertEmb/")
+    parser.add_argument("--context", type=int, nargs="+", default=list(DEFAULT_CONTEXT), metavar="C",
+                        help="window size(s) c: utterances on each side (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    args = parser.parse_args(argv)
+    if any(c < 1 for c in args.context):
+        parser.error("--context sizes must be at least 1")
+    reports = write_context_vectors(args.data_dir, args.context, args.overwrite)
+    print(format_summary(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

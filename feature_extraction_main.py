@@ -1,0 +1,48 @@
+"""Every feature extraction step, in order, over one DATA_DIR.
+
+    python feature_extraction_main.py DATA_DIR MODELS_DIR [--sentence-model M] [--text-model M]
+                                      [--device cpu|cuda] [--context 1 2 3] [--overwrite]
+
+Reads what mocap_data_collect.py wrote (utterances.csv, Audio/, Text/) and the pretrained models
+in MODELS_DIR; writes, as feature_ext.py and concatenate_embds.py describe:
+  vqw2vTokens/   speech-dictionary ids of the vq-wav2vec codes (utterances with audio)
+  GPT2Tokens/    text RoBERTa token ids (every utterance)
+  BertEmb/       sentence embeddings (every utterance)
+  FullBertEmb{c}/ context vectors, c = 1, 2, 3 by default
+A rerun resumes: finished, valid files are skipped. A bad input is reported by name and the rest
+goes on; the summary at the end says what was written, skipped and failed, and the exit status
+is 1 when anything failed.
+"""
+import argparse
+import sys
+
+from concatenate_embds import write_context_vectors
+from feature_ext import STEPS, add_model_arguments, format_summary, run_step
+
+CONTEXTS = (1, 2, 3)
+
+
+def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
+                     contexts=CONTEXTS, overwrite=False, progress=True):
+    """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports."""
+    reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress)
+               for step in STEPS]
+    return reports + write_context_vectors(data_dir, contexts, overwrite, progress)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--context", type=int, nargs="+", default=list(CONTEXTS), metavar="C",
+                        help="context window size(s) to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if any(c < 1 for c in args.context):
+        parser.error("--context sizes must be at least 1")
+    reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
+                               args.device, args.context, args.overwrite)
+    print(format_summary(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

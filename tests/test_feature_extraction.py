@@ -1,0 +1,224 @@
+"""Feature extraction end to end: synthetic corpus -> DATA_DIR -> tiny models -> features.
+
+One extraction is shared by the module (scope="module"); tests that change files work on a copy.
+"""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import concatenate_embds
+import feature_ext
+import feature_extraction_main
+import mocap_data_collect
+import synthetic_iemocap
+from concatenate_embds import context_vectors
+from feature_ext import (codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec,
+                         resolve_model, sentence_embeddings)
+from tiny_models import make_tiny_bert, make_tiny_models
+
+CONTEXTS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # These models are tiny; on a busy shared CPU, torch's spinning worker threads make them
+    # ten times slower, not faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A small synthetic corpus collected into DATA_DIR, tiny models, and every feature extracted."""
+    root = tmp_path_factory.mktemp("extraction")
+    synthetic_iemocap.make_corpus(root / "IEMOCAP", seed=0, dialogues_per_session=2, utterances_per_dialogue=10)
+    data_dir = root / "data"
+    rows = mocap_data_collect.collect(root / "IEMOCAP", data_dir, progress=False, out=open("/dev/null", "w"))
+    # Some of the audio is enough to fit the tiny codebook; codes it never saw become <unk>.
+    wavs = sorted((data_dir / "Audio").glob("*.wav"))[:30]
+    models = make_tiny_models(root / "models", [r["transcript"] for r in rows], wavs, seed=0)
+    reports = feature_extraction_main.extract_features(data_dir, root / "models", progress=False)
+    return {"root": root, "data_dir": data_dir, "models_dir": root / "models", "models": models,
+            "rows": rows, "reports": reports}
+
+
+def _copy_data_dir(extracted, tmp_path):
+    return Path(shutil.copytree(extracted["data_dir"], tmp_path / "data"))
+
+
+def test_every_step_writes_what_the_contract_says(extracted):
+    data_dir, rows = extracted["data_dir"], extracted["rows"]
+    assert all(r.ok for r in extracted["reports"]), feature_ext.format_summary(extracted["reports"])
+    labelled = [r["name"] for r in rows if r["label"]]
+    assert 0 < len(labelled) < len(rows)
+    width = AutoModel.from_pretrained(extracted["models"]["sentence_model"]).config.hidden_size
+    assert sorted(p.stem for p in (data_dir / "vqw2vTokens").glob("*.npy")) == sorted(labelled)
+    for row in rows:
+        name = row["name"]
+        text_ids = np.load(data_dir / "GPT2Tokens" / f"{name}.npy")
+        assert text_ids.dtype == np.int32 and text_ids[0] == 0 and text_ids[-1] == 2
+        embedding = np.load(data_dir / "BertEmb" / f"{name}.npy")
+        assert embedding.dtype == np.float32 and embedding.shape == (width,)
+        for c in CONTEXTS:
+            context = np.load(data_dir / f"FullBertEmb{c}" / f"{name}.npy")
+            assert context.dtype == np.float32 and context.shape == ((2 * c + 1) * width,)
+    for name in labelled:
+        speech_ids = np.load(data_dir / "vqw2vTokens" / f"{name}.npy")
+        assert speech_ids.dtype == np.int32 and speech_ids[0] == 0 and speech_ids[-1] == 2
+
+
+def test_speech_tokens_are_the_dictionary_ids_of_the_codes(extracted):
+    data_dir, models = extracted["data_dir"], extracted["models"]
+    quantizer = load_vq_wav2vec(models["vq_wav2vec"])
+    dictionary = load_speech_dictionary(models["speech_dictionary"])
+    name = next(r["name"] for r in extracted["rows"] if r["label"])
+    wav, rate = sf.read(data_dir / "Audio" / f"{name}.wav", dtype="float32")
+    codes = quantizer.codes(wav)
+    assert len(codes) == (len(wav) - 465) // 160 + 1  # 100 frames a second, as the real model
+    stored = np.load(data_dir / "vqw2vTokens" / f"{name}.npy")
+    assert stored.tolist() == dictionary.encode_line(codes_to_string(codes)).tolist()
+    # The tiny codebook was fitted on this audio: codes spread, and the speech RoBERTa reads them.
+    assert len({tuple(c) for c in codes.tolist()}) > 5
+    speech_roberta = load_fairseq_roberta(models["speech_roberta"])
+    assert speech_roberta.config.vocab_size == len(dictionary)
+    with torch.no_grad():
+        hidden = speech_roberta(torch.from_numpy(stored).long()[None]).last_hidden_state
+    assert hidden.shape == (1, len(stored), speech_roberta.config.hidden_size)
+
+
+def test_text_tokens_are_the_roberta_tokenizer_ids(extracted):
+    data_dir, row = extracted["data_dir"], extracted["rows"][0]
+    tokenizer = AutoTokenizer.from_pretrained(extracted["models"]["text_model"])
+    # fairseq's ids: <s> 0, <pad> 1, </s> 2, <unk> 3, as the tiny tokenizer was trained to number them.
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]] == [0, 1, 2, 3, 4]
+    stored = np.load(data_dir / "GPT2Tokens" / f"{row['name']}.npy")
+    assert stored.tolist() == tokenizer(row["transcript"])["input_ids"]
+
+
+def test_batched_sentence_embeddings_equal_one_at_a_time(extracted):
+    data_dir, rows = extracted["data_dir"], extracted["rows"]
+    path = extracted["models"]["sentence_model"]
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    texts = [r["transcript"] for r in rows[:12]]
+    alone = sentence_embeddings(texts, tokenizer, model, batch_size=1)
+    stored = np.stack([np.load(data_dir / "BertEmb" / f"{r['name']}.npy") for r in rows[:12]])
+    assert np.abs(alone - stored).max() < 1e-5
+
+
+def test_context_vector_layout():
+    embeddings = np.arange(1, 4, dtype=np.float32)[:, None] * np.ones((3, 2), np.float32)  # rows 1, 2, 3
+    vectors = context_vectors(embeddings, 2)
+    assert vectors.shape == (3, 10)
+    assert vectors[0].tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert vectors[1].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+    assert vectors[2].tolist() == [1, 1, 2, 2, 3, 3, 0, 0, 0, 0]
+
+
+def test_context_vectors_follow_each_dialogue_in_corpus_order(extracted):
+    data_dir, rows = extracted["data_dir"], extracted["rows"]
+    c = 3
+    for dialogue in concatenate_embds.dialogues(rows):
+        assert len({r["dialog"] for r in dialogue}) == 1
+        own = [np.load(data_dir / "BertEmb" / f"{r['name']}.npy") for r in dialogue]
+        width = own[0].shape[0]
+        for i, row in enumerate(dialogue):
+            slots = np.load(data_dir / f"FullBertEmb{c}" / f"{row['name']}.npy").reshape(2 * c + 1, width)
+            for j in range(-c, c + 1):
+                expected = own[i + j] if 0 <= i + j < len(dialogue) else np.zeros(width)
+                assert np.array_equal(slots[j + c], expected)
+
+
+def test_rerun_skips_valid_outputs_and_redoes_corrupted_ones(extracted, tmp_path):
+    data_dir = _copy_data_dir(extracted, tmp_path)
+    labelled = next(r["name"] for r in extracted["rows"] if r["label"])
+    other = extracted["rows"][1]["name"]
+    (data_dir / "vqw2vTokens" / f"{labelled}.npy").write_bytes(b"half a file")
+    np.save(data_dir / "BertEmb" / f"{other}.npy", np.zeros(3, np.float64))  # wrong dtype and width
+    (data_dir / "FullBertEmb2" / f"{other}.npy").unlink()
+    before = np.load(extracted["data_dir"] / "vqw2vTokens" / f"{labelled}.npy")
+
+    reports = {r.step: r for r in feature_extraction_main.extract_features(
+        data_dir, extracted["models_dir"], progress=False)}
+    assert all(r.ok for r in reports.values())
+    n_rows, n_labelled = len(extracted["rows"]), sum(1 for r in extracted["rows"] if r["label"])
+    assert (reports["speech-tokens"].written, reports["speech-tokens"].skipped) == (1, n_labelled - 1)
+    assert (reports["text-tokens"].written, reports["text-tokens"].skipped) == (0, n_rows)
+    assert (reports["sentence-embeddings"].written, reports["sentence-embeddings"].skipped) == (1, n_rows - 1)
+    assert (reports["context-2"].written, reports["context-2"].skipped) == (1, n_rows - 1)
+    assert np.array_equal(np.load(data_dir / "vqw2vTokens" / f"{labelled}.npy"), before)
+    assert not list(data_dir.rglob("*.tmp*"))  # atomic writes leave nothing behind
+
+
+def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsys):
+    data_dir = _copy_data_dir(extracted, tmp_path)
+    rows = extracted["rows"]
+    labelled = [r["name"] for r in rows if r["label"]]
+    wrong_rate, unreadable, too_short, good = labelled[:4]
+    empty = next(r["name"] for r in rows if not r["label"])
+    for name in (wrong_rate, unreadable, too_short, good, empty):
+        for folder in ("vqw2vTokens", "GPT2Tokens", "BertEmb"):
+            (data_dir / folder / f"{name}.npy").unlink(missing_ok=True)
+    sf.write(data_dir / "Audio" / f"{wrong_rate}.wav", np.zeros(8000, np.int16), 8000)
+    (data_dir / "Audio" / f"{unreadable}.wav").write_bytes(b"RIFF, but not really")
+    sf.write(data_dir / "Audio" / f"{too_short}.wav", np.zeros(400, np.int16), 16000)
+    (data_dir / "Text" / f"{empty}.txt").write_text("  \n")
+    shutil.rmtree(data_dir / "FullBertEmb1")
+
+    status = feature_extraction_main.main([str(data_dir), str(extracted["models_dir"])])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"failed {wrong_rate}: " in out and "sample rate 8000 Hz, expected 16000 Hz" in out
+    assert f"failed {unreadable}: " in out and "unreadable audio" in out
+    assert f"failed {empty}: " in out and "empty transcript" in out
+    assert f"{too_short}.wav: 400 samples, fewer than 465" in out
+    assert np.load(data_dir / "vqw2vTokens" / f"{too_short}.npy").tolist() == [0, 2]
+    written = {p.stem for p in (data_dir / "vqw2vTokens").glob("*.npy")}
+    assert written == set(labelled) - {wrong_rate, unreadable}
+    for folder in ("GPT2Tokens", "BertEmb"):
+        assert {p.stem for p in (data_dir / folder).glob("*.npy")} == {r["name"] for r in rows} - {empty}
+    # Only the context windows that need the missing embedding fail.
+    dialogue = next(d for d in concatenate_embds.dialogues(rows) if empty in [r["name"] for r in d])
+    position = [r["name"] for r in dialogue].index(empty)
+    for i, row in enumerate(dialogue):
+        assert (data_dir / "FullBertEmb1" / f"{row['name']}.npy").exists() == (abs(i - position) > 1)
+
+
+def test_each_step_runs_alone_from_its_own_script(extracted, tmp_path, capsys):
+    data_dir = _copy_data_dir(extracted, tmp_path)
+    shutil.rmtree(data_dir / "GPT2Tokens")
+    shutil.rmtree(data_dir / "FullBertEmb3")
+    assert feature_ext.main(["text-tokens", str(data_dir), str(extracted["models_dir"])]) == 0
+    assert concatenate_embds.main([str(data_dir)]) == 0  # --context 3 by default
+    out = capsys.readouterr().out
+    assert "text-tokens" in out and "context-3" in out and "all done" in out
+    assert len(list((data_dir / "GPT2Tokens").glob("*.npy"))) == len(extracted["rows"])
+    assert len(list((data_dir / "FullBertEmb3").glob("*.npy"))) == len(extracted["rows"])
+
+
+def test_a_missing_model_stops_that_step_only(extracted, tmp_path):
+    data_dir = _copy_data_dir(extracted, tmp_path)
+    shutil.rmtree(data_dir / "vqw2vTokens")
+    report = feature_ext.extract_speech_tokens(data_dir, tmp_path / "no_models", progress=False)
+    assert not report.ok and "dict.txt" in report.error
+    assert feature_ext.extract_text_tokens(data_dir, extracted["models_dir"], progress=False).ok
+
+
+def test_models_resolve_to_local_copies_first(extracted, tmp_path):
+    assert resolve_model(extracted["models_dir"], "bert-base-uncased") == str(extracted["models_dir"] / "bert-base-uncased")
+    assert resolve_model(tmp_path, "bert-base-uncased") == "bert-base-uncased"
+
+
+def test_tiny_tokenizers_are_the_same_for_the_same_texts(tmp_path):
+    texts = ["Hello there, how are you?", "I am so angry!", "We lost everything, it's so sad."] * 5
+    make_tiny_bert(tmp_path / "a", texts)
+    make_tiny_bert(tmp_path / "b", texts)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("Hello THERE")["input_ids"]) == ["[CLS]", "hello", "there", "[SEP]"]
