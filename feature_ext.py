@@ -634,11 +634,13 @@ def format_summary(reports):
             lines.append(f"{r.step}: could not run: {r.error}")
         lines += [f"{r.step}: {note}" for note in r.notes]
         lines += [f"{r.step}: failed {name}: {reason}" for name, reason in r.failed]
-    everything_ok = all(r.ok for r in reports)
-    lines.append("all done" if everything_ok else
-                 f"{sum(len(r.failed) for r in reports)} utterance(s) failed"
-                 + (f", {sum(bool(r.error) for r in reports)} step(s) could not run" if any(r.error for r in reports) else "")
-                 + "; rerun to retry them (finished files are kept)")
+    n_failed, n_broken = sum(len(r.failed) for r in reports), sum(bool(r.error) for r in reports)
+    if not n_failed and not n_broken:
+        lines.append("all done")
+    else:
+        problems = ([f"{n_failed} utterance(s) failed"] if n_failed else []) + \
+                   ([f"{n_broken} step(s) could not run"] if n_broken else [])
+        lines.append(", ".join(problems) + "; fix and rerun: finished files are kept and skipped")
     return "\n".join(lines)
 
 
@@ -655,7 +657,7 @@ def valid_npy(path, dtype, shape=None, bos_eos=None):
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return False
-    if array.dtype != dtype or array.ndim != 1 or (shape is not None and array.shape != shape):
+    if array.dtype != dtype or array.ndim != 1 or array.size == 0 or (shape is not None and array.shape != shape):
         return False
     if bos_eos is not None and (len(array) < 2 or (array[0], array[-1]) != bos_eos):
         return False
@@ -691,6 +693,14 @@ def _device(device):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     return device
+
+
+def _from_pretrained(loader, name, role):
+    """transformers' loaders say what went wrong but not which model the step wanted."""
+    try:
+        return loader.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{role} {name!r} (a local folder, or a hub name in the cache or online): {e}") from None
 
 
 def _pending(rows, out_dir, is_valid, overwrite, report):
@@ -761,7 +771,7 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32), overwrite, report)
         if not todo:
             return
-        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        tokenizer = _from_pretrained(AutoTokenizer, text_model, "text model")
         bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
         for row in bar:
             try:
@@ -804,7 +814,7 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
 
     def work():
         rows = read_manifest(data_dir)
-        width = AutoConfig.from_pretrained(sentence_model).hidden_size
+        width = _from_pretrained(AutoConfig, sentence_model, "sentence model").hidden_size
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.float32, shape=(width,)), overwrite, report)
         names, texts = [], []
         for row in todo:
@@ -815,8 +825,8 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
                 report.fail(row["name"], e)
         if not texts:
             return
-        tokenizer = AutoTokenizer.from_pretrained(sentence_model)
-        model = AutoModel.from_pretrained(sentence_model).to(_device(device)).eval()
+        tokenizer = _from_pretrained(AutoTokenizer, sentence_model, "sentence model")
+        model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(_device(device)).eval()
         with tqdm(total=len(texts), desc=report.step, unit="utt", disable=not progress) as bar:
             # In slices, so that an interrupted run keeps what it finished.
             for start in range(0, len(texts), 16 * batch_size):

@@ -2,6 +2,7 @@
 
 One extraction is shared by the module (scope="module"); tests that change files work on a copy.
 """
+import io
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def extracted(tmp_path_factory):
     root = tmp_path_factory.mktemp("extraction")
     synthetic_iemocap.make_corpus(root / "IEMOCAP", seed=0, dialogues_per_session=2, utterances_per_dialogue=10)
     data_dir = root / "data"
-    rows = mocap_data_collect.collect(root / "IEMOCAP", data_dir, progress=False, out=open("/dev/null", "w"))
+    rows = mocap_data_collect.collect(root / "IEMOCAP", data_dir, progress=False, out=io.StringIO())
     # Some of the audio is enough to fit the tiny codebook; codes it never saw become <unk>.
     wavs = sorted((data_dir / "Audio").glob("*.wav"))[:30]
     models = make_tiny_models(root / "models", [r["transcript"] for r in rows], wavs, seed=0)
