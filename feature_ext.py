@@ -19,11 +19,15 @@ Each step runs on its own:
   python feature_ext.py {speech-tokens,text-tokens,sentence-embeddings} DATA_DIR MODELS_DIR
       [--sentence-model M] [--text-model M] [--device cpu|cuda]
 A rerun skips outputs that exist and are valid; a bad input is reported by name, the others go on.
+DATA_DIR/features.json records, per step, which pretrained files (path, size, sha256) made its
+outputs; a rerun with other files stops unless --overwrite recomputes them all, so outputs of two
+models never mix, and main.py copies the record into each run's config.json for predict.py.
 """
 import argparse
 import ast
 import collections
 import contextlib
+import json
 import math
 import pickle
 import sys
@@ -36,10 +40,10 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
+from transformers import AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
 
 from mocap_data_collect import CorpusError, read_manifest
-from utils import save_npy_atomic
+from utils import fingerprint, save_npy_atomic, write_text_atomic
 
 SAMPLE_RATE = 16000
 # Frames of the quantizer are computed in chunks so that the (codes x frames x groups x dim)
@@ -47,6 +51,7 @@ SAMPLE_RATE = 16000
 QUANTIZER_CHUNK_FRAMES = 128
 SENTENCE_BATCH_SIZE = 32
 STEPS = ("speech-tokens", "text-tokens", "sentence-embeddings")
+FEATURES_RECORD = "features.json"
 
 # ---------------------------------------------------------------------------------------------
 # Loading checkpoints without running code from them
@@ -703,6 +708,35 @@ def _from_pretrained(loader, name, role):
         raise OSError(f"{role} {name!r} (a local folder, or a hub name in the cache or online): {e}") from None
 
 
+def read_features_record(data_dir):
+    """DATA_DIR/features.json: {step: {role: fingerprint}}; empty when no step has recorded yet."""
+    path = Path(data_dir) / FEATURES_RECORD
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable record of the models used ({e}); delete it and rerun with --overwrite") from None
+
+
+def record_models(data_dir, step, out_dir, models, overwrite):
+    """Record in DATA_DIR/features.json which pretrained files this step's outputs come from.
+
+    Outputs of different models must not mix: when the record names other files than `models`
+    and outputs exist, stop, unless --overwrite is about to recompute them all.
+    """
+    record = read_features_record(data_dir)
+    current = {role: fingerprint(path) for role, path in models.items()}
+    old = record.get(step, {})
+    changed = [role for role in current if role in old and old[role]["sha256"] != current[role]["sha256"]]
+    if changed and not overwrite and any(Path(out_dir).glob("*.npy")):
+        details = "; ".join(f"{role}: {old[role]['path']} -> {current[role]['path']}" for role in changed)
+        raise ValueError(f"{out_dir} was computed with other pretrained files ({details}); "
+                         f"rerun with --overwrite to recompute it with the new ones")
+    record[step] = current
+    write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
+
+
 def _pending(rows, out_dir, is_valid, overwrite, report):
     todo = []
     for row in rows:
@@ -733,11 +767,12 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
 
     def work():
         rows = [row for row in read_manifest(data_dir) if row["label"]]
+        paths = {"vq_wav2vec": models_dir / "vq-wav2vec_kmeans.pt",
+                 "speech_dictionary": models_dir / "bert_kmeans" / "dict.txt"}
+        dictionary = load_speech_dictionary(paths["speech_dictionary"])
+        model = load_vq_wav2vec(paths["vq_wav2vec"]).to(_device(device))
+        record_models(data_dir, report.step, out_dir, paths, overwrite)
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)), overwrite, report)
-        if not todo:
-            return
-        dictionary = load_speech_dictionary(models_dir / "bert_kmeans" / "dict.txt")
-        model = load_vq_wav2vec(models_dir / "vq-wav2vec_kmeans.pt").to(_device(device))
         bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
         for row in bar:
             wav_path = data_dir / "Audio" / f"{row['name']}.wav"
@@ -768,10 +803,10 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
 
     def work():
         rows = read_manifest(data_dir)
-        todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32), overwrite, report)
-        if not todo:
-            return
+        # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
         tokenizer = _from_pretrained(AutoTokenizer, text_model, "text model")
+        record_models(data_dir, report.step, out_dir, {"text_tokenizer": text_model}, overwrite)
+        todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32), overwrite, report)
         bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
         for row in bar:
             try:
@@ -814,7 +849,11 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
 
     def work():
         rows = read_manifest(data_dir)
-        width = _from_pretrained(AutoConfig, sentence_model, "sentence model").hidden_size
+        # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
+        tokenizer = _from_pretrained(AutoTokenizer, sentence_model, "sentence model")
+        model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(_device(device)).eval()
+        record_models(data_dir, report.step, out_dir, {"sentence_model": sentence_model}, overwrite)
+        width = model.config.hidden_size
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.float32, shape=(width,)), overwrite, report)
         names, texts = [], []
         for row in todo:
@@ -825,8 +864,6 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
                 report.fail(row["name"], e)
         if not texts:
             return
-        tokenizer = _from_pretrained(AutoTokenizer, sentence_model, "sentence model")
-        model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(_device(device)).eval()
         with tqdm(total=len(texts), desc=report.step, unit="utt", disable=not progress) as bar:
             # In slices, so that an interrupted run keeps what it finished.
             for start in range(0, len(texts), 16 * batch_size):

@@ -4,6 +4,7 @@ A stage never leaves a half-written file behind: it writes beside the target und
 temporary name and renames it into place only once the write has succeeded.
 """
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -43,3 +44,47 @@ def write_text_atomic(path, text):
 def save_npy_atomic(path, array):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+
+
+def _sha256(path, chunk=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_model_path(name_or_path):
+    """A model's files on this machine: the path itself, or a hub name's snapshot in the local
+    transformers cache (never downloads). None when neither exists."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(name_or_path), local_files_only=True))
+    except Exception:  # not a hub name, or not in the cache: the caller says what it needed
+        return None
+
+
+MODEL_FILE_SUFFIXES = {".json", ".txt", ".model", ".safetensors"}
+
+
+def fingerprint(name_or_path):
+    """What identifies a pretrained file or model folder: {"path", "bytes", "sha256"}.
+
+    A folder's sha256 covers every file's relative name and content, so a changed tokenizer or
+    weight file changes it. A hub name is resolved through the local cache.
+    """
+    path = local_model_path(name_or_path)
+    if path is None:
+        raise FileNotFoundError(f"{name_or_path}: no such file or folder, and not a model in the local cache")
+    if path.is_file():
+        return {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    # Only the files a transformers load reads: a cache snapshot may gain other formats later.
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and (p.suffix in MODEL_FILE_SUFFIXES or p.name.startswith("pytorch_model")))
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.relative_to(path).as_posix()}\0{_sha256(p)}\n".encode())
+    return {"path": str(path), "bytes": sum(p.stat().st_size for p in files), "sha256": digest.hexdigest()}

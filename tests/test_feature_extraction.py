@@ -21,6 +21,7 @@ from concatenate_embds import context_vectors
 from feature_ext import (codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec,
                          resolve_model, sentence_embeddings)
 from tiny_models import make_tiny_bert, make_tiny_models
+from utils import fingerprint
 
 CONTEXTS = (1, 2, 3)
 
@@ -223,3 +224,19 @@ def test_tiny_tokenizers_are_the_same_for_the_same_texts(tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
     assert tokenizer.convert_ids_to_tokens(tokenizer("Hello THERE")["input_ids"]) == ["[CLS]", "hello", "there", "[SEP]"]
+
+
+def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp_path):
+    data_dir, models = _copy_data_dir(extracted, tmp_path), extracted["models"]
+    record = feature_ext.read_features_record(data_dir)
+    assert set(record) == set(feature_ext.STEPS)
+    assert record["speech-tokens"]["vq_wav2vec"]["path"] == str(Path(models["vq_wav2vec"]).resolve())
+    assert record["sentence-embeddings"]["sentence_model"]["sha256"] == fingerprint(models["sentence_model"])["sha256"]
+    # Another sentence model: the existing embeddings came from the old one, so nothing is
+    # skipped silently; --overwrite recomputes them all and the record follows.
+    other = make_tiny_bert(tmp_path / "other-bert", [r["transcript"] for r in extracted["rows"]], seed=1)
+    report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, progress=False)
+    assert not report.ok and "other pretrained files" in report.error and "--overwrite" in report.error
+    report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, overwrite=True, progress=False)
+    assert report.ok and report.written == len(extracted["rows"])
+    assert feature_ext.read_features_record(data_dir)["sentence-embeddings"]["sentence_model"]["path"] == str(Path(other).resolve())
