@@ -67,8 +67,8 @@ def _peak_memory(model, wav, device):
         model.codes(wav)
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20, time.perf_counter() - start
-    before = rss_mb()
     reset_peak_rss()
+    before = rss_mb()
     start = time.perf_counter()
     model.codes(wav)
     elapsed = time.perf_counter() - start

@@ -87,12 +87,23 @@ def rss_mb():
 
 def reset_peak_rss():
     """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM). -> False if impossible."""
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+def release_free_memory():
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so that the next peak-RSS window
+    starts from what is really in use rather than from what an earlier, larger job left cached."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_mb():

@@ -1,0 +1,94 @@
+"""Run every benchmark, print their tables and write benchmarks/results.json.
+
+    python benchmarks/run_all.py [--device cpu|cuda] [--out benchmarks/results.json] [--quick]
+
+Runs bench_vq.py (vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py
+(sentence-embedding and text-token throughput; peak memory of the extraction on 100 and 1000
+synthetic utterances) and bench_train.py (training MFU, the frozen-speech cache, data wait),
+about 10-15 minutes on 2 CPU cores. results.json holds the machine (CPU, cores, versions, date,
+load average before and after), each benchmark's raw figures, and the headline figures with
+their targets:
+  vq_limit_ratio            codes() audio s per wall s / (matmul peak / conv FLOPs per audio s)  >= 0.5
+  train_mfu_fp32_text_base  text branch at RoBERTa-base, fp32, the project's default batches    >= 0.3
+  cache_epoch_speedup       epoch time without / with the frozen-speech cache, original settings >= 1.5
+  data_wait_share           loader next() / (next() + train_step), the largest of all runs       < 0.05
+  extraction_peak_mb        peak RSS of the whole extraction, {"100": ..., "1000": ...}
+--quick runs every benchmark at a small size (a smoke run: its figures are not the targets').
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import REPO, load_average, machine_info, use_repo_modules
+
+TARGETS = {"vq_limit_ratio": (">=", 0.5), "train_mfu_fp32_text_base": (">=", 0.3),
+           "cache_epoch_speedup": (">=", 1.5), "data_wait_share": ("<", 0.05)}
+
+
+def run_all(device="cpu", quick=False):
+    use_repo_modules()
+    import bench_extraction
+    import bench_train
+    import bench_vq
+    machine = machine_info(device)
+    started = time.perf_counter()
+    seconds = {}
+
+    start = time.perf_counter()
+    vq = bench_vq.bench_vq(device, seconds=2.0 if quick else 10.0, repeat=1 if quick else 3,
+                           memory_seconds=(1.0, 2.0) if quick else (2.0, 10.0, 34.0))
+    seconds["vq"] = time.perf_counter() - start
+    bench_vq.print_vq(vq)
+
+    start = time.perf_counter()
+    extraction = bench_extraction.bench_extraction(device, sentences=16 if quick else 128,
+                                                   sizes=(100, 150) if quick else (100, 1000))
+    seconds["extraction"] = time.perf_counter() - start
+    bench_extraction.print_extraction(extraction)
+
+    start = time.perf_counter()
+    train = bench_train.bench_train(device, steps=1 if quick else 3, full_steps=1 if quick else 2, warmup=1,
+                                    text_sizes=("base",) if quick else ("base", "large"),
+                                    epoch_utterances=200 if quick else bench_train.EPOCH_UTTERANCES)
+    seconds["train"] = time.perf_counter() - start
+    bench_train.print_train(train)
+
+    machine["load_average_after"] = load_average()
+    machine["run_all_seconds"] = round(time.perf_counter() - started, 1)
+    headline = {
+        "vq_limit_ratio": vq["vq_limit_ratio"],
+        "train_mfu_fp32_text_base": train["train_mfu_fp32_text_base"],
+        "cache_epoch_speedup": train["cache_epoch_speedup"],
+        "data_wait_share": train["data_wait_share"],
+        "extraction_peak_mb": extraction["extraction_peak_mb"],
+    }
+    met = {}
+    for key, (op, target) in TARGETS.items():
+        met[key] = {"value": headline[key], "target": f"{op} {target}",
+                    "met": headline[key] >= target if op == ">=" else headline[key] < target}
+    return {**headline, "targets": met, "quick": quick, "machine": machine, "seconds": seconds,
+            "vq": vq, "extraction": extraction, "train": train}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts run, measures nothing")
+    args = parser.parse_args(argv)
+    results = run_all(args.device, args.quick)
+    use_repo_modules()
+    from utils import write_text_atomic
+    write_text_atomic(Path(args.out), json.dumps(results, indent=2, default=str) + "\n")
+    print("\ntargets")
+    for key, m in results["targets"].items():
+        print(f"  {key:<26} {m['value']:.3g}  (target {m['target']}: {'met' if m['met'] else 'MISSED'})")
+    print(f"  extraction_peak_mb         {results['extraction_peak_mb']}")
+    print(f"machine: {results['machine']}")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
