@@ -76,8 +76,9 @@ DEFAULTS = {
     "group_by_length": False,
 }
 # Demo: small enough for 2 CPU cores in a few minutes, on the synthetic corpus and tiny models.
-DEMO = {"context_window": 2, "max_text_tokens": 64, "max_audio_tokens": 160, "epochs": 8, "batch_size": 16,
-        "lr_encoders": 5e-4, "lr_head": 2e-3, "seed": 0}
+DEMO = {"context_window": 2, "max_text_tokens": 64, "max_audio_tokens": 310, "epochs": 15, "batch_size": 16,
+        "lr_encoders": 1e-3, "lr_head": 2e-3, "seed": 0}
+DEMO_CORPUS_SEED = 0
 # Settings that may differ when a run is resumed: they do not change the numbers.
 NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs")
 
@@ -488,8 +489,47 @@ def run(config, run_dir):
 # ------------------------------------------------------------------------------------------------
 # the demo
 
-def run_demo(run_dir, args):
-    raise NotImplementedError("the demo lands once the extraction stages exist")
+def run_demo(args, dialogues_per_session=4, utterances_per_dialogue=20):
+    """Every stage of the pipeline on the synthetic corpus, with tiny models, into RUN_DIR.
+
+    RUN_DIR/corpus (IEMOCAP-shaped), RUN_DIR/data (DATA_DIR), RUN_DIR/models (MODELS_DIR), then
+    the run's own outputs in RUN_DIR as for any run. Stages whose outputs exist are not redone,
+    so a rerun resumes like any run.
+    """
+    import concatenate_embds
+    import feature_ext
+    import mocap_data_collect
+    import synthetic_iemocap
+    import tiny_models
+
+    start = time.time()
+    run_dir = Path(args.run_dir or "demo_run")
+    corpus, data_dir, models_dir = run_dir / "corpus", run_dir / "data", run_dir / "models"
+    print(f"[1/5] synthetic IEMOCAP-shaped corpus -> {corpus}")
+    if not (corpus / synthetic_iemocap.TRUTH_FILE).is_file():
+        synthetic_iemocap.make_corpus(corpus, DEMO_CORPUS_SEED, dialogues_per_session, utterances_per_dialogue)
+    print(f"[2/5] manifest, transcripts and audio (mocap_data_collect) -> {data_dir}")
+    rows = mocap_data_collect.collect(corpus, data_dir, progress=False)
+    print(f"[3/5] tiny stand-ins for the pretrained models -> {models_dir}")
+    wanted = ("bert-base-uncased", "roberta-large", "vq-wav2vec_kmeans.pt", "bert_kmeans/bert_kmeans.pt")
+    if not all((models_dir / name).exists() for name in wanted):
+        wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
+        tiny_models.make_tiny_models(models_dir, [row["transcript"] for row in rows], wavs, seed=DEMO_CORPUS_SEED)
+    print("[4/5] features: speech tokens, text tokens, sentence embeddings (feature_ext), "
+          f"context vectors c={args.context_window} (concatenate_embds)")
+    reports = [feature_ext.run_step(step, data_dir, models_dir, progress=False) for step in feature_ext.STEPS]
+    reports += concatenate_embds.write_context_vectors(data_dir, [args.context_window], progress=False)
+    print(feature_ext.format_summary(reports))
+    if not all(report.ok for report in reports):
+        raise SystemExit("main.py: error: feature extraction failed for the demo corpus (see above)")
+    print("[5/5] training and evaluation")
+    args.data_dir, args.models_dir = str(data_dir), str(models_dir)
+    results = run(resolve_config(args), run_dir)
+    if results is not None:
+        s = results["summary"]
+        print(f"demo finished in {time.time() - start:.0f} s: test UA {s['ua_mean']:.3f}, WA {s['wa_mean']:.3f} "
+              f"(chance UA 0.25); everything is in {run_dir}")
+    return results
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,13 +586,21 @@ def build_parser():
     return p
 
 
+def parse_args(argv=None, parser=None):
+    parser = parser or build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if "--demo" in argv:  # the demo's own defaults; options given still override them
+        parser.set_defaults(**DEMO)
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv, parser)
     if args.demo:
         if args.data_dir or args.models_dir:
             parser.error("--demo takes only RUN_DIR: it makes its own data and models")
-        return run_demo(args.run_dir or "demo_run", args)
+        return run_demo(args)
     if not (args.run_dir and args.data_dir and args.models_dir):
         parser.error("RUN_DIR, DATA_DIR and MODELS_DIR are required (or --demo)")
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):

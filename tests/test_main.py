@@ -165,3 +165,19 @@ def test_torchrun_two_processes_gather_every_test_utterance(tmp_path, data_dir, 
     with open(tmp_path / "run" / "fold1" / "predictions.csv") as f:
         assert len({row["name"] for row in csv.DictReader(f)}) == 20
     assert "x 2 processes" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_reduced_demo_runs_every_stage_and_learns(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    args = main.parse_args(["--demo", run_dir, "--epochs", "10", "--batch-size", "8"])
+    results = main.run_demo(args, dialogues_per_session=2, utterances_per_dialogue=20)
+    out = capsys.readouterr().out
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "| pooled |", "demo finished"):
+        assert stage in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data_dir"] == str((run_dir / "data").resolve()) and config["context_window"] == 2
+    for name in ("utterances.csv", "vqw2vTokens", "GPT2Tokens", "BertEmb", "FullBertEmb2"):
+        assert (run_dir / "data" / name).exists()
+    assert (run_dir / "models" / "bert_kmeans" / "bert_kmeans.pt").is_file()
+    assert results["folds"][0]["test_sessions"] == [5]
+    assert results["summary"]["ua_mean"] > 0.4  # chance is 0.25
