@@ -503,6 +503,9 @@ def run_demo(args, dialogues_per_session=4, utterances_per_dialogue=20):
     import tiny_models
 
     start = time.time()
+    # The demo's models are tiny: one thread is as fast as two, while two threads per process
+    # contending with other work on a shared 2-core machine ran 10-20x slower (measured).
+    torch.set_num_threads(1)
     run_dir = Path(args.run_dir or "demo_run")
     corpus, data_dir, models_dir = run_dir / "corpus", run_dir / "data", run_dir / "models"
     print(f"[1/5] synthetic IEMOCAP-shaped corpus -> {corpus}")

@@ -17,6 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = ["1", "32", "64", "--epochs", "3", "--batch-size", "8", "--fusion-hidden", "32",
          "--lr-encoders", "1e-3", "--lr-head", "3e-3"]
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and do not slow to a crawl when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 def run_main(run_dir, data_dir, models_dir, *extra):
     return main.main([str(run_dir), str(data_dir), str(models_dir), *SMALL, *extra])
