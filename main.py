@@ -300,7 +300,6 @@ def train_fold(config, fold, utterances, run_dir, env):
     log.info(f"fold {fold['fold']} ({fold_title(fold)}): train {len(fold['train'])}, "
              f"validation {len(fold['val'])}, test {len(fold['test'])} utterances")
 
-    epochs_run = 0
     for epoch in range(state["epoch"], config["epochs"]):
         start = time.time()
         loader.batch_sampler.set_epoch(epoch)
@@ -342,8 +341,8 @@ def train_fold(config, fold, utterances, run_dir, env):
         log.info(f"{desc}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  val WA {val['wa']:.4f}  "
                  f"UA {val['ua']:.4f}{' *' if improved else ''}  lr {lr:.2e}  {seconds:.1f}s "
                  f"({len(fold['train']) / seconds:.1f} utt/s){note}")
-        epochs_run += 1
-        if config["stop_after_epochs"] and epochs_run >= config["stop_after_epochs"] and epoch + 1 < config["epochs"]:
+        env["epochs_run"] = env.get("epochs_run", 0) + 1
+        if config["stop_after_epochs"] and env["epochs_run"] >= config["stop_after_epochs"]:
             raise RunPaused(f"stopped after epoch {epoch + 1} of fold {fold['fold']} (--stop-after-epochs); "
                             f"run the same command again to resume")
 
@@ -463,7 +462,10 @@ def run(config, run_dir):
     setup_logging(run_dir, rank)
     env = {"rank": rank, "world_size": world, "device": device,
            "amp_dtype": torch.bfloat16 if config["precision"] == "bf16" else None}
-    utterances = load_run_data(config)
+    try:
+        utterances = load_run_data(config)
+    except (FileNotFoundError, ValueError) as error:  # bad or missing input files, named in the message
+        raise SystemExit(f"main.py: error: {error}") from None
     resuming = check_resumable(run_dir, config)
     if rank == 0:
         write_config(run_dir, config)
