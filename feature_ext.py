@@ -46,9 +46,6 @@ from mocap_data_collect import CorpusError, read_manifest
 from utils import fingerprint, save_npy_atomic, write_text_atomic
 
 SAMPLE_RATE = 16000
-# Frames of the quantizer are computed in chunks so that the (codes x frames x groups x dim)
-# difference tensor of a 34 s utterance stays around 100 MB for the real 512-wide model.
-QUANTIZER_CHUNK_FRAMES = 128
 SENTENCE_BATCH_SIZE = 32
 STEPS = ("speech-tokens", "text-tokens", "sentence-embeddings")
 FEATURES_RECORD = "features.json"
@@ -270,21 +267,21 @@ class KMeansVectorQuantizer(nn.Module):
         batch, _, frames = z.shape
         return self.projection(z).view(batch, self.groups, self.var_dim, frames).permute(0, 3, 1, 2)
 
-    def nearest(self, ze, chunk_frames=QUANTIZER_CHUNK_FRAMES):
+    def nearest(self, ze):
         """(batch, frames, groups, var_dim) -> (batch, frames, groups) index of the nearest codeword."""
-        codebook = self.embedding.expand(self.num_vars, self.groups, self.var_dim)
-        idx = []
-        for start in range(0, ze.shape[1], chunk_frames):
-            part = ze[:, start:start + chunk_frames]
-            # As fairseq: the norm of the difference, not |a|^2 - 2ab + |b|^2, whose rounding
-            # flips near ties.
-            distances = (part.unsqueeze(0) - codebook[:, None, None]).norm(dim=-1, p=2)
-            idx.append(distances.argmin(dim=0))
-        return torch.cat(idx, dim=1)
+        batch, frames, groups, dim = ze.shape
+        codebook = self.embedding.expand(self.num_vars, groups, dim)
+        # As fairseq: the norm of the difference, not |a|^2 - 2ab + |b|^2 (cdist's matmul form),
+        # whose rounding flips near ties. cdist's direct form computes it without materialising
+        # the (codes x frames x dim) differences, so memory stays flat for long utterances.
+        idx = [torch.cdist(ze[:, :, g].reshape(batch * frames, dim), codebook[:, g].contiguous(),
+                           compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1).view(batch, frames)
+               for g in range(groups)]
+        return torch.stack(idx, dim=-1)
 
-    def forward_idx(self, z, chunk_frames=QUANTIZER_CHUNK_FRAMES):
+    def forward_idx(self, z):
         """(batch, dim, frames) features -> (batch, frames, groups) code indices."""
-        return self.nearest(self.project(z), chunk_frames)
+        return self.nearest(self.project(z))
 
 
 @contextlib.contextmanager
@@ -300,6 +297,20 @@ def _full_fp32_precision():
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+@contextlib.contextmanager
+def _plain_cpu_convolutions(device):
+    """oneDNN compiles (and keeps, up to 1024) a convolution for every new input length: over a
+    corpus of utterances of every length, tokenization then spends most of its time compiling and
+    its memory grows with the number of utterances (measured at the real size: 100 utterances of
+    different lengths took 44 s and +1.6 GB with oneDNN, 12 s and +85 MB without)."""
+    if device.type != "cpu":
+        yield
+        return
+    mkldnn = torch.backends.mkldnn
+    with mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32):
+        yield
 
 
 class VqWav2Vec(nn.Module):
@@ -342,7 +353,7 @@ class VqWav2Vec(nn.Module):
             return self.feature_extractor(wav)[0]
 
     @torch.inference_mode()
-    def codes(self, wav, chunk_frames=QUANTIZER_CHUNK_FRAMES):
+    def codes(self, wav):
         """1-D float32 16 kHz waveform -> (frames, groups) int64 code indices on the CPU.
 
         One utterance at a time: the first layer's norm spans the clip, so padding would change
@@ -351,9 +362,11 @@ class VqWav2Vec(nn.Module):
         wav = self._as_batch(wav)
         if wav.shape[1] < self.min_samples:
             return torch.zeros((0, self.vector_quantizer.groups), dtype=torch.int64)
-        with _full_fp32_precision():
+        # oneDNN keeps a compiled conv per distinct input length (up to 1024 of them), so over a
+        # corpus of utterances of every length the CPU memory would grow with the corpus size.
+        with _full_fp32_precision(), _plain_cpu_convolutions(wav.device):
             z = self.feature_extractor(wav)
-            return self.vector_quantizer.forward_idx(z, chunk_frames)[0].cpu()
+            return self.vector_quantizer.forward_idx(z)[0].cpu()
 
 
 def codes_to_string(codes):

@@ -51,8 +51,7 @@ def test_vq_wav2vec_codes_equal_fairseq(checkpoint, vq_reference):
         expected = vq_reference[checkpoint][case]
         z = model.features(expected["wav"])
         assert (z - expected["z"]).abs().max() < 1e-5, case
-        # A small chunk size exercises the chunked distance computation across chunk borders.
-        codes = model.codes(expected["wav"].numpy(), chunk_frames=7)
+        codes = model.codes(expected["wav"].numpy())
         assert codes.dtype == torch.int64
         assert torch.equal(codes, expected["idx"]), case
         assert codes_to_string(codes) == expected["string"], case
