@@ -43,7 +43,7 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
 
 from mocap_data_collect import CorpusError, read_manifest
-from utils import fingerprint, save_npy_atomic, write_text_atomic
+from utils import TOKENIZER_FILES, fingerprint, save_npy_atomic, write_text_atomic
 
 SAMPLE_RATE = 16000
 SENTENCE_BATCH_SIZE = 32
@@ -732,14 +732,14 @@ def read_features_record(data_dir):
         raise ValueError(f"{path}: unreadable record of the models used ({e}); delete it and rerun with --overwrite") from None
 
 
-def record_models(data_dir, step, out_dir, models, overwrite):
-    """Record in DATA_DIR/features.json which pretrained files this step's outputs come from.
+def record_models(data_dir, step, out_dir, current, overwrite):
+    """Record in DATA_DIR/features.json which pretrained files this step's outputs come from
+    (current: {role: utils.fingerprint(...)}).
 
     Outputs of different models must not mix: when the record names other files than `models`
     and outputs exist, stop, unless --overwrite is about to recompute them all.
     """
     record = read_features_record(data_dir)
-    current = {role: fingerprint(path) for role, path in models.items()}
     old = record.get(step, {})
     changed = [role for role in current if role in old and old[role]["sha256"] != current[role]["sha256"]]
     if changed and not overwrite and any(Path(out_dir).glob("*.npy")):
@@ -784,7 +784,7 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
                  "speech_dictionary": models_dir / "bert_kmeans" / "dict.txt"}
         dictionary = load_speech_dictionary(paths["speech_dictionary"])
         model = load_vq_wav2vec(paths["vq_wav2vec"]).to(_device(device))
-        record_models(data_dir, report.step, out_dir, paths, overwrite)
+        record_models(data_dir, report.step, out_dir, {role: fingerprint(p) for role, p in paths.items()}, overwrite)
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)), overwrite, report)
         bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
         for row in bar:
@@ -818,7 +818,8 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
         rows = read_manifest(data_dir)
         # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
         tokenizer = _from_pretrained(AutoTokenizer, text_model, "text model")
-        record_models(data_dir, report.step, out_dir, {"text_tokenizer": text_model}, overwrite)
+        record_models(data_dir, report.step, out_dir, {"text_tokenizer": fingerprint(text_model, TOKENIZER_FILES)},
+                      overwrite)
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32), overwrite, report)
         bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
         for row in bar:
@@ -865,7 +866,7 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
         # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
         tokenizer = _from_pretrained(AutoTokenizer, sentence_model, "sentence model")
         model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(_device(device)).eval()
-        record_models(data_dir, report.step, out_dir, {"sentence_model": sentence_model}, overwrite)
+        record_models(data_dir, report.step, out_dir, {"sentence_model": fingerprint(sentence_model)}, overwrite)
         width = model.config.hidden_size
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.float32, shape=(width,)), overwrite, report)
         names, texts = [], []

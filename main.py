@@ -41,11 +41,12 @@ import torch.distributed as dist
 from sklearn.model_selection import train_test_split
 
 import dataset_loader
+import feature_ext
 import model_structure
 import train_function
 import validation_function
 from mocap_data_collect import CLASSES
-from utils import atomic_path, write_text_atomic
+from utils import WEIGHT_FILES, atomic_path, fingerprint, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
 CONTEXT_WINDOW = 3  # sentences before and after: FullBertEmb3
@@ -116,6 +117,7 @@ def resolve_config(args):
     return {
         "data_dir": str(data_dir), "models_dir": str(models_dir),
         "text_model": str(text_model), "speech_model": str(speech_model),
+        "pretrained": pretrained_files(data_dir, branches, text_model, speech_model),
         "classes": list(CLASSES), "branches": branches,
         "context_window": args.context_window, "max_text_tokens": args.max_text_tokens,
         "max_audio_tokens": args.max_audio_tokens,
@@ -131,6 +133,26 @@ def resolve_config(args):
         "world_size": int(os.environ.get("WORLD_SIZE", 1)), "stop_after_epochs": args.stop_after_epochs,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+
+
+def pretrained_files(data_dir, branches, text_model, speech_model):
+    """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
+    the encoders the model loads, and the extractors that made its features (as
+    DATA_DIR/features.json recorded them). predict.py checks them all before it predicts."""
+    record = feature_ext.read_features_record(data_dir)
+    extractors = {"text": ("text-tokens",), "speech": ("speech-tokens",), "context": ("sentence-embeddings",)}
+    pretrained = {}
+    for branch in branches:
+        for step in extractors[branch]:
+            if step not in record:
+                log.warning(f"{data_dir / feature_ext.FEATURES_RECORD} does not say which models made the {step} "
+                            f"features; predict.py will not be able to check them")
+            pretrained.update(record.get(step, {}))
+    if "text" in branches:
+        pretrained["text_model"] = fingerprint(text_model, WEIGHT_FILES)
+    if "speech" in branches:
+        pretrained["speech_model"] = fingerprint(speech_model)
+    return pretrained
 
 
 def describe_val_split(val_split, val_fraction):

@@ -54,37 +54,41 @@ def _sha256(path, chunk=1 << 22):
     return digest.hexdigest()
 
 
-def local_model_path(name_or_path):
-    """A model's files on this machine: the path itself, or a hub name's snapshot in the local
-    transformers cache (never downloads). None when neither exists."""
+# The files of a transformers model folder that decide what it computes, by role. Top level only:
+# a hub snapshot may also hold ONNX or Core ML exports, and gains files as they are downloaded.
+TOKENIZER_FILES = ("tokenizer*.json", "vocab*", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "*.model")
+WEIGHT_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin")
+
+
+def local_model_path(name_or_path, patterns=TOKENIZER_FILES + WEIGHT_FILES):
+    """A model's files on this machine: the path itself, or a hub name's snapshot in transformers'
+    cache, its `patterns` fetched if they are not there yet (as from_pretrained would)."""
     path = Path(name_or_path)
     if path.exists():
         return path.resolve()
+    from huggingface_hub import snapshot_download
     try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(name_or_path), local_files_only=True))
-    except Exception:  # not a hub name, or not in the cache: the caller says what it needed
-        return None
+        # safetensors where the hub has them: never both copies of the weights.
+        wanted = [p for p in patterns if not p.startswith("pytorch_model")]
+        return Path(snapshot_download(str(name_or_path), allow_patterns=wanted, ignore_patterns=["*/*"]))
+    except Exception as e:  # offline, unknown name, ...: the caller names what it needed
+        raise FileNotFoundError(f"{name_or_path}: no such file or folder, and not a model that could be "
+                                f"found in transformers' cache or on the hub ({type(e).__name__})") from None
 
 
-MODEL_FILE_SUFFIXES = {".json", ".txt", ".model", ".safetensors"}
-
-
-def fingerprint(name_or_path):
-    """What identifies a pretrained file or model folder: {"path", "bytes", "sha256"}.
-
-    A folder's sha256 covers every file's relative name and content, so a changed tokenizer or
-    weight file changes it. A hub name is resolved through the local cache.
-    """
-    path = local_model_path(name_or_path)
-    if path is None:
-        raise FileNotFoundError(f"{name_or_path}: no such file or folder, and not a model in the local cache")
+def fingerprint(name_or_path, patterns=TOKENIZER_FILES + WEIGHT_FILES):
+    """What identifies a pretrained file, or the `patterns` files of a model folder or hub name:
+    {"path", "bytes", "sha256"} (and "files": the patterns, for a folder). A folder's sha256 covers
+    each file's name and content; fingerprint(path, files) again tells whether it changed."""
+    path = local_model_path(name_or_path, patterns)
     if path.is_file():
         return {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
-    # Only the files a transformers load reads: a cache snapshot may gain other formats later.
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and (p.suffix in MODEL_FILE_SUFFIXES or p.name.startswith("pytorch_model")))
+    files = sorted({p for pattern in patterns for p in path.glob(pattern) if p.is_file()})
+    if not files:
+        raise FileNotFoundError(f"{path}: none of the model files {', '.join(patterns)}")
     digest = hashlib.sha256()
     for p in files:
-        digest.update(f"{p.relative_to(path).as_posix()}\0{_sha256(p)}\n".encode())
-    return {"path": str(path), "bytes": sum(p.stat().st_size for p in files), "sha256": digest.hexdigest()}
+        digest.update(f"{p.name}\0{_sha256(p)}\n".encode())
+    return {"path": str(path), "files": list(patterns), "bytes": sum(p.stat().st_size for p in files),
+            "sha256": digest.hexdigest()}
