@@ -26,15 +26,6 @@ from utils import fingerprint
 CONTEXTS = (1, 2, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # These models are tiny; on a busy shared CPU, torch's spinning worker threads make them
-    # ten times slower, not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
@@ -48,7 +39,7 @@ def extracted(tmp_path_factory):
     models = make_tiny_models(root / "models", [r["transcript"] for r in rows], wavs, seed=0)
     reports = feature_extraction_main.extract_features(data_dir, root / "models", progress=False)
     return {"root": root, "data_dir": data_dir, "models_dir": root / "models", "models": models,
-            "rows": rows, "reports": reports}
+            "rows": rows, "wavs": wavs, "reports": reports}
 
 
 def _copy_data_dir(extracted, tmp_path):
@@ -224,6 +215,32 @@ def test_tiny_tokenizers_are_the_same_for_the_same_texts(tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
     assert tokenizer.convert_ids_to_tokens(tokenizer("Hello THERE")["input_ids"]) == ["[CLS]", "hello", "there", "[SEP]"]
+
+
+def test_tiny_models_are_the_same_files_for_the_same_corpus_and_seed(extracted, tmp_path):
+    make_tiny_models(tmp_path / "models", [r["transcript"] for r in extracted["rows"]], extracted["wavs"], seed=0)
+    first, again = extracted["models_dir"], tmp_path / "models"
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for name in files:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_tiny_encoders_give_vectors_standardized_over_their_corpus(extracted):
+    # Random small weights alone give vectors that hardly differ from one utterance to the next,
+    # too little for a new layer to learn from in a demo's few epochs.
+    data_dir, models = extracted["data_dir"], extracted["models"]
+    sentence = np.stack([np.load(data_dir / "BertEmb" / f"{r['name']}.npy") for r in extracted["rows"]])
+    np.testing.assert_allclose(sentence.mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(sentence.std(0, ddof=1), 1, rtol=1e-3)
+    # The speech RoBERTa's <s> vector, as the speech branch takes it, over the audio it was made from.
+    speech_roberta = load_fairseq_roberta(models["speech_roberta"])
+    with torch.no_grad():
+        speech = np.stack([speech_roberta(torch.from_numpy(np.load(data_dir / "vqw2vTokens" / f"{wav.stem}.npy"))
+                                          .long()[None]).last_hidden_state[0, 0].numpy()
+                           for wav in extracted["wavs"]])
+    np.testing.assert_allclose(speech.mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(speech.std(0, ddof=1), 1, rtol=1e-3)
 
 
 def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp_path):
