@@ -19,15 +19,6 @@ CASES = ["noise_2.3s", "voiced_1.7s", "minimum_465", "silence_0.5s", "loud_1.0s"
 ROBERTA_LAYOUTS = ["bert_kmeans", "bert_kmeans_inproj"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # These models are tiny; on a busy shared CPU, torch's spinning worker threads make them
-    # ten times slower, not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def vq_reference():

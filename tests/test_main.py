@@ -17,14 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = ["1", "32", "64", "--epochs", "3", "--batch-size", "8", "--fusion-hidden", "32",
          "--lr-encoders", "1e-3", "--lr-head", "3e-3"]
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and do not slow to a crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run_main(run_dir, data_dir, models_dir, *extra):
     return main.main([str(run_dir), str(data_dir), str(models_dir), *SMALL, *extra])
@@ -175,11 +167,8 @@ def test_torchrun_two_processes_gather_every_test_utterance(tmp_path, data_dir, 
     assert "x 2 processes" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_reduced_demo_runs_every_stage_and_learns(tmp_path, capsys):
-    run_dir = tmp_path / "demo"
-    args = main.parse_args(["--demo", run_dir, "--epochs", "10", "--batch-size", "8"])
-    results = main.run_demo(args, dialogues_per_session=2, utterances_per_dialogue=20)
-    out = capsys.readouterr().out
+def test_reduced_demo_runs_every_stage_and_learns(reduced_demo):
+    run_dir, results, out = reduced_demo
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "| pooled |", "demo finished"):
         assert stage in out
     config = json.loads((run_dir / "config.json").read_text())

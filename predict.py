@@ -1,0 +1,318 @@
+"""Predict the emotion of new recordings with a trained run.
+
+    python predict.py RUN_DIR --wav FILE --text "..." [--output OUT.csv] [--fold K]
+    python predict.py RUN_DIR --list FILE.csv [--output OUT.csv] [--fold K] [--device cpu|cuda]
+
+Reads RUN_DIR/config.json (every setting inference repeats, and the pretrained files the run was
+trained with, by path and sha256) and RUN_DIR/fold{k}/best.pt; writes nothing into RUN_DIR. A
+recorded pretrained file that is missing or has changed stops the run: a model applied to features
+of another extractor gives confident nonsense.
+
+Audio in any rate and channel count that soundfile reads (wav, flac, ogg) becomes 16 kHz mono
+(scipy's polyphase resampler), and the tool says so. A list is a CSV with the columns `wav` and
+`text` and optionally `dialog` (wav paths relative to the CSV's folder). Its rows are taken as
+conversations: the rows of one dialogue, in the order given, are each other's context exactly as
+in training; a row without a dialogue is a conversation of its own (zeros around it). A row with
+text but no wav gives context and no prediction, so a whole dialogue, its unlabelled utterances
+included, can be given in order. Branches the run was trained without are not computed (a
+speech-only run needs no text).
+
+Output per utterance: the predicted emotion and its four probabilities, as a table on screen and,
+with --output, as CSV (the input's columns, then prediction, p_ang, p_hap, p_sad, p_neu). A
+cross-validation run predicts with the mean of all folds' probabilities, or with one fold's model
+(--fold K).
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from scipy.signal import resample_poly
+
+import model_structure
+from concatenate_embds import context_vectors
+from dataset_loader import truncate_tokens
+from feature_ext import (SAMPLE_RATE, codes_to_string, load_speech_dictionary, load_vq_wav2vec,
+                         sentence_embeddings)
+from utils import fingerprint, write_text_atomic
+from validation_function import predict
+
+SILENCE_PEAK = 1e-3  # a peak below -60 dBFS is no speech to classify
+# The pretrained files each branch needs at inference: the encoder the run fine-tuned or froze,
+# and the extractors that made its features.
+PRETRAINED_OF_BRANCH = {
+    "text": ("text_model", "text_tokenizer"),
+    "speech": ("speech_model", "vq_wav2vec", "speech_dictionary"),
+    "context": ("sentence_model",),
+}
+
+
+class PredictError(Exception):
+    """A problem with the run or the input that stops prediction; the message says which file."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the trained run
+
+def load_run(run_dir, fold=None):
+    """-> (config, [checkpoint paths]): all folds' best models, or fold `fold`'s."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise PredictError(f"{path}: not found; RUN_DIR must be a folder that main.py trained")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    checkpoints = {int(p.parent.name[4:]): p for p in run_dir.glob("fold*/best.pt") if p.parent.name[4:].isdigit()}
+    if not checkpoints:
+        raise PredictError(f"{run_dir}: no fold*/best.pt; has the run finished a fold?")
+    if fold is not None:
+        if fold not in checkpoints:
+            raise PredictError(f"{run_dir}: no fold{fold}/best.pt (folds: {', '.join(map(str, sorted(checkpoints)))})")
+        return config, [checkpoints[fold]]
+    if not (run_dir / "results.json").is_file():
+        raise PredictError(f"{run_dir}: the run has not finished every fold (no results.json); "
+                           f"finish it, or pick a finished fold with --fold")
+    return config, [checkpoints[k] for k in sorted(checkpoints)]
+
+
+def check_pretrained(config):
+    """Every pretrained file the run's branches need must be where it was, with the same content."""
+    recorded = config.get("pretrained")
+    if not recorded:
+        raise PredictError("config.json records no pretrained files (a run from an older version); "
+                           "retrain it to predict with it")
+    problems = []
+    for role in [r for b in config["branches"] for r in PRETRAINED_OF_BRANCH[b]]:
+        if role not in recorded:
+            problems.append(f"{role}: not recorded (was its feature folder made before features.json existed?)")
+            continue
+        path = recorded[role]["path"]
+        try:
+            now = fingerprint(path, *([recorded[role]["files"]] if "files" in recorded[role] else []))
+        except FileNotFoundError:
+            problems.append(f"{role}: {path} is missing")
+            continue
+        if now["sha256"] != recorded[role]["sha256"]:
+            problems.append(f"{role}: {path} has changed since training (sha256 {recorded[role]['sha256'][:12]}... "
+                            f"then, {now['sha256'][:12]}... now)")
+    if problems:
+        raise PredictError("the run's pretrained files are not the ones it was trained with:\n  " + "\n  ".join(problems))
+    return {role: entry["path"] for role, entry in recorded.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+def read_audio(path):
+    """Any soundfile-readable audio -> (16 kHz mono float32, a note saying what was converted)."""
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, sf.LibsndfileError) as e:
+        raise PredictError(f"{path}: unreadable audio ({e})") from None
+    changes = []
+    if samples.shape[1] > 1:
+        changes.append(f"mixed {samples.shape[1]} channels to mono")
+    wav = samples.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        g = math.gcd(rate, SAMPLE_RATE)
+        wav = resample_poly(wav, SAMPLE_RATE // g, rate // g).astype(np.float32)
+        changes.append(f"resampled {rate} Hz to {SAMPLE_RATE} Hz")
+    return wav, (f"{path}: " + ", ".join(changes)) if changes else ""
+
+
+def read_requests(list_path):
+    """The rows of a list CSV as dicts (columns as given); `wav` paths resolved against its folder."""
+    list_path = Path(list_path)
+    try:
+        with open(list_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise PredictError(f"{list_path}: unreadable list ({e})") from None
+    missing = {"wav", "text"} - set(columns)
+    if missing:
+        raise PredictError(f"{list_path}: needs the columns wav and text (dialog optional); "
+                           f"missing {', '.join(sorted(missing))}, found {', '.join(columns) or 'none'}")
+    for row in rows:
+        wav = (row.get("wav") or "").strip()
+        row["_wav_path"] = (list_path.parent / wav) if wav and not Path(wav).is_absolute() else (Path(wav) if wav else None)
+    return rows, columns
+
+
+def conversations(rows):
+    """Row indices grouped into conversations: one per dialogue (in the order given), or alone."""
+    groups = {}
+    for i, row in enumerate(rows):
+        dialog = (row.get("dialog") or "").strip()
+        groups.setdefault(dialog or ("", i), []).append(i)
+    return list(groups.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# features, in memory, the way the extraction stage made them
+
+def load_extractors(config, paths, device):
+    """The pretrained parts that turn a recording and its text into the run's features."""
+    from transformers import AutoModel, AutoTokenizer
+    branches, extractors = config["branches"], {}
+    if "text" in branches:
+        extractors["text_tokenizer"] = AutoTokenizer.from_pretrained(paths["text_tokenizer"])
+    if "speech" in branches:
+        extractors["vq_wav2vec"] = load_vq_wav2vec(paths["vq_wav2vec"]).to(device)
+        extractors["speech_dictionary"] = load_speech_dictionary(paths["speech_dictionary"])
+    if "context" in branches:
+        extractors["sentence_tokenizer"] = AutoTokenizer.from_pretrained(paths["sentence_model"])
+        extractors["sentence_model"] = AutoModel.from_pretrained(paths["sentence_model"]).to(device).eval()
+    return extractors
+
+
+def featurize(rows, config, extractors, notes):
+    """-> utterance dicts (as dataset_loader makes them) for the rows that can be predicted.
+
+    A row that cannot be predicted gets a message in `notes[row index]` instead.
+    """
+    branches = config["branches"]
+    needs_text = "text" in branches or "context" in branches
+    texts = [(row.get("text") or "").strip() for row in rows]
+    usable = []
+    for i, row in enumerate(rows):
+        if row["_wav_path"] is None:
+            continue  # context only
+        if needs_text and not texts[i]:
+            notes[i] = "no text: the run's text/context branch needs the transcript"
+        else:
+            usable.append(i)
+
+    contexts = {}
+    if "context" in branches:
+        c = config["context_window"]
+        for group in conversations(rows):
+            group = [i for i in group if texts[i]]  # an utterance without text is no context either
+            if not group:
+                continue
+            embeddings = sentence_embeddings([texts[i] for i in group], extractors["sentence_tokenizer"],
+                                             extractors["sentence_model"])
+            for i, vector in zip(group, context_vectors(embeddings, c)):
+                contexts[i] = torch.from_numpy(vector.reshape(2 * c + 1, -1))
+
+    items = []
+    for i in usable:
+        item = {"index": i, "name": str(i), "label": 0}
+        if "speech" in branches:
+            try:
+                wav, note = read_audio(rows[i]["_wav_path"])
+            except PredictError as e:
+                notes[i] = str(e)
+                continue
+            if note:
+                print(note, file=sys.stderr)
+            quantizer = extractors["vq_wav2vec"]
+            if len(wav) < quantizer.min_samples:
+                notes[i] = (f"{rows[i]['_wav_path']}: too short for one vq-wav2vec frame "
+                            f"({len(wav)} samples at 16 kHz, at least {quantizer.min_samples} needed)")
+                continue
+            if np.abs(wav).max() < SILENCE_PEAK:
+                notes[i] = f"{rows[i]['_wav_path']}: silent (peak below -60 dBFS), nothing to classify"
+                continue
+            ids = extractors["speech_dictionary"].encode_line(codes_to_string(quantizer.codes(wav))).numpy()
+            item["speech_ids"] = torch.from_numpy(truncate_tokens(ids, config["max_audio_tokens"]).astype(np.int64))
+        if "text" in branches:
+            ids = np.asarray(extractors["text_tokenizer"](texts[i])["input_ids"])
+            item["text_ids"] = torch.from_numpy(truncate_tokens(ids, config["max_text_tokens"]).astype(np.int64))
+        if "context" in branches:
+            item["context"] = contexts[i]
+        items.append(item)
+    return items
+
+
+# ------------------------------------------------------------------------------------------------
+# prediction
+
+def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16):
+    """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes)."""
+    config, checkpoints = load_run(run_dir, fold)
+    paths = check_pretrained(config)
+    device = torch.device(device)
+    notes = {}
+    extractors = load_extractors(config, paths, device)
+    items = featurize(rows, config, extractors, notes)
+    classes = config["classes"]
+    probs = np.full((len(rows), len(classes)), np.nan)
+    if items:
+        model = model_structure.build_model(config)
+        fold_probs = []
+        for path in checkpoints:
+            model.load_trained_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+            model.to(device).eval()
+            fold_probs.append(predict(model, items, batch_size, device)["probs"])
+        probs[[item["index"] for item in items]] = np.mean(fold_probs, axis=0)
+    return probs, notes, classes
+
+
+def results_table(rows, probs, notes, classes):
+    """The predictions as a plain-text table, one line per input row."""
+    header = f"{'#':>3}  {'dialog':<14}{'text':<34}{'prediction':<11}" + "".join(f"{'p_' + c:>7}" for c in classes)
+    lines = [header]
+    for i, row in enumerate(rows):
+        text = (row.get("text") or "").strip()
+        text = text if len(text) <= 32 else text[:31] + "…"
+        start = f"{i:>3}  {(row.get('dialog') or '')[:13]:<14}{text:<34}"
+        if not np.isnan(probs[i, 0]):
+            lines.append(start + f"{classes[int(np.argmax(probs[i]))]:<11}" + "".join(f"{p:>7.3f}" for p in probs[i]))
+        else:
+            lines.append(start + ("-" if row["_wav_path"] is None else f"none: {notes.get(i, '')}"))
+    return "\n".join(lines)
+
+
+def write_output(path, rows, columns, probs, classes):
+    """The input's columns, then prediction and one probability per class (empty where none)."""
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns + ["prediction"] + [f"p_{c}" for c in classes])
+    for row, p in zip(rows, probs):
+        made = not np.isnan(p[0])
+        writer.writerow([row.get(c, "") for c in columns] +
+                        ([classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p] if made else [""] * (1 + len(classes))))
+    write_text_atomic(path, buffer.getvalue())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a RUN_DIR trained by main.py")
+    parser.add_argument("--wav", help="one recording (any rate and channels soundfile reads)")
+    parser.add_argument("--text", help="its transcript (needed unless the run is speech-only)")
+    parser.add_argument("--list", help="a CSV with columns wav, text and optionally dialog")
+    parser.add_argument("--output", help="write the predictions to this CSV")
+    parser.add_argument("--fold", type=int, help="predict with this fold's model (default: mean of all folds)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args(argv)
+    if bool(args.list) == bool(args.wav or args.text):
+        parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
+    if args.list:
+        rows, columns = [], []
+    else:
+        if not args.wav:
+            parser.error("--text needs --wav: a prediction is of a recording")
+        rows, columns = [{"wav": args.wav, "text": args.text or "", "_wav_path": Path(args.wav)}], ["wav", "text"]
+    try:
+        if args.list:
+            rows, columns = read_requests(args.list)
+        probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device)
+    except PredictError as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return 2
+    print(results_table(rows, probs, notes, classes))
+    if args.output:
+        write_output(args.output, rows, columns, probs, classes)
+        print(f"wrote {args.output}")
+    wanted = [i for i, row in enumerate(rows) if row["_wav_path"] is not None]
+    return 1 if any(np.isnan(probs[i, 0]) for i in wanted) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""predict.py on the reduced demo's run: the same answers as its evaluation, any audio format,
+conversations as context, and a refusal when a pretrained file changed."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from scipy.signal import resample_poly
+
+import predict
+from mocap_data_collect import read_manifest
+
+
+@pytest.fixture(scope="module")
+def demo(reduced_demo):
+    run_dir = reduced_demo[0]
+    return {"run_dir": run_dir, "data_dir": run_dir / "data", "config": json.loads((run_dir / "config.json").read_text())}
+
+
+def session_dialogues_as_list(data_dir, session, path):
+    """Every utterance of the session's dialogues, in corpus order: a wav for the labelled ones,
+    text alone (context only) for the others, as a user would give a whole IEMOCAP dialogue."""
+    rows = [r for r in read_manifest(data_dir) if r["session"] == session]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["wav", "text", "dialog"])
+        for r in rows:
+            wav = str(data_dir / "Audio" / f"{r['name']}.wav") if r["label"] else ""
+            writer.writerow([wav, r["transcript"], r["dialog"]])
+    return rows
+
+
+def test_predictions_of_the_test_session_equal_the_evaluation(demo, tmp_path, capsys):
+    rows = session_dialogues_as_list(demo["data_dir"], 5, tmp_path / "session5.csv")
+    before = sorted((p, p.stat().st_mtime_ns) for p in demo["run_dir"].rglob("*") if p.is_file())
+    assert predict.main([str(demo["run_dir"]), "--list", str(tmp_path / "session5.csv"),
+                         "--output", str(tmp_path / "out.csv")]) == 0
+    assert sorted((p, p.stat().st_mtime_ns) for p in demo["run_dir"].rglob("*") if p.is_file()) == before
+    with open(tmp_path / "out.csv", newline="") as f:
+        out = list(csv.DictReader(f))
+    with open(demo["run_dir"] / "fold1" / "predictions.csv", newline="") as f:
+        evaluated = {r["name"]: r for r in csv.DictReader(f)}
+    assert list(out[0]) == ["wav", "text", "dialog", "prediction", "p_ang", "p_hap", "p_sad", "p_neu"]
+    assert len(out) == len(rows) and len(evaluated) == sum(bool(r["label"]) for r in rows)
+    for row, given in zip(rows, out):
+        if not row["label"]:
+            assert given["prediction"] == "" and given["p_ang"] == ""  # context only
+            continue
+        expected = evaluated[row["name"]]
+        assert given["prediction"] == expected["predicted"], row["name"]
+        for c in ("ang", "hap", "sad", "neu"):
+            assert float(given[f"p_{c}"]) == pytest.approx(float(expected[f"p_{c}"]), abs=2e-4), row["name"]
+    assert "prediction" in capsys.readouterr().out
+
+
+def test_44k_stereo_audio_is_resampled_and_predicted(demo, tmp_path, capsys):
+    row = next(r for r in read_manifest(demo["data_dir"]) if r["label"] and r["session"] == 5)
+    wav, rate = sf.read(demo["data_dir"] / "Audio" / f"{row['name']}.wav", dtype="float32")
+    stereo = np.stack([resample_poly(wav, 441, 160)] * 2, axis=1) * np.array([1.0, 0.5])
+    sf.write(tmp_path / "utt.flac", stereo, 44100)
+    code = predict.main([str(demo["run_dir"]), "--wav", str(tmp_path / "utt.flac"), "--text", row["transcript"],
+                         "--output", str(tmp_path / "one.csv")])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "resampled 44100 Hz to 16000 Hz" in captured.err and "mixed 2 channels to mono" in captured.err
+    with open(tmp_path / "one.csv", newline="") as f:
+        (result,) = list(csv.DictReader(f))
+    probabilities = [float(result[f"p_{c}"]) for c in ("ang", "hap", "sad", "neu")]
+    assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+    assert result["prediction"] in ("ang", "hap", "sad", "neu")
+
+
+def test_too_short_or_silent_audio_gets_a_message_not_an_answer(demo, tmp_path, capsys):
+    sf.write(tmp_path / "short.wav", np.full(400, 0.3, dtype=np.float32), 16000)
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    with open(tmp_path / "list.csv", "w") as f:
+        f.write("wav,text\nshort.wav,I am so angry with you\nsilent.wav,That is wonderful news\n")
+    assert predict.main([str(demo["run_dir"]), "--list", str(tmp_path / "list.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "too short for one vq-wav2vec frame (400 samples" in out and "silent" in out
+
+
+def test_a_changed_or_missing_pretrained_file_is_refused(demo, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data"))
+    config = json.loads((run_dir / "config.json").read_text())
+    old_models = str((demo["run_dir"] / "models").resolve())
+    text = json.dumps(config).replace(old_models, str((run_dir / "models").resolve()))
+    (run_dir / "config.json").write_text(text)
+    predict.check_pretrained(json.loads(text))  # the copy is the same files: accepted
+    with open(run_dir / "models" / "bert_kmeans" / "dict.txt", "a") as f:
+        f.write("999-999 1\n")
+    with pytest.raises(predict.PredictError, match="speech_dictionary: .*dict.txt has changed since training"):
+        predict.predict_rows(run_dir, [{"wav": "x.wav", "text": "hi", "_wav_path": tmp_path / "x.wav"}])
+    (run_dir / "models" / "vq-wav2vec_kmeans.pt").unlink()
+    with pytest.raises(predict.PredictError, match="vq_wav2vec: .*vq-wav2vec_kmeans.pt is missing"):
+        predict.check_pretrained(json.loads(text))
+
+
+def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(demo):
+    config = demo["config"]
+    paths = predict.check_pretrained(config)
+    extractors = predict.load_extractors(config, paths, torch.device("cpu"))
+    texts = ["I can't believe you did that!", "Calm down, please.", "No, I will not calm down.", "Goodbye."]
+    rows = [{"wav": "", "text": t, "dialog": "call", "_wav_path": None} for t in texts[:3]]
+    rows.append({"wav": "", "text": texts[3], "dialog": "", "_wav_path": None})
+    for row in (rows[1], rows[3]):
+        row["_wav_path"] = demo["data_dir"] / "Audio" / next(p.name for p in (demo["data_dir"] / "Audio").glob("*.wav"))
+    items = predict.featurize(rows, config, extractors, notes={})
+    assert [item["index"] for item in items] == [1, 3]
+    embeddings = predict.sentence_embeddings(texts, extractors["sentence_tokenizer"], extractors["sentence_model"])
+    c = config["context_window"]
+    middle, lone = items[0]["context"].numpy(), items[1]["context"].numpy()
+    assert middle.shape == lone.shape == (2 * c + 1, embeddings.shape[1])
+    np.testing.assert_allclose(middle[c - 1:c + 2], embeddings[:3], atol=1e-5)  # before, itself, after
+    assert not middle[:c - 1].any() and not middle[c + 2:].any()  # past the conversation's edges
+    np.testing.assert_allclose(lone[c], embeddings[3], atol=1e-5)
+    assert not np.delete(lone, c, axis=0).any()
+
+
+def test_branches_the_run_lacks_are_not_computed(demo):
+    config = dict(demo["config"], branches=["speech"])
+    extractors = predict.load_extractors(config, predict.check_pretrained(config), torch.device("cpu"))
+    assert set(extractors) == {"vq_wav2vec", "speech_dictionary"}
+    wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
+    (item,) = predict.featurize([{"wav": str(wav), "text": "", "_wav_path": wav}], config, extractors, notes={})
+    assert set(item) == {"index", "name", "label", "speech_ids"}
