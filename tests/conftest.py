@@ -19,12 +19,11 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def reduced_demo(tmp_path_factory):
-    """One reduced `python main.py --demo RUN_DIR` (200 utterances), shared by the tests that need
-    a trained run: -> (run_dir, results, what it printed)."""
-    run_dir = tmp_path_factory.mktemp("reduced_demo") / "demo"
-    args = main.parse_args(["--demo", str(run_dir), "--epochs", "10", "--batch-size", "8"])
+def demo_run(tmp_path_factory):
+    """One `python main.py --demo RUN_DIR` at its default size (400 utterances, seconds on a CPU),
+    shared by the tests that need a trained run: -> (run_dir, results, what it printed)."""
+    run_dir = tmp_path_factory.mktemp("demo") / "demo_run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        results = main.run_demo(args, dialogues_per_session=2, utterances_per_dialogue=20)
+        results = main.run_demo(main.parse_args(["--demo", str(run_dir)]))
     return run_dir, results, printed.getvalue()

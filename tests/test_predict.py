@@ -1,4 +1,4 @@
-"""predict.py on the reduced demo's run: the same answers as its evaluation, any audio format,
+"""predict.py on the demo's run: the same answers as its evaluation, any audio format,
 conversations as context, and a refusal when a pretrained file changed."""
 import csv
 import json
@@ -15,8 +15,8 @@ from mocap_data_collect import read_manifest
 
 
 @pytest.fixture(scope="module")
-def demo(reduced_demo):
-    run_dir = reduced_demo[0]
+def demo(demo_run):
+    run_dir = demo_run[0]
     return {"run_dir": run_dir, "data_dir": run_dir / "data", "config": json.loads((run_dir / "config.json").read_text())}
 
 
