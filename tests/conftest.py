@@ -8,14 +8,14 @@ import torch
 import main
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def one_torch_thread():
     """The suite's models are tiny: one thread runs them as fast as two, and torch's spinning
-    worker threads make them 10-20x slower when the cores are shared with anything else."""
-    threads = torch.get_num_threads()
+    worker threads make them 10-20x slower when the cores are shared with anything else. Set
+    for every test, since a benchmark under test sets all cores and the demo sets one."""
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # also for the next module's fixtures, set up before its first test
 
 
 @pytest.fixture(scope="session")
