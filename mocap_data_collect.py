@@ -55,7 +55,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from utils import atomic_path
+from utils import wav_bytes, write_bytes_atomic
 
 CLASSES = ("ang", "hap", "sad", "neu")
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
@@ -323,14 +323,7 @@ def write_if_changed(path, data):
     path = Path(path)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def wav_bytes(samples):
-    buf = io.BytesIO()
-    sf.write(buf, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+    write_bytes_atomic(path, data)
 
 
 def manifest_bytes(rows):

@@ -37,7 +37,6 @@ synthetic corpus replaces it; a folder with Session folders but no synthetic_tru
 real corpus, perhaps) is refused.
 """
 import argparse
-import io
 import json
 import shutil
 import sys
@@ -45,9 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-from utils import atomic_path, write_text_atomic
+from utils import atomic_path, wav_bytes, write_bytes_atomic, write_text_atomic
 
 SAMPLE_RATE = 16000
 TICK = 0.0005  # seconds; times are whole ticks, so "%.4f" is exact and lengths whole samples
@@ -263,17 +261,6 @@ def transcription_text(rng, dialog, plan, extra):
     return "".join(lines[i] + "\r\n" for i in order)
 
 
-def write_bytes(path, data):
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def wav_bytes(samples):
-    buf = io.BytesIO()
-    sf.write(buf, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
 def add_text_quirks(rng, plans):
     """Tags, double spaces and one TAB inside a text, spread over the corpus; returns their ids."""
     utts = [u for plan in plans for u in plan]
@@ -381,18 +368,18 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
             n = (u["end_ticks"] - u["start_ticks"]) * SAMPLES_PER_TICK
             u["n_samples"] = n
             u["wav"] = f"Session{session}/sentences/wav/{dialog}/{u['utterance_id']}.wav"
-            write_bytes(root / u["wav"], wav_bytes(synth_voice(rng, u["emotion"], u["gender"], n)))
+            write_bytes_atomic(root / u["wav"], wav_bytes(synth_voice(rng, u["emotion"], u["gender"], n)))
         if session == 2:
             stray = [f"Session2/dialog/EmoEvaluation/._{dialog}.txt",
                      f"Session2/dialog/transcriptions/._{dialog}.txt",
                      f"Session2/sentences/wav/{dialog}/._{plan[0]['utterance_id']}.wav"]
             for rel in stray:
-                write_bytes(root / rel, APPLE_DOUBLE)
+                write_bytes_atomic(root / rel, APPLE_DOUBLE)
             quirks["stray_files"] += stray
     for rel, data in (("Session1/dialog/EmoEvaluation/.DS_Store", b"\x00\x00\x00\x01Bud1"),
                       ("Session5/dialog/EmoEvaluation/README.txt",
                        b"Annotations of session 5; see the release notes.\n")):
-        write_bytes(root / rel, data)
+        write_bytes_atomic(root / rel, data)
         quirks["stray_files"].append(rel)
 
     utterances = []

@@ -5,11 +5,13 @@ temporary name and renames it into place only once the write has succeeded.
 """
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; put it straight back
@@ -39,6 +41,18 @@ def atomic_path(path):
 def write_text_atomic(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def wav_bytes(samples, sample_rate=16000):
+    """A 16-bit PCM WAV file's bytes: audio written once, compared byte for byte on reruns."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def save_npy_atomic(path, array):

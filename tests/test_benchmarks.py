@@ -2,8 +2,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

@@ -10,13 +10,6 @@ from model_structure import EmotionClassifier, TimeAsynchronousBranch, build_mod
 from test_training import data_dir, models_dir, tiny_model  # noqa: F401 (fixtures)
 from train_function import model_inputs
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and do not slow to a crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_time_asynchronous_branch_is_structured_self_attention_over_context_slots():

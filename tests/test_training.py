@@ -25,14 +25,6 @@ TEXT_VOCAB = 64
 SPEECH_VOCAB = 597  # the fixture bert_kmeans.pt's dictionary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and do not slow to a crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------------------------
 # example data
