@@ -24,6 +24,7 @@ cross-validation run predicts with the mean of all folds' probabilities, or with
 """
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -270,7 +271,6 @@ def results_table(rows, probs, notes, classes):
 
 def write_output(path, rows, columns, probs, classes):
     """The input's columns, then prediction and one probability per class (empty where none)."""
-    import io
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns + ["prediction"] + [f"p_{c}" for c in classes])
