@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
 
-from mocap_data_collect import CorpusError, read_manifest
+from mocap_data_collect import SAMPLE_RATE, CorpusError, read_manifest
 from utils import TOKENIZER_FILES, fingerprint, save_npy_atomic, write_text_atomic
 
-SAMPLE_RATE = 16000
 SENTENCE_BATCH_SIZE = 32
 STEPS = ("speech-tokens", "text-tokens", "sentence-embeddings")
 FEATURES_RECORD = "features.json"

@@ -366,7 +366,7 @@ def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True):
         write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
         if row["label"] and row["name"] not in skip_audio:
             samples, _ = sf.read(str(wav_path(iemocap_root, row)), dtype="int16")
-            write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples))
+            write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
     remove_stale(data_dir, rows)
     labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
     write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))

@@ -45,14 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mocap_data_collect import CLASSES, DEFAULT_EMOTIONS, EMOTION_CODES, SAMPLE_RATE
 from utils import atomic_path, wav_bytes, write_bytes_atomic, write_text_atomic
 
-SAMPLE_RATE = 16000
 TICK = 0.0005  # seconds; times are whole ticks, so "%.4f" is exact and lengths whole samples
 SAMPLES_PER_TICK = 8
 TRUTH_FILE = "synthetic_truth.json"
-MOODS = ("ang", "hap", "sad", "neu")
-EMOTION_CODES = ("ang", "hap", "exc", "sad", "neu", "fru", "sur", "fea", "dis", "oth", "xxx")
+MOODS = CLASSES  # a dialogue's prevailing mood is one of the four target classes
 # Emotions drawn when an utterance follows neither its dialogue's mood nor its predecessor:
 # roughly the real corpus's mix, where xxx and fru are common.
 BACKGROUND = {"ang": .07, "hap": .05, "exc": .08, "sad": .07, "neu": .16, "fru": .17, "sur": .04,
@@ -368,7 +367,7 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
             n = (u["end_ticks"] - u["start_ticks"]) * SAMPLES_PER_TICK
             u["n_samples"] = n
             u["wav"] = f"Session{session}/sentences/wav/{dialog}/{u['utterance_id']}.wav"
-            write_bytes_atomic(root / u["wav"], wav_bytes(synth_voice(rng, u["emotion"], u["gender"], n)))
+            write_bytes_atomic(root / u["wav"], wav_bytes(synth_voice(rng, u["emotion"], u["gender"], n), SAMPLE_RATE))
         if session == 2:
             stray = [f"Session2/dialog/EmoEvaluation/._{dialog}.txt",
                      f"Session2/dialog/transcriptions/._{dialog}.txt",
@@ -427,7 +426,7 @@ def main(argv=None):
     except (FileExistsError, ValueError) as err:
         sys.exit(f"synthetic_iemocap.py: error: {err}")
     utts = truth["utterances"]
-    labelled = sum(u["emotion"] in ("ang", "hap", "exc", "sad", "neu") for u in utts)
+    labelled = sum(u["emotion"] in DEFAULT_EMOTIONS for u in utts)
     print(f"wrote {len(utts)} utterances ({labelled} of ang/hap/exc/sad/neu) in 5 sessions to "
           f"{args.out_root} in {time.perf_counter() - t0:.1f} s")
 

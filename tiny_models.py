@@ -40,10 +40,9 @@ from transformers import (BertConfig, BertModel, BertTokenizer, RobertaConfig, R
 
 from feature_ext import (VqWav2Vec, codes_to_string, load_fairseq_roberta, load_speech_dictionary,
                          sentence_embeddings)
-from mocap_data_collect import read_manifest
+from mocap_data_collect import SAMPLE_RATE, read_manifest
 from utils import atomic_path, write_text_atomic
 
-SAMPLE_RATE = 16000
 TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS, TEXT_FFN, TEXT_POSITIONS = 32, 2, 2, 64, 128
 CONV_WIDTH = 32
 # The real vq-wav2vec's strides and kernels (10,5),(8,4),(4,2)x3,(1,1)x3, narrower.

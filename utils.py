@@ -48,7 +48,7 @@ def write_bytes_atomic(path, data):
         tmp.write_bytes(data)
 
 
-def wav_bytes(samples, sample_rate=16000):
+def wav_bytes(samples, sample_rate):
     """A 16-bit PCM WAV file's bytes: audio written once, compared byte for byte on reruns."""
     buffer = io.BytesIO()
     sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
