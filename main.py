@@ -78,7 +78,7 @@ DEFAULTS = {
     # step ran 2x faster than on randomly mixed lengths (benchmarks/bench_train.py).
     "group_by_length": True,
 }
-# Demo: small enough for 2 CPU cores in a few minutes, on the synthetic corpus and tiny models.
+# Demo: small enough for 2 CPU cores in well under a minute, on the synthetic corpus and tiny models.
 DEMO = {"context_window": 2, "max_text_tokens": 64, "max_audio_tokens": 310, "epochs": 15, "batch_size": 16,
         "lr_encoders": 1e-3, "lr_head": 2e-3, "seed": 0}
 DEMO_CORPUS_SEED = 0
@@ -150,10 +150,14 @@ def pretrained_files(data_dir, branches, text_model, speech_model):
                 log.warning(f"{data_dir / feature_ext.FEATURES_RECORD} does not say which models made the {step} "
                             f"features; predict.py will not be able to check them")
             pretrained.update(record.get(step, {}))
-    if "text" in branches:
-        pretrained["text_model"] = fingerprint(text_model, WEIGHT_FILES)
-    if "speech" in branches:
-        pretrained["speech_model"] = fingerprint(speech_model)
+    encoders = {"text": ("text_model", "text model (--text-model)", text_model, WEIGHT_FILES),
+                "speech": ("speech_model", "speech model (--speech-model)", speech_model, None)}
+    for branch, (role, what, model, files) in encoders.items():
+        if branch in branches:
+            try:
+                pretrained[role] = fingerprint(model, *([files] if files else []))
+            except FileNotFoundError as error:
+                raise SystemExit(f"main.py: error: {what}: {error}") from None
     return pretrained
 
 
@@ -522,8 +526,7 @@ def run_demo(args, dialogues_per_session=4, utterances_per_dialogue=20):
     the run's own outputs in RUN_DIR as for any run. Stages whose outputs exist are not redone,
     so a rerun resumes like any run.
     """
-    import concatenate_embds
-    import feature_ext
+    import feature_extraction_main
     import mocap_data_collect
     import synthetic_iemocap
     import tiny_models
@@ -544,10 +547,10 @@ def run_demo(args, dialogues_per_session=4, utterances_per_dialogue=20):
     if not all((models_dir / name).exists() for name in wanted):
         wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
         tiny_models.make_tiny_models(models_dir, [row["transcript"] for row in rows], wavs, seed=DEMO_CORPUS_SEED)
-    print("[4/5] features: speech tokens, text tokens, sentence embeddings (feature_ext), "
-          f"context vectors c={args.context_window} (concatenate_embds)")
-    reports = [feature_ext.run_step(step, data_dir, models_dir, progress=False) for step in feature_ext.STEPS]
-    reports += concatenate_embds.write_context_vectors(data_dir, [args.context_window], progress=False)
+    print("[4/5] features: speech tokens, text tokens, sentence embeddings, "
+          f"context vectors c={args.context_window} (feature_extraction_main)")
+    reports = feature_extraction_main.extract_features(data_dir, models_dir, contexts=[args.context_window],
+                                                       progress=False)
     print(feature_ext.format_summary(reports))
     if not all(report.ok for report in reports):
         raise SystemExit("main.py: error: feature extraction failed for the demo corpus (see above)")

@@ -122,6 +122,12 @@ def test_a_run_folder_refuses_other_settings(finished_run, data_dir, models_dir)
         main.main([str(finished_run[0]), str(data_dir), str(models_dir), *SMALL, "--lr-head", "1e-2"])
 
 
+def test_a_missing_pretrained_model_is_named_before_anything_is_written(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match=r"speech model \(--speech-model\): .*bert_kmeans.pt: no such file"):
+        main.main([str(tmp_path / "run"), str(data_dir), str(tmp_path / "no_models"), *SMALL, "--branches", "speech"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, data_dir,
                                                                            models_dir):
     calls = {"n": 0}
