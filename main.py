@@ -112,6 +112,15 @@ def resolve_config(args):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"main.py: error: --device {device!r}: use auto, cpu or cuda") from None
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"main.py: error: --device {device!r}: use auto, cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"main.py: error: --device {device}: torch sees no CUDA device "
+                         f"(torch {torch.__version__}, built {'without' if torch.version.cuda is None else 'with'} CUDA)")
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
@@ -258,15 +267,24 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_states(device, world):
+    """Every process's random generators, in rank order: the CPU's and its GPU's (dropout draws
+    differ between ranks, since their batches differ). Collective: every rank must call it."""
+    state = {"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
 
 
-def set_rng_state(state):
+def set_rng_state(states, rank, device):
+    """Restore this rank's generators from rng_states (a run resumes with the same world size)."""
+    state = states[rank]
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def check_lengths(model, utterances):
@@ -293,6 +311,8 @@ def train_fold(config, fold, utterances, run_dir, env):
     device, amp, rank, world = env["device"], env["amp_dtype"], env["rank"], env["world_size"]
     torch.manual_seed(config["seed"] + fold["fold"])
     model = model_structure.build_model(config)
+    if rank:  # the same initial weights on every rank, but each rank its own dropout draws (as nanoGPT)
+        torch.manual_seed(config["seed"] + fold["fold"] + 1_000_003 * rank)
     check_lengths(model, utterances)
     model.to(device)
     if model.speech_encoder is not None and not model.finetune_speech and "speech_vector" not in utterances[0]:
@@ -323,7 +343,7 @@ def train_fold(config, fold, utterances, run_dir, env):
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], rank, device)
         log.info(f"fold {fold['fold']}: resuming after epoch {state['epoch']} from {last_path}")
     log.info(f"fold {fold['fold']} ({fold_title(fold)}): train {len(fold['train'])}, "
              f"validation {len(fold['val'])}, test {len(fold['test'])} utterances")
@@ -360,9 +380,10 @@ def train_fold(config, fold, utterances, run_dir, env):
         if config["scheduler"] == "newbob" and scheduler.step_epoch(val["ua"], model):
             note = f"  newbob: lr halved, back to epoch {state['best_epoch']}'s weights"
         state["epoch"] = epoch + 1
+        rng = rng_states(device, world)
         if rank == 0:
             save_checkpoint(last_path, {"model": model.trained_state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state()})
+                                        "scheduler": scheduler.state_dict(), "state": state, "rng": rng})
         if world > 1:
             dist.barrier()
         seconds = time.time() - start
@@ -403,14 +424,15 @@ def train_fold(config, fold, utterances, run_dir, env):
 # ------------------------------------------------------------------------------------------------
 # the whole run
 
-def summarize(protocol, fold_results):
-    """results.json: the folds' test metrics, their mean/std (population, over folds) and pooled."""
+def summarize(protocol, fold_results, val_split="stratified"):
+    """results.json: the folds' test metrics, their mean/std (population, over folds) and pooled.
+    val_split says how checkpoints were chosen ("original": by the test session's other speaker)."""
     folds = [{k: r[k] for k in ("fold", "test_sessions", "test_speakers", "n_train", "n_val", "n_test", "test") if k in r}
              for r in fold_results]
     metric = {k: [r["test"][k] for r in fold_results] for k in ("wa", "ua", "macro_f1", "weighted_f1")}
     pooled = validation_function.compute_metrics([y for r in fold_results for y in r["y_true"]],
                                                  [y for r in fold_results for y in r["y_pred"]])
-    return {"protocol": protocol, "folds": folds, "summary": {
+    return {"protocol": protocol, "val_split": val_split, "folds": folds, "summary": {
         "wa_mean": float(np.mean(metric["wa"])), "wa_std": float(np.std(metric["wa"])),
         "ua_mean": float(np.mean(metric["ua"])), "ua_std": float(np.std(metric["ua"])),
         "macro_f1_mean": float(np.mean(metric["macro_f1"])),
@@ -466,8 +488,13 @@ def setup_distributed(config):
         return 0, 1, config["device"]
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     cuda = config["device"].startswith("cuda")
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"main.py: error: process {local_rank} of this node needs a GPU of its own, but torch "
+                         f"sees {torch.cuda.device_count()}; start at most that many per node (--nproc_per_node)")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # NCCL only carries CUDA tensors; the few CPU-side collectives (the loss check, the epoch's
+        # loss, gathered predictions) go through gloo.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     device = f"cuda:{local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
@@ -506,7 +533,7 @@ def run(config, run_dir):
     except RunPaused as pause:
         log.info(str(pause))
         return None
-    results = summarize(config["protocol"], fold_results)
+    results = summarize(config["protocol"], fold_results, config["val_split"])
     table = results_table(results, config)
     if rank == 0:
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -567,26 +594,40 @@ def run_demo(args, dialogues_per_session=4, utterances_per_dialogue=20):
 # ------------------------------------------------------------------------------------------------
 # command line
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except the empty ones (None, off) that the help text explains."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     d = DEFAULTS
+    positional = ("context_window", "max_text_tokens", "max_audio_tokens")
+    demo = ", ".join(f"{k.upper() if k in positional else '--' + k.replace('_', '-')} {v}" for k, v in DEMO.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=f"--demo changes these defaults: {demo}.", formatter_class=_HelpFormatter)
     p.add_argument("run_dir", nargs="?", help="where everything the run produces goes (resumes if it exists)")
     p.add_argument("data_dir", nargs="?", help="the extracted features (DATA_DIR of the data contract)")
     p.add_argument("models_dir", nargs="?", help="pretrained models: roberta-large/, bert_kmeans/bert_kmeans.pt")
     p.add_argument("context_window", nargs="?", type=int, default=CONTEXT_WINDOW,
                    help="c: sentences before and after (reads FullBertEmb{c})")
-    p.add_argument("max_text_tokens", nargs="?", type=int, default=MAX_TEXT_TOKENS)
-    p.add_argument("max_audio_tokens", nargs="?", type=int, default=MAX_AUDIO_TOKENS)
+    p.add_argument("max_text_tokens", nargs="?", type=int, default=MAX_TEXT_TOKENS,
+                   help="text RoBERTa tokens kept per utterance, </s> last")
+    p.add_argument("max_audio_tokens", nargs="?", type=int, default=MAX_AUDIO_TOKENS,
+                   help="speech RoBERTa tokens (vq-wav2vec frames + 2) kept per utterance, </s> last")
     p.add_argument("--demo", action="store_true",
                    help="make the synthetic corpus and tiny models in RUN_DIR (default demo_run) and run every stage")
-    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs per fold")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process, per micro-batch")
-    p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
+    p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"],
+                   help="batch size for validation, test and the frozen-speech cache")
     p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
     p.add_argument("--lr-encoders", type=float, default=d["lr_encoders"], help="learning rate of the pretrained RoBERTas")
     p.add_argument("--lr-head", type=float, default=d["lr_head"], help="learning rate of the new layers")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW's, on weight matrices only")
     p.add_argument("--scheduler", choices=("linear", "newbob"), default=d["scheduler"],
                    help="linear: warm-up then linear decay; newbob: halve the rate and restore the best weights "
                         "when validation UA improves by less than 0.001")
@@ -602,20 +643,26 @@ def build_parser():
                    help="keep the text RoBERTa frozen (fine-tuned otherwise)")
     p.add_argument("--text-model", default=None,
                    help="text RoBERTa folder or name (default: MODELS_DIR/roberta-large if present, else roberta-large)")
-    p.add_argument("--speech-model", default=None, help="default: MODELS_DIR/bert_kmeans/bert_kmeans.pt")
-    p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"])
+    p.add_argument("--speech-model", default=None,
+                   help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt)")
+    p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"],
+                   help="session5: train on sessions 1-4, test on 5; loso: 5 folds, one session each; "
+                        "speaker: 10 folds, one speaker each")
     p.add_argument("--val-split", choices=("stratified", "speaker", "original"), default=d["val_split"],
                    help="validation from the training sessions: stratified share or one held-out speaker; "
                         "original: the test session's other speaker (the original's split)")
-    p.add_argument("--val-fraction", type=float, default=d["val_fraction"])
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"],
+                   help="share of the training utterances that validate (--val-split stratified)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=d["group_by_length"],
                    help="batches of similar length (less padding), in random order; --no-group-by-length "
                         "draws every batch at random")
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seed", type=int, default=d["seed"], help="weights, dropout, batches and validation split")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d["precision"])
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d["precision"],
+                   help="auto: bf16 autocast on a GPU that has it, fp32 otherwise")
     p.add_argument("--stop-after-epochs", type=int, default=0,
-                   help="stop (resumably) after this many epochs in this invocation, e.g. for job time limits")
+                   help="stop (resumably) after this many epochs in this invocation, e.g. for job time limits; "
+                        "0: run to the end")
     return p
 
 

@@ -15,7 +15,7 @@ from test_training import data_dir, models_dir  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["1", "32", "64", "--epochs", "3", "--batch-size", "8", "--fusion-hidden", "32",
-         "--lr-encoders", "1e-3", "--lr-head", "3e-3"]
+         "--lr-encoders", "1e-3", "--lr-head", "3e-3", "--device", "cpu"]
 
 
 def run_main(run_dir, data_dir, models_dir, *extra):
@@ -82,7 +82,7 @@ def test_run_folder_holds_config_checkpoints_predictions_figures_and_results(fin
 
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert saved["protocol"] == "session5" and set(saved["summary"]) == {
+    assert saved["protocol"] == "session5" and saved["val_split"] == "stratified" and set(saved["summary"]) == {
         "wa_mean", "wa_std", "ua_mean", "ua_std", "macro_f1_mean", "weighted_f1_mean", "pooled"}
     fold = saved["folds"][0]
     assert set(fold) == {"fold", "test_sessions", "n_train", "n_val", "n_test", "test"}
@@ -128,6 +128,17 @@ def test_a_missing_pretrained_model_is_named_before_anything_is_written(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("device,message", [("cuda", "torch sees no CUDA device"), ("tpu", "use auto, cpu or cuda"),
+                                            ("gpu0", "use auto, cpu or cuda")])
+def test_an_unusable_device_is_named_before_anything_is_written(tmp_path, monkeypatch, data_dir, models_dir,
+                                                               device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [str(tmp_path / "run"), str(data_dir), str(models_dir), *SMALL, "--device", device]
+    with pytest.raises(SystemExit, match=f"--device '?{device}'?: {message}"):
+        main.main(args)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, data_dir,
                                                                            models_dir):
     calls = {"n": 0}
@@ -159,18 +170,32 @@ def test_loso_pools_every_session(tmp_path, data_dir, models_dir):
     assert sum(map(sum, results["summary"]["pooled"]["confusion_matrix"])) == 100
 
 
-def test_torchrun_two_processes_gather_every_test_utterance(tmp_path, data_dir, models_dir):
+def torchrun(tmp_path, run_dir, data_dir, models_dir, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "main.py"), str(tmp_path / "run"), str(data_dir), str(models_dir), *SMALL, "--epochs", "2"]
+               str(REPO / "main.py"), str(run_dir), str(data_dir), str(models_dir), *SMALL, "--epochs", "2", *extra]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_torchrun_two_processes_gather_every_test_utterance_and_resume_exactly(tmp_path, data_dir, models_dir):
+    torchrun(tmp_path, tmp_path / "run", data_dir, models_dir)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["folds"][0]["n_test"] == 20
     assert sum(map(sum, results["folds"][0]["test"]["confusion_matrix"])) == 20  # gathered from both ranks
     with open(tmp_path / "run" / "fold1" / "predictions.csv") as f:
         assert len({row["name"] for row in csv.DictReader(f)}) == 20
     assert "x 2 processes" in (tmp_path / "run" / "train.log").read_text()
+    # Interrupted after the first epoch and resumed: each rank restores its own random generators
+    # (their dropout draws differ), so the second epoch is the uninterrupted run's.
+    torchrun(tmp_path, tmp_path / "resumed", data_dir, models_dir, "--stop-after-epochs", "1")
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    torchrun(tmp_path, tmp_path / "resumed", data_dir, models_dir)
+    fold = json.loads((tmp_path / "run" / "fold1" / "fold_result.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "fold1" / "fold_result.json").read_text())
+    assert resumed["history"] == fold["history"]
+    assert (tmp_path / "resumed" / "fold1" / "predictions.csv").read_bytes() == \
+        (tmp_path / "run" / "fold1" / "predictions.csv").read_bytes()
 
 
 def test_the_demo_runs_every_stage_and_learns(demo_run):
