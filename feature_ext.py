@@ -305,17 +305,31 @@ class KMeansVectorQuantizer(nn.Module):
 
 @contextlib.contextmanager
 def _full_fp32_precision():
-    """TF32 matmuls/convs on CUDA would move features enough to flip near-tie codes."""
+    """TF32 matmuls/convs on CUDA would move features enough to flip near-tie codes.
+
+    Through the settings that never raise: since torch 2.9, reading the legacy `allow_tf32` flags
+    is an error once anything in the process (transformers' enable_tf32, a user) has used the
+    per-operator `fp32_precision` settings."""
     if not torch.cuda.is_available():
         yield
         return
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    cudnn = torch.backends.cudnn
     try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-            yield
+        if hasattr(cudnn, "conv"):  # torch >= 2.9
+            conv = cudnn.conv.fp32_precision
+            cudnn.conv.fp32_precision = "ieee"
+            try:
+                yield
+            finally:
+                cudnn.conv.fp32_precision = conv
+        else:
+            with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                             deterministic=cudnn.deterministic, allow_tf32=False):
+                yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.set_float32_matmul_precision(matmul)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,31 @@ import torch
 import main
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_from_the_start():
+    """The first module's fixtures too run on one thread (set up before any function fixture):
+    the tiny models fitted there are byte-identical only for the same thread count."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def one_torch_thread():
+def one_torch_thread(one_torch_thread_from_the_start):
     """The suite's models are tiny: one thread runs them as fast as two, and torch's spinning
     worker threads make them 10-20x slower when the cores are shared with anything else. Set
     for every test, since a benchmark under test sets all cores and the demo sets one."""
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)  # also for the next module's fixtures, set up before its first test
+
+
+@pytest.fixture
+def precision_settings():
+    """TF32 settings are process-wide: put back what a test changed, through the per-operator API."""
+    ops = (torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn, torch.backends.cudnn.conv)
+    saved = [op.fp32_precision for op in ops]
+    yield
+    for op, value in zip(ops, saved):
+        op.fp32_precision = value
 
 
 @pytest.fixture(scope="session")
@@ -25,5 +42,7 @@ def demo_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo") / "demo_run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        results = main.run_demo(main.parse_args(["--demo", str(run_dir)]))
+        # On the CPU even where a GPU is present: the tests compare it with CPU computations
+        # (tests/test_cuda.py covers the GPU).
+        results = main.run_demo(main.parse_args(["--demo", str(run_dir), "--device", "cpu"]))
     return run_dir, results, printed.getvalue()

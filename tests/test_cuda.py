@@ -17,16 +17,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("checkpoint", VQ_FILES)
-def test_cuda_codes_equal_fairseq_and_cpu(checkpoint):
+def test_cuda_codes_equal_fairseq_and_cpu(checkpoint, precision_settings):
     reference = torch.load(REF / "vq_wav2vec_reference.pt", weights_only=True)[checkpoint]
     model = load_vq_wav2vec(REF / checkpoint).to("cuda")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True  # codes() must switch it off where it matters
-    try:
-        for case in CASES:
-            assert torch.equal(model.codes(reference[case]["wav"].numpy()), reference[case]["idx"]), case
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    # TF32 for every matmul and convolution, as transformers' enable_tf32 sets it: codes() must
+    # switch it off where it matters.
+    torch.backends.fp32_precision = "tf32"
+    for case in CASES:
+        assert torch.equal(model.codes(reference[case]["wav"].numpy()), reference[case]["idx"]), case
 
 
 def test_extraction_and_bf16_training_on_cuda(demo_run, tmp_path):

@@ -57,6 +57,23 @@ def test_too_short_waveform_has_no_frames(vq_reference):
     assert codes_to_string(model.codes(wav[:10])) == "<s>"
 
 
+@pytest.mark.parametrize("tf32_set_by", ["legacy flags", "per-operator settings", "global setting"])
+def test_codes_switch_tf32_off_on_cuda_whichever_api_the_process_used(tf32_set_by, monkeypatch, precision_settings):
+    # The switch itself touches no GPU, so a machine without one can check it by claiming CUDA.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if tf32_set_by == "legacy flags":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif tf32_set_by == "per-operator settings":
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:  # as transformers' enable_tf32 does on torch >= 2.9
+        torch.backends.fp32_precision = "tf32"
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision)
+    assert before == ("high", "tf32")
+    with feature_ext._full_fp32_precision():
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision) == ("highest", "ieee")
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision) == before
+
+
 def test_legacy_checkpoint_needs_the_restricted_unpickler():
     path = REF / "vq-wav2vec_kmeans_w64.pt"
     with pytest.raises(Exception):
