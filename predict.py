@@ -110,6 +110,8 @@ def check_pretrained(config):
 
 def read_audio(path):
     """Any soundfile-readable audio -> (16 kHz mono float32, a note saying what was converted)."""
+    if not Path(path).is_file():
+        raise PredictError(f"{path}: no such audio file")
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (OSError, RuntimeError, sf.LibsndfileError) as e:
@@ -243,13 +245,15 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16):
     items = featurize(rows, config, extractors, notes)
     classes = config["classes"]
     probs = np.full((len(rows), len(classes)), np.nan)
+    # The run's precision too: a run trained and evaluated under bf16 autocast predicts under it.
+    amp = torch.bfloat16 if config.get("precision") == "bf16" else None
     if items:
         model = model_structure.build_model(config)
         fold_probs = []
         for path in checkpoints:
             model.load_trained_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
             model.to(device).eval()
-            fold_probs.append(predict(model, items, batch_size, device)["probs"])
+            fold_probs.append(predict(model, items, batch_size, device, amp)["probs"])
         probs[[item["index"] for item in items]] = np.mean(fold_probs, axis=0)
     return probs, notes, classes
 

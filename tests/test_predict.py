@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
+import main
 import predict
 from mocap_data_collect import read_manifest
 
@@ -33,15 +34,16 @@ def session_dialogues_as_list(data_dir, session, path):
     return rows
 
 
-def test_predictions_of_the_test_session_equal_the_evaluation(demo, tmp_path, capsys):
-    rows = session_dialogues_as_list(demo["data_dir"], 5, tmp_path / "session5.csv")
-    before = sorted((p, p.stat().st_mtime_ns) for p in demo["run_dir"].rglob("*") if p.is_file())
-    assert predict.main([str(demo["run_dir"]), "--list", str(tmp_path / "session5.csv"),
+def assert_session5_predictions_equal_the_evaluation(run_dir, data_dir, tmp_path):
+    """predict.py over session 5's dialogues gives the run's own predictions.csv, writing nothing in RUN_DIR."""
+    rows = session_dialogues_as_list(data_dir, 5, tmp_path / "session5.csv")
+    before = sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file())
+    assert predict.main([str(run_dir), "--list", str(tmp_path / "session5.csv"),
                          "--output", str(tmp_path / "out.csv")]) == 0
-    assert sorted((p, p.stat().st_mtime_ns) for p in demo["run_dir"].rglob("*") if p.is_file()) == before
+    assert sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()) == before
     with open(tmp_path / "out.csv", newline="") as f:
         out = list(csv.DictReader(f))
-    with open(demo["run_dir"] / "fold1" / "predictions.csv", newline="") as f:
+    with open(run_dir / "fold1" / "predictions.csv", newline="") as f:
         evaluated = {r["name"]: r for r in csv.DictReader(f)}
     assert list(out[0]) == ["wav", "text", "dialog", "prediction", "p_ang", "p_hap", "p_sad", "p_neu"]
     assert len(out) == len(rows) and len(evaluated) == sum(bool(r["label"]) for r in rows)
@@ -53,7 +55,20 @@ def test_predictions_of_the_test_session_equal_the_evaluation(demo, tmp_path, ca
         assert given["prediction"] == expected["predicted"], row["name"]
         for c in ("ang", "hap", "sad", "neu"):
             assert float(given[f"p_{c}"]) == pytest.approx(float(expected[f"p_{c}"]), abs=2e-4), row["name"]
+
+
+def test_predictions_of_the_test_session_equal_the_evaluation(demo, tmp_path, capsys):
+    assert_session5_predictions_equal_the_evaluation(demo["run_dir"], demo["data_dir"], tmp_path)
     assert "prediction" in capsys.readouterr().out
+
+
+def test_a_bf16_run_predicts_under_bf16_as_it_evaluated(demo, tmp_path):
+    # In fp32, this run's probabilities came out up to 0.04 away from its own evaluation.
+    args = main.parse_args(["--demo", tmp_path / "run", "--precision", "bf16", "--epochs", "3", "--device", "cpu"])
+    args.data_dir, args.models_dir = str(demo["data_dir"]), str(demo["run_dir"] / "models")
+    main.run(main.resolve_config(args), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
+    assert_session5_predictions_equal_the_evaluation(tmp_path / "run", demo["data_dir"], tmp_path)
 
 
 def test_44k_stereo_audio_is_resampled_and_predicted(demo, tmp_path, capsys):
@@ -73,14 +88,16 @@ def test_44k_stereo_audio_is_resampled_and_predicted(demo, tmp_path, capsys):
     assert result["prediction"] in ("ang", "hap", "sad", "neu")
 
 
-def test_too_short_or_silent_audio_gets_a_message_not_an_answer(demo, tmp_path, capsys):
+def test_too_short_silent_or_missing_audio_gets_a_message_not_an_answer(demo, tmp_path, capsys):
     sf.write(tmp_path / "short.wav", np.full(400, 0.3, dtype=np.float32), 16000)
     sf.write(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
     with open(tmp_path / "list.csv", "w") as f:
-        f.write("wav,text\nshort.wav,I am so angry with you\nsilent.wav,That is wonderful news\n")
+        f.write("wav,text\nshort.wav,I am so angry with you\nsilent.wav,That is wonderful news\n"
+                "gone.wav,Where did it go\n")
     assert predict.main([str(demo["run_dir"]), "--list", str(tmp_path / "list.csv")]) == 1
     out = capsys.readouterr().out
     assert "too short for one vq-wav2vec frame (400 samples" in out and "silent" in out
+    assert "gone.wav: no such audio file" in out
 
 
 def test_a_changed_or_missing_pretrained_file_is_refused(demo, tmp_path):
