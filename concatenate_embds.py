@@ -10,8 +10,9 @@ the centre slot.
 
 --context takes one or more window sizes; this script writes c = 3 unless told otherwise
 (`--context 1 2 3` writes all three). feature_extraction_main.py writes c = 1, 2 and 3.
-A rerun skips files that exist and are valid; a missing embedding fails only the utterances
-whose window needs it.
+A rerun skips files that already hold what they should, and rewrites the others (so recomputed
+sentence embeddings never leave stale context vectors behind); a missing embedding fails only the
+utterances whose window needs it.
 """
 import argparse
 import sys
@@ -60,6 +61,11 @@ def _load_embeddings(data_dir, rows):
     return loaded, next(iter(widths), None)
 
 
+def _holds(path, vector):
+    """True when `path` already holds exactly `vector`."""
+    return valid_npy(path, np.float32, shape=vector.shape) and np.array_equal(np.load(path), vector)
+
+
 def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, progress=True):
     """Write FullBertEmb{c}/ for each c in `contexts`; returns one StepReport per c."""
     data_dir = Path(data_dir)
@@ -81,13 +87,15 @@ def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, p
             vectors = context_vectors(stack, c)
             for i, name in enumerate(names):
                 path = out_dir / f"{name}.npy"
-                if not overwrite and width and valid_npy(path, np.float32, shape=((2 * c + 1) * width,)):
-                    report.skipped += 1
-                    continue
                 needed = [n for n in names[max(0, i - c):i + c + 1] if n in missing]
                 if needed:
                     report.fail(name, f"no valid sentence embedding {data_dir / 'BertEmb' / needed[0]}.npy"
                                       + (f" (and {len(needed) - 1} more in its window)" if len(needed) > 1 else ""))
+                    continue
+                # Compared by content, not just checked for shape: after the sentence embeddings
+                # are recomputed (another sentence model), every stale context vector is rewritten.
+                if not overwrite and _holds(path, vectors[i]):
+                    report.skipped += 1
                     continue
                 save_npy_atomic(path, vectors[i])
                 report.written += 1

@@ -149,6 +149,20 @@ def test_rerun_skips_valid_outputs_and_redoes_corrupted_ones(extracted, tmp_path
     assert not list(data_dir.rglob("*.tmp*"))  # atomic writes leave nothing behind
 
 
+def test_recomputed_sentence_embeddings_leave_no_stale_context_vector(extracted, tmp_path):
+    data_dir, rows = _copy_data_dir(extracted, tmp_path), extracted["rows"]
+    dialogue = max(concatenate_embds.dialogues(rows), key=len)
+    changed = dialogue[3]["name"]  # as if another sentence model had made it
+    embedding = np.load(data_dir / "BertEmb" / f"{changed}.npy")
+    np.save(data_dir / "BertEmb" / f"{changed}.npy", embedding + 1)
+    (report,) = concatenate_embds.write_context_vectors(data_dir, [2], progress=False)
+    assert (report.written, report.skipped) == (5, len(rows) - 5)  # the windows that hold it: 1..5
+    slots = np.load(data_dir / "FullBertEmb2" / f"{changed}.npy").reshape(5, -1)
+    assert np.array_equal(slots[2], embedding + 1)
+    assert np.array_equal(np.load(data_dir / "FullBertEmb2" / f"{dialogue[1]['name']}.npy").reshape(5, -1)[4],
+                          embedding + 1)
+
+
 def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsys):
     data_dir = _copy_data_dir(extracted, tmp_path)
     rows = extracted["rows"]
