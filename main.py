@@ -491,14 +491,18 @@ def setup_distributed(config):
     if cuda and local_rank >= torch.cuda.device_count():
         raise SystemExit(f"main.py: error: process {local_rank} of this node needs a GPU of its own, but torch "
                          f"sees {torch.cuda.device_count()}; start at most that many per node (--nproc_per_node)")
-    if not dist.is_initialized():
-        # NCCL only carries CUDA tensors; the few CPU-side collectives (the loss check, the epoch's
-        # loss, gathered predictions) go through gloo.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     device = f"cuda:{local_rank}" if cuda else "cpu"
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before NCCL starts, so its communicator uses this GPU
+    if not dist.is_initialized():
+        dist.init_process_group(process_group_backend(cuda))
     return rank, world, device
+
+
+def process_group_backend(cuda):
+    """NCCL only carries CUDA tensors: the few CPU-side collectives (the loss check, the epoch's
+    loss, gathered predictions and speech vectors) go through gloo beside it."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def load_run_data(config):

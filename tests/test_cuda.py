@@ -7,9 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import feature_ext
 import main
+import train_function
 from feature_ext import load_vq_wav2vec
 from test_fairseq_loading import CASES, REF, VQ_FILES
 
@@ -48,3 +50,24 @@ def test_extraction_and_bf16_training_on_cuda(demo_run, tmp_path):
     results = main.run(config, tmp_path / "run")
     assert results["summary"]["ua_mean"] > 0.25
     assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cuda"
+
+
+def test_cpu_side_collectives_work_beside_nccl(tmp_path):
+    """Under torchrun on GPUs, the loss check and the gathered losses and predictions are CPU
+    collectives, which NCCL alone refuses ("No backend type associated with device type cpu")."""
+    torch.cuda.set_device(0)
+    dist.init_process_group(main.process_group_backend(cuda=True), store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        train_function._check_finite(1.0, "loss", distributed=True)
+        with pytest.raises(train_function.NonFiniteLossError):
+            train_function._check_finite(float("nan"), "loss", distributed=True)
+        loss = torch.tensor([2.0])
+        dist.all_reduce(loss)
+        shares = [None]
+        dist.all_gather_object(shares, {7: torch.ones(3)})
+        on_gpu = torch.ones(2, device="cuda")
+        dist.all_reduce(on_gpu)
+        assert loss.item() == 2.0 and torch.equal(shares[0][7], torch.ones(3)) and on_gpu.sum().item() == 2.0
+    finally:
+        dist.destroy_process_group()
