@@ -68,12 +68,18 @@ class Newbob:
         """Returns True when the rate was lowered and the best weights restored."""
         improved = self.best_score is None or score - self.best_score >= self.threshold
         if self.best_score is None or score > self.best_score:
-            self.best_score, self.best_state = score, copy.deepcopy(model.state_dict())
+            # Only what training changes: a frozen encoder's copy would double its memory and
+            # the size of every resumable checkpoint, for weights that never move.
+            state = model.trained_state_dict() if hasattr(model, "trained_state_dict") else model.state_dict()
+            self.best_score, self.best_state = score, copy.deepcopy(state)
         if improved:
             return False
         for group in self.optimizer.param_groups:
             group["lr"] *= self.factor
-        model.load_state_dict(self.best_state)
+        if hasattr(model, "load_trained_state_dict"):
+            model.load_trained_state_dict(self.best_state)
+        else:
+            model.load_state_dict(self.best_state)
         return True
 
     def state_dict(self):

@@ -242,6 +242,19 @@ def test_newbob_halves_the_rate_and_restores_a_copy_of_the_best_weights():
     assert torch.equal(model.weight, moved + 1.0) and not torch.equal(model.weight, best)
 
 
+def test_newbob_keeps_no_copy_of_a_frozen_encoder(models_dir):
+    model = tiny_model(models_dir)
+    optimizer = train_function.configure_optimizer(model, 1e-3, 1e-3)
+    newbob = train_function.make_scheduler(optimizer, "newbob", total_steps=10)
+    newbob.step_epoch(0.5, model)
+    assert newbob.best_state and not any(k.startswith("speech_encoder.") for k in newbob.best_state)
+    best = {k: v.clone() for k, v in newbob.best_state.items()}
+    with torch.no_grad():
+        model.classifier[0].weight.add_(1.0)
+    assert newbob.step_epoch(0.4, model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in best.items())
+
+
 # ------------------------------------------------------------------------------------------------
 # training steps
 
