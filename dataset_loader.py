@@ -43,6 +43,8 @@ def _load_npy(path, what):
         raise ValueError(f"{path}: not a readable .npy file ({error})") from None
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"{path}: expected a non-empty 1-D array for {what}, got shape {array.shape}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{path}: {what} holds NaN or infinite values; recompute it (--overwrite)")
     return array
 
 

@@ -45,4 +45,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a traceback would read as a crash; nothing finished is lost
+        print("feature_extraction_main.py: interrupted: finished files are kept; rerun the same command to go on", file=sys.stderr)
+        sys.exit(130)

@@ -98,6 +98,9 @@ class RunPaused(Exception):
 def resolve_config(args):
     """The complete settings of a run as plain JSON values; config.json holds exactly this."""
     data_dir, models_dir = Path(args.data_dir).resolve(), Path(args.models_dir).resolve()
+    if not (data_dir / "utterances.csv").is_file():
+        raise SystemExit(f"main.py: error: {data_dir / 'utterances.csv'}: not found; DATA_DIR is the folder "
+                         f"mocap_data_collect.py and the feature extraction wrote")
     branches = [b.strip() for b in args.branches.split(",") if b.strip()]
     if not branches or set(branches) - set(dataset_loader.BRANCHES) or len(set(branches)) != len(branches):
         raise SystemExit(f"main.py: error: --branches must be a comma-separated subset of "
@@ -189,7 +192,10 @@ def check_resumable(run_dir, config):
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return False
-    old = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"main.py: error: {path}: not a readable config.json ({e}); use a new RUN_DIR") from None
     changed = sorted(k for k in set(old) | set(config) if k not in NOT_COMPARED_ON_RESUME and old.get(k) != config.get(k))
     if changed:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
@@ -239,8 +245,12 @@ def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, s
             val = [u for u in pool if u["speaker"] == val_speaker]
             train = [u for u in pool if u["speaker"] != val_speaker]
         elif val_split == "stratified":
-            train, val = train_test_split(pool, test_size=val_fraction, random_state=seed,
-                                          stratify=[u["label"] for u in pool])
+            try:
+                train, val = train_test_split(pool, test_size=val_fraction, random_state=seed,
+                                              stratify=[u["label"] for u in pool])
+            except ValueError as e:  # too few utterances of a class, or too small a share, to stratify
+                raise ValueError(f"fold {k}: no stratified validation share of {val_fraction:.0%} from "
+                                 f"{len(pool)} utterances ({e})") from None
             train, val = sorted(train, key=lambda u: u["index"]), sorted(val, key=lambda u: u["index"])
         else:
             raise ValueError(f"unknown validation split {val_split!r}: use stratified, speaker or original")
@@ -265,6 +275,15 @@ def fold_title(fold):
 def save_checkpoint(path, state):
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def load_checkpoint(path, remedy):
+    """A checkpoint this run wrote; a damaged one is an error naming the file and what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated by a full disk, overwritten, not a checkpoint at all
+        raise SystemExit(f"main.py: error: {path}: unreadable checkpoint ({type(e).__name__}: "
+                         f"{str(e).split('. ')[0][:200]}); {remedy}") from None
 
 
 def rng_states(device, world):
@@ -338,7 +357,7 @@ def train_fold(config, fold, utterances, run_dir, env):
     state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_epoch": None, "best_val": None}
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
     if last_path.exists():
-        checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(last_path, "delete it to train this fold again from its first epoch")
         model.load_trained_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -360,7 +379,7 @@ def train_fold(config, fold, utterances, run_dir, env):
             kept = f"; the last good checkpoint is {last_path} (epoch {state['epoch']})" if last_path.exists() else \
                 "; no epoch had finished, so there is no checkpoint"
             raise SystemExit(f"main.py: error: fold {fold['fold']} epoch {epoch + 1}: {error}{kept}. "
-                             f"Lower the learning rates or enable --clip-norm, then resume or start a new RUN_DIR")
+                             f"Start a new RUN_DIR with lower learning rates or --clip-norm")
         if world > 1:
             loss = torch.tensor([train_loss])
             dist.all_reduce(loss)
@@ -396,7 +415,7 @@ def train_fold(config, fold, utterances, run_dir, env):
                             f"run the same command again to resume")
 
     # The test fold is seen once, with the checkpoint the validation set chose.
-    model.load_trained_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    model.load_trained_state_dict(load_checkpoint(best_path, "delete the fold's folder to train it again")["model"])
     test, predictions, _ = validation_function.evaluate(model, fold["test"], config["eval_batch_size"], device, amp,
                                                         rank, world)
     result = {k: fold[k] for k in ("fold", "test_sessions", "test_speakers") if k in fold}
@@ -518,20 +537,21 @@ def run(config, run_dir):
     """Train and evaluate every fold of config['protocol'] into run_dir; -> results dict (None when paused)."""
     run_dir = Path(run_dir)
     rank, world, device = setup_distributed(config)
-    setup_logging(run_dir, rank)
     env = {"rank": rank, "world_size": world, "device": device,
            "amp_dtype": torch.bfloat16 if config["precision"] == "bf16" else None}
     try:
         utterances = load_run_data(config)
+        folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
     except (FileNotFoundError, ValueError) as error:  # bad or missing input files, named in the message
         raise SystemExit(f"main.py: error: {error}") from None
+    # RUN_DIR is made only now: a run refused for its inputs leaves nothing behind to block the next.
     resuming = check_resumable(run_dir, config)
+    setup_logging(run_dir, rank)
     if rank == 0:
         write_config(run_dir, config)
     log.info(f"{'resuming' if resuming else 'starting'} run {run_dir}: {len(utterances)} labelled utterances, "
              f"branches {'+'.join(config['branches'])}, protocol {config['protocol']}, device {device}"
              f"{f' x {world} processes' if world > 1 else ''}, {config['precision']}")
-    folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
     try:
         fold_results = [train_fold(config, fold, utterances, run_dir, env) for fold in folds]
     except RunPaused as pause:
@@ -678,20 +698,36 @@ def parse_args(argv=None, parser=None):
     return parser.parse_args(argv)
 
 
+def check_options(args, parser):
+    """Numbers that would crash a run later, or quietly train something else than asked."""
+    at_least = {"--epochs": (args.epochs, 1), "--batch-size": (args.batch_size, 1),
+                "--eval-batch-size": (args.eval_batch_size, 1), "--grad-accum": (args.grad_accum, 1),
+                "--fusion-hidden": (args.fusion_hidden, 1), "CONTEXT_WINDOW": (args.context_window, 1),
+                "MAX_TEXT_TOKENS": (args.max_text_tokens, 2), "MAX_AUDIO_TOKENS": (args.max_audio_tokens, 2),
+                "--seed": (args.seed, 0), "--stop-after-epochs": (args.stop_after_epochs, 0),
+                "--clip-norm": (args.clip_norm, 0), "--weight-decay": (args.weight_decay, 0)}
+    for name, (value, least) in at_least.items():
+        if value < least:
+            parser.error(f"{name} must be at least {least}, got {value}")
+    for name, value in (("--lr-encoders", args.lr_encoders), ("--lr-head", args.lr_head)):
+        if not value > 0:
+            parser.error(f"{name} must be positive, got {value}")
+    for name, value in (("--val-fraction", args.val_fraction), ("--warmup", args.warmup)):
+        if not 0 <= value < 1 or (name == "--val-fraction" and value == 0):
+            parser.error(f"{name} must be a share {'above 0' if name == '--val-fraction' else 'from 0'} and below 1, "
+                         f"got {value}")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parse_args(argv, parser)
+    check_options(args, parser)
     if args.demo:
         if args.data_dir or args.models_dir:
             parser.error("--demo takes only RUN_DIR: it makes its own data and models")
         return run_demo(args)
     if not (args.run_dir and args.data_dir and args.models_dir):
         parser.error("RUN_DIR, DATA_DIR and MODELS_DIR are required (or --demo)")
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
-        if value < 1:
-            parser.error(f"{flag} must be at least 1")
-    if args.context_window < 1:
-        parser.error("CONTEXT_WINDOW must be at least 1")
     config = resolve_config(args)
     try:
         return run(config, args.run_dir)
@@ -701,4 +737,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a traceback would read as a crash; nothing finished is lost
+        print("main.py: interrupted: run the same command again to resume from the last finished epoch", file=sys.stderr)
+        sys.exit(130)

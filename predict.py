@@ -66,7 +66,10 @@ def load_run(run_dir, fold=None):
     path = run_dir / "config.json"
     if not path.is_file():
         raise PredictError(f"{path}: not found; RUN_DIR must be a folder that main.py trained")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PredictError(f"{path}: not a readable config.json ({e})") from None
     checkpoints = {int(p.parent.name[4:]): p for p in run_dir.glob("fold*/best.pt") if p.parent.name[4:].isdigit()}
     if not checkpoints:
         raise PredictError(f"{run_dir}: no fold*/best.pt; has the run finished a fold?")
@@ -131,7 +134,7 @@ def read_requests(list_path):
     """The rows of a list CSV as dicts (columns as given); `wav` paths resolved against its folder."""
     list_path = Path(list_path)
     try:
-        with open(list_path, newline="", encoding="utf-8") as f:
+        with open(list_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets' "CSV UTF-8" has a BOM
             reader = csv.DictReader(f)
             rows, columns = list(reader), list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -251,7 +254,11 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16):
         model = model_structure.build_model(config)
         fold_probs = []
         for path in checkpoints:
-            model.load_trained_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+            try:
+                model.load_trained_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+            except Exception as e:  # truncated, not a checkpoint, or another model's
+                raise PredictError(f"{path}: not a checkpoint of this run's model ({type(e).__name__}: "
+                                   f"{str(e).split('. ')[0][:200]})") from None
             model.to(device).eval()
             fold_probs.append(predict(model, items, batch_size, device, amp)["probs"])
         probs[[item["index"] for item in items]] = np.mean(fold_probs, axis=0)
@@ -295,6 +302,12 @@ def main(argv=None):
     parser.add_argument("--fold", type=int, help="predict with this fold's model (default: mean of all folds)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
     if bool(args.list) == bool(args.wav or args.text):
         parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
     if args.list:

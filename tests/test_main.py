@@ -2,15 +2,18 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import main
 import train_function
+from mocap_data_collect import read_manifest
 from test_training import data_dir, models_dir  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,6 +140,46 @@ def test_an_unusable_device_is_named_before_anything_is_written(tmp_path, monkey
     with pytest.raises(SystemExit, match=f"--device '?{device}'?: {message}"):
         main.main(args)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--val-fraction", "0", "--val-fraction must be a share above 0 and below 1"),
+    ("--eval-batch-size", "0", "--eval-batch-size must be at least 1"),
+    ("--clip-norm", "-1", "--clip-norm must be at least 0"),
+    ("--lr-head", "-1e-3", "--lr-head must be positive"),
+    ("--warmup", "1.5", "--warmup must be a share from 0 and below 1")])
+def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, data_dir, models_dir, capsys,
+                                                                   option, value, message):
+    with pytest.raises(SystemExit):
+        run_main(tmp_path / "run", data_dir, models_dir, f"{option}={value}")
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_refused_for_its_data_leaves_no_folder_to_block_the_next(tmp_path, data_dir, models_dir):
+    with pytest.raises(SystemExit, match="fold 1: no stratified validation share of 1% from 80 utterances"):
+        run_main(tmp_path / "run", data_dir, models_dir, "--val-fraction", "0.01")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_features_are_named_when_loaded(tmp_path, data_dir, models_dir):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    labelled = next(row["name"] for row in read_manifest(broken) if row["label"])
+    path = broken / "FullBertEmb1" / f"{labelled}.npy"
+    vector = np.load(path)
+    vector[3] = np.nan
+    np.save(path, vector)
+    with pytest.raises(SystemExit, match=f"{path.name}: context vector .* NaN or infinite"):
+        run_main(tmp_path / "run", broken, models_dir)
+
+
+def test_a_damaged_checkpoint_names_itself_and_the_way_out(tmp_path, data_dir, models_dir):
+    run_dir = tmp_path / "run"
+    run_main(run_dir, data_dir, models_dir, "--stop-after-epochs", "1")
+    (run_dir / "fold1" / "last.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(SystemExit, match="last.pt: unreadable checkpoint .*delete it to train this fold again"):
+        run_main(run_dir, data_dir, models_dir)
 
 
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, data_dir,

@@ -100,6 +100,25 @@ def test_too_short_silent_or_missing_audio_gets_a_message_not_an_answer(demo, tm
     assert "gone.wav: no such audio file" in out
 
 
+def test_a_spreadsheet_list_with_a_byte_order_mark_is_read(demo, tmp_path, capsys):
+    wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
+    (tmp_path / "list.csv").write_text(f"wav,text\n{wav},Hello there\n", encoding="utf-8-sig")
+    assert predict.main([str(demo["run_dir"]), "--list", str(tmp_path / "list.csv")]) == 0
+    assert "Hello there" in capsys.readouterr().out
+
+
+def test_a_damaged_checkpoint_or_config_is_named(demo, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data", "models"))
+    rows = [{"wav": "x.wav", "text": "hi", "_wav_path": next((demo["data_dir"] / "Audio").glob("*.wav"))}]
+    (run_dir / "fold1" / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(predict.PredictError, match="best.pt: not a checkpoint of this run's model"):
+        predict.predict_rows(run_dir, rows)
+    (run_dir / "config.json").write_text("{")
+    with pytest.raises(predict.PredictError, match="config.json: not a readable config.json"):
+        predict.predict_rows(run_dir, rows)
+
+
 def test_a_changed_or_missing_pretrained_file_is_refused(demo, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data"))
