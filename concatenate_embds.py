@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from feature_ext import StepReport, format_summary, valid_npy
+from feature_ext import StepReport, format_summary, stamp_manifest, valid_npy
 from mocap_data_collect import CorpusError, read_manifest
 from utils import save_npy_atomic
 
@@ -80,6 +80,7 @@ def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, p
         return reports
     for c, report in zip(contexts, reports):
         out_dir = data_dir / f"FullBertEmb{c}"
+        stamp_manifest(data_dir, report.step, rows, out_dir, report)
         for dialogue in tqdm(dialogues(rows), desc=report.step, unit="dialogue", disable=not progress):
             names = [row["name"] for row in dialogue]
             missing = [name for name in names if name not in embeddings]

@@ -27,6 +27,7 @@ import argparse
 import ast
 import collections
 import contextlib
+import hashlib
 import json
 import math
 import pickle
@@ -49,6 +50,8 @@ from utils import TOKENIZER_FILES, fingerprint, save_npy_atomic, write_text_atom
 SENTENCE_BATCH_SIZE = 32
 STEPS = ("speech-tokens", "text-tokens", "sentence-embeddings")
 FEATURES_RECORD = "features.json"
+# features.json's key for what each step's files were made for: {step: manifest_fingerprint(rows)}
+MANIFEST_KEY = "manifest"
 
 # ---------------------------------------------------------------------------------------------
 # Loading checkpoints without running code from them
@@ -754,6 +757,16 @@ def _from_pretrained(loader, name, role):
         raise OSError(f"{role} {name!r} (a local folder, or a hub name in the cache or online): {e}") from None
 
 
+def _load_tokenizer(name, role):
+    """A tokenizer with a vocabulary: without its vocabulary files, transformers builds one of
+    special tokens only, which turns every transcript into <s> </s> without a word of warning."""
+    tokenizer = _from_pretrained(AutoTokenizer, name, role)
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise OSError(f"{role} {name!r}: its tokenizer knows only its {len(tokenizer)} special tokens; is "
+                      f"tokenizer.json (or vocab.json and merges.txt, or vocab.txt) missing from it?")
+    return tokenizer
+
+
 def read_features_record(data_dir):
     """DATA_DIR/features.json: {step: {role: fingerprint}}; empty when no step has recorded yet."""
     path = Path(data_dir) / FEATURES_RECORD
@@ -765,13 +778,44 @@ def read_features_record(data_dir):
         raise ValueError(f"{path}: unreadable record of the models used ({e}); delete it and rerun with --overwrite") from None
 
 
-def record_models(data_dir, step, out_dir, current, overwrite):
+def manifest_fingerprint(rows):
+    """What a feature file's name stands for: every row's name (its position in the manifest),
+    utterance id and transcript, in order. When it changes, a name may mean another utterance."""
+    lines = "".join(f"{row['name']}\t{row['utterance_id']}\t{row['transcript']}\n" for row in rows)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def stamp_manifest(data_dir, step, rows, out_dir, report):
+    """Record in features.json which manifest `step`'s files are made for. Files made for another
+    manifest are named by positions in it, so they are removed (and recomputed) first."""
+    record = read_features_record(data_dir)
+    made_for = record.get(MANIFEST_KEY, {}).get(step)
+    now = manifest_fingerprint(rows)
+    if made_for is not None and made_for != now and any(Path(out_dir).glob("*.npy")):
+        report.notes.append(f"{Path(data_dir) / 'utterances.csv'} lists other utterances than when {out_dir} was "
+                            f"made (its files are named by position): recomputing all of it")
+        for path in Path(out_dir).glob("*.npy"):
+            path.unlink()
+    if made_for != now:
+        record.setdefault(MANIFEST_KEY, {})[step] = now
+        write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def stale_features(data_dir, steps, rows):
+    """The steps among `steps` whose files features.json says were made for another manifest."""
+    made_for = read_features_record(data_dir).get(MANIFEST_KEY, {})
+    now = manifest_fingerprint(rows)
+    return [step for step in steps if made_for.get(step, now) != now]
+
+
+def record_models(data_dir, step, out_dir, current, overwrite, rows, report):
     """Record in DATA_DIR/features.json which pretrained files this step's outputs come from
-    (current: {role: utils.fingerprint(...)}).
+    (current: {role: utils.fingerprint(...)}), and which manifest (stamp_manifest).
 
     Outputs of different models must not mix: when the record names other files than `models`
     and outputs exist, stop, unless --overwrite is about to recompute them all.
     """
+    stamp_manifest(data_dir, step, rows, out_dir, report)
     record = read_features_record(data_dir)
     old = record.get(step, {})
     changed = [role for role in current if role in old and old[role]["sha256"] != current[role]["sha256"]]
@@ -779,8 +823,9 @@ def record_models(data_dir, step, out_dir, current, overwrite):
         details = "; ".join(f"{role}: {old[role]['path']} -> {current[role]['path']}" for role in changed)
         raise ValueError(f"{out_dir} was computed with other pretrained files ({details}); "
                          f"rerun with --overwrite to recompute it with the new ones")
-    record[step] = current
-    write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
+    if record.get(step) != current:
+        record[step] = current
+        write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def _pending(rows, out_dir, is_valid, overwrite, report):
@@ -812,12 +857,14 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
     report = StepReport("speech-tokens")
 
     def work():
-        rows = [row for row in read_manifest(data_dir) if row["label"]]
+        manifest = read_manifest(data_dir)
+        rows = [row for row in manifest if row["label"]]
         paths = {"vq_wav2vec": models_dir / "vq-wav2vec_kmeans.pt",
                  "speech_dictionary": models_dir / "bert_kmeans" / "dict.txt"}
         dictionary = load_speech_dictionary(paths["speech_dictionary"])
         model = load_vq_wav2vec(paths["vq_wav2vec"]).to(_device(device))
-        record_models(data_dir, report.step, out_dir, {role: fingerprint(p) for role, p in paths.items()}, overwrite)
+        record_models(data_dir, report.step, out_dir, {role: fingerprint(p) for role, p in paths.items()}, overwrite,
+                      manifest, report)
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)), overwrite, report)
         bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
         for row in bar:
@@ -850,9 +897,9 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
     def work():
         rows = read_manifest(data_dir)
         # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
-        tokenizer = _from_pretrained(AutoTokenizer, text_model, "text model")
+        tokenizer = _load_tokenizer(text_model, "text model")
         record_models(data_dir, report.step, out_dir, {"text_tokenizer": fingerprint(text_model, TOKENIZER_FILES)},
-                      overwrite)
+                      overwrite, rows, report)
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32), overwrite, report)
         bar = tqdm(todo, desc=report.step, unit="utt", disable=not progress)
         for row in bar:
@@ -897,9 +944,10 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
     def work():
         rows = read_manifest(data_dir)
         # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
-        tokenizer = _from_pretrained(AutoTokenizer, sentence_model, "sentence model")
+        tokenizer = _load_tokenizer(sentence_model, "sentence model")
         model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(_device(device)).eval()
-        record_models(data_dir, report.step, out_dir, {"sentence_model": fingerprint(sentence_model)}, overwrite)
+        record_models(data_dir, report.step, out_dir, {"sentence_model": fingerprint(sentence_model)}, overwrite,
+                      rows, report)
         width = model.config.hidden_size
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.float32, shape=(width,)), overwrite, report)
         names, texts = [], []

@@ -45,7 +45,7 @@ import feature_ext
 import model_structure
 import train_function
 import validation_function
-from mocap_data_collect import CLASSES
+from mocap_data_collect import CLASSES, read_manifest
 from utils import WEIGHT_FILES, atomic_path, fingerprint, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
@@ -307,11 +307,18 @@ def set_rng_state(states, rank, device):
 
 
 def check_lengths(model, utterances):
-    """RoBERTa's learned positions stop at max_position_embeddings - 2 (fairseq's padding offset)."""
+    """RoBERTa's learned positions stop at max_position_embeddings - 2 (fairseq's padding offset),
+    and its ids at its vocabulary's size (ids beyond it: features of another tokenizer)."""
     for branch, key in (("text", "text_ids"), ("speech", "speech_ids")):
         encoder = getattr(model, f"{branch}_encoder")
         if encoder is None:
             continue
+        largest = max(int(u[key].max()) for u in utterances)
+        if largest >= encoder.config.vocab_size:
+            folder = "GPT2Tokens" if branch == "text" else "vqw2vTokens"
+            raise SystemExit(f"main.py: error: {folder}/ holds ids up to {largest}, but the {branch} encoder's "
+                             f"vocabulary has {encoder.config.vocab_size}: its features were made for another "
+                             f"model (features.json says which); extract them again with this one")
         limit = encoder.config.max_position_embeddings - 2
         longest = max(len(u[key]) for u in utterances)
         if longest > limit:
@@ -526,6 +533,14 @@ def process_group_backend(cuda):
 
 def load_run_data(config):
     """All labelled utterances with their features, once per run; fills config['context_width']."""
+    made_by = {"text": ["text-tokens"], "speech": ["speech-tokens"],
+               "context": ["sentence-embeddings", f"context-{config['context_window']}"]}
+    steps = [step for branch in config["branches"] for step in made_by[branch]]
+    stale = feature_ext.stale_features(config["data_dir"], steps, read_manifest(config["data_dir"]))
+    if stale:
+        raise ValueError(f"{Path(config['data_dir']) / 'utterances.csv'} lists other utterances than the "
+                         f"{', '.join(stale)} features were made for (their files are named by position); "
+                         f"rerun feature_extraction_main.py on it")
     utterances = dataset_loader.load_utterances(config["data_dir"], config["context_window"], config["max_text_tokens"],
                                                 config["max_audio_tokens"], config["branches"])
     if "context" in config["branches"]:

@@ -15,12 +15,14 @@ from transformers import AutoModel, AutoTokenizer
 import concatenate_embds
 import feature_ext
 import feature_extraction_main
+import main
 import mocap_data_collect
 import synthetic_iemocap
 from concatenate_embds import context_vectors
 from feature_ext import (codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec,
                          resolve_model, sentence_embeddings)
 from tiny_models import make_tiny_bert, make_tiny_models
+from mocap_data_collect import manifest_bytes
 from utils import fingerprint
 
 CONTEXTS = (1, 2, 3)
@@ -257,10 +259,48 @@ def test_tiny_encoders_give_vectors_standardized_over_their_corpus(extracted):
     np.testing.assert_allclose(speech.std(0, ddof=1), 1, rtol=1e-3)
 
 
+def test_features_made_for_another_manifest_are_recomputed_not_kept(extracted, tmp_path):
+    """Feature files are named by position in utterances.csv: after the manifest changes (say, a
+    fixed corpus), a name may stand for another utterance, so its old file must not be kept."""
+    data_dir, rows = _copy_data_dir(extracted, tmp_path), extracted["rows"]
+    changed = [dict(row) for row in rows]
+    changed[0]["utterance_id"], changed[0]["transcript"] = rows[1]["utterance_id"], "Another utterance now."
+    (data_dir / "utterances.csv").write_bytes(manifest_bytes(changed))
+    (data_dir / "Text" / f"{rows[0]['name']}.txt").write_text("Another utterance now.", encoding="utf-8")
+    with pytest.raises(SystemExit, match="lists other utterances than the text-tokens features were made for"):
+        main.main([str(tmp_path / "run"), str(data_dir), str(extracted["models_dir"]), "2", "--branches", "text"])
+    reports = {r.step: r for r in feature_extraction_main.extract_features(data_dir, extracted["models_dir"],
+                                                                           contexts=[2], progress=False)}
+    for step in ("text-tokens", "sentence-embeddings", "context-2"):
+        assert reports[step].written == len(rows) and any("lists other utterances" in n for n in reports[step].notes)
+    assert reports["speech-tokens"].written == sum(1 for r in rows if r["label"])
+    assert feature_ext.stale_features(data_dir, list(feature_ext.STEPS) + ["context-2"], changed) == []
+
+
+def test_tiny_models_never_overwrite_what_may_be_the_real_ones(extracted, tmp_path):
+    real = tmp_path / "models"
+    (real / "roberta-large").mkdir(parents=True)
+    (real / "roberta-large" / "model.safetensors").write_bytes(b"a real download")
+    with pytest.raises(FileExistsError, match="not overwriting what may be the real pretrained models"):
+        make_tiny_models(real, [r["transcript"] for r in extracted["rows"]], extracted["wavs"], seed=0)
+    assert (real / "roberta-large" / "model.safetensors").read_bytes() == b"a real download"
+    assert (extracted["models_dir"] / "TINY_MODELS.txt").is_file()  # its own folder: rebuilt freely
+
+
+def test_a_model_folder_without_its_vocabulary_is_refused_not_used(extracted, tmp_path):
+    broken = tmp_path / "roberta-large"
+    shutil.copytree(extracted["models"]["text_model"], broken)
+    (broken / "tokenizer.json").unlink()  # transformers would build a tokenizer of special tokens only
+    data_dir = _copy_data_dir(extracted, tmp_path)
+    report = feature_ext.extract_text_tokens(data_dir, text_model=broken, overwrite=True, progress=False)
+    assert not report.ok and "tokenizer knows only its" in report.error and "tokenizer.json" in report.error
+
+
 def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp_path):
     data_dir, models = _copy_data_dir(extracted, tmp_path), extracted["models"]
     record = feature_ext.read_features_record(data_dir)
-    assert set(record) == set(feature_ext.STEPS)
+    assert set(record) == set(feature_ext.STEPS) | {feature_ext.MANIFEST_KEY}
+    assert set(record[feature_ext.MANIFEST_KEY]) == set(feature_ext.STEPS) | {"context-1", "context-2", "context-3"}
     assert record["speech-tokens"]["vq_wav2vec"]["path"] == str(Path(models["vq_wav2vec"]).resolve())
     assert record["sentence-embeddings"]["sentence_model"]["sha256"] == fingerprint(models["sentence_model"])["sha256"]
     # Another sentence model: the existing embeddings came from the old one, so nothing is

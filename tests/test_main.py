@@ -174,6 +174,15 @@ def test_non_finite_features_are_named_when_loaded(tmp_path, data_dir, models_di
         run_main(tmp_path / "run", broken, models_dir)
 
 
+def test_token_ids_beyond_the_encoders_vocabulary_are_named(tmp_path, data_dir, models_dir):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    labelled = next(row["name"] for row in read_manifest(broken) if row["label"])
+    np.save(broken / "GPT2Tokens" / f"{labelled}.npy", np.array([0, 30521, 2], dtype=np.int32))  # a BERT id
+    with pytest.raises(SystemExit, match="GPT2Tokens/ holds ids up to 30521, but the text encoder's vocabulary"):
+        run_main(tmp_path / "run", broken, models_dir, "--branches", "text")
+
+
 def test_a_damaged_checkpoint_names_itself_and_the_way_out(tmp_path, data_dir, models_dir):
     run_dir = tmp_path / "run"
     run_main(run_dir, data_dir, models_dir, "--stop-after-epochs", "1")
