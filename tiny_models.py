@@ -14,6 +14,8 @@ accept in place of the real one:
   MODELS_DIR/bert_kmeans/bert_kmeans.pt, dict.txt
                                        tiny speech RoBERTa in fairseq's key layout and the codes seen
                                        in the audio with their counts
+  MODELS_DIR/TINY_MODELS.txt           says these are stand-ins; a MODELS_DIR with model files and
+                                       without it (the real downloads, perhaps) is never overwritten
 The weights are random (seeded), "pretrained" on the given corpus only in the cheapest ways: the
 codebook is fitted on its audio, and the last layer norm of the sentence model and of the speech
 RoBERTa is set so that their output vectors are standardized over its utterances. Random small
@@ -303,6 +305,12 @@ def make_tiny_speech_roberta(out_dir, code_lines, seed=0):
     return out_dir / "bert_kmeans.pt", out_dir / "dict.txt"
 
 
+# What make_tiny_models writes into MODELS_DIR, and the file that says they are its stand-ins: a
+# MODELS_DIR holding these names without it may be the real downloads, which it never overwrites.
+MODEL_NAMES = ("bert-base-uncased", "roberta-large", "vq-wav2vec_kmeans.pt", "bert_kmeans")
+MARKER = "TINY_MODELS.txt"
+
+
 def make_tiny_models(models_dir, texts, wavs=None, seed=0):
     """Write a tiny MODELS_DIR (see the module docstring) and return the paths it wrote.
 
@@ -314,6 +322,13 @@ def make_tiny_models(models_dir, texts, wavs=None, seed=0):
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("make_tiny_models needs some non-empty texts to train the tokenizers on")
+    present = [name for name in MODEL_NAMES if (models_dir / name).exists()]
+    if present and not (models_dir / MARKER).is_file():
+        raise FileExistsError(f"{models_dir}: holds {', '.join(present)} but no {MARKER}; not overwriting what may "
+                              f"be the real pretrained models (give the tiny ones a folder of their own)")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    (models_dir / MARKER).write_text("Tiny random stand-ins written by tiny_models.py for tests and the demo; "
+                                     "not the pretrained models.\n", encoding="utf-8")
     wavs = [_read_wav(w) for w in wavs] if wavs is not None else _default_wavs(seed)
     paths = {"sentence_model": make_tiny_bert(models_dir / "bert-base-uncased", texts, seed),
              "text_model": make_tiny_roberta(models_dir / "roberta-large", texts, seed)}
@@ -333,7 +348,11 @@ def main(argv=None):
     rows = read_manifest(data_dir)
     texts = [row["transcript"] for row in rows]
     wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
-    for name, path in make_tiny_models(args.models_dir, texts, wavs, args.seed).items():
+    try:
+        paths = make_tiny_models(args.models_dir, texts, wavs, args.seed)
+    except (FileExistsError, ValueError) as e:
+        raise SystemExit(f"tiny_models.py: error: {e}") from None
+    for name, path in paths.items():
         print(f"{name}: {path}")
 
 
