@@ -78,6 +78,11 @@ def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, p
         for report in reports:
             report.error = str(e)
         return reports
+    if width is None:  # one line, not a failure for every utterance of every window
+        for report in reports:
+            report.error = (f"{data_dir / 'BertEmb'}: no valid sentence embedding; "
+                            f"run the sentence-embeddings step first")
+        return reports
     for c, report in zip(contexts, reports):
         out_dir = data_dir / f"FullBertEmb{c}"
         stamp_manifest(data_dir, report.step, rows, out_dir, report)

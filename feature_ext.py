@@ -49,6 +49,7 @@ from utils import TOKENIZER_FILES, fingerprint, save_npy_atomic, write_text_atom
 
 SENTENCE_BATCH_SIZE = 32
 STEPS = ("speech-tokens", "text-tokens", "sentence-embeddings")
+SHOWN_FAILURES = 20  # per step in the summary; a broken input folder would otherwise bury the table
 FEATURES_RECORD = "features.json"
 # features.json's key for what each step's files were made for: {step: manifest_fingerprint(rows)}
 MANIFEST_KEY = "manifest"
@@ -687,7 +688,9 @@ def format_summary(reports):
         if r.error:
             lines.append(f"{r.step}: could not run: {r.error}")
         lines += [f"{r.step}: {note}" for note in r.notes]
-        lines += [f"{r.step}: failed {name}: {reason}" for name, reason in r.failed]
+        lines += [f"{r.step}: failed {name}: {reason}" for name, reason in r.failed[:SHOWN_FAILURES]]
+        if len(r.failed) > SHOWN_FAILURES:
+            lines.append(f"{r.step}: ... and {len(r.failed) - SHOWN_FAILURES} more failures (each printed as it happened)")
     n_failed, n_broken = sum(len(r.failed) for r in reports), sum(bool(r.error) for r in reports)
     if not n_failed and not n_broken:
         lines.append("all done")

@@ -199,6 +199,21 @@ def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsy
         assert (data_dir / "FullBertEmb1" / f"{row['name']}.npy").exists() == (abs(i - position) > 1)
 
 
+def test_without_sentence_embeddings_the_context_step_says_so_once(extracted, tmp_path):
+    data_dir = _copy_data_dir(extracted, tmp_path)
+    shutil.rmtree(data_dir / "BertEmb")
+    (report,) = concatenate_embds.write_context_vectors(data_dir, [1], progress=False)
+    assert "no valid sentence embedding; run the sentence-embeddings step first" in report.error
+    assert not report.failed and report.written == 0
+
+
+def test_the_summary_lists_the_first_failures_and_counts_the_rest():
+    report = feature_ext.StepReport("text-tokens")
+    report.failed = [(f"{i}_s_1_neu", "empty transcript") for i in range(feature_ext.SHOWN_FAILURES + 5)]
+    summary = feature_ext.format_summary([report])
+    assert summary.count(": failed ") == feature_ext.SHOWN_FAILURES and "... and 5 more failures" in summary
+
+
 def test_each_step_runs_alone_from_its_own_script(extracted, tmp_path, capsys):
     data_dir = _copy_data_dir(extracted, tmp_path)
     shutil.rmtree(data_dir / "GPT2Tokens")
