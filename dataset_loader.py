@@ -48,7 +48,7 @@ def _load_npy(path, what):
     return array
 
 
-def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=BRANCHES):
+def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=BRANCHES, progress=True):
     """Read the labelled utterances of DATA_DIR, with the features the given branches need."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
@@ -59,7 +59,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     if not rows:
         raise ValueError(f"{data_dir / 'utterances.csv'}: no utterance has one of the labels {CLASSES}")
     utterances = []
-    for row in tqdm(rows, desc="loading features", unit="utt", leave=False):
+    for row in tqdm(rows, desc="loading features", unit="utt", leave=False, disable=not progress):
         name = row["name"]
         item = {
             "index": len(utterances), "name": name, "session": row["session"],

@@ -343,7 +343,8 @@ def train_fold(config, fold, utterances, run_dir, env):
     model.to(device)
     if model.speech_encoder is not None and not model.finetune_speech and "speech_vector" not in utterances[0]:
         log.info("computing the frozen speech encoder's vectors once for the whole run")
-        train_function.cache_speech_vectors(model, utterances, config["eval_batch_size"], device, amp, rank, world)
+        train_function.cache_speech_vectors(model, utterances, config["eval_batch_size"], device, amp, rank, world,
+                                            progress=env["progress"])
     trained = model
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -381,7 +382,7 @@ def train_fold(config, fold, utterances, run_dir, env):
         try:
             train_loss = train_function.train_epoch(
                 trained, loader, criterion, optimizer, device, step_scheduler, config["grad_accum"],
-                config["clip_norm"], amp, distributed=world > 1, desc=desc, progress=rank == 0)
+                config["clip_norm"], amp, distributed=world > 1, desc=desc, progress=env["progress"])
         except train_function.NonFiniteLossError as error:
             kept = f"; the last good checkpoint is {last_path} (epoch {state['epoch']})" if last_path.exists() else \
                 "; no epoch had finished, so there is no checkpoint"
@@ -531,7 +532,7 @@ def process_group_backend(cuda):
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
-def load_run_data(config):
+def load_run_data(config, progress=True):
     """All labelled utterances with their features, once per run; fills config['context_width']."""
     made_by = {"text": ["text-tokens"], "speech": ["speech-tokens"],
                "context": ["sentence-embeddings", f"context-{config['context_window']}"]}
@@ -542,7 +543,7 @@ def load_run_data(config):
                          f"{', '.join(stale)} features were made for (their files are named by position); "
                          f"rerun feature_extraction_main.py on it")
     utterances = dataset_loader.load_utterances(config["data_dir"], config["context_window"], config["max_text_tokens"],
-                                                config["max_audio_tokens"], config["branches"])
+                                                config["max_audio_tokens"], config["branches"], progress)
     if "context" in config["branches"]:
         config["context_width"] = dataset_loader.context_slice_width(utterances)
     return utterances
@@ -552,10 +553,12 @@ def run(config, run_dir):
     """Train and evaluate every fold of config['protocol'] into run_dir; -> results dict (None when paused)."""
     run_dir = Path(run_dir)
     rank, world, device = setup_distributed(config)
-    env = {"rank": rank, "world_size": world, "device": device,
+    # Progress bars on a terminal only: in a job's log file (nohup, SLURM) their redrawn frames
+    # run together into one endless line, and the per-epoch lines say the same.
+    env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
            "amp_dtype": torch.bfloat16 if config["precision"] == "bf16" else None}
     try:
-        utterances = load_run_data(config)
+        utterances = load_run_data(config, env["progress"])
         folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
     except (FileNotFoundError, ValueError) as error:  # bad or missing input files, named in the message
         raise SystemExit(f"main.py: error: {error}") from None

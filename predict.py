@@ -308,6 +308,8 @@ def main(argv=None):
         parser.error(f"--device {args.device!r}: use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device")
+    if args.list and args.output and Path(args.output).resolve() == Path(args.list).resolve():
+        parser.error("--output is the --list file itself: write the predictions elsewhere")
     if bool(args.list) == bool(args.wav or args.text):
         parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
     if args.list:

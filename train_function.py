@@ -162,7 +162,8 @@ def train_epoch(model, loader, criterion, optimizer, device, scheduler=None, gra
 
 
 @torch.no_grad()
-def cache_speech_vectors(model, utterances, batch_size, device, amp_dtype=None, rank=0, world_size=1):
+def cache_speech_vectors(model, utterances, batch_size, device, amp_dtype=None, rank=0, world_size=1,
+                         progress=True):
     """Run the frozen speech encoder once over every utterance and keep its <s> vector in the
     utterance dict ('speech_vector'); batches then carry these instead of speech tokens.
 
@@ -176,7 +177,7 @@ def cache_speech_vectors(model, utterances, batch_size, device, amp_dtype=None, 
     model.eval()
     vectors = {}
     for batch in tqdm(evaluation_loader(utterances, batch_size, rank, world_size), desc="speech vectors",
-                      unit="batch", leave=False, disable=rank != 0):
+                      unit="batch", leave=False, disable=rank != 0 or not progress):
         with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model.encode_speech(batch["speech_ids"].to(device), batch["speech_mask"].to(device))
         vectors.update(zip(batch["index"].tolist(), [v.clone() for v in out.float().cpu()]))

@@ -107,6 +107,13 @@ def test_a_spreadsheet_list_with_a_byte_order_mark_is_read(demo, tmp_path, capsy
     assert "Hello there" in capsys.readouterr().out
 
 
+def test_the_list_is_never_overwritten_by_the_output(demo, tmp_path):
+    (tmp_path / "list.csv").write_text("wav,text\nclip.wav,Hello\n")
+    with pytest.raises(SystemExit):
+        predict.main([str(demo["run_dir"]), "--list", str(tmp_path / "list.csv"), "--output", str(tmp_path / "list.csv")])
+    assert (tmp_path / "list.csv").read_text() == "wav,text\nclip.wav,Hello\n"
+
+
 def test_a_damaged_checkpoint_or_config_is_named(demo, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data", "models"))
