@@ -749,6 +749,10 @@ def main(argv=None):
     config = resolve_config(args)
     try:
         return run(config, args.run_dir)
+    except OSError as e:  # a file or folder that can't be read or written (read-only, not a folder, ...)
+        if e.filename is None:
+            raise
+        raise SystemExit(f"main.py: error: {e.filename}: {e.strerror}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

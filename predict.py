@@ -327,7 +327,11 @@ def main(argv=None):
         return 2
     print(results_table(rows, probs, notes, classes))
     if args.output:
-        write_output(args.output, rows, columns, probs, classes)
+        try:
+            write_output(args.output, rows, columns, probs, classes)
+        except OSError as e:  # a read-only folder, a folder given as the file, ...
+            print(f"predict.py: error: --output {args.output}: {e.strerror}", file=sys.stderr)
+            return 2
         print(f"wrote {args.output}")
     wanted = [i for i, row in enumerate(rows) if row["_wav_path"] is not None]
     return 1 if any(np.isnan(probs[i, 0]) for i in wanted) else 0

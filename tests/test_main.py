@@ -191,6 +191,12 @@ def test_a_damaged_checkpoint_names_itself_and_the_way_out(tmp_path, data_dir, m
         run_main(run_dir, data_dir, models_dir)
 
 
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, data_dir, models_dir):
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit, match=r"a file/run: Not a directory"):
+        run_main(tmp_path / "a file" / "run", data_dir, models_dir)
+
+
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, data_dir,
                                                                            models_dir):
     calls = {"n": 0}
