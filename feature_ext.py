@@ -745,10 +745,17 @@ def read_transcript(data_dir, name):
     return text
 
 
-def _device(device):
-    device = torch.device(device)
+def check_device(name):
+    """--device as a torch.device, for every script: cpu or cuda[:N], and a GPU only where torch sees one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: not a device this tool runs on (cpu, cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
+                         f"built {'without' if torch.version.cuda is None else 'with'} CUDA)")
     return device
 
 
@@ -865,7 +872,7 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
         paths = {"vq_wav2vec": models_dir / "vq-wav2vec_kmeans.pt",
                  "speech_dictionary": models_dir / "bert_kmeans" / "dict.txt"}
         dictionary = load_speech_dictionary(paths["speech_dictionary"])
-        model = load_vq_wav2vec(paths["vq_wav2vec"]).to(_device(device))
+        model = load_vq_wav2vec(paths["vq_wav2vec"]).to(check_device(device))
         record_models(data_dir, report.step, out_dir, {role: fingerprint(p) for role, p in paths.items()}, overwrite,
                       manifest, report)
         todo = _pending(rows, out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)), overwrite, report)
@@ -948,7 +955,7 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
         rows = read_manifest(data_dir)
         # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
         tokenizer = _load_tokenizer(sentence_model, "sentence model")
-        model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(_device(device)).eval()
+        model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(check_device(device)).eval()
         record_models(data_dir, report.step, out_dir, {"sentence_model": fingerprint(sentence_model)}, overwrite,
                       rows, report)
         width = model.config.hidden_size

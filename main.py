@@ -116,14 +116,9 @@ def resolve_config(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise SystemExit(f"main.py: error: --device {device!r}: use auto, cpu or cuda") from None
-    if kind not in ("cpu", "cuda"):
-        raise SystemExit(f"main.py: error: --device {device!r}: use auto, cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"main.py: error: --device {device}: torch sees no CUDA device "
-                         f"(torch {torch.__version__}, built {'without' if torch.version.cuda is None else 'with'} CUDA)")
+        feature_ext.check_device(device)
+    except ValueError as error:
+        raise SystemExit(f"main.py: error: {error}") from None
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
@@ -730,10 +725,10 @@ def check_options(args, parser):
     for name, value in (("--lr-encoders", args.lr_encoders), ("--lr-head", args.lr_head)):
         if not value > 0:
             parser.error(f"{name} must be positive, got {value}")
-    for name, value in (("--val-fraction", args.val_fraction), ("--warmup", args.warmup)):
-        if not 0 <= value < 1 or (name == "--val-fraction" and value == 0):
-            parser.error(f"{name} must be a share {'above 0' if name == '--val-fraction' else 'from 0'} and below 1, "
-                         f"got {value}")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be a share above 0 and below 1, got {args.val_fraction}")
+    if not 0 <= args.warmup < 1:
+        parser.error(f"--warmup must be a share from 0 and below 1, got {args.warmup}")
 
 
 def main(argv=None):

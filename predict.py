@@ -38,7 +38,7 @@ from scipy.signal import resample_poly
 import model_structure
 from concatenate_embds import context_vectors
 from dataset_loader import truncate_tokens
-from feature_ext import (SAMPLE_RATE, codes_to_string, load_speech_dictionary, load_vq_wav2vec,
+from feature_ext import (SAMPLE_RATE, check_device, codes_to_string, load_speech_dictionary, load_vq_wav2vec,
                          sentence_embeddings)
 from utils import fingerprint, write_text_atomic
 from validation_function import predict
@@ -303,11 +303,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r}: use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device")
+        check_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.list and args.output and Path(args.output).resolve() == Path(args.list).resolve():
         parser.error("--output is the --list file itself: write the predictions elsewhere")
     if bool(args.list) == bool(args.wav or args.text):

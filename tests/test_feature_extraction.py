@@ -22,7 +22,6 @@ from concatenate_embds import context_vectors
 from feature_ext import (codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec,
                          resolve_model, sentence_embeddings)
 from tiny_models import make_tiny_bert, make_tiny_models
-from mocap_data_collect import manifest_bytes
 from utils import fingerprint
 
 CONTEXTS = (1, 2, 3)
@@ -280,7 +279,7 @@ def test_features_made_for_another_manifest_are_recomputed_not_kept(extracted, t
     data_dir, rows = _copy_data_dir(extracted, tmp_path), extracted["rows"]
     changed = [dict(row) for row in rows]
     changed[0]["utterance_id"], changed[0]["transcript"] = rows[1]["utterance_id"], "Another utterance now."
-    (data_dir / "utterances.csv").write_bytes(manifest_bytes(changed))
+    (data_dir / "utterances.csv").write_bytes(mocap_data_collect.manifest_bytes(changed))
     (data_dir / "Text" / f"{rows[0]['name']}.txt").write_text("Another utterance now.", encoding="utf-8")
     with pytest.raises(SystemExit, match="lists other utterances than the text-tokens features were made for"):
         main.main([str(tmp_path / "run"), str(data_dir), str(extracted["models_dir"]), "2", "--branches", "text"])

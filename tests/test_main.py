@@ -131,8 +131,9 @@ def test_a_missing_pretrained_model_is_named_before_anything_is_written(tmp_path
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("device,message", [("cuda", "torch sees no CUDA device"), ("tpu", "use auto, cpu or cuda"),
-                                            ("gpu0", "use auto, cpu or cuda")])
+@pytest.mark.parametrize("device,message", [("cuda", "torch sees no CUDA device"),
+                                            ("tpu", r"not a device this tool runs on \(cpu, cuda\)"),
+                                            ("gpu0", r"not a device this tool runs on \(cpu, cuda\)")])
 def test_an_unusable_device_is_named_before_anything_is_written(tmp_path, monkeypatch, data_dir, models_dir,
                                                                device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -114,6 +114,13 @@ def test_the_list_is_never_overwritten_by_the_output(demo, tmp_path):
     assert (tmp_path / "list.csv").read_text() == "wav,text\nclip.wav,Hello\n"
 
 
+def test_an_unusable_device_is_one_line(demo, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        predict.main([str(demo["run_dir"]), "--wav", "clip.wav", "--device", "cuda"])
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
 def test_a_damaged_checkpoint_or_config_is_named(demo, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data", "models"))
