@@ -48,16 +48,37 @@ def _load_npy(path, what):
     return array
 
 
-def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=BRANCHES, progress=True):
-    """Read the labelled utterances of DATA_DIR, with the features the given branches need."""
+def feature_paths(data_dir, name, context_window, branches=BRANCHES):
+    """{branch: the feature file of utterance `name` that the branch reads}."""
+    data_dir = Path(data_dir)
+    folders = {"text": "GPT2Tokens", "speech": "vqw2vTokens", "context": f"FullBertEmb{context_window}"}
+    return {branch: data_dir / folders[branch] / f"{name}.npy" for branch in branches}
+
+
+def missing_features(data_dir, context_window, branches=BRANCHES):
+    """[(name, path)] of the labelled utterances with a feature file missing, the first one named."""
+    missing = []
+    for row in read_manifest(data_dir):
+        if row["label"]:
+            absent = [p for p in feature_paths(data_dir, row["name"], context_window, branches).values() if not p.is_file()]
+            if absent:
+                missing.append((row["name"], absent[0]))
+    return missing
+
+
+def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=BRANCHES, progress=True,
+                    exclude=()):
+    """Read the labelled utterances of DATA_DIR (except the names in `exclude`), with the features
+    the given branches need."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
         raise ValueError(f"branches must be a non-empty subset of {BRANCHES}, got {tuple(branches)}")
     slices = 2 * context_window + 1
-    rows = [row for row in read_manifest(data_dir) if row["label"]]
+    rows = [row for row in read_manifest(data_dir) if row["label"] and row["name"] not in exclude]
     if not rows:
-        raise ValueError(f"{data_dir / 'utterances.csv'}: no utterance has one of the labels {CLASSES}")
+        raise ValueError(f"{data_dir / 'utterances.csv'}: no utterance has one of the labels {CLASSES}"
+                         + (" and all its features" if exclude else ""))
     utterances = []
     for row in tqdm(rows, desc="loading features", unit="utt", leave=False, disable=not progress):
         name = row["name"]
@@ -65,18 +86,18 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
             "index": len(utterances), "name": name, "session": row["session"],
             "speaker": row["speaker"], "dialog": row["dialog"], "label": CLASSES.index(row["label"]),
         }
+        paths = feature_paths(data_dir, name, context_window, branches)
         if "text" in branches:
-            ids = _load_npy(data_dir / "GPT2Tokens" / f"{name}.npy", "text tokens")
+            ids = _load_npy(paths["text"], "text tokens")
             item["text_ids"] = torch.from_numpy(truncate_tokens(ids, max_text_tokens).astype(np.int64))
         if "speech" in branches:
-            ids = _load_npy(data_dir / "vqw2vTokens" / f"{name}.npy", "speech tokens")
+            ids = _load_npy(paths["speech"], "speech tokens")
             item["speech_ids"] = torch.from_numpy(truncate_tokens(ids, max_audio_tokens).astype(np.int64))
         if "context" in branches:
-            path = data_dir / f"FullBertEmb{context_window}" / f"{name}.npy"
-            vector = _load_npy(path, f"context vector (window {context_window})")
+            vector = _load_npy(paths["context"], f"context vector (window {context_window})")
             if vector.size % slices:
-                raise ValueError(f"{path}: length {vector.size} is not a multiple of 2*{context_window}+1 = {slices} "
-                                 f"context slots; was it made with another context window?")
+                raise ValueError(f"{paths['context']}: length {vector.size} is not a multiple of 2*{context_window}+1 = "
+                                 f"{slices} context slots; was it made with another context window?")
             item["context"] = torch.from_numpy(vector.astype(np.float32).reshape(slices, -1))
         utterances.append(item)
     if "context" in branches:

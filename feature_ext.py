@@ -881,7 +881,8 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
             wav_path = data_dir / "Audio" / f"{row['name']}.wav"
             try:
                 if not wav_path.is_file():
-                    raise ValueError(f"{wav_path}: missing audio")
+                    raise ValueError(f"{wav_path}: missing audio (if mocap_data_collect.py --allow-missing let it "
+                                     f"through, main.py --skip-missing trains without it)")
                 wav = read_wav_16k(wav_path)
                 codes = model.codes(wav)
                 if len(codes) == 0:

@@ -131,6 +131,7 @@ def resolve_config(args):
         "context_window": args.context_window, "max_text_tokens": args.max_text_tokens,
         "max_audio_tokens": args.max_audio_tokens,
         "context_width": None,  # H, read from the data by load_run_data
+        "skip_missing": args.skip_missing, "left_out": [],  # names, filled by load_run_data
         "protocol": args.protocol, "val_split": args.val_split, "val_fraction": args.val_fraction,
         "val_split_description": describe_val_split(args.val_split, args.val_fraction),
         "epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
@@ -446,15 +447,16 @@ def train_fold(config, fold, utterances, run_dir, env):
 # ------------------------------------------------------------------------------------------------
 # the whole run
 
-def summarize(protocol, fold_results, val_split="stratified"):
+def summarize(protocol, fold_results, val_split="stratified", left_out=()):
     """results.json: the folds' test metrics, their mean/std (population, over folds) and pooled.
-    val_split says how checkpoints were chosen ("original": by the test session's other speaker)."""
+    val_split says how checkpoints were chosen ("original": by the test session's other speaker);
+    left_out names the labelled utterances that --skip-missing left out for lack of features."""
     folds = [{k: r[k] for k in ("fold", "test_sessions", "test_speakers", "n_train", "n_val", "n_test", "test") if k in r}
              for r in fold_results]
     metric = {k: [r["test"][k] for r in fold_results] for k in ("wa", "ua", "macro_f1", "weighted_f1")}
     pooled = validation_function.compute_metrics([y for r in fold_results for y in r["y_true"]],
                                                  [y for r in fold_results for y in r["y_pred"]])
-    return {"protocol": protocol, "val_split": val_split, "folds": folds, "summary": {
+    return {"protocol": protocol, "val_split": val_split, "left_out": list(left_out), "folds": folds, "summary": {
         "wa_mean": float(np.mean(metric["wa"])), "wa_std": float(np.std(metric["wa"])),
         "ua_mean": float(np.mean(metric["ua"])), "ua_std": float(np.std(metric["ua"])),
         "macro_f1_mean": float(np.mean(metric["macro_f1"])),
@@ -480,6 +482,9 @@ def results_table(results, config):
                  f"{p['ua']:.4f} | {p['macro_f1']:.4f} | {p['weighted_f1']:.4f} |")
     recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
     lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(CLASSES):.2f}."]
+    if results["left_out"]:
+        lines += ["", f"Left out for missing features (--skip-missing): {len(results['left_out'])} labelled "
+                      f"utterance(s), named in results.json."]
     return "\n".join(lines) + "\n"
 
 
@@ -537,8 +542,20 @@ def load_run_data(config, progress=True):
         raise ValueError(f"{Path(config['data_dir']) / 'utterances.csv'} lists other utterances than the "
                          f"{', '.join(stale)} features were made for (their files are named by position); "
                          f"rerun feature_extraction_main.py on it")
+    missing = dataset_loader.missing_features(config["data_dir"], config["context_window"], config["branches"])
+    labelled = sum(1 for row in read_manifest(config["data_dir"]) if row["label"])
+    if missing and (not config["skip_missing"] or len(missing) == labelled):
+        name, path = missing[0]
+        remedy = ("run feature_extraction_main.py first" if len(missing) == labelled else
+                  "rerun feature_extraction_main.py, or train and test without them with --skip-missing "
+                  "(a wav or transcript that mocap_data_collect.py --allow-missing let through has none)")
+        raise FileNotFoundError(f"{path}: not found ({len(missing)} of {labelled} labelled utterances miss a "
+                                f"feature file); {remedy}")
+    # Part of the configuration: a resumed run must leave out the same utterances.
+    config["left_out"] = [name for name, _ in missing]
     utterances = dataset_loader.load_utterances(config["data_dir"], config["context_window"], config["max_text_tokens"],
-                                                config["max_audio_tokens"], config["branches"], progress)
+                                                config["max_audio_tokens"], config["branches"], progress,
+                                                exclude=set(config["left_out"]))
     if "context" in config["branches"]:
         config["context_width"] = dataset_loader.context_slice_width(utterances)
     return utterances
@@ -565,12 +582,15 @@ def run(config, run_dir):
     log.info(f"{'resuming' if resuming else 'starting'} run {run_dir}: {len(utterances)} labelled utterances, "
              f"branches {'+'.join(config['branches'])}, protocol {config['protocol']}, device {device}"
              f"{f' x {world} processes' if world > 1 else ''}, {config['precision']}")
+    if config["left_out"]:
+        log.warning(f"--skip-missing: left out {len(config['left_out'])} labelled utterance(s) without features: "
+                    f"{', '.join(config['left_out'][:10])}{', ...' if len(config['left_out']) > 10 else ''}")
     try:
         fold_results = [train_fold(config, fold, utterances, run_dir, env) for fold in folds]
     except RunPaused as pause:
         log.info(str(pause))
         return None
-    results = summarize(config["protocol"], fold_results, config["val_split"])
+    results = summarize(config["protocol"], fold_results, config["val_split"], config["left_out"])
     table = results_table(results, config)
     if rank == 0:
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -693,6 +713,9 @@ def build_parser():
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=d["group_by_length"],
                    help="batches of similar length (less padding), in random order; --no-group-by-length "
                         "draws every batch at random")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="train and test without the labelled utterances that lack a feature file (listed in "
+                        "results.json and summary.md); without it a missing file stops the run")
     p.add_argument("--seed", type=int, default=d["seed"], help="weights, dropout, batches and validation split")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d["precision"],

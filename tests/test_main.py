@@ -175,6 +175,31 @@ def test_non_finite_features_are_named_when_loaded(tmp_path, data_dir, models_di
         run_main(tmp_path / "run", broken, models_dir)
 
 
+def test_utterances_without_features_stop_the_run_or_are_left_out_and_listed(tmp_path, data_dir, models_dir):
+    """mocap_data_collect.py --allow-missing keeps a labelled row without audio: its speech tokens
+    can never be made, so main.py offers --skip-missing rather than a dead end."""
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    name = next(row["name"] for row in read_manifest(broken) if row["label"] and row["session"] == 5)
+    (broken / "vqw2vTokens" / f"{name}.npy").unlink()
+    with pytest.raises(SystemExit, match=f"{name}.npy: not found \\(1 of 100 labelled .*--skip-missing"):
+        run_main(tmp_path / "run", broken, models_dir, "--branches", "speech")
+    assert not (tmp_path / "run").exists()
+    # The text branch does not need the missing file.
+    assert run_main(tmp_path / "text", broken, models_dir, "--branches", "text", "--epochs", "1")["left_out"] == []
+
+    results = run_main(tmp_path / "run", broken, models_dir, "--branches", "speech", "--epochs", "1", "--skip-missing")
+    assert results["left_out"] == [name] and results["folds"][0]["n_test"] == 19
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["left_out"] == [name]
+    assert "Left out for missing features (--skip-missing): 1 labelled utterance(s)" in (tmp_path / "run" / "summary.md").read_text()
+    with open(tmp_path / "run" / "fold1" / "predictions.csv") as f:
+        assert name not in {row["name"] for row in csv.DictReader(f)}
+
+    shutil.rmtree(broken / "vqw2vTokens")
+    with pytest.raises(SystemExit, match="not found \\(100 of 100 .*run feature_extraction_main.py first"):
+        run_main(tmp_path / "none", broken, models_dir, "--branches", "speech", "--skip-missing")
+
+
 def test_token_ids_beyond_the_encoders_vocabulary_are_named(tmp_path, data_dir, models_dir):
     broken = tmp_path / "data"
     shutil.copytree(data_dir, broken)
