@@ -1,6 +1,7 @@
 """Predict the emotion of new recordings with a trained run.
 
     python predict.py RUN_DIR --wav FILE --text "..." [--output OUT.csv] [--fold K]
+    python predict.py RUN_DIR --text "..."           (a run trained without the speech branch)
     python predict.py RUN_DIR --list FILE.csv [--output OUT.csv] [--fold K] [--device cpu|cuda]
 
 Reads RUN_DIR/config.json (every setting inference repeats, and the pretrained files the run was
@@ -14,8 +15,9 @@ Audio in any rate and channel count that soundfile reads (wav, flac, ogg) become
 conversations: the rows of one dialogue, in the order given, are each other's context exactly as
 in training; a row without a dialogue is a conversation of its own (zeros around it). A row with
 text but no wav gives context and no prediction, so a whole dialogue, its unlabelled utterances
-included, can be given in order. Branches the run was trained without are not computed (a
-speech-only run needs no text).
+included, can be given in order. Branches the run was trained without are not computed: a
+speech-only run needs no text, and a run without the speech branch needs no audio (every row with
+text is predicted, and a wav given is not read).
 
 Output per utterance: the predicted emotion and its four probabilities, as a table on screen and,
 with --output, as CSV (the input's columns, then prediction, p_ang, p_hap, p_sad, p_neu). A
@@ -176,6 +178,13 @@ def load_extractors(config, paths, device):
     return extractors
 
 
+def rows_to_predict(rows, branches):
+    """Indices of the rows a prediction is asked for: those with a wav, and for a run without the
+    speech branch, those with text too. The others are context only."""
+    return [i for i, row in enumerate(rows)
+            if row["_wav_path"] is not None or ("speech" not in branches and (row.get("text") or "").strip())]
+
+
 def featurize(rows, config, extractors, notes):
     """-> utterance dicts (as dataset_loader makes them) for the rows that can be predicted.
 
@@ -185,9 +194,7 @@ def featurize(rows, config, extractors, notes):
     needs_text = "text" in branches or "context" in branches
     texts = [(row.get("text") or "").strip() for row in rows]
     usable = []
-    for i, row in enumerate(rows):
-        if row["_wav_path"] is None:
-            continue  # context only
+    for i in rows_to_predict(rows, branches):
         if needs_text and not texts[i]:
             notes[i] = "no text: the run's text/context branch needs the transcript"
         else:
@@ -244,6 +251,9 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16):
     paths = check_pretrained(config)
     device = torch.device(device)
     notes = {}
+    if "speech" not in config["branches"] and any(row["_wav_path"] is not None for row in rows):
+        print(f"{run_dir} was trained without the speech branch: its predictions do not read the audio",
+              file=sys.stderr)
     extractors = load_extractors(config, paths, device)
     items = featurize(rows, config, extractors, notes)
     classes = config["classes"]
@@ -276,7 +286,7 @@ def results_table(rows, probs, notes, classes):
         if not np.isnan(probs[i, 0]):
             lines.append(start + f"{classes[int(np.argmax(probs[i]))]:<11}" + "".join(f"{p:>7.3f}" for p in probs[i]))
         else:
-            lines.append(start + ("-" if row["_wav_path"] is None else f"none: {notes.get(i, '')}"))
+            lines.append(start + (f"none: {notes[i]}" if i in notes else "-"))  # "-": context only
     return "\n".join(lines)
 
 
@@ -295,13 +305,18 @@ def write_output(path, rows, columns, probs, classes):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a RUN_DIR trained by main.py")
-    parser.add_argument("--wav", help="one recording (any rate and channels soundfile reads)")
+    parser.add_argument("--wav", help="one recording (any rate and channels soundfile reads; not needed by a "
+                                      "run without the speech branch)")
     parser.add_argument("--text", help="its transcript (needed unless the run is speech-only)")
     parser.add_argument("--list", help="a CSV with columns wav, text and optionally dialog")
     parser.add_argument("--output", help="write the predictions to this CSV")
     parser.add_argument("--fold", type=int, help="predict with this fold's model (default: mean of all folds)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
+    # transformers' per-load "Loading weights" bars would break up the results table (predict.py
+    # loads only local files: the run's recorded ones, so no download bar is hidden).
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
     try:
         check_device(args.device)
     except ValueError as error:
@@ -310,13 +325,11 @@ def main(argv=None):
         parser.error("--output is the --list file itself: write the predictions elsewhere")
     if bool(args.list) == bool(args.wav or args.text):
         parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
-    if args.list:
-        rows, columns = [], []
-    else:
-        if not args.wav:
-            parser.error("--text needs --wav: a prediction is of a recording")
-        rows, columns = [{"wav": args.wav, "text": args.text or "", "_wav_path": Path(args.wav)}], ["wav", "text"]
+    rows = [{"wav": args.wav or "", "text": args.text or "", "_wav_path": Path(args.wav) if args.wav else None}]
+    columns = ["wav", "text"]
     try:
+        if not args.list and not args.wav and "speech" in load_run(args.run_dir, args.fold)[0]["branches"]:
+            parser.error(f"{args.run_dir} has a speech branch: give the recording with --wav")
         if args.list:
             rows, columns = read_requests(args.list)
         probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device)
@@ -331,8 +344,7 @@ def main(argv=None):
             print(f"predict.py: error: --output {args.output}: {e.strerror}", file=sys.stderr)
             return 2
         print(f"wrote {args.output}")
-    wanted = [i for i, row in enumerate(rows) if row["_wav_path"] is not None]
-    return 1 if any(np.isnan(probs[i, 0]) for i in wanted) else 0
+    return 1 if notes else 0  # a note for each row asked for but not predicted
 
 
 if __name__ == "__main__":

@@ -71,6 +71,41 @@ def test_a_bf16_run_predicts_under_bf16_as_it_evaluated(demo, tmp_path):
     assert_session5_predictions_equal_the_evaluation(tmp_path / "run", demo["data_dir"], tmp_path)
 
 
+def test_a_run_without_the_speech_branch_predicts_from_text_alone(demo, tmp_path, capsys):
+    args = main.parse_args(["--demo", tmp_path / "run", "--branches", "text,context", "--epochs", "3",
+                            "--device", "cpu"])
+    args.data_dir, args.models_dir = str(demo["data_dir"]), str(demo["run_dir"] / "models")
+    main.run(main.resolve_config(args), tmp_path / "run")
+    capsys.readouterr()
+    assert predict.main([str(tmp_path / "run"), "--text", "I can't believe you did that!",
+                         "--output", str(tmp_path / "one.csv")]) == 0
+    with open(tmp_path / "one.csv", newline="") as f:
+        (one,) = list(csv.DictReader(f))
+    assert one["wav"] == "" and one["prediction"] in ("ang", "hap", "sad", "neu")
+    # A list without audio: every row with text is predicted, as the run's own evaluation did.
+    rows = session_dialogues_as_list(demo["data_dir"], 5, tmp_path / "session5.csv")
+    with open(tmp_path / "session5.csv", newline="") as f:
+        given = list(csv.DictReader(f))
+    with open(tmp_path / "texts.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["wav", "text", "dialog"])
+        writer.writerows(["", r["text"], r["dialog"]] for r in given)
+    assert predict.main([str(tmp_path / "run"), "--list", str(tmp_path / "texts.csv"),
+                         "--output", str(tmp_path / "out.csv")]) == 0
+    with open(tmp_path / "out.csv", newline="") as f:
+        out = list(csv.DictReader(f))
+    with open(tmp_path / "run" / "fold1" / "predictions.csv", newline="") as f:
+        evaluated = {r["name"]: r for r in csv.DictReader(f)}
+    assert all(row["prediction"] for row in out) and len(out) == len(rows)
+    for row, result in zip(rows, out):
+        if row["label"]:
+            assert float(result["p_ang"]) == pytest.approx(float(evaluated[row["name"]]["p_ang"]), abs=2e-4)
+    # A run with the speech branch asks for the recording.
+    with pytest.raises(SystemExit):
+        predict.main([str(demo["run_dir"]), "--text", "Hello"])
+    assert "has a speech branch: give the recording with --wav" in capsys.readouterr().err
+
+
 def test_44k_stereo_audio_is_resampled_and_predicted(demo, tmp_path, capsys):
     row = next(r for r in read_manifest(demo["data_dir"]) if r["label"] and r["session"] == 5)
     wav, rate = sf.read(demo["data_dir"] / "Audio" / f"{row['name']}.wav", dtype="float32")
