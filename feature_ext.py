@@ -45,7 +45,7 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, RobertaConfig, RobertaModel
 
 from mocap_data_collect import SAMPLE_RATE, CorpusError, read_manifest
-from utils import TOKENIZER_FILES, fingerprint, save_npy_atomic, write_text_atomic
+from utils import TOKENIZER_FILES, cut_off_wav, fingerprint, save_npy_atomic, write_text_atomic
 
 SENTENCE_BATCH_SIZE = 32
 STEPS = ("speech-tokens", "text-tokens", "sentence-embeddings")
@@ -731,6 +731,8 @@ def read_wav_16k(path):
         raise ValueError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz")
     if samples.shape[1] != 1:
         raise ValueError(f"{path}: {samples.shape[1]} channels, expected mono")
+    if cut_off := cut_off_wav(path, len(samples)):
+        raise ValueError(cut_off)
     return samples[:, 0]
 
 

@@ -32,7 +32,7 @@ How the corpus is read (each rule is a quirk of the real release):
   time order.
 
 Verification: a summary table per session and class is printed. A target utterance whose wav
-is missing or not 16 kHz mono, or an utterance without a transcript line, stops the run before
+is missing, cut off (shorter than its header says) or not 16 kHz mono, or an utterance without a transcript line, stops the run before
 anything is written. With --allow-missing the run goes on and lists them: the row stays in the
 manifest (and labels_train_t.txt) with its label, but has no Audio/<name>.wav, or an empty text. When the corpus is the full release (all five
 sessions, at least half its 10039 utterances; --expect-full forces the check, --no-expect-full
@@ -55,7 +55,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from utils import wav_bytes, write_bytes_atomic
+from utils import cut_off_wav, wav_bytes, write_bytes_atomic
 
 CLASSES = ("ang", "hap", "sad", "neu")
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
@@ -249,7 +249,7 @@ def wav_path(iemocap_root, row):
 
 
 def check_audio(iemocap_root, rows):
-    """[(row, problem)] for every target utterance whose wav is missing or not 16 kHz mono."""
+    """[(row, problem)] for every target utterance whose wav is missing, cut off or not 16 kHz mono."""
     problems = []
     for row in rows:
         if not row["label"]:
@@ -266,6 +266,8 @@ def check_audio(iemocap_root, rows):
         if info.samplerate != SAMPLE_RATE or info.channels != 1:
             problems.append((row, f"{path}: {info.samplerate} Hz, {info.channels} channel(s); "
                                   f"expected {SAMPLE_RATE} Hz mono"))
+        elif cut_off := cut_off_wav(path, info.frames):
+            problems.append((row, cut_off))
     return problems
 
 
@@ -455,7 +457,7 @@ def main(argv=None):
     parser.add_argument("--emotions", default=",".join(DEFAULT_EMOTIONS),
                         help="target emotion codes, comma separated (default: %(default)s)")
     parser.add_argument("--allow-missing", action="store_true",
-                        help="go on when a target wav is missing or not 16 kHz mono, or a "
+                        help="go on when a target wav is missing, cut off or not 16 kHz mono, or a "
                              "transcript line is missing, and list them")
     parser.add_argument("--expect-full", action=argparse.BooleanOptionalAction, default=None,
                         help="check the full release's published counts (default: when the "

@@ -42,7 +42,7 @@ from concatenate_embds import context_vectors
 from dataset_loader import truncate_tokens
 from feature_ext import (SAMPLE_RATE, check_device, codes_to_string, load_speech_dictionary, load_vq_wav2vec,
                          sentence_embeddings)
-from utils import fingerprint, write_text_atomic
+from utils import cut_off_wav, fingerprint, write_text_atomic
 from validation_function import predict
 
 SILENCE_PEAK = 1e-3  # a peak below -60 dBFS is no speech to classify
@@ -121,6 +121,8 @@ def read_audio(path):
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (OSError, RuntimeError, sf.LibsndfileError) as e:
         raise PredictError(f"{path}: unreadable audio ({e})") from None
+    if cut_off := cut_off_wav(path, len(samples)):
+        raise PredictError(cut_off)
     changes = []
     if samples.shape[1] > 1:
         changes.append(f"mixed {samples.shape[1]} channels to mono")

@@ -1,4 +1,4 @@
-"""Small helpers that every stage shares: atomic file writes.
+"""Small helpers that every stage shares: atomic file writes, audio checks, model fingerprints.
 
 A stage never leaves a half-written file behind: it writes beside the target under a
 temporary name and renames it into place only once the write has succeeded.
@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import tempfile
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,22 @@ def wav_bytes(samples, sample_rate):
     buffer = io.BytesIO()
     sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
+
+
+def cut_off_wav(path, frames_read):
+    """A message when a PCM WAV file holds fewer frames than its header promises, else "".
+
+    libsndfile reads such a file (an interrupted copy or extraction) up to where it ends, without
+    a word; the header's count, which Python's wave module reports, tells."""
+    try:
+        with wave.open(str(path)) as w:
+            promised = w.getnframes()
+    except (wave.Error, EOFError, OSError):  # not a PCM WAV: nothing to compare
+        return ""
+    if frames_read >= promised:
+        return ""
+    return (f"{path}: cut off: its header promises {promised} samples, the file holds {frames_read} "
+            f"(an interrupted copy or extraction?)")
 
 
 def save_npy_atomic(path, array):

@@ -168,14 +168,16 @@ def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsy
     data_dir = _copy_data_dir(extracted, tmp_path)
     rows = extracted["rows"]
     labelled = [r["name"] for r in rows if r["label"]]
-    wrong_rate, unreadable, too_short, good = labelled[:4]
+    wrong_rate, unreadable, too_short, good, cut_off = labelled[:5]
     empty = next(r["name"] for r in rows if not r["label"])
-    for name in (wrong_rate, unreadable, too_short, good, empty):
+    for name in (wrong_rate, unreadable, too_short, good, cut_off, empty):
         for folder in ("vqw2vTokens", "GPT2Tokens", "BertEmb"):
             (data_dir / folder / f"{name}.npy").unlink(missing_ok=True)
     sf.write(data_dir / "Audio" / f"{wrong_rate}.wav", np.zeros(8000, np.int16), 8000)
     (data_dir / "Audio" / f"{unreadable}.wav").write_bytes(b"RIFF, but not really")
     sf.write(data_dir / "Audio" / f"{too_short}.wav", np.zeros(400, np.int16), 16000)
+    whole = (data_dir / "Audio" / f"{cut_off}.wav").read_bytes()
+    (data_dir / "Audio" / f"{cut_off}.wav").write_bytes(whole[:len(whole) // 2])
     (data_dir / "Text" / f"{empty}.txt").write_text("  \n")
     shutil.rmtree(data_dir / "FullBertEmb1")
 
@@ -184,11 +186,12 @@ def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsy
     assert status == 1
     assert f"failed {wrong_rate}: " in out and "sample rate 8000 Hz, expected 16000 Hz" in out
     assert f"failed {unreadable}: " in out and "unreadable audio" in out
+    assert f"failed {cut_off}: " in out and f"{cut_off}.wav: cut off: its header promises" in out
     assert f"failed {empty}: " in out and "empty transcript" in out
     assert f"{too_short}.wav: 400 samples, fewer than 465" in out
     assert np.load(data_dir / "vqw2vTokens" / f"{too_short}.npy").tolist() == [0, 2]
     written = {p.stem for p in (data_dir / "vqw2vTokens").glob("*.npy")}
-    assert written == set(labelled) - {wrong_rate, unreadable}
+    assert written == set(labelled) - {wrong_rate, unreadable, cut_off}
     for folder in ("GPT2Tokens", "BertEmb"):
         assert {p.stem for p in (data_dir / folder).glob("*.npy")} == {r["name"] for r in rows} - {empty}
     # Only the context windows that need the missing embedding fail.

@@ -203,6 +203,17 @@ def test_missing_wav_stops_the_run_naming_the_file(damaged, tmp_path):
     assert not (tmp_path / "data").exists()  # checked before anything is written
 
 
+def test_a_cut_off_wav_stops_the_run_naming_the_file(damaged, tmp_path):
+    """libsndfile reads a wav cut off by an interrupted copy as if whole; its header tells."""
+    root, truth = damaged
+    wav = root / first_target(truth)["wav"]
+    data = wav.read_bytes()
+    wav.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorpusError, match="cut off: its header promises") as err:
+        run(root, tmp_path / "data")
+    assert str(wav) in str(err.value) and "--allow-missing" in str(err.value)
+
+
 def test_allow_missing_goes_on_and_reports(damaged, tmp_path):
     root, truth = damaged
     target = first_target(truth)
