@@ -308,7 +308,7 @@ class KMeansVectorQuantizer(nn.Module):
 
 
 @contextlib.contextmanager
-def _full_fp32_precision():
+def full_fp32_precision():
     """TF32 matmuls/convs on CUDA would move features enough to flip near-tie codes.
 
     Through the settings that never raise: since torch 2.9, reading the legacy `allow_tf32` flags
@@ -337,7 +337,7 @@ def _full_fp32_precision():
 
 
 @contextlib.contextmanager
-def _plain_cpu_convolutions(device):
+def plain_cpu_convolutions(device):
     """oneDNN compiles (and keeps, up to 1024) a convolution for every new input length: over a
     corpus of utterances of every length, tokenization then spends most of its time compiling and
     its memory grows with the number of utterances (measured at the real size: 100 utterances of
@@ -386,7 +386,7 @@ class VqWav2Vec(nn.Module):
     def features(self, wav):
         """1-D 16 kHz waveform -> (channels, frames) float32 conv features (fairseq's `z`)."""
         wav = self._as_batch(wav)
-        with _full_fp32_precision():
+        with full_fp32_precision():
             return self.feature_extractor(wav)[0]
 
     @torch.inference_mode()
@@ -401,7 +401,7 @@ class VqWav2Vec(nn.Module):
             return torch.zeros((0, self.vector_quantizer.groups), dtype=torch.int64)
         # oneDNN keeps a compiled conv per distinct input length (up to 1024 of them), so over a
         # corpus of utterances of every length the CPU memory would grow with the corpus size.
-        with _full_fp32_precision(), _plain_cpu_convolutions(wav.device):
+        with full_fp32_precision(), plain_cpu_convolutions(wav.device):
             z = self.feature_extractor(wav)
             return self.vector_quantizer.forward_idx(z)[0].cpu()
 

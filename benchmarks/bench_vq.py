@@ -83,18 +83,18 @@ def bench_vq(device="cpu", seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34
     model = build_vq(conv_layers, device, seed)
     wav = torch.from_numpy((0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32))
 
-    from feature_ext import _full_fp32_precision, _plain_cpu_convolutions
+    from feature_ext import full_fp32_precision, plain_cpu_convolutions
     # Every part in full fp32, as codes() runs it: TF32 convolutions (cuDNN's default) would time
     # a cheaper computation than the fp32 peak they are compared with.
-    with _full_fp32_precision():
+    with full_fp32_precision():
         peak_before = measure_peak_flops(device)
     codes_times = timed(lambda: model.codes(wav), device, repeat)
-    with torch.inference_mode(), _full_fp32_precision(), _plain_cpu_convolutions(torch.device(device)):
+    with torch.inference_mode(), full_fp32_precision(), plain_cpu_convolutions(torch.device(device)):
         batch = wav.to(device)[None]
         conv_times = timed(lambda: model.feature_extractor(batch), device, repeat)
         z = model.feature_extractor(batch)
         quantizer_times = timed(lambda: model.vector_quantizer.forward_idx(z), device, repeat)
-    with _full_fp32_precision():
+    with full_fp32_precision():
         peak_after = measure_peak_flops(device)
     peak = max(peak_before, peak_after)  # the less disturbed of the two: a conservative ratio
 

@@ -69,7 +69,7 @@ def test_codes_switch_tf32_off_on_cuda_whichever_api_the_process_used(tf32_set_b
         torch.backends.fp32_precision = "tf32"
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision)
     assert before == ("high", "tf32")
-    with feature_ext._full_fp32_precision():
+    with feature_ext.full_fp32_precision():
         assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision) == ("highest", "ieee")
     assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision) == before
 
