@@ -55,10 +55,10 @@ def feature_paths(data_dir, name, context_window, branches=BRANCHES):
     return {branch: data_dir / folders[branch] / f"{name}.npy" for branch in branches}
 
 
-def missing_features(data_dir, context_window, branches=BRANCHES):
-    """[(name, path)] of the labelled utterances with a feature file missing, the first one named."""
+def missing_features(data_dir, rows, context_window, branches=BRANCHES):
+    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named."""
     missing = []
-    for row in read_manifest(data_dir):
+    for row in rows:
         if row["label"]:
             absent = [p for p in feature_paths(data_dir, row["name"], context_window, branches).values() if not p.is_file()]
             if absent:

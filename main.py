@@ -537,13 +537,14 @@ def load_run_data(config, progress=True):
     made_by = {"text": ["text-tokens"], "speech": ["speech-tokens"],
                "context": ["sentence-embeddings", f"context-{config['context_window']}"]}
     steps = [step for branch in config["branches"] for step in made_by[branch]]
-    stale = feature_ext.stale_features(config["data_dir"], steps, read_manifest(config["data_dir"]))
+    rows = read_manifest(config["data_dir"])
+    stale = feature_ext.stale_features(config["data_dir"], steps, rows)
     if stale:
         raise ValueError(f"{Path(config['data_dir']) / 'utterances.csv'} lists other utterances than the "
                          f"{', '.join(stale)} features were made for (their files are named by position); "
                          f"rerun feature_extraction_main.py on it")
-    missing = dataset_loader.missing_features(config["data_dir"], config["context_window"], config["branches"])
-    labelled = sum(1 for row in read_manifest(config["data_dir"]) if row["label"])
+    missing = dataset_loader.missing_features(config["data_dir"], rows, config["context_window"], config["branches"])
+    labelled = sum(1 for row in rows if row["label"])
     if missing and (not config["skip_missing"] or len(missing) == labelled):
         name, path = missing[0]
         remedy = ("run feature_extraction_main.py first" if len(missing) == labelled else
