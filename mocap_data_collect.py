@@ -32,16 +32,18 @@ How the corpus is read (each rule is a quirk of the real release):
   time order.
 
 Verification: a summary table per session and class is printed. A target utterance whose wav
-is missing, cut off (shorter than its header says) or not 16 kHz mono, or an utterance without a transcript line, stops the run before
-anything is written. With --allow-missing the run goes on and lists them: the row stays in the
-manifest (and labels_train_t.txt) with its label, but has no Audio/<name>.wav, or an empty text. When the corpus is the full release (all five
-sessions, at least half its 10039 utterances; --expect-full forces the check, --no-expect-full
-turns it off) the counts must be the published ones or the run stops, as SpeechBrain's recipe
-does: a corpus read wrongly should not silently train a model.
+is missing, cut off (shorter than its header says) or not 16 kHz mono, or an utterance without a
+transcript line, stops the run before anything is written. With --allow-missing the run goes on
+and lists them: the row stays in the manifest (and labels_train_t.txt) with its label, but has no
+Audio/<name>.wav, or an empty text (main.py --skip-missing then leaves it out). When the corpus
+is the full release (all five sessions, at least half its 10039 utterances; --expect-full forces
+the check, --no-expect-full turns it off) the counts must be the published ones or the run stops,
+as SpeechBrain's recipe does: a corpus read wrongly should not silently train a model.
 
 Re-running gives byte-identical files, never appends; files whose content is unchanged are not
 rewritten; Audio/ and Text/ files named like an utterance that the new manifest does not list
-are removed, and so are the temporary files of a run that was killed before it could clean up. Every file is written atomically and the manifest last, so an interrupted run
+are removed, and so are the temporary files of a run that was killed before it could clean up.
+Every file is written atomically and the manifest last, so an interrupted run
 leaves no half-written file and no manifest that promises files which are not there.
 """
 import argparse
