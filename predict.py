@@ -121,9 +121,9 @@ def read_audio(path):
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (OSError, RuntimeError, sf.LibsndfileError) as e:
         raise PredictError(f"{path}: unreadable audio ({e})") from None
-    if cut_off := cut_off_wav(path, len(samples)):
-        raise PredictError(cut_off)
     changes = []
+    if cut_off_wav(path, len(samples)):  # a user's recording is used as it is, with a word; training data is refused
+        changes.append("cut off (shorter than its header says), predicted from what it holds")
     if samples.shape[1] > 1:
         changes.append(f"mixed {samples.shape[1]} channels to mono")
     wav = samples.mean(axis=1)

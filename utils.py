@@ -63,10 +63,11 @@ def cut_off_wav(path, frames_read):
     a word; the header's count, which Python's wave module reports, tells."""
     try:
         with wave.open(str(path)) as w:
-            promised = w.getnframes()
+            promised, frame_bytes = w.getnframes(), w.getsampwidth() * w.getnchannels()
     except (wave.Error, EOFError, OSError):  # not a PCM WAV: nothing to compare
         return ""
-    if frames_read >= promised:
+    # A streaming recorder's placeholder size (0xFFFFFFFF) promises nothing.
+    if frames_read >= promised or promised >= 0xFFFFFFFF // frame_bytes:
         return ""
     return (f"{path}: cut off: its header promises {promised} samples, the file holds {frames_read} "
             f"(an interrupted copy or extraction?)")

@@ -12,6 +12,7 @@ import mocap_data_collect as mdc
 from mocap_data_collect import (CLASSES, LABEL_OF_EMOTION, MANIFEST_COLUMNS, SEED_CODES,
                                 CorpusError, collect, read_manifest)
 from synthetic_iemocap import make_corpus
+from utils import cut_off_wav
 
 
 def run(root, data_dir, **kwargs):
@@ -212,6 +213,17 @@ def test_a_cut_off_wav_stops_the_run_naming_the_file(damaged, tmp_path):
     with pytest.raises(CorpusError, match="cut off: its header promises") as err:
         run(root, tmp_path / "data")
     assert str(wav) in str(err.value) and "--allow-missing" in str(err.value)
+
+
+def test_a_streaming_recorders_placeholder_size_is_no_cut_off(tmp_path):
+    sf.write(tmp_path / "stream.wav", np.zeros(800, dtype=np.int16), 16000, subtype="PCM_16")
+    data = bytearray((tmp_path / "stream.wav").read_bytes())
+    data[40:44] = b"\xff\xff\xff\xff"  # the data chunk's size, as a recorder that never finished writes it
+    (tmp_path / "stream.wav").write_bytes(bytes(data))
+    assert cut_off_wav(tmp_path / "stream.wav", 800) == ""
+    data[40:44] = (1600).to_bytes(4, "little")
+    (tmp_path / "stream.wav").write_bytes(bytes(data))
+    assert "promises 800 samples, the file holds 700" in cut_off_wav(tmp_path / "stream.wav", 700)
 
 
 def test_allow_missing_goes_on_and_reports(damaged, tmp_path):
