@@ -10,14 +10,15 @@ recorded pretrained file that is missing or has changed stops the run: a model a
 of another extractor gives confident nonsense.
 
 Audio in any rate and channel count that soundfile reads (wav, flac, ogg) becomes 16 kHz mono
-(scipy's polyphase resampler), and the tool says so. A list is a CSV with the columns `wav` and
-`text` and optionally `dialog` (wav paths relative to the CSV's folder). Its rows are taken as
-conversations: the rows of one dialogue, in the order given, are each other's context exactly as
-in training; a row without a dialogue is a conversation of its own (zeros around it). A row with
-text but no wav gives context and no prediction, so a whole dialogue, its unlabelled utterances
-included, can be given in order. Branches the run was trained without are not computed: a
-speech-only run needs no text, and a run without the speech branch needs no audio (every row with
-text is predicted, and a wav given is not read).
+(scipy's polyphase resampler), and a wav cut off (shorter than its header says) is used as it is;
+the tool says so of each. A list is a CSV with the columns `wav` and `text` and optionally `dialog`
+(wav paths relative to the CSV's folder). Its rows are taken as conversations: the rows of one
+dialogue, in the order given, are each other's context exactly as in training; a row without a
+dialogue is a conversation of its own (zeros around it). A row with text but no wav gives context
+and no prediction, so a whole dialogue, its unlabelled utterances included, can be given in order.
+Branches the run was trained without are not computed: a speech-only run needs no text, and a run
+without the speech branch needs no audio (every row with text is predicted, and a wav given is not
+read).
 
 Output per utterance: the predicted emotion and its four probabilities, as a table on screen and,
 with --output, as CSV (the input's columns, then prediction, p_ang, p_hap, p_sad, p_neu). A
