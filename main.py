@@ -84,6 +84,8 @@ DEMO = {"context_window": 2, "max_text_tokens": 64, "max_audio_tokens": 310, "ep
 DEMO_CORPUS_SEED = 0
 # Settings that may differ when a run is resumed: they do not change the numbers.
 NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs")
+# Settings added since a run may have started: a config.json without them had these values.
+ADDED_SETTINGS = {"skip_missing": False, "left_out": []}
 
 log = logging.getLogger("main")
 
@@ -192,6 +194,7 @@ def check_resumable(run_dir, config):
         old = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SystemExit(f"main.py: error: {path}: not a readable config.json ({e}); use a new RUN_DIR") from None
+    old = {**ADDED_SETTINGS, **old}
     changed = sorted(k for k in set(old) | set(config) if k not in NOT_COMPARED_ON_RESUME and old.get(k) != config.get(k))
     if changed:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)

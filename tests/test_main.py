@@ -125,6 +125,16 @@ def test_a_run_folder_refuses_other_settings(finished_run, data_dir, models_dir)
         main.main([str(finished_run[0]), str(data_dir), str(models_dir), *SMALL, "--lr-head", "1e-2"])
 
 
+def test_a_run_begun_before_skip_missing_existed_resumes(tmp_path, finished_run, data_dir, models_dir):
+    run_dir = tmp_path / "run"
+    assert run_main(run_dir, data_dir, models_dir, "--stop-after-epochs", "1") is None
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["skip_missing"], config["left_out"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    run_main(run_dir, data_dir, models_dir)
+    assert (run_dir / "results.json").read_text() == (finished_run[0] / "results.json").read_text()
+
+
 def test_a_missing_pretrained_model_is_named_before_anything_is_written(tmp_path, data_dir):
     with pytest.raises(SystemExit, match=r"speech model \(--speech-model\): .*bert_kmeans.pt: no such file"):
         main.main([str(tmp_path / "run"), str(data_dir), str(tmp_path / "no_models"), *SMALL, "--branches", "speech"])
