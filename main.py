@@ -718,8 +718,8 @@ def build_parser():
                    help="batches of similar length (less padding), in random order; --no-group-by-length "
                         "draws every batch at random")
     p.add_argument("--skip-missing", action="store_true",
-                   help="train and test without the labelled utterances that lack a feature file (listed in "
-                        "results.json and summary.md); without it a missing file stops the run")
+                   help="train and test without the labelled utterances that lack a feature file (named in "
+                        "the log and results.json, counted in summary.md); without it a missing file stops the run")
     p.add_argument("--seed", type=int, default=d["seed"], help="weights, dropout, batches and validation split")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d["precision"],
