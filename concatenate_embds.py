@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_contract import DataError, feature_folder, read_manifest
 from feature_ext import StepReport, format_summary, stamp_manifest, valid_npy
-from mocap_data_collect import CorpusError, read_manifest
 from utils import save_npy_atomic
 
 DEFAULT_CONTEXT = (3,)
@@ -39,11 +39,13 @@ def context_vectors(embeddings, c):
         np.zeros((0, (2 * c + 1) * width), dtype=np.float32)
 
 
-def dialogues(rows):
-    """The manifest's rows grouped by dialogue, each list in corpus order."""
+def dialogues(keys):
+    """Positions grouped into dialogues, in order of first appearance, each in the given order:
+    equal keys are one dialogue, a key of None a dialogue of its own. The manifest's rows (key
+    (session, dialog)) and predict.py's lists (key: the dialog column, None when empty) alike."""
     groups = {}
-    for row in rows:
-        groups.setdefault((row["session"], row["dialog"]), []).append(row)
+    for i, key in enumerate(keys):
+        groups.setdefault(("alone", i) if key is None else ("dialog", key), []).append(i)
     return list(groups.values())
 
 
@@ -51,12 +53,12 @@ def _load_embeddings(data_dir, rows):
     """Every sentence embedding that loads, by name; the width they share."""
     loaded, widths = {}, {}
     for row in rows:
-        path = Path(data_dir) / "BertEmb" / f"{row['name']}.npy"
+        path = feature_folder(data_dir, "sentence-embeddings") / f"{row['name']}.npy"
         if valid_npy(path, np.float32):
             loaded[row["name"]] = np.load(path)
             widths[loaded[row["name"]].shape[0]] = widths.get(loaded[row["name"]].shape[0], 0) + 1
     if len(widths) > 1:
-        raise CorpusError(f"{Path(data_dir) / 'BertEmb'}: embeddings of different widths {sorted(widths)}; "
+        raise DataError(f"{feature_folder(data_dir, 'sentence-embeddings')}: embeddings of different widths {sorted(widths)}; "
                           f"rerun feature_ext.py sentence-embeddings --overwrite")
     return loaded, next(iter(widths), None)
 
@@ -74,20 +76,21 @@ def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, p
     try:
         rows = read_manifest(data_dir)
         embeddings, width = _load_embeddings(data_dir, rows)
-    except (OSError, ValueError) as e:
+    except DataError as e:
         for report in reports:
             report.error = str(e)
         return reports
     if width is None:  # one line, not a failure for every utterance of every window
         for report in reports:
-            report.error = (f"{data_dir / 'BertEmb'}: no valid sentence embedding; "
+            report.error = (f"{feature_folder(data_dir, 'sentence-embeddings')}: no valid sentence embedding; "
                             f"run the sentence-embeddings step first")
         return reports
+    groups = dialogues([(row["session"], row["dialog"]) for row in rows])
     for c, report in zip(contexts, reports):
-        out_dir = data_dir / f"FullBertEmb{c}"
+        out_dir = feature_folder(data_dir, report.step)
         stamp_manifest(data_dir, report.step, rows, out_dir, report)
-        for dialogue in tqdm(dialogues(rows), desc=report.step, unit="dialogue", disable=not progress):
-            names = [row["name"] for row in dialogue]
+        for dialogue in tqdm(groups, desc=report.step, unit="dialogue", disable=not progress):
+            names = [rows[i]["name"] for i in dialogue]
             missing = [name for name in names if name not in embeddings]
             stack = np.stack([embeddings.get(name, np.zeros(width or 0, np.float32)) for name in names])
             vectors = context_vectors(stack, c)
@@ -95,7 +98,7 @@ def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, p
                 path = out_dir / f"{name}.npy"
                 needed = [n for n in names[max(0, i - c):i + c + 1] if n in missing]
                 if needed:
-                    report.fail(name, f"no valid sentence embedding {data_dir / 'BertEmb' / needed[0]}.npy"
+                    report.fail(name, f"no valid sentence embedding {feature_folder(data_dir, 'sentence-embeddings') / needed[0]}.npy"
                                       + (f" (and {len(needed) - 1} more in its window)" if len(needed) > 1 else ""))
                     continue
                 # Compared by content, not just checked for shape: after the sentence embeddings

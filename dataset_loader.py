@@ -1,13 +1,13 @@
 """Labelled utterances of DATA_DIR as model inputs: loaded into memory once, batched with padding.
 
-Reads (nothing is written):
-  DATA_DIR/utterances.csv                 through mocap_data_collect.read_manifest
+Reads (nothing is written), the files data_contract.BRANCHES names for each branch:
+  DATA_DIR/utterances.csv                 through data_contract.read_manifest
   DATA_DIR/GPT2Tokens/<name>.npy          text RoBERTa ids  <s> ... </s>   (text branch)
   DATA_DIR/vqw2vTokens/<name>.npy         speech RoBERTa ids <s> codes </s> (speech branch)
   DATA_DIR/FullBertEmb{c}/<name>.npy      (2c+1)*H context vector           (context branch)
 
-Each utterance becomes a dict: index, name, session, speaker, dialog, label (index into CLASSES)
-and, per branch, text_ids / speech_ids (1-D int64 tensors) and context ((2c+1, H) float32).
+Each utterance becomes a dict: index, name, session, speaker, dialog, label (index into the run's
+classes) and, per branch, text_ids / speech_ids (1-D int64 tensors) and context ((2c+1, H) float32).
 Token sequences are cut to the maximum length keeping `</s>` last, as fairseq's encoder saw them
 in pre-training; a batch is padded only to its own longest sequence with `<pad>` = 1.
 """
@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from mocap_data_collect import CLASSES, read_manifest
+from data_contract import BRANCHES, DataError, feature_path, label_set, read_manifest
+from utils import length_sorted_batches
 
-BRANCHES = ("text", "speech", "context")
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
 
 
@@ -38,72 +38,63 @@ def _load_npy(path, what):
     try:
         array = np.load(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing {what}; run the feature extraction stage first") from None
-    except ValueError as error:
-        raise ValueError(f"{path}: not a readable .npy file ({error})") from None
+        raise DataError(f"{path}: missing {what}; run the feature extraction stage first") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npy file ({error})") from None
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{path}: expected a non-empty 1-D array for {what}, got shape {array.shape}")
+        raise DataError(f"{path}: expected a non-empty 1-D array for {what}, got shape {array.shape}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ValueError(f"{path}: {what} holds NaN or infinite values; recompute it (--overwrite)")
+        raise DataError(f"{path}: {what} holds NaN or infinite values; recompute it (--overwrite)")
     return array
 
 
-def feature_paths(data_dir, name, context_window, branches=BRANCHES):
-    """{branch: the feature file of utterance `name` that the branch reads}."""
-    data_dir = Path(data_dir)
-    folders = {"text": "GPT2Tokens", "speech": "vqw2vTokens", "context": f"FullBertEmb{context_window}"}
-    return {branch: data_dir / folders[branch] / f"{name}.npy" for branch in branches}
-
-
-def missing_features(data_dir, rows, context_window, branches=BRANCHES):
+def missing_features(data_dir, rows, context_window, branches):
     """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named."""
     missing = []
     for row in rows:
         if row["label"]:
-            absent = [p for p in feature_paths(data_dir, row["name"], context_window, branches).values() if not p.is_file()]
+            paths = [feature_path(data_dir, branch, row["name"], context_window) for branch in branches]
+            absent = [p for p in paths if not p.is_file()]
             if absent:
                 missing.append((row["name"], absent[0]))
     return missing
 
 
-def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=BRANCHES, progress=True,
-                    exclude=()):
-    """Read the labelled utterances of DATA_DIR (except the names in `exclude`), with the features
-    the given branches need."""
+def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
+                    progress=True, rows=None, classes=None):
+    """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
+    branches need; labels are indices into `classes` (default: the classes the rows have)."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
-        raise ValueError(f"branches must be a non-empty subset of {BRANCHES}, got {tuple(branches)}")
+        raise ValueError(f"branches must be a non-empty subset of {tuple(BRANCHES)}, got {tuple(branches)}")
+    if rows is None:
+        rows = [row for row in read_manifest(data_dir) if row["label"]]
+    classes = list(classes or label_set(rows))
     slices = 2 * context_window + 1
-    rows = [row for row in read_manifest(data_dir) if row["label"] and row["name"] not in exclude]
-    if not rows:
-        raise ValueError(f"{data_dir / 'utterances.csv'}: no utterance has one of the labels {CLASSES}"
-                         + (" and all its features" if exclude else ""))
+    limits = {"text": max_text_tokens, "speech": max_audio_tokens}
     utterances = []
     for row in tqdm(rows, desc="loading features", unit="utt", leave=False, disable=not progress):
-        name = row["name"]
-        item = {
-            "index": len(utterances), "name": name, "session": row["session"],
-            "speaker": row["speaker"], "dialog": row["dialog"], "label": CLASSES.index(row["label"]),
-        }
-        paths = feature_paths(data_dir, name, context_window, branches)
-        if "text" in branches:
-            ids = _load_npy(paths["text"], "text tokens")
-            item["text_ids"] = torch.from_numpy(truncate_tokens(ids, max_text_tokens).astype(np.int64))
-        if "speech" in branches:
-            ids = _load_npy(paths["speech"], "speech tokens")
-            item["speech_ids"] = torch.from_numpy(truncate_tokens(ids, max_audio_tokens).astype(np.int64))
-        if "context" in branches:
-            vector = _load_npy(paths["context"], f"context vector (window {context_window})")
-            if vector.size % slices:
-                raise ValueError(f"{paths['context']}: length {vector.size} is not a multiple of 2*{context_window}+1 = "
-                                 f"{slices} context slots; was it made with another context window?")
-            item["context"] = torch.from_numpy(vector.astype(np.float32).reshape(slices, -1))
+        item = {"index": len(utterances), "name": row["name"], "session": row["session"],
+                "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
+        for branch in branches:
+            path = feature_path(data_dir, branch, row["name"], context_window)
+            key = BRANCHES[branch].key
+            if branch == "context":
+                vector = _load_npy(path, f"context vector (window {context_window})")
+                if vector.size % slices:
+                    raise DataError(f"{path}: length {vector.size} is not a multiple of 2*{context_window}+1 = "
+                                    f"{slices} context slots; was it made with another context window?")
+                item[key] = torch.from_numpy(vector.astype(np.float32).reshape(slices, -1))
+            else:
+                ids = _load_npy(path, f"{branch} tokens")
+                item[key] = torch.from_numpy(truncate_tokens(ids, limits[branch]).astype(np.int64))
         utterances.append(item)
     if "context" in branches:
         widths = {item["context"].shape[1] for item in utterances}
         if len(widths) > 1:
-            raise ValueError(f"{data_dir}/FullBertEmb{context_window}: context vectors of different widths {sorted(widths)}")
+            folder = feature_path(data_dir, "context", "x", context_window).parent
+            raise DataError(f"{folder}: context vectors of different widths {sorted(widths)}")
     return utterances
 
 
@@ -201,6 +192,38 @@ def training_loader(utterances, batch_size, seed, group_by_length=False, rank=0,
 
 def evaluation_loader(utterances, batch_size, rank=0, world_size=1):
     """This rank's share of the utterances (each exactly once), in batches of similar length."""
-    share = sorted(utterances[rank::world_size], key=utterance_length)
-    batches = [share[s:s + batch_size] for s in range(0, len(share), batch_size)]
+    share = utterances[rank::world_size]
+    batches = [[share[i] for i in batch] for batch in
+               length_sorted_batches([utterance_length(u) for u in share], batch_size)]
     return DataLoader(batches, batch_size=None, collate_fn=collate_utterances)
+
+
+MODEL_INPUTS = ("text_ids", "text_mask", "speech_ids", "speech_mask", "speech_vectors", "context")
+
+
+def model_inputs(batch, device):
+    """A batch's tensors that the model takes, on `device`."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+
+
+def gather_from_ranks(value, world_size):
+    """[every rank's value] in rank order under torchrun (a collective: every rank calls it), or
+    [value] in one process. The one way results cross ranks: predictions, speech vectors, RNG states."""
+    if world_size == 1:
+        return [value]
+    import torch.distributed as dist
+    values = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def map_utterances(fn, utterances, batch_size, rank=0, world_size=1, desc="evaluate", progress=False):
+    """fn(batch) -> one output per utterance of the batch, over every utterance in length-sorted
+    batches (each rank its share, then gathered): -> the outputs in the order of `utterances`."""
+    outputs = {}
+    for batch in tqdm(evaluation_loader(utterances, batch_size, rank, world_size), desc=desc, unit="batch",
+                      leave=False, disable=not progress):
+        outputs.update(zip(batch["index"].tolist(), fn(batch)))
+    shares = gather_from_ranks(outputs, world_size)
+    merged = {k: v for share in shares for k, v in share.items()}
+    return [merged[item["index"]] for item in utterances]

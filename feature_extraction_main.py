@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from concatenate_embds import write_context_vectors
-from feature_ext import STEPS, add_model_arguments, format_summary, run_step
+from feature_ext import EXTRACTORS, add_model_arguments, check_folders, format_summary, run_step
+from utils import set_threads
 
 CONTEXTS = (1, 2, 3)
 
@@ -26,7 +27,7 @@ def extract_features(data_dir, models_dir, sentence_model=None, text_model=None,
                      contexts=CONTEXTS, overwrite=False, progress=True):
     """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports."""
     reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress)
-               for step in STEPS]
+               for step in EXTRACTORS]
     return reports + write_context_vectors(data_dir, contexts, overwrite, progress)
 
 
@@ -38,6 +39,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.context):
         parser.error("--context sizes must be at least 1")
+    check_folders(args, parser)
+    set_threads(args.threads)
     reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                                args.device, args.context, args.overwrite)
     print(format_summary(reports))

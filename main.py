@@ -2,10 +2,11 @@
 
     python main.py RUN_DIR DATA_DIR MODELS_DIR [CONTEXT_WINDOW MAX_TEXT_TOKENS MAX_AUDIO_TOKENS] [options]
     torchrun --nproc_per_node N main.py ...          (DistributedDataParallel, one process per device)
-    python main.py --demo [RUN_DIR]                  (synthetic corpus -> every stage -> results table)
+    python main.py --demo [RUN_DIR]                  (synthetic corpus -> every stage -> results table; demo.py)
 
-Reads DATA_DIR (utterances.csv, GPT2Tokens/, vqw2vTokens/, FullBertEmb{c}/; see dataset_loader.py)
-and the pretrained encoders in MODELS_DIR (see model_structure.py). Writes everything under RUN_DIR:
+Reads DATA_DIR (utterances.csv and the feature folders data_contract.BRANCHES names for each branch;
+see dataset_loader.py) and the pretrained encoders in MODELS_DIR (see model_structure.py). RUN_DIR is
+a new or empty folder, or a run folder main.py made; writes everything under it:
   config.json                 every resolved setting, data_dir and the models used
   train.log                   the log of every invocation (appended)
   fold{k}/best.pt             the best epoch's weights by validation UA (torch.load(weights_only=True))
@@ -17,6 +18,8 @@ and the pretrained encoders in MODELS_DIR (see model_structure.py). Writes every
   summary.md                  the results table (also printed)
 Running again with the same RUN_DIR and settings resumes: finished folds are kept, an interrupted
 fold restarts from its last epoch checkpoint and ends with the numbers of an uninterrupted run.
+The labels are the classes the manifest has (data_contract.label_set): a corpus collected with three
+emotions trains a 3-way head and is scored over those three.
 
 Protocols: session5 (train 1-4, test 5), loso (5 folds, one session each), speaker (10 folds, one
 speaker each; the test speaker's session partner shares their dialogues, so their context, and is
@@ -25,28 +28,22 @@ or one held-out training speaker; `--val-split original` is the original's split
 test session's other speaker (for session protocols the session's M speaker validates and its F
 speaker is tested). The test utterances never train a model or choose its checkpoint, except under
 `--val-split original`, where the test session chooses it (and the summary says so).
+A user's mistake (a missing file, a RUN_DIR of other settings, a NaN loss) is one line naming the
+file and the way out; anything else stops with its traceback, which train.log also keeps. torch and
+the training modules are imported once the options are checked, so --help answers at once.
 """
 import argparse
 import json
 import logging
-import math
 import os
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from sklearn.model_selection import train_test_split
 
-import dataset_loader
-import feature_ext
-import model_structure
-import train_function
-import validation_function
-from mocap_data_collect import CLASSES, read_manifest
-from utils import WEIGHT_FILES, atomic_path, fingerprint, write_text_atomic
+from data_contract import BRANCHES, DataError, branch_steps, label_set, read_features_record, read_manifest, stale_features
+from utils import WEIGHT_FILES, check_device, fingerprint, set_threads, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
 CONTEXT_WINDOW = 3  # sentences before and after: FullBertEmb3
@@ -78,10 +75,6 @@ DEFAULTS = {
     # step ran 2x faster than on randomly mixed lengths (benchmarks/bench_train.py).
     "group_by_length": True,
 }
-# Demo: small enough for 2 CPU cores in well under a minute, on the synthetic corpus and tiny models.
-DEMO = {"context_window": 2, "max_text_tokens": 64, "max_audio_tokens": 310, "epochs": 15, "batch_size": 16,
-        "lr_encoders": 1e-3, "lr_head": 2e-3, "seed": 0}
-DEMO_CORPUS_SEED = 0
 # Settings that may differ when a run is resumed: they do not change the numbers.
 NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs")
 # Settings added since a run may have started: a config.json without them had these values.
@@ -90,50 +83,95 @@ ADDED_SETTINGS = {"skip_missing": False, "left_out": []}
 log = logging.getLogger("main")
 
 
-class RunPaused(Exception):
-    """--stop-after-epochs was reached; the run resumes from RUN_DIR."""
+class RunError(Exception):
+    """A run that cannot start or go on for a reason the user can fix; the message names the file
+    or option and the way out. main() prints it as one line."""
 
 
 # ------------------------------------------------------------------------------------------------
-# configuration
+# the run's data and configuration, resolved once
 
-def resolve_config(args):
-    """The complete settings of a run as plain JSON values; config.json holds exactly this."""
-    data_dir, models_dir = Path(args.data_dir).resolve(), Path(args.models_dir).resolve()
-    if not (data_dir / "utterances.csv").is_file():
-        raise SystemExit(f"main.py: error: {data_dir / 'utterances.csv'}: not found; DATA_DIR is the folder "
-                         f"mocap_data_collect.py and the feature extraction wrote")
-    branches = [b.strip() for b in args.branches.split(",") if b.strip()]
-    if not branches or set(branches) - set(dataset_loader.BRANCHES) or len(set(branches)) != len(branches):
-        raise SystemExit(f"main.py: error: --branches must be a comma-separated subset of "
-                         f"{','.join(dataset_loader.BRANCHES)}, got {args.branches!r}")
-    branches = [b for b in dataset_loader.BRANCHES if b in branches]
+@dataclass
+class RunData:
+    """The labelled utterances a run trains and tests on, with what the data decides of its settings."""
+
+    utterances: list
+    classes: list  # the labels the manifest has, in data_contract.CLASSES order
+    left_out: list  # names that --skip-missing left out for lack of a feature file
+    context_width: int = None  # H of the context vectors, read from the data
+
+
+def parse_branches(text):
+    branches = [b.strip() for b in text.split(",") if b.strip()]
+    if not branches or set(branches) - set(BRANCHES) or len(set(branches)) != len(branches):
+        raise RunError(f"--branches must be a comma-separated subset of {','.join(BRANCHES)}, got {text!r}")
+    return [b for b in BRANCHES if b in branches]
+
+
+def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True):
+    """All labelled utterances with the features `branches` need, read once per run."""
+    import dataset_loader
+    rows = read_manifest(data_dir)
+    steps = [step for branch in branches for step in branch_steps(branch, context_window)]
+    stale = stale_features(data_dir, steps, rows)
+    if stale:
+        raise RunError(f"{Path(data_dir) / 'utterances.csv'} lists other utterances than the {', '.join(stale)} "
+                       f"features were made for (their files are named by position); rerun "
+                       f"feature_extraction_main.py on it")
+    classes = label_set(rows)
+    if len(classes) < 2:
+        raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
+                       f"({', '.join(classes) or 'none'}); a classifier needs at least two")
+    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches)
+    labelled = sum(1 for row in rows if row["label"])
+    if missing and (not skip_missing or len(missing) == labelled):
+        name, path = missing[0]
+        remedy = ("run feature_extraction_main.py first" if len(missing) == labelled else
+                  "rerun feature_extraction_main.py, or train and test without them with --skip-missing "
+                  "(a wav or transcript that mocap_data_collect.py --allow-missing let through has none)")
+        raise RunError(f"{path}: not found ({len(missing)} of {labelled} labelled utterances miss a feature file); "
+                       f"{remedy}")
+    left_out = [name for name, _ in missing]
+    rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
+    utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
+                                                progress, rows, classes)
+    width = int(utterances[0]["context"].shape[1]) if "context" in branches else None
+    return RunData(utterances, classes, left_out, width)
+
+
+def resolve_device(args):
+    """(device, precision) from --device and --precision: auto picks a GPU and bf16 where there are."""
+    import torch
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if args.device == "auto" else args.device
+    try:
+        check_device(device)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return device, precision
+
+
+def model_paths(args):
+    """(text model, speech model): the options, or MODELS_DIR's default files."""
+    models_dir = Path(args.models_dir).resolve()
     text_model = args.text_model
     if text_model is None:  # a local copy in MODELS_DIR, else the hub name through transformers' cache
         text_model = models_dir / "roberta-large" if (models_dir / "roberta-large").is_dir() else "roberta-large"
     if Path(text_model).exists():
         text_model = str(Path(text_model).resolve())
     speech_model = Path(args.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt").resolve()
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        feature_ext.check_device(device)
-    except ValueError as error:
-        raise SystemExit(f"main.py: error: {error}") from None
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-    import transformers
+    return str(text_model), str(speech_model)
+
+
+def option_settings(args, precision):
+    """The settings the options decide (everything but the files and what the data decides)."""
     return {
-        "data_dir": str(data_dir), "models_dir": str(models_dir),
-        "text_model": str(text_model), "speech_model": str(speech_model),
-        "pretrained": pretrained_files(data_dir, branches, text_model, speech_model),
-        "classes": list(CLASSES), "branches": branches,
+        "branches": parse_branches(args.branches),
         "context_window": args.context_window, "max_text_tokens": args.max_text_tokens,
-        "max_audio_tokens": args.max_audio_tokens,
-        "context_width": None,  # H, read from the data by load_run_data
-        "skip_missing": args.skip_missing, "left_out": [],  # names, filled by load_run_data
+        "max_audio_tokens": args.max_audio_tokens, "skip_missing": args.skip_missing,
         "protocol": args.protocol, "val_split": args.val_split, "val_fraction": args.val_fraction,
         "val_split_description": describe_val_split(args.val_split, args.val_fraction),
         "epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
@@ -141,33 +179,64 @@ def resolve_config(args):
         "weight_decay": args.weight_decay, "scheduler": args.scheduler, "warmup": args.warmup,
         "clip_norm": args.clip_norm, "class_weights": args.class_weights, "fusion_hidden": args.fusion_hidden,
         "finetune_text": not args.freeze_text, "finetune_speech": args.finetune_speech,
-        "group_by_length": args.group_by_length, "seed": args.seed, "device": device, "precision": precision,
-        "world_size": int(os.environ.get("WORLD_SIZE", 1)), "stop_after_epochs": args.stop_after_epochs,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "group_by_length": args.group_by_length, "seed": args.seed, "precision": precision,
     }
+
+
+def resolve_config(args, data, device, precision):
+    """The complete settings of a run as plain JSON values, config.json exactly; nothing changes
+    them afterwards."""
+    import torch
+    import transformers
+    data_dir, models_dir = Path(args.data_dir).resolve(), Path(args.models_dir).resolve()
+    options = option_settings(args, precision)
+    text_model, speech_model = model_paths(args)
+    config = {
+        "data_dir": str(data_dir), "models_dir": str(models_dir), "text_model": text_model,
+        "speech_model": speech_model,
+        "pretrained": pretrained_files(data_dir, options["branches"], text_model, speech_model),
+        "classes": list(data.classes), "context_width": data.context_width, "left_out": list(data.left_out),
+        "device": device, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        "stop_after_epochs": args.stop_after_epochs,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        **options,
+    }
+    # In the order config.json has always had, so that files of older runs compare line by line.
+    order = ("data_dir", "models_dir", "text_model", "speech_model", "pretrained", "classes", "branches",
+             "context_window", "max_text_tokens", "max_audio_tokens", "context_width", "skip_missing", "left_out",
+             "protocol", "val_split", "val_fraction", "val_split_description", "epochs", "batch_size",
+             "eval_batch_size", "grad_accum", "lr_encoders", "lr_head", "weight_decay", "scheduler", "warmup",
+             "clip_norm", "class_weights", "fusion_hidden", "finetune_text", "finetune_speech", "group_by_length",
+             "seed", "device", "precision", "world_size", "stop_after_epochs", "versions")
+    return {key: config[key] for key in order}
 
 
 def pretrained_files(data_dir, branches, text_model, speech_model):
     """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
     the encoders the model loads, and the extractors that made its features (as
     DATA_DIR/features.json recorded them). predict.py checks them all before it predicts."""
-    record = feature_ext.read_features_record(data_dir)
-    extractors = {"text": ("text-tokens",), "speech": ("speech-tokens",), "context": ("sentence-embeddings",)}
+    record = read_features_record(data_dir)
+    models = {"text_model": (text_model, [WEIGHT_FILES]), "speech_model": (speech_model, [])}
     pretrained = {}
     for branch in branches:
-        for step in extractors[branch]:
-            if step not in record:
-                log.warning(f"{data_dir / feature_ext.FEATURES_RECORD} does not say which models made the {step} "
+        for step in BRANCHES[branch].steps:
+            if step in record:
+                pretrained.update(record[step])
+            elif "{c}" not in step:
+                log.warning(f"{Path(data_dir) / 'features.json'} does not say which models made the {step} "
                             f"features; predict.py will not be able to check them")
-            pretrained.update(record.get(step, {}))
-    encoders = {"text": ("text_model", "text model (--text-model)", text_model, WEIGHT_FILES),
-                "speech": ("speech_model", "speech model (--speech-model)", speech_model, None)}
-    for branch, (role, what, model, files) in encoders.items():
-        if branch in branches:
-            try:
-                pretrained[role] = fingerprint(model, *([files] if files else []))
-            except FileNotFoundError as error:
-                raise SystemExit(f"main.py: error: {what}: {error}") from None
+        role = BRANCHES[branch].encoder
+        if role is None:
+            continue
+        path, patterns = models[role]
+        if role == "speech_model" and not Path(path).is_file():
+            raise RunError(f"{path}: not found; the speech branch's RoBERTa comes from bert_kmeans.tar, unpacked into "
+                           f"MODELS_DIR (README, \"Pretrained files\"), or give {BRANCHES[branch].encoder_option}")
+        try:
+            pretrained[role] = fingerprint(path, *patterns)
+        except FileNotFoundError as error:
+            raise RunError(f"{BRANCHES[branch].encoder_option.lstrip('-').replace('-', ' ')} "
+                           f"({BRANCHES[branch].encoder_option}): {error}") from None
     return pretrained
 
 
@@ -180,27 +249,80 @@ def describe_val_split(val_split, val_fraction):
     }[val_split]
 
 
+# ------------------------------------------------------------------------------------------------
+# the run folder
+
+def check_run_dir(run_dir, data_dir=None, models_dir=None):
+    """RUN_DIR is new, empty, or a run folder main.py made (it has a config.json with a protocol):
+    a run writes its files into it, so a DATA_DIR, a MODELS_DIR or any other folder is refused."""
+    run_dir = Path(run_dir)
+    for what, other in (("DATA_DIR", data_dir), ("MODELS_DIR", models_dir)):
+        if other is not None and run_dir.resolve() == Path(other).resolve():
+            raise RunError(f"RUN_DIR {run_dir} is the {what}: give the run a folder of its own")
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunError(f"RUN_DIR {run_dir}: not a folder")
+    if not any(run_dir.iterdir()):
+        return
+    config = run_dir / "config.json"
+    try:
+        made_by_main = "protocol" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, unreadable, or not JSON: not a run folder
+        made_by_main = False
+    if not made_by_main:
+        what = "a DATA_DIR" if (run_dir / "utterances.csv").exists() else "not a run folder of main.py"
+        raise RunError(f"RUN_DIR {run_dir} holds files and is {what}; give a new or empty folder, or a run folder "
+                       f"to resume")
+
+
 def write_config(run_dir, config):
     """The one place config.json is written: predict.py rebuilds the model from it."""
     write_text_atomic(Path(run_dir) / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def check_resumable(run_dir, config):
-    """A RUN_DIR with a config.json only resumes under the same settings."""
+    """A RUN_DIR with a config.json only resumes under the same settings (those of `config`)."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return False
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f"main.py: error: {path}: not a readable config.json ({e}); use a new RUN_DIR") from None
+        raise RunError(f"{path}: not a readable config.json ({e}); use a new RUN_DIR") from None
     old = {**ADDED_SETTINGS, **old}
-    changed = sorted(k for k in set(old) | set(config) if k not in NOT_COMPARED_ON_RESUME and old.get(k) != config.get(k))
+    changed = sorted(k for k in config if k not in NOT_COMPARED_ON_RESUME and old.get(k) != config[k])
     if changed:
-        details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise SystemExit(f"main.py: error: {path} was written with other settings ({details}); "
-                         f"use a new RUN_DIR or the same settings to resume")
+        details = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(config[k])}" for k in changed)
+        raise RunError(f"{path} was written with other settings ({details}); use a new RUN_DIR or the same "
+                       f"settings to resume")
     return True
+
+
+def _short(value, width=60):
+    """A setting for a one-line message: a record of pretrained files would fill the screen."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + " ..."
+
+
+def setup_logging(run_dir, rank):
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if rank != 0:
+        log.addHandler(logging.NullHandler())
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    # The log is appended line by line on purpose (not written atomically): after a crash it
+    # should hold everything up to the crash.
+    file_handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(console)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,11 +330,12 @@ def check_resumable(run_dir, config):
 
 def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, seed=0):
     """-> list of {"fold", "test_sessions" | "test_speakers", "train", "val", "test"} (utterance lists)."""
+    from sklearn.model_selection import train_test_split
     sessions = sorted({u["session"] for u in utterances})
     speakers_of = {s: sorted({u["speaker"] for u in utterances if u["session"] == s}) for s in sessions}
     if protocol == "session5":
         if 5 not in sessions:
-            raise ValueError("protocol session5 needs session 5 in the data")
+            raise RunError("protocol session5 needs session 5 in the data")
         tests = [("test_sessions", [5])]
     elif protocol == "loso":
         tests = [("test_sessions", [s]) for s in sessions]
@@ -248,14 +371,14 @@ def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, s
                 train, val = train_test_split(pool, test_size=val_fraction, random_state=seed,
                                               stratify=[u["label"] for u in pool])
             except ValueError as e:  # too few utterances of a class, or too small a share, to stratify
-                raise ValueError(f"fold {k}: no stratified validation share of {val_fraction:.0%} from "
-                                 f"{len(pool)} utterances ({e})") from None
+                raise RunError(f"fold {k}: no stratified validation share of {val_fraction:.0%} from "
+                               f"{len(pool)} utterances ({e})") from None
             train, val = sorted(train, key=lambda u: u["index"]), sorted(val, key=lambda u: u["index"])
         else:
             raise ValueError(f"unknown validation split {val_split!r}: use stratified, speaker or original")
         if not train or not val or not test:
-            raise ValueError(f"fold {k} ({key} {held_out}): empty split (train {len(train)}, "
-                             f"validation {len(val)}, test {len(test)})")
+            raise RunError(f"fold {k} ({key} {held_out}): empty split (train {len(train)}, "
+                           f"validation {len(val)}, test {len(test)})")
         fold.update(train=train, val=val, test=test)
         folds.append(fold)
     return folds
@@ -268,179 +391,34 @@ def fold_title(fold):
     return "speaker " + ",".join(fold["test_speakers"])
 
 
-# ------------------------------------------------------------------------------------------------
-# one fold
-
-def save_checkpoint(path, state):
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path, remedy):
-    """A checkpoint this run wrote; a damaged one is an error naming the file and what to do."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated by a full disk, overwritten, not a checkpoint at all
-        raise SystemExit(f"main.py: error: {path}: unreadable checkpoint ({type(e).__name__}: "
-                         f"{str(e).split('. ')[0][:200]}); {remedy}") from None
-
-
-def rng_states(device, world):
-    """Every process's random generators, in rank order: the CPU's and its GPU's (dropout draws
-    differ between ranks, since their batches differ). Collective: every rank must call it."""
-    state = {"torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None}
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(states, rank, device):
-    """Restore this rank's generators from rng_states (a run resumes with the same world size)."""
-    state = states[rank]
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def check_lengths(model, utterances):
-    """RoBERTa's learned positions stop at max_position_embeddings - 2 (fairseq's padding offset),
-    and its ids at its vocabulary's size (ids beyond it: features of another tokenizer)."""
-    for branch, key in (("text", "text_ids"), ("speech", "speech_ids")):
-        encoder = getattr(model, f"{branch}_encoder")
-        if encoder is None:
-            continue
-        largest = max(int(u[key].max()) for u in utterances)
-        if largest >= encoder.config.vocab_size:
-            folder = "GPT2Tokens" if branch == "text" else "vqw2vTokens"
-            raise SystemExit(f"main.py: error: {folder}/ holds ids up to {largest}, but the {branch} encoder's "
-                             f"vocabulary has {encoder.config.vocab_size}: its features were made for another "
-                             f"model (features.json says which); extract them again with this one")
-        limit = encoder.config.max_position_embeddings - 2
-        longest = max(len(u[key]) for u in utterances)
-        if longest > limit:
-            option = "MAX_TEXT_TOKENS" if branch == "text" else "MAX_AUDIO_TOKENS"
-            raise SystemExit(f"main.py: error: {branch} sequences of up to {longest} tokens, but the {branch} "
-                             f"encoder has positions for {limit}; set {option} to at most {limit}")
-
-
-def train_fold(config, fold, utterances, run_dir, env):
-    """Train one fold (resuming it if interrupted), test its best checkpoint, write its outputs."""
+def run_fold(config, fold, utterances, run_dir, env):
+    """One fold: trained (or resumed), its best checkpoint tested once, its files written; a fold
+    an earlier invocation finished is kept. -> the fold's result (fold_result.json)."""
+    import train_function
+    import validation_function
     fold_dir = Path(run_dir) / f"fold{fold['fold']}"
     result_path = fold_dir / "fold_result.json"
     if result_path.exists():
         log.info(f"fold {fold['fold']} ({fold_title(fold)}): already finished, kept")
         return json.loads(result_path.read_text(encoding="utf-8"))
-    device, amp, rank, world = env["device"], env["amp_dtype"], env["rank"], env["world_size"]
-    torch.manual_seed(config["seed"] + fold["fold"])
-    model = model_structure.build_model(config)
-    if rank:  # the same initial weights on every rank, but each rank its own dropout draws (as nanoGPT)
-        torch.manual_seed(config["seed"] + fold["fold"] + 1_000_003 * rank)
-    check_lengths(model, utterances)
-    model.to(device)
-    if model.speech_encoder is not None and not model.finetune_speech and "speech_vector" not in utterances[0]:
-        log.info("computing the frozen speech encoder's vectors once for the whole run")
-        train_function.cache_speech_vectors(model, utterances, config["eval_batch_size"], device, amp, rank, world,
-                                            progress=env["progress"])
-    trained = model
-    if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-
-    weights = None
-    if config["class_weights"] == "balanced":
-        weights = train_function.balanced_class_weights([u["label"] for u in fold["train"]], len(CLASSES)).to(device)
-    criterion = train_function.make_criterion(weights)
-    optimizer = train_function.configure_optimizer(model, config["lr_encoders"], config["lr_head"], config["weight_decay"])
-    loader = dataset_loader.training_loader(fold["train"], config["batch_size"], config["seed"],
-                                            config["group_by_length"], rank, world)
-    steps_per_epoch = math.ceil(len(loader) / config["grad_accum"])
-    scheduler = train_function.make_scheduler(optimizer, config["scheduler"], steps_per_epoch * config["epochs"],
-                                              config["warmup"])
-    step_scheduler = scheduler if config["scheduler"] == "linear" else None
-
-    state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_epoch": None, "best_val": None}
-    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
-    if last_path.exists():
-        checkpoint = load_checkpoint(last_path, "delete it to train this fold again from its first epoch")
-        model.load_trained_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        state = checkpoint["state"]
-        set_rng_state(checkpoint["rng"], rank, device)
-        log.info(f"fold {fold['fold']}: resuming after epoch {state['epoch']} from {last_path}")
     log.info(f"fold {fold['fold']} ({fold_title(fold)}): train {len(fold['train'])}, "
              f"validation {len(fold['val'])}, test {len(fold['test'])} utterances")
-
-    for epoch in range(state["epoch"], config["epochs"]):
-        start = time.time()
-        loader.batch_sampler.set_epoch(epoch)
-        desc = f"fold {fold['fold']} epoch {epoch + 1}/{config['epochs']}"
-        try:
-            train_loss = train_function.train_epoch(
-                trained, loader, criterion, optimizer, device, step_scheduler, config["grad_accum"],
-                config["clip_norm"], amp, distributed=world > 1, desc=desc, progress=env["progress"])
-        except train_function.NonFiniteLossError as error:
-            kept = f"; the last good checkpoint is {last_path} (epoch {state['epoch']})" if last_path.exists() else \
-                "; no epoch had finished, so there is no checkpoint"
-            raise SystemExit(f"main.py: error: fold {fold['fold']} epoch {epoch + 1}: {error}{kept}. "
-                             f"Start a new RUN_DIR with lower learning rates or --clip-norm")
-        if world > 1:
-            loss = torch.tensor([train_loss])
-            dist.all_reduce(loss)
-            train_loss = loss.item() / world
-        val, _, val_loss = validation_function.evaluate(model, fold["val"], config["eval_batch_size"], device, amp,
-                                                        rank, world)
-        lr = max(g["lr"] for g in optimizer.param_groups)
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                                 "val_wa": val["wa"], "val_ua": val["ua"], "lr": lr})
-        improved = val["ua"] > state["best_score"]
-        if improved:
-            state.update(best_score=val["ua"], best_epoch=epoch + 1, best_val=val)
-            if rank == 0:
-                save_checkpoint(best_path, {"model": model.trained_state_dict(), "epoch": epoch + 1, "fold": fold["fold"],
-                                            "classes": list(CLASSES), "val": val})
-        note = ""
-        if config["scheduler"] == "newbob" and scheduler.step_epoch(val["ua"], model):
-            note = f"  newbob: lr halved, back to epoch {state['best_epoch']}'s weights"
-        state["epoch"] = epoch + 1
-        rng = rng_states(device, world)
-        if rank == 0:
-            save_checkpoint(last_path, {"model": model.trained_state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "state": state, "rng": rng})
-        if world > 1:
-            dist.barrier()
-        seconds = time.time() - start
-        log.info(f"{desc}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  val WA {val['wa']:.4f}  "
-                 f"UA {val['ua']:.4f}{' *' if improved else ''}  lr {lr:.2e}  {seconds:.1f}s "
-                 f"({len(fold['train']) / seconds:.1f} utt/s){note}")
-        env["epochs_run"] = env.get("epochs_run", 0) + 1
-        if config["stop_after_epochs"] and env["epochs_run"] >= config["stop_after_epochs"]:
-            raise RunPaused(f"stopped after epoch {epoch + 1} of fold {fold['fold']} (--stop-after-epochs); "
-                            f"run the same command again to resume")
-
+    model, state = train_function.train_fold(config, fold, utterances, fold_dir, env)
     # The test fold is seen once, with the checkpoint the validation set chose.
-    model.load_trained_state_dict(load_checkpoint(best_path, "delete the fold's folder to train it again")["model"])
-    test, predictions, _ = validation_function.evaluate(model, fold["test"], config["eval_batch_size"], device, amp,
-                                                        rank, world)
+    test, predictions, _ = validation_function.evaluate(model, fold["test"], config["eval_batch_size"], env["device"],
+                                                        config["classes"], env["amp_dtype"], env["rank"],
+                                                        env["world_size"])
     result = {k: fold[k] for k in ("fold", "test_sessions", "test_speakers") if k in fold}
     result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
                   best_epoch=state["best_epoch"], val=state["best_val"], history=state["history"],
                   y_true=predictions["labels"].tolist(), y_pred=predictions["probs"].argmax(1).tolist())
-    if rank == 0:
-        title = f"fold {fold['fold']}: test {fold_title(fold)}"
-        validation_function.write_predictions_csv(fold_dir / "predictions.csv", predictions)
-        validation_function.plot_confusion_matrix(test["confusion_matrix"], fold_dir / "confusion_matrix.png",
-                                                  f"{title}  UA {test['ua']:.3f}  WA {test['wa']:.3f}")
-        validation_function.plot_training_curves(state["history"], fold_dir / "training_curves.png", title)
-        if predictions["attention"] is not None:
-            validation_function.plot_attention(predictions["attention"], predictions["labels"],
-                                               fold_dir / "attention.png", f"{title}: context attention")
+    if env["rank"] == 0:
+        validation_function.write_fold_reports(fold_dir, predictions, test, state["history"], config["classes"],
+                                               f"fold {fold['fold']}: test {fold_title(fold)}")
         write_text_atomic(result_path, json.dumps(result, indent=1) + "\n")
-        last_path.unlink(missing_ok=True)
-    if world > 1:
+        (fold_dir / "last.pt").unlink(missing_ok=True)
+    if env["world_size"] > 1:
+        import torch.distributed as dist
         dist.barrier()
     log.info(f"fold {fold['fold']} test ({fold_title(fold)}, best epoch {state['best_epoch']}): "
              f"WA {test['wa']:.4f}  UA {test['ua']:.4f}  macro-F1 {test['macro_f1']:.4f}")
@@ -450,15 +428,16 @@ def train_fold(config, fold, utterances, run_dir, env):
 # ------------------------------------------------------------------------------------------------
 # the whole run
 
-def summarize(protocol, fold_results, val_split="stratified", left_out=()):
+def summarize(protocol, fold_results, classes, val_split="stratified", left_out=()):
     """results.json: the folds' test metrics, their mean/std (population, over folds) and pooled.
     val_split says how checkpoints were chosen ("original": by the test session's other speaker);
     left_out names the labelled utterances that --skip-missing left out for lack of features."""
+    from validation_function import compute_metrics
     folds = [{k: r[k] for k in ("fold", "test_sessions", "test_speakers", "n_train", "n_val", "n_test", "test") if k in r}
              for r in fold_results]
     metric = {k: [r["test"][k] for r in fold_results] for k in ("wa", "ua", "macro_f1", "weighted_f1")}
-    pooled = validation_function.compute_metrics([y for r in fold_results for y in r["y_true"]],
-                                                 [y for r in fold_results for y in r["y_pred"]])
+    pooled = compute_metrics([y for r in fold_results for y in r["y_true"]],
+                             [y for r in fold_results for y in r["y_pred"]], classes)
     return {"protocol": protocol, "val_split": val_split, "left_out": list(left_out), "folds": folds, "summary": {
         "wa_mean": float(np.mean(metric["wa"])), "wa_std": float(np.std(metric["wa"])),
         "ua_mean": float(np.mean(metric["ua"])), "ua_std": float(np.std(metric["ua"])),
@@ -475,8 +454,7 @@ def results_table(results, config):
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in results["folds"]:
         t = f["test"]
-        held = fold_title(f)
-        lines.append(f"| {f['fold']} | {held} | {f['n_train']} | {f['n_val']} | {f['n_test']} | {t['wa']:.4f} | "
+        lines.append(f"| {f['fold']} | {fold_title(f)} | {f['n_train']} | {f['n_val']} | {f['n_test']} | {t['wa']:.4f} | "
                      f"{t['ua']:.4f} | {t['macro_f1']:.4f} | {t['weighted_f1']:.4f} |")
     s, p = results["summary"], results["summary"]["pooled"]
     lines.append(f"| mean ± std | | | | | {s['wa_mean']:.4f} ± {s['wa_std']:.4f} | {s['ua_mean']:.4f} ± "
@@ -484,43 +462,25 @@ def results_table(results, config):
     lines.append(f"| pooled | all folds | | | {sum(f['n_test'] for f in results['folds'])} | {p['wa']:.4f} | "
                  f"{p['ua']:.4f} | {p['macro_f1']:.4f} | {p['weighted_f1']:.4f} |")
     recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
-    lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(CLASSES):.2f}."]
+    lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(config['classes']):.2f}."]
     if results["left_out"]:
         lines += ["", f"Left out for missing features (--skip-missing): {len(results['left_out'])} labelled "
                       f"utterance(s), named in results.json."]
     return "\n".join(lines) + "\n"
 
 
-def setup_logging(run_dir, rank):
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    if rank != 0:
-        log.addHandler(logging.NullHandler())
-        return
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    # The log is appended line by line on purpose (not written atomically): after a crash it
-    # should hold everything up to the crash.
-    file_handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(file_handler)
-    log.addHandler(console)
-
-
-def setup_distributed(config):
+def setup_distributed(device):
     """(rank, world size, device) from torchrun's environment; one process without it."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1, config["device"]
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = config["device"].startswith("cuda")
+    cuda = device.startswith("cuda")
     if cuda and local_rank >= torch.cuda.device_count():
-        raise SystemExit(f"main.py: error: process {local_rank} of this node needs a GPU of its own, but torch "
-                         f"sees {torch.cuda.device_count()}; start at most that many per node (--nproc_per_node)")
+        raise RunError(f"process {local_rank} of this node needs a GPU of its own, but torch sees "
+                       f"{torch.cuda.device_count()}; start at most that many per node (--nproc_per_node)")
     device = f"cuda:{local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)  # before NCCL starts, so its communicator uses this GPU
@@ -535,66 +495,28 @@ def process_group_backend(cuda):
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
-def load_run_data(config, progress=True):
-    """All labelled utterances with their features, once per run; fills config['context_width']."""
-    made_by = {"text": ["text-tokens"], "speech": ["speech-tokens"],
-               "context": ["sentence-embeddings", f"context-{config['context_window']}"]}
-    steps = [step for branch in config["branches"] for step in made_by[branch]]
-    rows = read_manifest(config["data_dir"])
-    stale = feature_ext.stale_features(config["data_dir"], steps, rows)
-    if stale:
-        raise ValueError(f"{Path(config['data_dir']) / 'utterances.csv'} lists other utterances than the "
-                         f"{', '.join(stale)} features were made for (their files are named by position); "
-                         f"rerun feature_extraction_main.py on it")
-    missing = dataset_loader.missing_features(config["data_dir"], rows, config["context_window"], config["branches"])
-    labelled = sum(1 for row in rows if row["label"])
-    if missing and (not config["skip_missing"] or len(missing) == labelled):
-        name, path = missing[0]
-        remedy = ("run feature_extraction_main.py first" if len(missing) == labelled else
-                  "rerun feature_extraction_main.py, or train and test without them with --skip-missing "
-                  "(a wav or transcript that mocap_data_collect.py --allow-missing let through has none)")
-        raise FileNotFoundError(f"{path}: not found ({len(missing)} of {labelled} labelled utterances miss a "
-                                f"feature file); {remedy}")
-    # Part of the configuration: a resumed run must leave out the same utterances.
-    config["left_out"] = [name for name, _ in missing]
-    utterances = dataset_loader.load_utterances(config["data_dir"], config["context_window"], config["max_text_tokens"],
-                                                config["max_audio_tokens"], config["branches"], progress,
-                                                exclude=set(config["left_out"]))
-    if "context" in config["branches"]:
-        config["context_width"] = dataset_loader.context_slice_width(utterances)
-    return utterances
-
-
-def run(config, run_dir):
+def run(config, run_dir, utterances, env):
     """Train and evaluate every fold of config['protocol'] into run_dir; -> results dict (None when paused)."""
-    run_dir = Path(run_dir)
-    rank, world, device = setup_distributed(config)
-    # Progress bars on a terminal only: in a job's log file (nohup, SLURM) their redrawn frames
-    # run together into one endless line, and the per-epoch lines say the same.
-    env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
-           "amp_dtype": torch.bfloat16 if config["precision"] == "bf16" else None}
-    try:
-        utterances = load_run_data(config, env["progress"])
-        folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
-    except (FileNotFoundError, ValueError) as error:  # bad or missing input files, named in the message
-        raise SystemExit(f"main.py: error: {error}") from None
+    from train_function import RunPaused
+    run_dir, rank, world = Path(run_dir), env["rank"], env["world_size"]
+    folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
     # RUN_DIR is made only now: a run refused for its inputs leaves nothing behind to block the next.
     resuming = check_resumable(run_dir, config)
     setup_logging(run_dir, rank)
     if rank == 0:
         write_config(run_dir, config)
     log.info(f"{'resuming' if resuming else 'starting'} run {run_dir}: {len(utterances)} labelled utterances, "
-             f"branches {'+'.join(config['branches'])}, protocol {config['protocol']}, device {device}"
+             f"branches {'+'.join(config['branches'])}, protocol {config['protocol']}, device {env['device']}"
              f"{f' x {world} processes' if world > 1 else ''}, {config['precision']}")
     if config["left_out"]:
         log.warning(f"--skip-missing: left out {len(config['left_out'])} labelled utterance(s) without features: "
                     f"{', '.join(config['left_out'][:10])}{', ...' if len(config['left_out']) > 10 else ''}")
     try:
-        fold_results = [train_fold(config, fold, utterances, run_dir, env) for fold in folds]
+        fold_results = [run_fold(config, fold, utterances, run_dir, env) for fold in folds]
     except RunPaused as pause:
         log.info(str(pause))
         return None
-    results = summarize(config["protocol"], fold_results, config["val_split"], config["left_out"])
+    results = summarize(config["protocol"], fold_results, config["classes"], config["val_split"], config["left_out"])
     table = results_table(results, config)
     if rank == 0:
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -604,52 +526,38 @@ def run(config, run_dir):
     return results
 
 
-# ------------------------------------------------------------------------------------------------
-# the demo
-
-def run_demo(args, dialogues_per_session=4, utterances_per_dialogue=20):
-    """Every stage of the pipeline on the synthetic corpus, with tiny models, into RUN_DIR.
-
-    RUN_DIR/corpus (IEMOCAP-shaped), RUN_DIR/data (DATA_DIR), RUN_DIR/models (MODELS_DIR), then
-    the run's own outputs in RUN_DIR as for any run. Stages whose outputs exist are not redone,
-    so a rerun resumes like any run.
-    """
-    import feature_extraction_main
-    import mocap_data_collect
-    import synthetic_iemocap
-    import tiny_models
-
-    start = time.time()
-    # The demo's models are tiny: one thread is as fast as two, while two threads per process
-    # contending with other work on a shared 2-core machine ran 10-20x slower (measured).
-    torch.set_num_threads(1)
-    run_dir = Path(args.run_dir or "demo_run")
-    corpus, data_dir, models_dir = run_dir / "corpus", run_dir / "data", run_dir / "models"
-    print(f"[1/5] synthetic IEMOCAP-shaped corpus -> {corpus}")
-    if not (corpus / synthetic_iemocap.TRUTH_FILE).is_file():
-        synthetic_iemocap.make_corpus(corpus, DEMO_CORPUS_SEED, dialogues_per_session, utterances_per_dialogue)
-    print(f"[2/5] manifest, transcripts and audio (mocap_data_collect) -> {data_dir}")
-    rows = mocap_data_collect.collect(corpus, data_dir, progress=False)
-    print(f"[3/5] tiny stand-ins for the pretrained models -> {models_dir}")
-    wanted = ("bert-base-uncased", "roberta-large", "vq-wav2vec_kmeans.pt", "bert_kmeans/bert_kmeans.pt")
-    if not all((models_dir / name).exists() for name in wanted):
-        wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
-        tiny_models.make_tiny_models(models_dir, [row["transcript"] for row in rows], wavs, seed=DEMO_CORPUS_SEED)
-    print("[4/5] features: speech tokens, text tokens, sentence embeddings, "
-          f"context vectors c={args.context_window} (feature_extraction_main)")
-    reports = feature_extraction_main.extract_features(data_dir, models_dir, contexts=[args.context_window],
-                                                       progress=False)
-    print(feature_ext.format_summary(reports))
-    if not all(report.ok for report in reports):
-        raise SystemExit("main.py: error: feature extraction failed for the demo corpus (see above)")
-    print("[5/5] training and evaluation")
-    args.data_dir, args.models_dir = str(data_dir), str(models_dir)
-    results = run(resolve_config(args), run_dir)
-    if results is not None:
-        s = results["summary"]
-        print(f"demo finished in {time.time() - start:.0f} s: test UA {s['ua_mean']:.3f}, WA {s['wa_mean']:.3f} "
-              f"(chance UA 0.25); everything is in {run_dir}")
-    return results
+def train_and_test(args, run_dir_checked=False):
+    """Everything after the options are checked: load the data, resolve the settings once, run.
+    (The demo checks its RUN_DIR itself, before it writes its corpus there: run_dir_checked.)"""
+    import torch
+    from train_function import TrainingError
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "utterances.csv").is_file():
+        raise RunError(f"{data_dir / 'utterances.csv'}: not found; DATA_DIR is the folder mocap_data_collect.py "
+                       f"and the feature extraction wrote")
+    if not run_dir_checked:
+        check_run_dir(args.run_dir, args.data_dir, args.models_dir)
+    branches = parse_branches(args.branches)
+    device, precision = resolve_device(args)
+    set_threads(args.threads)
+    rank, world, device = setup_distributed(device)
+    # Progress bars on a terminal only: in a job's log file (nohup, SLURM) their redrawn frames
+    # run together into one endless line, and the per-epoch lines say the same.
+    env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
+           "amp_dtype": torch.bfloat16 if precision == "bf16" else None}
+    try:
+        data = load_run_data(data_dir, branches, args.context_window, args.max_text_tokens, args.max_audio_tokens,
+                             args.skip_missing, env["progress"])
+        config = resolve_config(args, data, device, precision)
+        return run(config, args.run_dir, data.utterances, env)
+    except (DataError, TrainingError) as error:  # a user's file or setting, named in the message
+        raise RunError(str(error)) from None
+    except (RunError, KeyboardInterrupt):
+        raise
+    except Exception:  # a bug, CUDA out of memory, ...: its traceback goes to train.log too
+        if log.handlers:
+            log.exception("the run stopped on an unexpected error")
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -665,6 +573,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
+    from demo import DEMO
     d = DEFAULTS
     positional = ("context_window", "max_text_tokens", "max_audio_tokens")
     demo = ", ".join(f"{k.upper() if k in positional else '--' + k.replace('_', '-')} {v}" for k, v in DEMO.items())
@@ -724,6 +633,9 @@ def build_parser():
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d["precision"],
                    help="auto: bf16 autocast on a GPU that has it, fp32 otherwise")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's, one per core); on a machine other jobs share, "
+                        "1 or 2 per process run far faster than the default")
     p.add_argument("--stop-after-epochs", type=int, default=0,
                    help="stop (resumably) after this many epochs in this invocation, e.g. for job time limits; "
                         "0: run to the end")
@@ -734,6 +646,7 @@ def parse_args(argv=None, parser=None):
     parser = parser or build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if "--demo" in argv:  # the demo's own defaults; options given still override them
+        from demo import DEMO
         parser.set_defaults(**DEMO)
     return parser.parse_args(argv)
 
@@ -745,7 +658,8 @@ def check_options(args, parser):
                 "--fusion-hidden": (args.fusion_hidden, 1), "CONTEXT_WINDOW": (args.context_window, 1),
                 "MAX_TEXT_TOKENS": (args.max_text_tokens, 2), "MAX_AUDIO_TOKENS": (args.max_audio_tokens, 2),
                 "--seed": (args.seed, 0), "--stop-after-epochs": (args.stop_after_epochs, 0),
-                "--clip-norm": (args.clip_norm, 0), "--weight-decay": (args.weight_decay, 0)}
+                "--clip-norm": (args.clip_norm, 0), "--weight-decay": (args.weight_decay, 0),
+                "--threads": (args.threads or 1, 1)}
     for name, (value, least) in at_least.items():
         if value < least:
             parser.error(f"{name} must be at least {least}, got {value}")
@@ -756,31 +670,39 @@ def check_options(args, parser):
         parser.error(f"--val-fraction must be a share above 0 and below 1, got {args.val_fraction}")
     if not 0 <= args.warmup < 1:
         parser.error(f"--warmup must be a share from 0 and below 1, got {args.warmup}")
+    try:
+        parse_branches(args.branches)
+    except RunError as error:
+        parser.error(str(error))
 
 
 def main(argv=None):
     parser = build_parser()
     args = parse_args(argv, parser)
     check_options(args, parser)
-    if args.demo:
-        if args.data_dir or args.models_dir:
-            parser.error("--demo takes only RUN_DIR: it makes its own data and models")
-        return run_demo(args)
-    if not (args.run_dir and args.data_dir and args.models_dir):
+    if args.demo and (args.data_dir or args.models_dir):
+        parser.error("--demo takes only RUN_DIR: it makes its own data and models")
+    if not args.demo and not (args.run_dir and args.data_dir and args.models_dir):
         parser.error("RUN_DIR, DATA_DIR and MODELS_DIR are required (or --demo)")
-    config = resolve_config(args)
     try:
-        return run(config, args.run_dir)
+        if args.demo:
+            import demo
+            return demo.run_demo(args)
+        return train_and_test(args)
+    except RunError as error:
+        raise SystemExit(f"main.py: error: {error}") from None
     except OSError as e:  # a file or folder that can't be read or written (read-only, not a folder, ...)
         if e.filename is None:
             raise
         raise SystemExit(f"main.py: error: {e.filename}: {e.strerror}") from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+            sys.modules["torch.distributed"].destroy_process_group()
 
 
 if __name__ == "__main__":
+    # demo.py imports this module as `main`: let that be this very module, not a second copy.
+    sys.modules.setdefault("main", sys.modules["__main__"])
     try:
         main()
     except KeyboardInterrupt:  # a traceback would read as a crash; nothing finished is lost

@@ -57,17 +57,14 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
+from data_contract import CLASSES, MANIFEST_COLUMNS, SAMPLE_RATE
 from utils import cut_off_wav, wav_bytes, write_bytes_atomic
 
-CLASSES = ("ang", "hap", "sad", "neu")
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
 SEED_CODES = {"ang": 0, "hap": 1, "exc": 2, "sad": 3, "neu": 4}
 DEFAULT_EMOTIONS = ("ang", "hap", "exc", "sad", "neu")
 EMOTION_CODES = ("ang", "hap", "exc", "sad", "neu", "fru", "sur", "fea", "dis", "oth", "xxx")
-MANIFEST_COLUMNS = ("name", "utterance_id", "session", "dialog", "speaker", "gender", "start",
-                    "end", "emotion", "label", "valence", "activation", "dominance", "transcript")
 SESSIONS = (1, 2, 3, 4, 5)
-SAMPLE_RATE = 16000
 
 # The published shape of IEMOCAP_full_release, counted by emotion code so that it does not
 # depend on --emotions. "labelled" means one of the five codes of the 4-class task.
@@ -413,42 +410,6 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
             for item in items:
                 print(f"  {item}", file=out)
     print(f"wrote {data_dir / 'utterances.csv'} ({len(rows)} utterances)", file=out)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# reading DATA_DIR back
-
-_FLOAT_COLUMNS = ("start", "end", "valence", "activation", "dominance")
-
-
-def read_manifest(data_dir):
-    """The rows of DATA_DIR/utterances.csv in corpus order, typed as the brief lists.
-
-    session is an int, start/end/valence/activation/dominance floats, the rest strings
-    (label is "" for utterances outside the target emotions).
-    """
-    path = Path(data_dir) / "utterances.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run mocap_data_collect.py first")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(header) != MANIFEST_COLUMNS:
-            raise CorpusError(f"{path}: header is {header}, expected {list(MANIFEST_COLUMNS)}")
-        rows = []
-        for lineno, cells in enumerate(reader, 2):
-            if len(cells) != len(MANIFEST_COLUMNS):
-                raise CorpusError(f"{path}:{lineno}: {len(cells)} fields, expected "
-                                  f"{len(MANIFEST_COLUMNS)}")
-            row = dict(zip(MANIFEST_COLUMNS, cells))
-            try:
-                row["session"] = int(row["session"])
-                for c in _FLOAT_COLUMNS:
-                    row[c] = float(row[c])
-            except ValueError as err:
-                raise CorpusError(f"{path}:{lineno}: {err}") from None
-            rows.append(row)
     return rows
 
 

@@ -2,7 +2,7 @@
 
 Reads the pretrained encoders (nothing is written):
   text:   a transformers RoBERTa folder or hub name (MODELS_DIR/roberta-large by default)
-  speech: MODELS_DIR/bert_kmeans/bert_kmeans.pt, through feature_ext.load_fairseq_roberta
+  speech: MODELS_DIR/bert_kmeans/bert_kmeans.pt, through fairseq_checkpoints.load_fairseq_roberta
 
   text ids    -> text RoBERTa   -> last layer at <s>  (fine-tuned by default)   -> Ht
   speech ids  -> speech RoBERTa -> last layer at <s>  (frozen by default)       -> Hs
@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from fairseq_checkpoints import load_fairseq_roberta
+from utils import quiet_transformers
 
 
 class TimeAsynchronousBranch(nn.Module):
@@ -52,6 +55,7 @@ class EmotionClassifier(nn.Module):
         super().__init__()
         self.text_encoder, self.speech_encoder = text_encoder, speech_encoder
         self.finetune_text, self.finetune_speech = finetune_text, finetune_speech
+        self.num_classes = num_classes
         self.context_branch = None
         if context_window is not None:
             self.context_branch = TimeAsynchronousBranch(2 * context_window + 1, context_width)
@@ -133,22 +137,17 @@ class EmotionClassifier(nn.Module):
 def load_text_encoder(name_or_path):
     """The text RoBERTa from a local folder (or, outside tests, a hub name), without its pooler."""
     from transformers import RobertaModel
-    from transformers.utils import logging as hf_logging
     # The checkpoint's pooler / lm_head weights are not wanted here; a load report listing them
     # as unexpected would only alarm the reader.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         return RobertaModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def load_speech_encoder(path):
     """The speech RoBERTa from a fairseq bert_kmeans.pt, by the project's one fairseq loader."""
-    from feature_ext import load_fairseq_roberta
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: speech RoBERTa checkpoint (bert_kmeans.pt) not found")
+        raise FileNotFoundError(f"{path}: speech RoBERTa checkpoint not found; download bert_kmeans.tar into "
+                                f"MODELS_DIR (README, \"Pretrained files\")")
     return load_fairseq_roberta(path)
 
 

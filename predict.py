@@ -29,31 +29,16 @@ import argparse
 import csv
 import io
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-import torch
-from scipy.signal import resample_poly
 
-import model_structure
-from concatenate_embds import context_vectors
-from dataset_loader import truncate_tokens
-from feature_ext import (SAMPLE_RATE, check_device, codes_to_string, load_speech_dictionary, load_vq_wav2vec,
-                         sentence_embeddings)
-from utils import cut_off_wav, fingerprint, write_text_atomic
-from validation_function import predict
+from concatenate_embds import context_vectors, dialogues
+from data_contract import pretrained_roles
+from utils import AudioError, check_device, fingerprint, quiet_transformers, read_audio, set_threads, write_text_atomic
 
 SILENCE_PEAK = 1e-3  # a peak below -60 dBFS is no speech to classify
-# The pretrained files each branch needs at inference: the encoder the run fine-tuned or froze,
-# and the extractors that made its features.
-PRETRAINED_OF_BRANCH = {
-    "text": ("text_model", "text_tokenizer"),
-    "speech": ("speech_model", "vq_wav2vec", "speech_dictionary"),
-    "context": ("sentence_model",),
-}
 
 
 class PredictError(Exception):
@@ -86,14 +71,27 @@ def load_run(run_dir, fold=None):
     return config, [checkpoints[k] for k in sorted(checkpoints)]
 
 
-def check_pretrained(config):
-    """Every pretrained file the run's branches need must be where it was, with the same content."""
+def moved(path, old_models_dir, models_dir):
+    """`path` under the run's recorded MODELS_DIR, placed under `models_dir` instead (--models-dir)."""
+    if models_dir is None or old_models_dir is None:
+        return path
+    try:
+        return str(Path(models_dir).resolve() / Path(path).relative_to(old_models_dir))
+    except ValueError:  # a file outside the old MODELS_DIR (a hub cache, another folder) stays where it is
+        return path
+
+
+def check_pretrained(config, models_dir=None):
+    """Every pretrained file the run's branches need must be where it was (or, with models_dir, at
+    the same place under the new MODELS_DIR), with the same content. -> {role: path}."""
     recorded = config.get("pretrained")
     if not recorded:
         raise PredictError("config.json records no pretrained files (a run from an older version); "
                            "retrain it to predict with it")
+    recorded = {role: {**entry, "path": moved(entry["path"], config.get("models_dir"), models_dir)}
+                for role, entry in recorded.items()}
     problems = []
-    for role in [r for b in config["branches"] for r in PRETRAINED_OF_BRANCH[b]]:
+    for role in [r for b in config["branches"] for r in pretrained_roles(b)]:
         if role not in recorded:
             problems.append(f"{role}: not recorded (was its feature folder made before features.json existed?)")
             continue
@@ -101,7 +99,8 @@ def check_pretrained(config):
         try:
             now = fingerprint(path, *([recorded[role]["files"]] if "files" in recorded[role] else []))
         except FileNotFoundError:
-            problems.append(f"{role}: {path} is missing")
+            problems.append(f"{role}: {path} is missing" + ("" if models_dir else
+                            " (if MODELS_DIR moved, give its new place with --models-dir)"))
             continue
         if now["sha256"] != recorded[role]["sha256"]:
             problems.append(f"{role}: {path} has changed since training (sha256 {recorded[role]['sha256'][:12]}... "
@@ -114,25 +113,14 @@ def check_pretrained(config):
 # ------------------------------------------------------------------------------------------------
 # inputs
 
-def read_audio(path):
-    """Any soundfile-readable audio -> (16 kHz mono float32, a note saying what was converted)."""
-    if not Path(path).is_file():
-        raise PredictError(f"{path}: no such audio file")
+def read_recording(path):
+    """A user's recording, any rate and channels soundfile reads -> (16 kHz mono float32, a note
+    saying what was converted, or "")."""
     try:
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (OSError, RuntimeError, sf.LibsndfileError) as e:
-        raise PredictError(f"{path}: unreadable audio ({e})") from None
-    changes = []
-    if cut_off_wav(path, len(samples)):  # a user's recording is used as it is, with a word; training data is refused
-        changes.append("cut off (shorter than its header says), predicted from what it holds")
-    if samples.shape[1] > 1:
-        changes.append(f"mixed {samples.shape[1]} channels to mono")
-    wav = samples.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        g = math.gcd(rate, SAMPLE_RATE)
-        wav = resample_poly(wav, SAMPLE_RATE // g, rate // g).astype(np.float32)
-        changes.append(f"resampled {rate} Hz to {SAMPLE_RATE} Hz")
-    return wav, (f"{path}: " + ", ".join(changes)) if changes else ""
+        wav, notes = read_audio(path, convert=True)
+    except AudioError as e:
+        raise PredictError(str(e)) from None
+    return wav, (f"{path}: " + ", ".join(notes)) if notes else ""
 
 
 def read_requests(list_path):
@@ -154,30 +142,24 @@ def read_requests(list_path):
     return rows, columns
 
 
-def conversations(rows):
-    """Row indices grouped into conversations: one per dialogue (in the order given), or alone."""
-    groups = {}
-    for i, row in enumerate(rows):
-        dialog = (row.get("dialog") or "").strip()
-        groups.setdefault(dialog or ("", i), []).append(i)
-    return list(groups.values())
-
-
 # ------------------------------------------------------------------------------------------------
 # features, in memory, the way the extraction stage made them
 
 def load_extractors(config, paths, device):
     """The pretrained parts that turn a recording and its text into the run's features."""
     from transformers import AutoModel, AutoTokenizer
+
+    from fairseq_checkpoints import load_speech_dictionary, load_vq_wav2vec
     branches, extractors = config["branches"], {}
-    if "text" in branches:
-        extractors["text_tokenizer"] = AutoTokenizer.from_pretrained(paths["text_tokenizer"])
-    if "speech" in branches:
-        extractors["vq_wav2vec"] = load_vq_wav2vec(paths["vq_wav2vec"]).to(device)
-        extractors["speech_dictionary"] = load_speech_dictionary(paths["speech_dictionary"])
-    if "context" in branches:
-        extractors["sentence_tokenizer"] = AutoTokenizer.from_pretrained(paths["sentence_model"])
-        extractors["sentence_model"] = AutoModel.from_pretrained(paths["sentence_model"]).to(device).eval()
+    with quiet_transformers():
+        if "text" in branches:
+            extractors["text_tokenizer"] = AutoTokenizer.from_pretrained(paths["text_tokenizer"])
+        if "speech" in branches:
+            extractors["vq_wav2vec"] = load_vq_wav2vec(paths["vq_wav2vec"]).to(device)
+            extractors["speech_dictionary"] = load_speech_dictionary(paths["speech_dictionary"])
+        if "context" in branches:
+            extractors["sentence_tokenizer"] = AutoTokenizer.from_pretrained(paths["sentence_model"])
+            extractors["sentence_model"] = AutoModel.from_pretrained(paths["sentence_model"]).to(device).eval()
     return extractors
 
 
@@ -193,6 +175,11 @@ def featurize(rows, config, extractors, notes):
 
     A row that cannot be predicted gets a message in `notes[row index]` instead.
     """
+    import torch
+
+    from dataset_loader import truncate_tokens
+    from fairseq_checkpoints import codes_to_string
+    from feature_ext import sentence_embeddings
     branches = config["branches"]
     needs_text = "text" in branches or "context" in branches
     texts = [(row.get("text") or "").strip() for row in rows]
@@ -206,7 +193,7 @@ def featurize(rows, config, extractors, notes):
     contexts = {}
     if "context" in branches:
         c = config["context_window"]
-        for group in conversations(rows):
+        for group in dialogues([(row.get("dialog") or "").strip() or None for row in rows]):
             group = [i for i in group if texts[i]]  # an utterance without text is no context either
             if not group:
                 continue
@@ -220,7 +207,7 @@ def featurize(rows, config, extractors, notes):
         item = {"index": i, "name": str(i), "label": 0}
         if "speech" in branches:
             try:
-                wav, note = read_audio(rows[i]["_wav_path"])
+                wav, note = read_recording(rows[i]["_wav_path"])
             except PredictError as e:
                 notes[i] = str(e)
                 continue
@@ -248,10 +235,22 @@ def featurize(rows, config, extractors, notes):
 # ------------------------------------------------------------------------------------------------
 # prediction
 
-def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16):
+def load_fold_checkpoint(path):
+    """A fold's best.pt weights; a damaged file is named, whole."""
+    from train_function import TrainingError, load_checkpoint
+    try:
+        return load_checkpoint(path, "retrain the fold (delete its folder and rerun main.py)")["model"]
+    except TrainingError as e:
+        raise PredictError(str(e)) from None
+
+def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_dir=None):
     """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes)."""
+    import torch
+
+    import model_structure
+    from validation_function import predict
     config, checkpoints = load_run(run_dir, fold)
-    paths = check_pretrained(config)
+    paths = check_pretrained(config, models_dir)
     device = torch.device(device)
     notes = {}
     if "speech" not in config["branches"] and any(row["_wav_path"] is not None for row in rows):
@@ -264,14 +263,15 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16):
     # The run's precision too: a run trained and evaluated under bf16 autocast predicts under it.
     amp = torch.bfloat16 if config.get("precision") == "bf16" else None
     if items:
+        config = {**config, "text_model": paths.get("text_model", config["text_model"]),
+                  "speech_model": paths.get("speech_model", config["speech_model"])}
         model = model_structure.build_model(config)
         fold_probs = []
         for path in checkpoints:
             try:
-                model.load_trained_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-            except Exception as e:  # truncated, not a checkpoint, or another model's
-                raise PredictError(f"{path}: not a checkpoint of this run's model ({type(e).__name__}: "
-                                   f"{str(e).split('. ')[0][:200]})") from None
+                model.load_trained_state_dict(load_fold_checkpoint(path))
+            except RuntimeError as e:  # weights of another model: missing, unexpected or misshapen keys
+                raise PredictError(f"{path}: not a checkpoint of this run's model ({e})") from None
             model.to(device).eval()
             fold_probs.append(predict(model, items, batch_size, device, amp)["probs"])
         probs[[item["index"] for item in items]] = np.mean(fold_probs, axis=0)
@@ -293,15 +293,17 @@ def results_table(rows, probs, notes, classes):
     return "\n".join(lines)
 
 
-def write_output(path, rows, columns, probs, classes):
-    """The input's columns, then prediction and one probability per class (empty where none)."""
+def write_output(path, rows, columns, probs, classes, notes):
+    """The input's columns, then prediction and one probability per class, or, for a row without a
+    prediction, the reason (`note`: empty for a row given as context only)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(columns + ["prediction"] + [f"p_{c}" for c in classes])
-    for row, p in zip(rows, probs):
+    writer.writerow(columns + ["prediction"] + [f"p_{c}" for c in classes] + ["note"])
+    for i, (row, p) in enumerate(zip(rows, probs)):
         made = not np.isnan(p[0])
         writer.writerow([row.get(c, "") for c in columns] +
-                        ([classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p] if made else [""] * (1 + len(classes))))
+                        ([classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p] if made else [""] * (1 + len(classes)))
+                        + [notes.get(i, "")])
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -314,35 +316,45 @@ def main(argv=None):
     parser.add_argument("--list", help="a CSV with columns wav, text and optionally dialog")
     parser.add_argument("--output", help="write the predictions to this CSV")
     parser.add_argument("--fold", type=int, help="predict with this fold's model (default: mean of all folds)")
+    parser.add_argument("--models-dir", help="where the run's MODELS_DIR is now, if it moved (the files are still "
+                                             "checked against the sha256 the run recorded)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's, one per core; 1 on a shared machine)")
     args = parser.parse_args(argv)
-    # transformers' per-load "Loading weights" bars would break up the results table (predict.py
-    # loads only local files: the run's recorded ones, so no download bar is hidden).
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        check_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
     if args.list and args.output and Path(args.output).resolve() == Path(args.list).resolve():
         parser.error("--output is the --list file itself: write the predictions elsewhere")
     if bool(args.list) == bool(args.wav or args.text):
         parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.models_dir and not Path(args.models_dir).is_dir():
+        parser.error(f"--models-dir {args.models_dir}: no such folder")
+    try:
+        check_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    set_threads(args.threads)
     rows = [{"wav": args.wav or "", "text": args.text or "", "_wav_path": Path(args.wav) if args.wav else None}]
     columns = ["wav", "text"]
     try:
-        if not args.list and not args.wav and "speech" in load_run(args.run_dir, args.fold)[0]["branches"]:
-            parser.error(f"{args.run_dir} has a speech branch: give the recording with --wav")
+        if not args.list:  # one recording: what the run's branches need must be given
+            branches = load_run(args.run_dir, args.fold)[0]["branches"]
+            if not args.wav and "speech" in branches:
+                parser.error(f"{args.run_dir} has a speech branch: give the recording with --wav")
+            if not args.text and ("text" in branches or "context" in branches):
+                parser.error(f"{args.run_dir} has a {'text' if 'text' in branches else 'context'} branch: give the "
+                             f"transcript with --text")
         if args.list:
             rows, columns = read_requests(args.list)
-        probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device)
+        probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device, models_dir=args.models_dir)
     except PredictError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
     print(results_table(rows, probs, notes, classes))
     if args.output:
         try:
-            write_output(args.output, rows, columns, probs, classes)
+            write_output(args.output, rows, columns, probs, classes, notes)
         except OSError as e:  # a read-only folder, a folder given as the file, ...
             print(f"predict.py: error: --output {args.output}: {e.strerror}", file=sys.stderr)
             return 2
@@ -351,4 +363,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a traceback would read as a crash; RUN_DIR is only read
+        print("predict.py: interrupted", file=sys.stderr)
+        sys.exit(130)

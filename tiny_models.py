@@ -33,17 +33,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from sklearn.cluster import KMeans
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel,
                           RobertaTokenizer)
 
-from feature_ext import (VqWav2Vec, codes_to_string, load_fairseq_roberta, load_speech_dictionary,
-                         sentence_embeddings)
-from mocap_data_collect import SAMPLE_RATE, read_manifest
-from utils import atomic_path, write_text_atomic
+from data_contract import SAMPLE_RATE, read_manifest
+from fairseq_checkpoints import VqWav2Vec, codes_to_string, load_fairseq_roberta, load_speech_dictionary
+from feature_ext import sentence_embeddings
+from dataset_loader import truncate_tokens
+from utils import atomic_path, length_sorted_batches, read_audio, write_text_atomic
 
 TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS, TEXT_FFN, TEXT_POSITIONS = 32, 2, 2, 64, 128
 CONV_WIDTH = 32
@@ -179,10 +179,7 @@ def _vq_args():
 
 def _read_wav(wav):
     if isinstance(wav, (str, os.PathLike)):
-        samples, rate = sf.read(str(wav), dtype="float32", always_2d=False)
-        if rate != SAMPLE_RATE or samples.ndim != 1:
-            raise ValueError(f"{wav}: expected 16 kHz mono, got {rate} Hz, shape {samples.shape}")
-        return samples
+        return read_audio(wav)[0]
     return np.asarray(wav, dtype=np.float32)
 
 
@@ -267,13 +264,10 @@ def speech_sentence_vectors(model, dictionary, code_lines, batch_size=SPEECH_BAT
     """The speech RoBERTa's last-layer <s> vectors ((n, H) float32) for lines "<s> g0-g1 ...",
     encoded as feature_ext does and cut to the model's positions (keeping </s>) as the dataset does."""
     max_tokens = model.config.max_position_embeddings - model.config.pad_token_id - 1
-    ids = [dictionary.encode_line(line) for line in code_lines]
-    ids = [x if len(x) <= max_tokens else torch.cat([x[:max_tokens - 1], x[-1:]]) for x in ids]
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    ids = [torch.from_numpy(truncate_tokens(dictionary.encode_line(line).numpy(), max_tokens)) for line in code_lines]
     vectors = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
-        for start in range(0, len(ids), batch_size):
-            batch = order[start:start + batch_size]
+        for batch in length_sorted_batches([len(x) for x in ids], batch_size):
             padded = torch.nn.utils.rnn.pad_sequence([ids[i] for i in batch], batch_first=True,
                                                      padding_value=dictionary.pad())
             vectors[batch] = model(input_ids=padded, attention_mask=padded.ne(dictionary.pad()).long()

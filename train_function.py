@@ -1,11 +1,18 @@
-"""Training: the loss, the optimizer and its schedules, one optimizer step, one epoch.
+"""Training: the loss, the optimizer and its schedules, one optimizer step, one epoch, one fold.
 
-Writes nothing (main.py owns checkpoints). `train_step` is the unit benchmarks time: forward,
-backward and update over one step's micro-batches.
+Writes a fold's checkpoints (FOLD_DIR/best.pt: the best epoch's weights by validation UA;
+FOLD_DIR/last.pt: the last finished epoch with the optimizer, scheduler and random generators, to
+resume from). `train_step` is the unit benchmarks time: forward, backward and update over one
+step's micro-batches. A fold is trained in parts that each read on their own: prepare_training
+(model, optimizer, batches), resume (last.pt), train_epoch + end_of_epoch (validation,
+checkpoints, newbob), and train_fold, which strings them together.
 """
 import contextlib
 import copy
+import logging
 import math
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,11 +22,24 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-MODEL_INPUTS = ("text_ids", "text_mask", "speech_ids", "speech_mask", "speech_vectors", "context")
+import model_structure
+import validation_function
+from dataset_loader import gather_from_ranks, map_utterances, model_inputs, training_loader
+from utils import atomic_path
+
+log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log), set up by main.py
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the caller keeps the last good checkpoint."""
+class TrainingError(Exception):
+    """A fold that cannot go on for a reason the user can act on; the message says what to do."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunPaused(Exception):
+    """--stop-after-epochs was reached; the run resumes from RUN_DIR."""
 
 
 def balanced_class_weights(labels, num_classes):
@@ -99,10 +119,6 @@ def make_scheduler(optimizer, name, total_steps, warmup_fraction=0.1):
     raise ValueError(f"unknown scheduler {name!r}: use 'linear' or 'newbob'")
 
 
-def model_inputs(batch, device):
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-
-
 def forward_loss(model, batch, criterion, device, amp_dtype=None):
     """-> (loss, logits) for one batch; amp_dtype=torch.bfloat16 runs the forward under autocast."""
     with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -170,20 +186,192 @@ def cache_speech_vectors(model, utterances, batch_size, device, amp_dtype=None, 
     In eval mode a frozen encoder's output never changes, so recomputing it every batch of every
     epoch would only cost time. Under torchrun each rank encodes its share and they exchange them.
     """
-    from dataset_loader import evaluation_loader  # the same length-sorted batching as evaluation
-
     for item in utterances:
         item.pop("speech_vector", None)
     model.eval()
-    vectors = {}
-    for batch in tqdm(evaluation_loader(utterances, batch_size, rank, world_size), desc="speech vectors",
-                      unit="batch", leave=False, disable=rank != 0 or not progress):
+
+    def encode(batch):
         with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model.encode_speech(batch["speech_ids"].to(device), batch["speech_mask"].to(device))
-        vectors.update(zip(batch["index"].tolist(), [v.clone() for v in out.float().cpu()]))
-    if world_size > 1:
-        shares = [None] * world_size
-        dist.all_gather_object(shares, vectors)
-        vectors = {k: v for share in shares for k, v in share.items()}
-    for item in utterances:
-        item["speech_vector"] = vectors[item["index"]]
+        return [v.clone() for v in out.float().cpu()]
+
+    vectors = map_utterances(encode, utterances, batch_size, rank, world_size, "speech vectors",
+                             rank == 0 and progress)
+    for item, vector in zip(utterances, vectors):
+        item["speech_vector"] = vector
+
+
+# ------------------------------------------------------------------------------------------------
+# one fold
+
+def save_checkpoint(path, state):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, remedy):
+    """A checkpoint this run wrote; a damaged one is an error naming the file and what to do."""
+    import pickle
+    import zipfile
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # truncated by a full disk, overwritten, not a checkpoint at all: torch's own words about
+        # such a file (pages on weights_only) would not help, its kind and the way out do
+        raise TrainingError(f"{path}: unreadable checkpoint ({type(e).__name__}): damaged, or not a checkpoint this "
+                            f"run wrote; {remedy}") from None
+
+
+def rng_states(device, world):
+    """Every process's random generators, in rank order: the CPU's and its GPU's (dropout draws
+    differ between ranks, since their batches differ). Collective: every rank must call it."""
+    state = {"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None}
+    return gather_from_ranks(state, world)
+
+
+def set_rng_state(states, rank, device):
+    """Restore this rank's generators from rng_states (a run resumes with the same world size)."""
+    state = states[rank]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_lengths(model, utterances):
+    """RoBERTa's learned positions stop at max_position_embeddings - 2 (fairseq's padding offset),
+    and its ids at its vocabulary's size (ids beyond it: features of another tokenizer)."""
+    from data_contract import BRANCHES, STEPS
+    for branch in ("text", "speech"):
+        encoder, key = getattr(model, f"{branch}_encoder"), BRANCHES[branch].key
+        if encoder is None:
+            continue
+        largest = max(int(u[key].max()) for u in utterances)
+        if largest >= encoder.config.vocab_size:
+            folder = STEPS[BRANCHES[branch].steps[-1]].folder
+            raise TrainingError(f"{folder}/ holds ids up to {largest}, but the {branch} encoder's vocabulary has "
+                                f"{encoder.config.vocab_size}: its features were made for another model "
+                                f"(features.json says which); extract them again with this one")
+        limit = encoder.config.max_position_embeddings - 2
+        longest = max(len(u[key]) for u in utterances)
+        if longest > limit:
+            raise TrainingError(f"{branch} sequences of up to {longest} tokens, but the {branch} encoder has "
+                                f"positions for {limit}; set {BRANCHES[branch].length_option} to at most {limit}")
+
+
+@dataclass
+class FoldTraining:
+    """What trains one fold: the model (and its DDP wrapper), loss, optimizer, schedule, batches."""
+
+    model: nn.Module
+    trained: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loader: object
+
+
+def prepare_training(config, fold, utterances, env):
+    """A fresh model with the pretrained encoders, its optimizer, schedule and batches for `fold`."""
+    device, rank, world = env["device"], env["rank"], env["world_size"]
+    torch.manual_seed(config["seed"] + fold["fold"])
+    model = model_structure.build_model(config)
+    if rank:  # the same initial weights on every rank, but each rank its own dropout draws (as nanoGPT)
+        torch.manual_seed(config["seed"] + fold["fold"] + 1_000_003 * rank)
+    check_lengths(model, utterances)
+    model.to(device)
+    if model.speech_encoder is not None and not model.finetune_speech and "speech_vector" not in utterances[0]:
+        log.info("computing the frozen speech encoder's vectors once for the whole run")
+        cache_speech_vectors(model, utterances, config["eval_batch_size"], device, env["amp_dtype"], rank, world,
+                             progress=env["progress"])
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    weights = None
+    if config["class_weights"] == "balanced":
+        weights = balanced_class_weights([u["label"] for u in fold["train"]], len(config["classes"])).to(device)
+    optimizer = configure_optimizer(model, config["lr_encoders"], config["lr_head"], config["weight_decay"])
+    loader = training_loader(fold["train"], config["batch_size"], config["seed"], config["group_by_length"], rank, world)
+    steps_per_epoch = math.ceil(len(loader) / config["grad_accum"])
+    scheduler = make_scheduler(optimizer, config["scheduler"], steps_per_epoch * config["epochs"], config["warmup"])
+    return FoldTraining(model, trained, make_criterion(weights), optimizer, scheduler, loader)
+
+
+def resume(training, last_path, env, fold_number):
+    """The fold's progress: from last.pt (weights, optimizer, schedule, generators) when an earlier
+    invocation finished epochs of it, else from the start."""
+    state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_epoch": None, "best_val": None}
+    if last_path.exists():
+        checkpoint = load_checkpoint(last_path, "delete it to train this fold again from its first epoch")
+        training.model.load_trained_state_dict(checkpoint["model"])
+        training.optimizer.load_state_dict(checkpoint["optimizer"])
+        training.scheduler.load_state_dict(checkpoint["scheduler"])
+        state = checkpoint["state"]
+        set_rng_state(checkpoint["rng"], env["rank"], env["device"])
+        log.info(f"fold {fold_number}: resuming after epoch {state['epoch']} from {last_path}")
+    return state
+
+
+def end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env):
+    """Validate, keep the best weights (best.pt), step newbob, save last.pt; -> the log line's notes."""
+    device, amp, rank, world = env["device"], env["amp_dtype"], env["rank"], env["world_size"]
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
+    val, _, val_loss = validation_function.evaluate(model, fold["val"], config["eval_batch_size"], device,
+                                                    config["classes"], amp, rank, world)
+    lr = max(g["lr"] for g in optimizer.param_groups)
+    state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                             "val_wa": val["wa"], "val_ua": val["ua"], "lr": lr})
+    improved = val["ua"] > state["best_score"]
+    if improved:
+        state.update(best_score=val["ua"], best_epoch=epoch + 1, best_val=val)
+        if rank == 0:
+            save_checkpoint(fold_dir / "best.pt", {"model": model.trained_state_dict(), "epoch": epoch + 1,
+                                                   "fold": fold["fold"], "classes": list(config["classes"]), "val": val})
+    note = f"val loss {val_loss:.4f}  val WA {val['wa']:.4f}  UA {val['ua']:.4f}{' *' if improved else ''}  lr {lr:.2e}"
+    if config["scheduler"] == "newbob" and scheduler.step_epoch(val["ua"], model):
+        note += f"  newbob: lr halved, back to epoch {state['best_epoch']}'s weights"
+    state["epoch"] = epoch + 1
+    rng = rng_states(device, world)
+    if rank == 0:
+        save_checkpoint(fold_dir / "last.pt", {"model": model.trained_state_dict(), "optimizer": optimizer.state_dict(),
+                                               "scheduler": scheduler.state_dict(), "state": state, "rng": rng})
+    if world > 1:
+        dist.barrier()
+    return note
+
+
+def train_fold(config, fold, utterances, fold_dir, env):
+    """Train one fold from its first epoch or from where an interrupted run stopped; -> (the model
+    with the best epoch's weights loaded, the fold's state: history, best epoch, its validation)."""
+    training = prepare_training(config, fold, utterances, env)
+    state = resume(training, fold_dir / "last.pt", env, fold["fold"])
+    world = env["world_size"]
+    for epoch in range(state["epoch"], config["epochs"]):
+        start = time.time()
+        training.loader.batch_sampler.set_epoch(epoch)
+        desc = f"fold {fold['fold']} epoch {epoch + 1}/{config['epochs']}"
+        try:
+            train_loss = train_epoch(
+                training.trained, training.loader, training.criterion, training.optimizer, env["device"],
+                training.scheduler if config["scheduler"] == "linear" else None, config["grad_accum"],
+                config["clip_norm"], env["amp_dtype"], distributed=world > 1, desc=desc, progress=env["progress"])
+        except NonFiniteLossError as error:
+            last = fold_dir / "last.pt"
+            kept = (f"; the last good checkpoint is {last} (epoch {state['epoch']})" if last.exists() else
+                    "; no epoch had finished, so there is no checkpoint")
+            raise NonFiniteLossError(f"fold {fold['fold']} epoch {epoch + 1}: {error}{kept}. Start a new RUN_DIR "
+                                     f"with lower learning rates or --clip-norm") from None
+        if world > 1:
+            train_loss = sum(gather_from_ranks(train_loss, world)) / world
+        note = end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env)
+        seconds = time.time() - start
+        log.info(f"{desc}: train loss {train_loss:.4f}  {note}  {seconds:.1f}s "
+                 f"({len(fold['train']) / seconds:.1f} utt/s)")
+        env["epochs_run"] = env.get("epochs_run", 0) + 1
+        if config["stop_after_epochs"] and env["epochs_run"] >= config["stop_after_epochs"]:
+            raise RunPaused(f"stopped after epoch {epoch + 1} of fold {fold['fold']} (--stop-after-epochs); "
+                            f"run the same command again to resume")
+    best = load_checkpoint(fold_dir / "best.pt", "delete the fold's folder to train it again")
+    training.model.load_trained_state_dict(best["model"])
+    return training.model, state

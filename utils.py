@@ -1,4 +1,4 @@
-"""Small helpers that every stage shares: atomic file writes, audio checks, model fingerprints.
+"""Small helpers that every stage shares: atomic file writes, the audio reader, model fingerprints.
 
 A stage never leaves a half-written file behind: it writes beside the target under a
 temporary name and renames it into place only once the write has succeeded.
@@ -6,13 +6,15 @@ temporary name and renames it into place only once the write has succeeded.
 import contextlib
 import hashlib
 import io
+import math
 import os
 import tempfile
 import wave
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
+
+from data_contract import SAMPLE_RATE
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; put it straight back
@@ -51,6 +53,7 @@ def write_bytes_atomic(path, data):
 
 def wav_bytes(samples, sample_rate):
     """A 16-bit PCM WAV file's bytes: audio written once, compared byte for byte on reruns."""
+    import soundfile as sf
     buffer = io.BytesIO()
     sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
@@ -71,6 +74,46 @@ def cut_off_wav(path, frames_read):
         return ""
     return (f"{path}: cut off: its header promises {promised} samples, the file holds {frames_read} "
             f"(an interrupted copy or extraction?)")
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used as it is; the message names the file and the problem."""
+
+
+def read_audio(path, convert=False, dtype="float32"):
+    """The one way this tool reads audio: -> (1-D samples at 16 kHz, [notes]).
+
+    Training data (convert=False) must be what the data contract says: a 16 kHz mono file holding
+    every sample its header promises; anything else is an AudioError. A user's recording
+    (convert=True) may be any rate and channel count soundfile reads: channels are averaged,
+    the rate resampled (scipy's polyphase filter) and a cut-off file used as it is, each said in a note.
+    """
+    import soundfile as sf
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    try:
+        samples, rate = sf.read(str(path), dtype=dtype, always_2d=True)
+    except (OSError, RuntimeError, sf.LibsndfileError) as e:  # libsndfile cannot parse it
+        raise AudioError(f"{path}: unreadable audio ({e})") from None
+    notes, cut_off = [], cut_off_wav(path, len(samples))
+    if not convert:
+        if rate != SAMPLE_RATE or samples.shape[1] != 1:
+            raise AudioError(f"{path}: {rate} Hz, {samples.shape[1]} channel(s); expected {SAMPLE_RATE} Hz mono")
+        if cut_off:
+            raise AudioError(cut_off)
+        return samples[:, 0], notes
+    if cut_off:  # a user's recording is used as it is, with a word; training data is refused
+        notes.append("cut off (shorter than its header says), predicted from what it holds")
+    if samples.shape[1] > 1:
+        notes.append(f"mixed {samples.shape[1]} channels to mono")
+    wav = samples.mean(axis=1).astype(samples.dtype) if samples.shape[1] > 1 else samples[:, 0]
+    if rate != SAMPLE_RATE:
+        from scipy.signal import resample_poly
+        g = math.gcd(rate, SAMPLE_RATE)
+        wav = resample_poly(wav, SAMPLE_RATE // g, rate // g).astype(np.float32)
+        notes.append(f"resampled {rate} Hz to {SAMPLE_RATE} Hz")
+    return wav, notes
 
 
 def save_npy_atomic(path, array):
@@ -124,3 +167,54 @@ def fingerprint(name_or_path, patterns=TOKENIZER_FILES + WEIGHT_FILES):
         digest.update(f"{p.name}\0{_sha256(p)}\n".encode())
     return {"path": str(path), "files": list(patterns), "bytes": sum(p.stat().st_size for p in files),
             "sha256": digest.hexdigest()}
+
+
+# ------------------------------------------------------------------------------------------------
+# running models: torch and transformers are imported here only when used, so that every script's
+# --help and argument errors answer before they load (seconds, or tens of seconds on a busy machine)
+
+def check_device(name):
+    """--device as a torch.device, for every script: cpu or cuda[:N], and a GPU only where torch sees one."""
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: not a device this tool runs on (cpu, cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
+                         f"built {'without' if torch.version.cuda is None else 'with'} CUDA)")
+    return device
+
+
+def set_threads(threads):
+    """--threads: torch's CPU threads (None: torch's default, one per core). On a machine whose cores
+    other jobs share, torch's spinning threads contend with them: on 2 busy cores the speech-token
+    step took 50.8 s with the default and 7.8 s with one thread."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' per-load "Loading weights" bars and load reports, silenced: on a terminal they
+    split this tool's own tables, in a job's log file they pile up (205 updates in one extraction)."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def length_sorted_batches(lengths, batch_size):
+    """Indices in batches of similar length, shortest first (stable): each batch pads little, and
+    whoever runs them puts the results back by index. Every encoder over many inputs batches so."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

@@ -8,18 +8,16 @@ under torchrun over the predictions gathered from every rank.
 """
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, confusion_matrix, f1_score,
                              recall_score)
-from tqdm import tqdm
 
-from dataset_loader import evaluation_loader
-from mocap_data_collect import CLASSES
-from train_function import model_inputs
+from data_contract import CLASSES
+from dataset_loader import map_utterances, model_inputs
 from utils import atomic_path
 
 
@@ -48,37 +46,31 @@ def predict(model, utterances, batch_size, device, amp_dtype=None, rank=0, world
     names, labels (N,), logits (N, C), probs (N, C), attention (N, heads, slots) or None,
     in the order of `utterances`."""
     model.eval()
-    rows = {}
-    loader = evaluation_loader(utterances, batch_size, rank, world_size)
-    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
+
+    def run(batch):
         with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, attention = model(**model_inputs(batch, device))
         logits = logits.float().cpu()
-        attention = attention.float().cpu() if attention is not None else [None] * len(logits)
-        for index, row, att in zip(batch["index"].tolist(), logits, attention):
-            rows[index] = (row, att)
-    if world_size > 1:
-        shares = [None] * world_size
-        dist.all_gather_object(shares, rows)
-        rows = {k: v for share in shares for k, v in share.items()}
-    order = [item["index"] for item in utterances]
-    logits = torch.stack([rows[i][0] for i in order]) if order else torch.empty(0, len(CLASSES))
-    has_attention = bool(order) and rows[order[0]][1] is not None
+        return zip(logits, attention.float().cpu() if attention is not None else [None] * len(logits))
+
+    rows = map_utterances(run, utterances, batch_size, rank, world_size, "evaluate", progress)
+    logits = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, model.num_classes)
+    has_attention = bool(rows) and rows[0][1] is not None
     return {
         "names": [item["name"] for item in utterances],
         "labels": np.array([item["label"] for item in utterances], dtype=np.int64),
         "logits": logits.numpy(),
         "probs": torch.softmax(logits, -1).numpy(),
-        "attention": torch.stack([rows[i][1] for i in order]).numpy() if has_attention else None,
+        "attention": torch.stack([row[1] for row in rows]).numpy() if has_attention else None,
     }
 
 
-def evaluate(model, utterances, batch_size, device, amp_dtype=None, rank=0, world_size=1, progress=False):
+def evaluate(model, utterances, batch_size, device, classes, amp_dtype=None, rank=0, world_size=1, progress=False):
     """-> (metrics, predictions, mean cross-entropy) over the whole split."""
     predictions = predict(model, utterances, batch_size, device, amp_dtype, rank, world_size, progress)
     labels = predictions["labels"]
     loss = float(F.cross_entropy(torch.from_numpy(predictions["logits"]), torch.from_numpy(labels)))
-    return compute_metrics(labels, predictions["probs"].argmax(1)), predictions, loss
+    return compute_metrics(labels, predictions["probs"].argmax(1), classes), predictions, loss
 
 
 def write_predictions_csv(path, predictions, classes=CLASSES):
@@ -109,7 +101,7 @@ def plot_confusion_matrix(matrix, path, title, classes=CLASSES):
     _save_figure(fig, path)
 
 
-def plot_training_curves(history, path, title):
+def plot_training_curves(history, path, title, num_classes=len(CLASSES)):
     """history: one dict per epoch with train_loss, val_loss, val_wa, val_ua, lr."""
     from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
@@ -121,7 +113,7 @@ def plot_training_curves(history, path, title):
     left.legend()
     right.plot(epochs, [h["val_wa"] for h in history], "o-", label="validation WA")
     right.plot(epochs, [h["val_ua"] for h in history], "o-", label="validation UA")
-    right.axhline(1 / len(CLASSES), color="grey", linestyle=":", label="chance UA")
+    right.axhline(1 / num_classes, color="grey", linestyle=":", label="chance UA")
     right.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="validation accuracy")
     right.legend()
     for ax in (left, right):
@@ -147,3 +139,16 @@ def plot_attention(attention, labels, path, title, classes=CLASSES):
         fig.colorbar(image, ax=ax)
     fig.suptitle(title)
     _save_figure(fig, path)
+
+
+def write_fold_reports(fold_dir, predictions, test, history, classes, title):
+    """A fold's test predictions and figures: predictions.csv, confusion_matrix.png,
+    training_curves.png, and attention.png when the context branch is there."""
+    fold_dir = Path(fold_dir)
+    write_predictions_csv(fold_dir / "predictions.csv", predictions, classes)
+    plot_confusion_matrix(test["confusion_matrix"], fold_dir / "confusion_matrix.png",
+                          f"{title}  UA {test['ua']:.3f}  WA {test['wa']:.3f}", classes)
+    plot_training_curves(history, fold_dir / "training_curves.png", title, len(classes))
+    if predictions["attention"] is not None:
+        plot_attention(predictions["attention"], predictions["labels"], fold_dir / "attention.png",
+                       f"{title}: context attention", classes)

@@ -53,7 +53,8 @@ def corpus_shape(n):
 def make_data_dir(work_dir, n_utterances, seed=0):
     """A synthetic corpus of about n_utterances and its DATA_DIR; -> (data_dir, rows, audio seconds)."""
     use_repo_modules()
-    from mocap_data_collect import collect, read_manifest
+    from data_contract import read_manifest
+    from mocap_data_collect import collect
     from synthetic_iemocap import make_corpus
     root, data_dir = Path(work_dir) / f"corpus{n_utterances}", Path(work_dir) / f"data{n_utterances}"
     if not (data_dir / "utterances.csv").is_file():
@@ -75,7 +76,7 @@ def make_models_dir(work_dir, data_dir, rows, vq_size="tiny", seed=0):
         if vq_size == "real":
             from bench_vq import build_vq, real_vq_args
             model = build_vq(seed=seed)
-            # fairseq's own layout, loaded back by feature_ext.load_vq_wav2vec like the real download
+            # fairseq's own layout, loaded back by fairseq_checkpoints.load_vq_wav2vec like the real download
             torch.save({"args": real_vq_args(), "model": model.state_dict()}, models_dir / "vq-wav2vec_kmeans.pt")
     return models_dir
 
@@ -130,11 +131,13 @@ def _memory_child(data_dir, models_dir, device):
     """
     torch.set_num_threads(1)
     use_repo_modules()
-    import feature_extraction_main  # noqa: F401  (imports torch, transformers: part of the baseline)
-    from feature_ext import read_wav_16k
-    from mocap_data_collect import read_manifest
+    import transformers  # noqa: F401  (imported before the baseline is measured: the steps import it)
+
+    import feature_extraction_main
+    from data_contract import read_manifest
+    from utils import read_audio
     rows = read_manifest(data_dir)
-    seconds = [len(read_wav_16k(p)) / 16000 for p in (Path(data_dir) / "Audio" / f"{r['name']}.wav" for r in rows)
+    seconds = [len(read_audio(p)[0]) / 16000 for p in (Path(data_dir) / "Audio" / f"{r['name']}.wav" for r in rows)
                if p.is_file()]
     reset_peak_rss()
     before = rss_mb()

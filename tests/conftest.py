@@ -1,10 +1,12 @@
 """Fixtures shared across the suite."""
 import contextlib
 import io
+import json
 
 import pytest
 import torch
 
+import demo as demo_module
 import main
 
 
@@ -44,5 +46,12 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         # On the CPU even where a GPU is present: the tests compare it with CPU computations
         # (tests/test_cuda.py covers the GPU).
-        results = main.run_demo(main.parse_args(["--demo", str(run_dir), "--device", "cpu"]))
+        results = demo_module.run_demo(main.parse_args(["--demo", str(run_dir), "--device", "cpu"]))
     return run_dir, results, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def demo(demo_run):
+    """The shared demo run's folders and config: {"run_dir", "data_dir", "config"}."""
+    run_dir = demo_run[0]
+    return {"run_dir": run_dir, "data_dir": run_dir / "data", "config": json.loads((run_dir / "config.json").read_text())}

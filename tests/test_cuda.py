@@ -12,7 +12,7 @@ import torch.distributed as dist
 import feature_ext
 import main
 import train_function
-from feature_ext import load_vq_wav2vec
+from fairseq_checkpoints import load_vq_wav2vec
 from test_fairseq_loading import CASES, REF, VQ_FILES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -34,7 +34,7 @@ def test_extraction_and_bf16_training_on_cuda(demo_run, tmp_path):
     run_dir = demo_run[0]
     data_dir = tmp_path / "data"
     shutil.copytree(run_dir / "data", data_dir)
-    for step in feature_ext.STEPS:
+    for step in feature_ext.EXTRACTORS:
         report = feature_ext.run_step(step, data_dir, run_dir / "models", device="cuda", overwrite=True, progress=False)
         assert report.ok, feature_ext.format_summary([report])
     for name in sorted((run_dir / "data" / "vqw2vTokens").glob("*.npy"))[:50]:
@@ -45,11 +45,10 @@ def test_extraction_and_bf16_training_on_cuda(demo_run, tmp_path):
         np.testing.assert_allclose(np.load(name), np.load(data_dir / "BertEmb" / name.name), atol=1e-3)
     args = main.parse_args(["--demo", tmp_path / "run", "--device", "cuda", "--epochs", "3"])
     args.data_dir, args.models_dir = str(run_dir / "data"), str(run_dir / "models")
-    config = main.resolve_config(args)
-    assert config["precision"] == "bf16"
-    results = main.run(config, tmp_path / "run")
+    results = main.train_and_test(args)
     assert results["summary"]["ua_mean"] > 0.25
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cuda"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["device"], config["precision"]) == ("cuda", "bf16")
 
 
 def test_cpu_side_collectives_work_beside_nccl(tmp_path):

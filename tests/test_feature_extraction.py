@@ -13,18 +13,24 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import concatenate_embds
+import data_contract
 import feature_ext
 import feature_extraction_main
 import main
 import mocap_data_collect
 import synthetic_iemocap
 from concatenate_embds import context_vectors
-from feature_ext import (codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec,
-                         resolve_model, sentence_embeddings)
+from fairseq_checkpoints import codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec
+from feature_ext import resolve_model, sentence_embeddings
 from tiny_models import make_tiny_bert, make_tiny_models
 from utils import fingerprint
 
 CONTEXTS = (1, 2, 3)
+
+
+def dialogues_of(rows):
+    """The manifest's rows by dialogue, as concatenate_embds groups them."""
+    return [[rows[i] for i in group] for group in concatenate_embds.dialogues([(r["session"], r["dialog"]) for r in rows])]
 
 
 
@@ -118,7 +124,7 @@ def test_context_vector_layout():
 def test_context_vectors_follow_each_dialogue_in_corpus_order(extracted):
     data_dir, rows = extracted["data_dir"], extracted["rows"]
     c = 3
-    for dialogue in concatenate_embds.dialogues(rows):
+    for dialogue in dialogues_of(rows):
         assert len({r["dialog"] for r in dialogue}) == 1
         own = [np.load(data_dir / "BertEmb" / f"{r['name']}.npy") for r in dialogue]
         width = own[0].shape[0]
@@ -152,7 +158,7 @@ def test_rerun_skips_valid_outputs_and_redoes_corrupted_ones(extracted, tmp_path
 
 def test_recomputed_sentence_embeddings_leave_no_stale_context_vector(extracted, tmp_path):
     data_dir, rows = _copy_data_dir(extracted, tmp_path), extracted["rows"]
-    dialogue = max(concatenate_embds.dialogues(rows), key=len)
+    dialogue = max(dialogues_of(rows), key=len)
     changed = dialogue[3]["name"]  # as if another sentence model had made it
     embedding = np.load(data_dir / "BertEmb" / f"{changed}.npy")
     np.save(data_dir / "BertEmb" / f"{changed}.npy", embedding + 1)
@@ -169,8 +175,10 @@ def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsy
     rows = extracted["rows"]
     labelled = [r["name"] for r in rows if r["label"]]
     wrong_rate, unreadable, too_short, good, cut_off = labelled[:5]
-    empty = next(r["name"] for r in rows if not r["label"])
-    for name in (wrong_rate, unreadable, too_short, good, cut_off, empty):
+    unlabelled = [r for r in rows if not r["label"]]
+    empty = unlabelled[0]["name"]  # and, in another dialogue, a transcript that does not decode
+    undecodable = next(r["name"] for r in unlabelled if r["dialog"] != unlabelled[0]["dialog"])
+    for name in (wrong_rate, unreadable, too_short, good, cut_off, empty, undecodable):
         for folder in ("vqw2vTokens", "GPT2Tokens", "BertEmb"):
             (data_dir / folder / f"{name}.npy").unlink(missing_ok=True)
     sf.write(data_dir / "Audio" / f"{wrong_rate}.wav", np.zeros(8000, np.int16), 8000)
@@ -179,26 +187,31 @@ def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsy
     whole = (data_dir / "Audio" / f"{cut_off}.wav").read_bytes()
     (data_dir / "Audio" / f"{cut_off}.wav").write_bytes(whole[:len(whole) // 2])
     (data_dir / "Text" / f"{empty}.txt").write_text("  \n")
+    (data_dir / "Text" / f"{undecodable}.txt").write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
     shutil.rmtree(data_dir / "FullBertEmb1")
 
     status = feature_extraction_main.main([str(data_dir), str(extracted["models_dir"])])
     out = capsys.readouterr().out
     assert status == 1
-    assert f"failed {wrong_rate}: " in out and "sample rate 8000 Hz, expected 16000 Hz" in out
+    assert f"failed {wrong_rate}: " in out and "8000 Hz, 1 channel(s); expected 16000 Hz mono" in out
     assert f"failed {unreadable}: " in out and "unreadable audio" in out
     assert f"failed {cut_off}: " in out and f"{cut_off}.wav: cut off: its header promises" in out
-    assert f"failed {empty}: " in out and "empty transcript" in out
+    assert f"failed {undecodable}: " in out and "unreadable transcript" in out
+    assert f"failed {empty}" not in out
     assert f"{too_short}.wav: 400 samples, fewer than 465" in out
     assert np.load(data_dir / "vqw2vTokens" / f"{too_short}.npy").tolist() == [0, 2]
     written = {p.stem for p in (data_dir / "vqw2vTokens").glob("*.npy")}
     assert written == set(labelled) - {wrong_rate, unreadable, cut_off}
+    # An empty transcript is an utterance like any other: <s> </s>, and the empty text's embedding.
+    assert np.load(data_dir / "GPT2Tokens" / f"{empty}.npy").tolist() == [0, 2]
     for folder in ("GPT2Tokens", "BertEmb"):
-        assert {p.stem for p in (data_dir / folder).glob("*.npy")} == {r["name"] for r in rows} - {empty}
-    # Only the context windows that need the missing embedding fail.
-    dialogue = next(d for d in concatenate_embds.dialogues(rows) if empty in [r["name"] for r in d])
-    position = [r["name"] for r in dialogue].index(empty)
-    for i, row in enumerate(dialogue):
-        assert (data_dir / "FullBertEmb1" / f"{row['name']}.npy").exists() == (abs(i - position) > 1)
+        assert {p.stem for p in (data_dir / folder).glob("*.npy")} == {r["name"] for r in rows} - {undecodable}
+    # Only the context windows that need the missing embedding fail; the empty text's neighbours keep theirs.
+    for name, missing in ((undecodable, True), (empty, False)):
+        dialogue = next(d for d in dialogues_of(rows) if name in [r["name"] for r in d])
+        position = [r["name"] for r in dialogue].index(name)
+        for i, row in enumerate(dialogue):
+            assert (data_dir / "FullBertEmb1" / f"{row['name']}.npy").exists() == (not missing or abs(i - position) > 1)
 
 
 def test_without_sentence_embeddings_the_context_step_says_so_once(extracted, tmp_path):
@@ -291,7 +304,7 @@ def test_features_made_for_another_manifest_are_recomputed_not_kept(extracted, t
     for step in ("text-tokens", "sentence-embeddings", "context-2"):
         assert reports[step].written == len(rows) and any("lists other utterances" in n for n in reports[step].notes)
     assert reports["speech-tokens"].written == sum(1 for r in rows if r["label"])
-    assert feature_ext.stale_features(data_dir, list(feature_ext.STEPS) + ["context-2"], changed) == []
+    assert data_contract.stale_features(data_dir, list(feature_ext.EXTRACTORS) + ["context-2"], changed) == []
 
 
 def test_tiny_models_never_overwrite_what_may_be_the_real_ones(extracted, tmp_path):
@@ -315,9 +328,9 @@ def test_a_model_folder_without_its_vocabulary_is_refused_not_used(extracted, tm
 
 def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp_path):
     data_dir, models = _copy_data_dir(extracted, tmp_path), extracted["models"]
-    record = feature_ext.read_features_record(data_dir)
-    assert set(record) == set(feature_ext.STEPS) | {feature_ext.MANIFEST_KEY}
-    assert set(record[feature_ext.MANIFEST_KEY]) == set(feature_ext.STEPS) | {"context-1", "context-2", "context-3"}
+    record = data_contract.read_features_record(data_dir)
+    assert set(record) == set(feature_ext.EXTRACTORS) | {data_contract.MANIFEST_KEY}
+    assert set(record[data_contract.MANIFEST_KEY]) == set(feature_ext.EXTRACTORS) | {"context-1", "context-2", "context-3"}
     assert record["speech-tokens"]["vq_wav2vec"]["path"] == str(Path(models["vq_wav2vec"]).resolve())
     assert record["sentence-embeddings"]["sentence_model"]["sha256"] == fingerprint(models["sentence_model"])["sha256"]
     # Another sentence model: the existing embeddings came from the old one, so nothing is
@@ -327,4 +340,4 @@ def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp
     assert not report.ok and "other pretrained files" in report.error and "--overwrite" in report.error
     report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, overwrite=True, progress=False)
     assert report.ok and report.written == len(extracted["rows"])
-    assert feature_ext.read_features_record(data_dir)["sentence-embeddings"]["sentence_model"]["path"] == str(Path(other).resolve())
+    assert data_contract.read_features_record(data_dir)["sentence-embeddings"]["sentence_model"]["path"] == str(Path(other).resolve())

@@ -13,7 +13,7 @@ import torch
 
 import main
 import train_function
-from mocap_data_collect import read_manifest
+from data_contract import read_manifest
 from test_training import data_dir, models_dir  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def test_a_run_begun_before_skip_missing_existed_resumes(tmp_path, finished_run,
 
 
 def test_a_missing_pretrained_model_is_named_before_anything_is_written(tmp_path, data_dir):
-    with pytest.raises(SystemExit, match=r"speech model \(--speech-model\): .*bert_kmeans.pt: no such file"):
+    with pytest.raises(SystemExit, match=r"bert_kmeans.pt: not found; the speech branch's RoBERTa comes from bert_kmeans.tar"):
         main.main([str(tmp_path / "run"), str(data_dir), str(tmp_path / "no_models"), *SMALL, "--branches", "speech"])
     assert not (tmp_path / "run").exists()
 
@@ -311,5 +311,5 @@ def test_each_branch_alone_learns_on_the_demo(demo_run, tmp_path, branch):
     run_dir = demo_run[0]
     args = main.parse_args(["--demo", tmp_path / branch, "--branches", branch])
     args.data_dir, args.models_dir = str(run_dir / "data"), str(run_dir / "models")
-    results = main.run(main.resolve_config(args), tmp_path / branch)
+    results = main.train_and_test(args)
     assert results["summary"]["ua_mean"] > 0.4  # chance is 0.25

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 
 import mocap_data_collect as mdc
-from mocap_data_collect import (CLASSES, LABEL_OF_EMOTION, MANIFEST_COLUMNS, SEED_CODES,
-                                CorpusError, collect, read_manifest)
+from data_contract import CLASSES, MANIFEST_COLUMNS, read_manifest
+from mocap_data_collect import LABEL_OF_EMOTION, SEED_CODES, CorpusError, collect
 from synthetic_iemocap import make_corpus
 from utils import cut_off_wav
 
@@ -331,18 +331,6 @@ def test_full_corpus_check_compares_with_the_published_counts(small_corpus, tmp_
     rows[0]["emotion"] = "fru"
     with pytest.raises(CorpusError, match=r"ang: expected 1103, found 1102.*labelled_per_session"):
         mdc.verify_full_corpus(rows)
-
-
-def test_read_manifest_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="utterances.csv"):
-        read_manifest(tmp_path)
-    (tmp_path / "utterances.csv").write_text("name,emotion\n0_s_1_neu,neu\n")
-    with pytest.raises(CorpusError, match="utterances.csv: header"):
-        read_manifest(tmp_path)
-    (tmp_path / "utterances.csv").write_text(",".join(MANIFEST_COLUMNS) + "\n"
-                                             + "0_s_x_neu,id,x" + ",d" * 11 + "\n")
-    with pytest.raises(CorpusError, match=r"utterances.csv:2:"):
-        read_manifest(tmp_path)
 
 
 def test_data_dir_inside_the_corpus_is_refused(small_corpus):

@@ -11,14 +11,9 @@ import torch
 from scipy.signal import resample_poly
 
 import main
+import feature_ext
 import predict
-from mocap_data_collect import read_manifest
-
-
-@pytest.fixture(scope="module")
-def demo(demo_run):
-    run_dir = demo_run[0]
-    return {"run_dir": run_dir, "data_dir": run_dir / "data", "config": json.loads((run_dir / "config.json").read_text())}
+from data_contract import read_manifest
 
 
 def session_dialogues_as_list(data_dir, session, path):
@@ -45,7 +40,7 @@ def assert_session5_predictions_equal_the_evaluation(run_dir, data_dir, tmp_path
         out = list(csv.DictReader(f))
     with open(run_dir / "fold1" / "predictions.csv", newline="") as f:
         evaluated = {r["name"]: r for r in csv.DictReader(f)}
-    assert list(out[0]) == ["wav", "text", "dialog", "prediction", "p_ang", "p_hap", "p_sad", "p_neu"]
+    assert list(out[0]) == ["wav", "text", "dialog", "prediction", "p_ang", "p_hap", "p_sad", "p_neu", "note"]
     assert len(out) == len(rows) and len(evaluated) == sum(bool(r["label"]) for r in rows)
     for row, given in zip(rows, out):
         if not row["label"]:
@@ -66,7 +61,7 @@ def test_a_bf16_run_predicts_under_bf16_as_it_evaluated(demo, tmp_path):
     # In fp32, this run's probabilities came out up to 0.04 away from its own evaluation.
     args = main.parse_args(["--demo", tmp_path / "run", "--precision", "bf16", "--epochs", "3", "--device", "cpu"])
     args.data_dir, args.models_dir = str(demo["data_dir"]), str(demo["run_dir"] / "models")
-    main.run(main.resolve_config(args), tmp_path / "run")
+    main.train_and_test(args)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
     assert_session5_predictions_equal_the_evaluation(tmp_path / "run", demo["data_dir"], tmp_path)
 
@@ -75,7 +70,7 @@ def test_a_run_without_the_speech_branch_predicts_from_text_alone(demo, tmp_path
     args = main.parse_args(["--demo", tmp_path / "run", "--branches", "text,context", "--epochs", "3",
                             "--device", "cpu"])
     args.data_dir, args.models_dir = str(demo["data_dir"]), str(demo["run_dir"] / "models")
-    main.run(main.resolve_config(args), tmp_path / "run")
+    main.train_and_test(args)
     capsys.readouterr()
     assert predict.main([str(tmp_path / "run"), "--text", "I can't believe you did that!",
                          "--output", str(tmp_path / "one.csv")]) == 0
@@ -171,7 +166,7 @@ def test_a_damaged_checkpoint_or_config_is_named(demo, tmp_path):
     shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data", "models"))
     rows = [{"wav": "x.wav", "text": "hi", "_wav_path": next((demo["data_dir"] / "Audio").glob("*.wav"))}]
     (run_dir / "fold1" / "best.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(predict.PredictError, match="best.pt: not a checkpoint of this run's model"):
+    with pytest.raises(predict.PredictError, match="best.pt: unreadable checkpoint .*damaged"):
         predict.predict_rows(run_dir, rows)
     (run_dir / "config.json").write_text("{")
     with pytest.raises(predict.PredictError, match="config.json: not a readable config.json"):
@@ -206,7 +201,7 @@ def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(dem
         row["_wav_path"] = demo["data_dir"] / "Audio" / next(p.name for p in (demo["data_dir"] / "Audio").glob("*.wav"))
     items = predict.featurize(rows, config, extractors, notes={})
     assert [item["index"] for item in items] == [1, 3]
-    embeddings = predict.sentence_embeddings(texts, extractors["sentence_tokenizer"], extractors["sentence_model"])
+    embeddings = feature_ext.sentence_embeddings(texts, extractors["sentence_tokenizer"], extractors["sentence_model"])
     c = config["context_window"]
     middle, lone = items[0]["context"].numpy(), items[1]["context"].numpy()
     assert middle.shape == lone.shape == (2 * c + 1, embeddings.shape[1])

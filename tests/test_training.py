@@ -17,7 +17,7 @@ import dataset_loader
 import train_function
 import validation_function
 from dataset_loader import EOS, PAD, collate_utterances, load_utterances, pad_tokens, truncate_tokens
-from mocap_data_collect import CLASSES, MANIFEST_COLUMNS
+from data_contract import CLASSES, MANIFEST_COLUMNS, DataError
 from model_structure import EmotionClassifier, load_speech_encoder, load_text_encoder
 
 SPEECH_CHECKPOINT = Path(__file__).parent / "data" / "fairseq_reference" / "bert_kmeans"
@@ -151,9 +151,9 @@ def test_missing_feature_file_is_named(tmp_path):
     data_dir = write_feature_dir(tmp_path / "data", per_dialog=6, sessions=(1,))
     victim = next((data_dir / "vqw2vTokens").iterdir())
     victim.unlink()
-    with pytest.raises(FileNotFoundError, match=victim.name):
+    with pytest.raises(DataError, match=victim.name):
         load_utterances(data_dir, 1, 8, 8)
-    with pytest.raises(FileNotFoundError, match="FullBertEmb2"):
+    with pytest.raises(DataError, match="FullBertEmb2"):
         load_utterances(data_dir, 2, 8, 8, branches=("context",))
 
 
@@ -319,6 +319,6 @@ def test_frozen_speech_vectors_are_computed_once_and_equal_the_live_encoder(data
     assert torch.allclose(cached["speech_vectors"], expected, atol=1e-5)
     model.eval()
     with torch.no_grad():
-        a = model(**train_function.model_inputs(live, "cpu"))[0]
-        b = model(**train_function.model_inputs(cached, "cpu"))[0]
+        a = model(**dataset_loader.model_inputs(live, "cpu"))[0]
+        b = model(**dataset_loader.model_inputs(cached, "cpu"))[0]
     assert torch.allclose(a, b, atol=1e-5)

@@ -1,0 +1,177 @@
+"""What the pipeline's stages hand each other: the label set, the audio rate, the manifest, the features.
+
+The data contract (README, "The data contract") in code. Every stage asks this module instead of
+spelling a folder name, a column or a label itself:
+  CLASSES, SAMPLE_RATE, MANIFEST_COLUMNS     the 4-class label set, 16 kHz, utterances.csv's columns
+  read_manifest(DATA_DIR)                    the manifest's rows, typed and checked
+  label_set(rows)                            the classes a manifest really has, in CLASSES order
+  STEPS                                      extraction step -> its folder, rows and pretrained files
+  BRANCHES                                   model branch -> the steps whose folders it reads, its
+                                             utterance key, its encoder and the option naming it
+  read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
+A new branch, encoder family or extraction step is an entry in these tables plus the code that is
+really new (its extraction and its module); nothing else spells its folder or its files.
+"""
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SAMPLE_RATE = 16000
+# IEMOCAP's 4-class task (exc merged into hap by the corpus reader), in the order of the
+# model's outputs and of every p_<class> column.
+CLASSES = ("ang", "hap", "sad", "neu")
+MANIFEST = "utterances.csv"
+MANIFEST_COLUMNS = ("name", "utterance_id", "session", "dialog", "speaker", "gender", "start",
+                    "end", "emotion", "label", "valence", "activation", "dominance", "transcript")
+_FLOAT_COLUMNS = ("start", "end", "valence", "activation", "dominance")
+FEATURES_RECORD = "features.json"
+# features.json's key for what each step's files were made for: {step: manifest_fingerprint(rows)}
+MANIFEST_KEY = "manifest"
+
+
+class DataError(ValueError):
+    """A DATA_DIR file that is not what the contract says; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the tables
+
+@dataclass(frozen=True)
+class Step:
+    """An extraction step: DATA_DIR/<folder>/<name>.npy for `rows` ("labelled" or "all") of the
+    manifest, made from the pretrained files of `models` (their roles in features.json)."""
+
+    folder: str
+    rows: str
+    models: tuple
+
+
+# The context step is one per window size c: "context-{c}" writes FullBertEmb{c}/.
+STEPS = {
+    "speech-tokens": Step("vqw2vTokens", "labelled", ("vq_wav2vec", "speech_dictionary")),
+    "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",)),
+    "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",)),
+    "context-{c}": Step("FullBertEmb{c}", "all", ()),
+}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A branch of the model: the steps whose folders it needs (the last one is what it loads),
+    the key of its input in an utterance dict, and its pretrained encoder (the role under which
+    config.json records it, the option that names it, the option that bounds its tokens)."""
+
+    steps: tuple
+    key: str
+    encoder: str = None
+    encoder_option: str = None
+    length_option: str = None
+
+
+BRANCHES = {
+    "text": Branch(("text-tokens",), "text_ids", "text_model", "--text-model", "MAX_TEXT_TOKENS"),
+    "speech": Branch(("speech-tokens",), "speech_ids", "speech_model", "--speech-model", "MAX_AUDIO_TOKENS"),
+    "context": Branch(("sentence-embeddings", "context-{c}"), "context"),
+}
+
+
+def branch_steps(branch, context_window):
+    """The extraction steps `branch` needs, by name ("context-{c}" filled in)."""
+    return [step.format(c=context_window) for step in BRANCHES[branch].steps]
+
+
+def step_entry(step):
+    """STEPS' entry of a step name, "context-3" included."""
+    if step.startswith("context-"):
+        return Step(STEPS["context-{c}"].folder.format(c=step[len("context-"):]), "all", ())
+    return STEPS[step]
+
+
+def feature_folder(data_dir, step):
+    return Path(data_dir) / step_entry(step).folder
+
+
+def feature_path(data_dir, branch, name, context_window):
+    """The file of utterance `name` that `branch` loads."""
+    return feature_folder(data_dir, branch_steps(branch, context_window)[-1]) / f"{name}.npy"
+
+
+def pretrained_roles(branch):
+    """The pretrained files a branch needs at inference: its encoder, and what made its features."""
+    entry = BRANCHES[branch]
+    roles = [entry.encoder] if entry.encoder else []
+    return roles + [role for step in entry.steps for role in STEPS[step].models]
+
+
+# ------------------------------------------------------------------------------------------------
+# the manifest
+
+def read_manifest(data_dir):
+    """The rows of DATA_DIR/utterances.csv in corpus order, typed: session an int,
+    start/end/valence/activation/dominance floats, the rest strings (label is "" for utterances
+    outside the target emotions)."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest; DATA_DIR is the folder mocap_data_collect.py wrote")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            table = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: unreadable manifest ({e})") from None
+    header = table[0] if table else None
+    if header is None or tuple(header) != MANIFEST_COLUMNS:
+        raise DataError(f"{path}: header is {header}, expected {list(MANIFEST_COLUMNS)}")
+    rows = []
+    for lineno, cells in enumerate(table[1:], 2):
+        if len(cells) != len(MANIFEST_COLUMNS):
+            raise DataError(f"{path}:{lineno}: {len(cells)} fields, expected {len(MANIFEST_COLUMNS)}")
+        row = dict(zip(MANIFEST_COLUMNS, cells))
+        try:
+            row["session"] = int(row["session"])
+            for c in _FLOAT_COLUMNS:
+                row[c] = float(row[c])
+        except ValueError as err:
+            raise DataError(f"{path}:{lineno}: {err}") from None
+        if row["label"] and row["label"] not in CLASSES:
+            raise DataError(f"{path}:{lineno}: label {row['label']!r} is not one of {', '.join(CLASSES)}")
+        rows.append(row)
+    return rows
+
+
+def label_set(rows):
+    """The classes the manifest's labelled rows really have, in CLASSES order: a corpus collected
+    with fewer emotions trains a head of that many outputs and is scored over those classes only."""
+    present = {row["label"] for row in rows if row["label"]}
+    return [c for c in CLASSES if c in present]
+
+
+# ------------------------------------------------------------------------------------------------
+# features.json: which pretrained files made each folder, for which manifest
+
+def read_features_record(data_dir):
+    """DATA_DIR/features.json: {step: {role: fingerprint}, "manifest": {step: sha256}}; empty when
+    no step has recorded yet."""
+    path = Path(data_dir) / FEATURES_RECORD
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable record of the models used ({e}); delete it and rerun "
+                        f"the feature extraction with --overwrite") from None
+
+
+def manifest_fingerprint(rows):
+    """What a feature file's name stands for: every row's name (its position in the manifest),
+    utterance id and transcript, in order. When it changes, a name may mean another utterance."""
+    lines = "".join(f"{row['name']}\t{row['utterance_id']}\t{row['transcript']}\n" for row in rows)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def stale_features(data_dir, steps, rows):
+    """The steps among `steps` whose files features.json says were made for another manifest."""
+    made_for = read_features_record(data_dir).get(MANIFEST_KEY, {})
+    now = manifest_fingerprint(rows)
+    return [step for step in steps if made_for.get(step, now) != now]

@@ -1,0 +1,56 @@
+"""The data contract's tables and readers: one place that every stage asks."""
+import pytest
+
+import data_contract
+from concatenate_embds import dialogues
+from data_contract import (BRANCHES, CLASSES, MANIFEST_COLUMNS, STEPS, DataError, branch_steps, feature_path,
+                           label_set, pretrained_roles, read_manifest)
+
+
+def write_manifest(folder, rows):
+    lines = [",".join(MANIFEST_COLUMNS)]
+    for i, (label, dialog) in enumerate(rows):
+        cells = {"name": f"{i}_s_1_{label or 'xxx'}", "utterance_id": f"{dialog}_F{i:03d}", "session": "1",
+                 "dialog": dialog, "speaker": "Ses01F", "gender": "F", "start": "0", "end": "1",
+                 "emotion": label or "xxx", "label": label, "valence": "1", "activation": "1", "dominance": "1",
+                 "transcript": "hello"}
+        lines.append(",".join(cells[c] for c in MANIFEST_COLUMNS))
+    (folder / "utterances.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_every_branch_reads_a_folder_that_a_step_writes_and_names_its_pretrained_files():
+    for branch in BRANCHES:
+        steps = branch_steps(branch, 2)
+        assert steps and all(data_contract.step_entry(step).folder for step in steps)
+    assert feature_path("D", "context", "7_s_1_neu", 2).as_posix() == "D/FullBertEmb2/7_s_1_neu.npy"
+    assert feature_path("D", "speech", "7_s_1_neu", 2).as_posix() == "D/vqw2vTokens/7_s_1_neu.npy"
+    assert pretrained_roles("speech") == ["speech_model", "vq_wav2vec", "speech_dictionary"]
+    assert pretrained_roles("context") == ["sentence_model"]
+    assert {role for step in STEPS.values() for role in step.models} >= {"text_tokenizer", "sentence_model"}
+
+
+def test_the_label_set_is_the_classes_the_manifest_has_in_the_fixed_order(tmp_path):
+    write_manifest(tmp_path, [("sad", "d1"), ("", "d1"), ("ang", "d1"), ("neu", "d2"), ("sad", "d2")])
+    assert label_set(read_manifest(tmp_path)) == ["ang", "sad", "neu"]
+    write_manifest(tmp_path, [(c, "d") for c in reversed(CLASSES)])
+    assert label_set(read_manifest(tmp_path)) == list(CLASSES)
+
+
+def test_read_manifest_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="utterances.csv: no manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / "utterances.csv").write_text("name,emotion\n0_s_1_neu,neu\n")
+    with pytest.raises(DataError, match="utterances.csv: header"):
+        read_manifest(tmp_path)
+    (tmp_path / "utterances.csv").write_text(",".join(MANIFEST_COLUMNS) + "\n"
+                                             + "0_s_x_neu,id,x" + ",d" * 11 + "\n")
+    with pytest.raises(DataError, match=r"utterances.csv:2:"):
+        read_manifest(tmp_path)
+    write_manifest(tmp_path, [("fru", "d1")])
+    with pytest.raises(DataError, match=r"utterances.csv:2: label 'fru' is not one of"):
+        read_manifest(tmp_path)
+
+
+def test_dialogues_group_equal_keys_in_order_and_leave_others_alone():
+    assert dialogues(["a", "b", "a", None, "b", None]) == [[0, 2], [1, 4], [3], [5]]
+    assert dialogues([]) == []

@@ -1,0 +1,178 @@
+"""What a new user ran into: a corpus of fewer classes, folders given in the wrong place, missing
+models, and errors that must be one line (a user's mistake) or a whole traceback (anything else)."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+import feature_ext
+import feature_extraction_main
+import fairseq_checkpoints
+import main
+import predict
+import train_function
+from data_contract import MANIFEST_COLUMNS, read_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_OPTIONS = ["--demo", "--branches", "text,context", "--epochs", "2", "--device", "cpu"]
+
+
+def copy_data(demo, tmp_path, drop_label=None):
+    """The demo's DATA_DIR, optionally as if collected without one emotion (its rows unlabelled)."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(demo["data_dir"], data_dir)
+    if drop_label:
+        rows = read_manifest(data_dir)
+        with open(data_dir / "utterances.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows({**row, "label": "" if row["label"] == drop_label else row["label"]} for row in rows)
+    return data_dir
+
+
+def train(run_dir, data_dir, models_dir, *extra):
+    args = main.parse_args([*DEMO_OPTIONS, run_dir, *extra])
+    args.data_dir, args.models_dir = str(data_dir), str(models_dir)
+    return main.train_and_test(args)
+
+
+def test_a_corpus_of_three_emotions_trains_scores_and_predicts_three_classes(demo, tmp_path, capsys):
+    data_dir = copy_data(demo, tmp_path, drop_label="hap")
+    results = train(tmp_path / "run", data_dir, demo["run_dir"] / "models")
+    classes = ["ang", "sad", "neu"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == classes
+    import torch
+    best = torch.load(tmp_path / "run" / "fold1" / "best.pt", weights_only=True)
+    assert best["model"]["classifier.2.weight"].shape[0] == 3  # the head has one output per class
+    pooled = results["summary"]["pooled"]
+    assert list(pooled["per_class_recall"]) == classes and np.array(pooled["confusion_matrix"]).shape == (3, 3)
+    fold = json.loads((tmp_path / "run" / "fold1" / "fold_result.json").read_text())
+    assert fold["test"]["macro_f1"] == pytest.approx(f1_score(fold["y_true"], fold["y_pred"], average="macro"))
+    assert "Chance UA is 0.33." in (tmp_path / "run" / "summary.md").read_text()
+    with open(tmp_path / "run" / "fold1" / "predictions.csv", newline="") as f:
+        assert next(csv.reader(f)) == ["name", "true", "predicted", "p_ang", "p_sad", "p_neu"]
+    capsys.readouterr()
+    assert predict.main([str(tmp_path / "run"), "--text", "I am so sorry.", "--output", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv", newline="") as f:
+        header, row = list(csv.reader(f))
+    assert header == ["wav", "text", "prediction", "p_ang", "p_sad", "p_neu", "note"]
+    assert row[2] in classes and sum(map(float, row[3:6])) == pytest.approx(1, abs=1e-5)
+
+
+def test_a_run_dir_must_be_new_empty_or_a_run_folder(demo, tmp_path):
+    data_dir, models_dir = demo["data_dir"], demo["run_dir"] / "models"
+    before = sorted(p.name for p in models_dir.iterdir())
+    for run_dir, what in ((models_dir, "is the MODELS_DIR"), (data_dir, "is the DATA_DIR")):
+        with pytest.raises(SystemExit, match=f"RUN_DIR {run_dir} {what}"):
+            main.main([run_dir, data_dir, models_dir, "--device", "cpu"])
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="holds files and is not a run folder of main.py"):
+        main.main([other, data_dir, models_dir, "--device", "cpu"])
+    assert sorted(p.name for p in models_dir.iterdir()) == before and sorted(other.iterdir()) == [other / "todo.txt"]
+
+
+def test_the_demo_checks_its_folder_before_it_writes(demo, tmp_path):
+    run_dir = tmp_path / "real_run"
+    train(run_dir, demo["data_dir"], demo["run_dir"] / "models")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    with pytest.raises(SystemExit, match="not a demo folder"):
+        main.main(["--demo", run_dir, "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"other settings \(epochs: 15 -> 3\)"):
+        main.main(["--demo", demo["run_dir"], "--device", "cpu", "--epochs", "3"])
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_missing_folders_and_fairseq_files_are_named_with_where_to_get_them(demo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        feature_extraction_main.main([str(demo["data_dir"]), str(tmp_path / "nonexistent" / "models")])
+    assert stop.value.code == 2 and "MODELS_DIR" in capsys.readouterr().err
+    models = tmp_path / "models"
+    shutil.copytree(demo["run_dir"] / "models", models)
+    (models / "bert_kmeans" / "dict.txt").unlink()
+    (models / "vq-wav2vec_kmeans.pt").unlink()
+    report = feature_ext.extract_speech_tokens(copy_data(demo, tmp_path), models, progress=False)
+    assert "vq-wav2vec_kmeans.pt and " in report.error and "dict.txt: not found" in report.error
+    assert "README" in report.error
+
+
+def test_an_unexpected_error_is_never_a_failed_utterance(demo, tmp_path, monkeypatch):
+    def broken(self, wav):
+        raise RuntimeError("CUDA out of memory (pretend)")
+
+    monkeypatch.setattr(fairseq_checkpoints.VqWav2Vec, "codes", broken)
+    with pytest.raises(RuntimeError, match="pretend"):
+        feature_ext.extract_speech_tokens(copy_data(demo, tmp_path), demo["run_dir"] / "models", overwrite=True,
+                                          progress=False)
+
+
+def test_an_unexpected_error_in_training_keeps_its_traceback_in_the_log(demo, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch (pretend)")
+
+    monkeypatch.setattr(train_function, "train_epoch", broken)
+    with pytest.raises(RuntimeError, match="pretend"):
+        train(tmp_path / "run", demo["data_dir"], demo["run_dir"] / "models")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Traceback" in log and "shape mismatch (pretend)" in log
+
+
+def test_predict_asks_for_what_the_runs_branches_read(demo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        predict.main([str(demo["run_dir"]), "--wav", str(next((demo["data_dir"] / "Audio").glob("*.wav")))])
+    assert stop.value.code == 2 and "give the transcript with --text" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        predict.main([str(demo["run_dir"]), "--text", "hello"])
+    assert stop.value.code == 2 and "give the recording with --wav" in capsys.readouterr().err
+
+
+def test_a_row_without_a_prediction_says_why_in_the_output(demo, tmp_path):
+    wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
+    (tmp_path / "list.csv").write_text(f"wav,text\n{wav},Hello there.\nmissing.wav,Where is it?\n,Just context.\n")
+    assert predict.main([str(demo["run_dir"]), "--list", str(tmp_path / "list.csv"),
+                         "--output", str(tmp_path / "out.csv")]) == 1
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["prediction"] and rows[0]["note"] == ""
+    assert rows[1]["prediction"] == "" and "missing.wav: no such audio file" in rows[1]["note"]
+    assert rows[2]["prediction"] == rows[2]["note"] == ""  # context only
+
+
+def test_a_moved_models_folder_is_found_with_models_dir_and_still_checked(demo, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data", "models"))
+    config = json.loads((run_dir / "config.json").read_text())
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(demo["run_dir"] / "models", moved)
+    gone = str(tmp_path / "gone")  # where the run now says its models were
+    (run_dir / "config.json").write_text(json.dumps(config).replace(config["models_dir"], gone))
+    wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
+    ask = [str(run_dir), "--wav", str(wav), "--text", "Hello there.", "--output"]
+    assert predict.main([*ask, str(tmp_path / "a.csv")]) == 2
+    assert "give its new place with --models-dir" in capsys.readouterr().err
+    assert predict.main([*ask, str(tmp_path / "b.csv"), "--models-dir", str(moved)]) == 0
+    assert predict.main([str(demo["run_dir"]), *ask[1:], str(tmp_path / "c.csv")]) == 0
+    assert (tmp_path / "b.csv").read_text() == (tmp_path / "c.csv").read_text()
+    with open(moved / "bert_kmeans" / "dict.txt", "a") as f:
+        f.write("999-999 1\n")
+    assert predict.main([*ask, str(tmp_path / "d.csv"), "--models-dir", str(moved)]) == 2
+    assert "dict.txt has changed since training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["main.py", "predict.py", "feature_ext.py", "feature_extraction_main.py",
+                                    "concatenate_embds.py"])
+def test_help_answers_without_loading_torch(script):
+    """--help and argument errors come before torch, transformers and scikit-learn load (seconds)."""
+    code = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
+            f"try:\n    runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n"
+            f"except SystemExit:\n    pass\n"
+            f"print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "usage:" in out and out.strip().splitlines()[-1] == "[]"
