@@ -26,7 +26,9 @@ How the corpus is read (each rule is a quirk of the real release):
   EmoEvaluation entry (speaker-only "M: Yeah.", the XX lines) are not utterances.
 - A transcript is kept as it is in the file (tags, double spaces), except that surrounding
   whitespace is stripped and each TAB, carriage return or other line-breaking character inside
-  it becomes one space, so that the manifest row and Text/<name>.txt stay one line.
+  it becomes one space, so that the manifest row and Text/<name>.txt stay one line. A line
+  with no text is an utterance with an empty transcript (the release has one): it is kept,
+  with an empty Text/<name>.txt, and the summary counts and names such utterances.
 - The speaker is the F/M of the id's last part (Ses01F_impro01_M013 is spoken by Ses01M).
 - Corpus order: session, dialogue name, then (start, end, utterance id) -- neither file is in
   time order.
@@ -196,12 +198,13 @@ def find_dialogues(session_dir):
 def read_corpus(iemocap_root, emotions=DEFAULT_EMOTIONS, allow_missing=False):
     """Manifest rows of every utterance of Session1..5, in corpus order, named.
 
-    Returns (rows, notes): notes lists what --allow-missing let through and what was skipped.
+    Returns (rows, notes): notes lists what --allow-missing let through, the utterances whose
+    transcript line is empty, and what was skipped.
     """
     root = Path(iemocap_root)
     if not root.is_dir():
         raise CorpusError(f"{root}: IEMOCAP root folder not found")
-    rows, notes, seen = [], {"missing_transcript": [], "stray": []}, {}
+    rows, notes, seen = [], {"missing_transcript": [], "empty_transcript": [], "stray": []}, {}
     for session in SESSIONS:
         session_dir = root / f"Session{session}"
         dialogs, stray = find_dialogues(session_dir)
@@ -232,6 +235,8 @@ def read_corpus(iemocap_root, emotions=DEFAULT_EMOTIONS, allow_missing=False):
                         raise CorpusError(f"{trans_path}: no transcript line for utterance {uid} "
                                           f"(--allow-missing goes on with an empty text)")
                     notes["missing_transcript"].append(f"{uid} ({trans_path})")
+                elif not texts[uid]:
+                    notes["empty_transcript"].append(uid)  # said nothing: an utterance all the same
                 speaker = f"Ses0{session}{uid.rsplit('_', 1)[-1][0]}"
                 rows.append({
                     "name": f"{len(rows)}_s_{session}_{e['emotion']}",
@@ -377,6 +382,12 @@ def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True):
     write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
 
 
+def few(items, n=3):
+    """The first n items and how many more, for a summary line."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(map(str, items[:n])) + more
+
+
 def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=False,
             expect_full=None, progress=True, out=sys.stdout):
     """Read the corpus, verify it, write DATA_DIR. Returns the manifest rows.
@@ -403,6 +414,9 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
     write_data_dir(iemocap_root, data_dir, rows, skip_audio={r["name"] for r, _ in problems},
                    progress=progress)
     print(summary_table(rows), file=out)
+    if notes["empty_transcript"]:
+        print(f"{len(notes['empty_transcript'])} utterance(s) with an empty transcript line, kept "
+              f"with an empty Text/<name>.txt: {few(notes['empty_transcript'])}", file=out)
     if notes["stray"]:
         print(f"ignored {len(notes['stray'])} stray file(s) beside the dialogues, "
               f"e.g. {notes['stray'][0]}", file=out)

@@ -17,7 +17,9 @@ It is IEMOCAP in shape, quirks included, so that mocap_data_collect.py is tested
   Attribute/, Self-evaluation/, macOS "._*" files, a .DS_Store and a README.txt.
 - Transcriptions: CRLF, lines out of time order, speaker-only lines ("M: Yeah.", "F:Umm."), XX
   lines (one duplicated, one ending before it starts, one with empty text), an utterance line
-  written twice, double spaces, [LAUGHTER] tags, a TAB inside one text, trailing blanks.
+  written twice, double spaces, [LAUGHTER] tags, a TAB inside one text, trailing blanks; with
+  --empty-transcript (off by default, so the demo's figures stay as they were) one target
+  utterance whose line has no text, as in the release.
 - Two utterances that start together and two with the same start and end, so the order by
   (start, end, utterance id) matters.
 - 16 kHz mono PCM16 wavs in sentences/wav/<dialog>/, exactly (end - start) * 16000 samples long
@@ -291,8 +293,24 @@ def ensure_every_code(rng, plans):
             pool.pop(int(rng.integers(len(pool))))["emotion"] = code
 
 
-def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=20):
+def blank_one_transcript(plans, quirks):
+    """Empty the transcript of one target utterance that carries no other text quirk; return its id.
+
+    Chosen without drawing from the generator, so that the rest of the corpus stays the same bytes.
+    """
+    taken = {i for ids in quirks.values() for i in ids}
+    u = next(u for plan in plans[1:] for u in plan
+             if u["emotion"] in DEFAULT_EMOTIONS and u["utterance_id"] not in taken)
+    u["transcript_raw"] = ""
+    return u["utterance_id"]
+
+
+def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=20,
+                empty_transcript=False):
     """Write the corpus at root (root/Session1..5, root/synthetic_truth.json); return the truth.
+
+    empty_transcript: give one target utterance a transcription line without text, as the real
+    release has. Off by default: the demo's corpus, and so its figures, stay as they were.
 
     The truth is a dict: "utterances", every utterance in corpus order with the manifest's
     fields (transcript as a reader should give it: TABs made spaces, surrounding blanks
@@ -329,6 +347,7 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
             u["transcript_raw"] = make_transcript(rng, u["emotion"])
             u["vad"], u["scores"] = vad(rng, u["emotion"])
     quirks = add_text_quirks(rng, plans)
+    quirks["empty_transcript"] = [blank_one_transcript(plans, quirks)] if empty_transcript else []
     overlap_plan = plans[0]
     starts = {}
     for u in overlap_plan:
@@ -399,7 +418,8 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
     utterances.sort(key=lambda u: (u["session"], u["dialog"], u["start"], u["end"],
                                    u["utterance_id"]))
     truth = {"seed": seed, "dialogues_per_session": dialogues_per_session,
-             "utterances_per_dialogue": utterances_per_dialogue, "sample_rate": SAMPLE_RATE,
+             "utterances_per_dialogue": utterances_per_dialogue,
+             "empty_transcript": empty_transcript, "sample_rate": SAMPLE_RATE,
              "dialog_moods": moods, "quirks": quirks, "utterances": utterances}
     write_text_atomic(root / TRUTH_FILE, json.dumps(truth, indent=1, sort_keys=True) + "\n")
     return truth
@@ -418,11 +438,13 @@ def main(argv=None):
                         help="at least 2 (default: %(default)s)")
     parser.add_argument("--utterances-per-dialogue", type=int, default=20,
                         help="at least 10 (default: %(default)s)")
+    parser.add_argument("--empty-transcript", action="store_true",
+                        help="give one target utterance an empty transcript, as the release has")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
         truth = make_corpus(args.out_root, args.seed, args.dialogues_per_session,
-                            args.utterances_per_dialogue)
+                            args.utterances_per_dialogue, args.empty_transcript)
     except (FileExistsError, ValueError) as err:
         sys.exit(f"synthetic_iemocap.py: error: {err}")
     utts = truth["utterances"]

@@ -237,6 +237,38 @@ def test_allow_missing_goes_on_and_reports(damaged, tmp_path):
     assert len(read_manifest(tmp_path / "data")) == len(truth["utterances"])
 
 
+def test_an_empty_transcript_is_an_utterance_counted_in_the_summary(damaged, tmp_path):
+    """The release has an utterance whose transcription line has no text: kept, and said."""
+    root, truth = damaged
+    blank = [u for u in truth["utterances"] if u["emotion"] in LABEL_OF_EMOTION][:2]
+    for u, text in zip(blank, ("", " \t ")):
+        path = root / f"Session{u['session']}/dialog/transcriptions/{u['dialog']}.txt"
+        lines = path.read_bytes().decode().split("\r\n")
+        i = next(i for i, line in enumerate(lines) if line.startswith(u["utterance_id"] + " "))
+        lines[i] = lines[i].split("]:")[0] + "]:" + text
+        path.write_bytes("\r\n".join(lines).encode())
+    rows, printed = run(root, tmp_path / "data")
+    by_id = {r["utterance_id"]: r for r in rows}
+    for u in blank:
+        row = by_id[u["utterance_id"]]
+        assert row["transcript"] == "" and row["label"]
+        assert (tmp_path / "data" / "Text" / f"{row['name']}.txt").read_bytes() == b""
+        assert (tmp_path / "data" / "Audio" / f"{row['name']}.wav").is_file()
+    line = next(line for line in printed.splitlines() if "empty transcript" in line)
+    assert line.startswith("2 utterance(s)") and all(u["utterance_id"] in line for u in blank)
+    assert len(read_manifest(tmp_path / "data")) == len(truth["utterances"])
+
+
+def test_the_synthetic_corpus_empty_transcript_is_collected_as_such(tmp_path):
+    truth = make_corpus(tmp_path / "corpus", seed=1, dialogues_per_session=2,
+                        utterances_per_dialogue=10, empty_transcript=True)
+    rows, printed = run(tmp_path / "corpus", tmp_path / "data")
+    assert [r["utterance_id"] for r in rows if not r["transcript"]] == \
+        truth["quirks"]["empty_transcript"]
+    assert f"empty transcript line, kept with an empty Text/<name>.txt: " \
+           f"{truth['quirks']['empty_transcript'][0]}" in printed
+
+
 @pytest.mark.parametrize("rate, channels, problem", [(44100, 1, "44100 Hz"),
                                                       (16000, 2, "2 channel")])
 def test_wav_not_16k_mono_stops_the_run_naming_the_file(damaged, tmp_path, rate, channels,

@@ -132,6 +132,23 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
     assert load_truth(tmp_path / "a") != load_truth(tmp_path / "c")
 
 
+def test_an_empty_transcript_is_opt_in_and_changes_nothing_else(tmp_path):
+    small = dict(seed=1, dialogues_per_session=2, utterances_per_dialogue=10)
+    plain = make_corpus(tmp_path / "plain", **small)
+    truth = make_corpus(tmp_path / "empty", empty_transcript=True, **small)
+    assert plain["quirks"]["empty_transcript"] == [] and all(u["transcript"] for u in plain["utterances"])
+    [uid] = truth["quirks"]["empty_transcript"]
+    u = next(u for u in truth["utterances"] if u["utterance_id"] == uid)
+    assert u["transcript"] == u["transcript_raw"] == "" and u["emotion"] in TARGETS
+    transcription = Path(f"Session{u['session']}/dialog/transcriptions/{u['dialog']}.txt")
+    text = (tmp_path / "empty" / transcription).read_bytes().decode()
+    assert re.search(rf"^{uid} \[[^\]]*\]: *\r$", text, re.M)
+    # The generator's draws are untouched: only that line (and the truth) differ.
+    differ = [f for f in all_files(tmp_path / "plain")
+              if not filecmp.cmp(tmp_path / "plain" / f, tmp_path / "empty" / f, shallow=False)]
+    assert differ == sorted([transcription, Path(TRUTH_FILE)])
+
+
 def test_rerun_replaces_an_earlier_corpus_and_a_real_one_is_never_touched(tmp_path):
     make_corpus(tmp_path / "syn", dialogues_per_session=3, utterances_per_dialogue=10)
     truth = make_corpus(tmp_path / "syn", dialogues_per_session=2, utterances_per_dialogue=10)
