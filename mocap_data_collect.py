@@ -43,8 +43,11 @@ the check, --no-expect-full turns it off) the counts must be the published ones 
 as SpeechBrain's recipe does: a corpus read wrongly should not silently train a model.
 
 Re-running gives byte-identical files, never appends; files whose content is unchanged are not
-rewritten; Audio/ and Text/ files named like an utterance that the new manifest does not list
-are removed, and so are the temporary files of a run that was killed before it could clean up.
+rewritten; Audio/ and Text/ files named like an utterance that the run does not vouch for are
+removed and listed in the summary (an utterance the new manifest does not list, or an earlier
+run's Audio/<name>.wav of an utterance whose wav --allow-missing now lets through unusable, so
+that the next stage never reads it as this one's), and so are the temporary files of a run that
+was killed before it could clean up.
 Every file is written atomically and the manifest last, so an interrupted run
 leaves no half-written file and no manifest that promises files which are not there.
 """
@@ -348,38 +351,46 @@ def is_our_file(name):
         Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
 
 
-def remove_stale(data_dir, rows):
-    """Remove Audio/ and Text/ files named like an utterance that this manifest does not list,
-    and temporary files a killed run (one that could not clean up) left beside ours.
+def remove_stale(data_dir, rows, skip_audio=()):
+    """Remove the Audio/ and Text/ files named like an utterance that this run does not vouch
+    for, and temporary files a killed run (one that could not clean up) left beside ours.
 
+    Vouched for: the Text/ of every row, the Audio/ of every target row but those in skip_audio
+    (whose wav --allow-missing let through: an earlier run's copy would be read as theirs).
     Only names this script itself gives are touched, so a user's own files survive.
+    Returns the removed files (not the temporary ones) as "Audio/<name>.wav", ...
     """
     keep = {("Text", r["name"] + ".txt") for r in rows}
-    keep |= {("Audio", r["name"] + ".wav") for r in rows if r["label"]}
+    keep |= {("Audio", r["name"] + ".wav") for r in rows if r["label"] and r["name"] not in skip_audio}
+    removed = []
     for sub in ("Text", "Audio", "."):
         folder = Path(data_dir) / sub
         if not folder.is_dir():
             continue
-        for f in folder.iterdir():
+        for f in sorted(folder.iterdir()):
             temp = TEMP_RE.match(f.name)
             if temp and is_our_file(temp["target"]):
                 f.unlink()
             elif sub != "." and is_our_file(f.name) and (sub, f.name) not in keep:
                 f.unlink()
+                removed.append(f"{sub}/{f.name}")
+    return removed
 
 
 def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True):
-    """Write Text/, Audio/, labels_train_t.txt and, last, utterances.csv."""
+    """Write Text/, Audio/, labels_train_t.txt and, last, utterances.csv; return what
+    remove_stale removed."""
     data_dir = Path(data_dir)
     for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
         write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
         if row["label"] and row["name"] not in skip_audio:
             samples, _ = sf.read(str(wav_path(iemocap_root, row)), dtype="int16")
             write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    remove_stale(data_dir, rows)
+    removed = remove_stale(data_dir, rows, skip_audio)
     labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
     write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))
     write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
+    return removed
 
 
 def few(items, n=3):
@@ -411,8 +422,8 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
                                             len(problems) > 1 else "")
                           + "; use --allow-missing to go on without these utterances' audio")
-    write_data_dir(iemocap_root, data_dir, rows, skip_audio={r["name"] for r, _ in problems},
-                   progress=progress)
+    removed = write_data_dir(iemocap_root, data_dir, rows,
+                             skip_audio={r["name"] for r, _ in problems}, progress=progress)
     print(summary_table(rows), file=out)
     if notes["empty_transcript"]:
         print(f"{len(notes['empty_transcript'])} utterance(s) with an empty transcript line, kept "
@@ -426,6 +437,9 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
             print(f"--allow-missing: {len(items)} utterance(s) without {what}:", file=out)
             for item in items:
                 print(f"  {item}", file=out)
+    if removed:
+        print(f"removed {len(removed)} file(s) of an earlier run that this run does not vouch for "
+              f"(utterance gone, or its wav now unusable): {few(removed)}", file=out)
     print(f"wrote {data_dir / 'utterances.csv'} ({len(rows)} utterances)", file=out)
     return rows
 

@@ -269,6 +269,25 @@ def test_the_synthetic_corpus_empty_transcript_is_collected_as_such(tmp_path):
            f"{truth['quirks']['empty_transcript'][0]}" in printed
 
 
+def test_a_rerun_removes_the_audio_of_a_wav_it_no_longer_vouches_for(damaged, tmp_path):
+    """A source wav turned 44.1 kHz stereo after a first run: --allow-missing goes on without
+    it, and the first run's Audio/<name>.wav must not stay to be read as this utterance's."""
+    root, truth = damaged
+    target = first_target(truth)
+    rows, _ = run(root, tmp_path / "data")
+    name = next(r["name"] for r in rows if r["utterance_id"] == target["utterance_id"])
+    stale = tmp_path / "data" / "Audio" / f"{name}.wav"
+    assert stale.is_file()
+    sf.write(str(root / target["wav"]), np.zeros((44100, 2), dtype=np.int16), 44100,
+             subtype="PCM_16")
+    _, printed = run(root, tmp_path / "data", allow_missing=True)
+    assert not stale.exists()
+    assert "removed 1 file(s) of an earlier run" in printed and f"Audio/{name}.wav" in printed
+    # The others are still vouched for, and kept.
+    assert len(list((tmp_path / "data" / "Audio").iterdir())) == sum(
+        bool(r["label"]) for r in rows) - 1
+
+
 @pytest.mark.parametrize("rate, channels, problem", [(44100, 1, "44100 Hz"),
                                                       (16000, 2, "2 channel")])
 def test_wav_not_16k_mono_stops_the_run_naming_the_file(damaged, tmp_path, rate, channels,
