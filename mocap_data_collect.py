@@ -422,6 +422,10 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
                                             len(problems) > 1 else "")
                           + "; use --allow-missing to go on without these utterances' audio")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, a folder where nothing can be made
+        raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
     removed = write_data_dir(iemocap_root, data_dir, rows,
                              skip_audio={r["name"] for r, _ in problems}, progress=progress)
     print(summary_table(rows), file=out)
@@ -497,8 +501,15 @@ def main(argv=None):
     try:
         collect(args.iemocap_root, args.data_dir, emotions, args.allow_missing, args.expect_full)
     except CorpusError as err:
-        sys.exit(f"mocap_data_collect.py: error: {err}")
+        print(f"mocap_data_collect.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a traceback would read as a crash; every file written is whole
+        print("mocap_data_collect.py: interrupted: the files written so far are whole and kept "
+              "(utterances.csv is written last); rerun the same command to finish", file=sys.stderr)
+        sys.exit(130)

@@ -1,7 +1,9 @@
 """Utterance extraction on the synthetic IEMOCAP: every column, the order, the files, the quirks,
 bad input, idempotence, interrupted writes."""
 import io
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -327,11 +329,55 @@ def test_empty_or_missing_session_folder_is_a_clear_error(damaged, tmp_path):
         run(root, tmp_path / "data")
 
 
-def test_cli_reports_errors_without_a_traceback(damaged, tmp_path):
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("mocap_data_collect.py: error: "), err
+    return err
+
+
+def test_cli_reports_errors_in_one_line_and_exits_2(damaged, tmp_path, capsys):
     root, truth = damaged
     (root / first_target(truth)["wav"]).unlink()
-    with pytest.raises(SystemExit, match="mocap_data_collect.py: error: .*wav not found"):
-        mdc.main([str(root), str(tmp_path / "data")])
+    assert mdc.main([str(root), str(tmp_path / "data")]) == 2
+    assert "wav not found" in one_error_line(capsys)
+    assert mdc.main([str(tmp_path / "nonexistent"), str(tmp_path / "data")]) == 2
+    assert f"{tmp_path / 'nonexistent'}: IEMOCAP root folder not found" in one_error_line(capsys)
+
+
+def test_a_data_dir_that_cannot_be_made_is_one_line(small_corpus, tmp_path, capsys):
+    root, _ = small_corpus
+    (tmp_path / "a_file").write_text("not a folder")
+    assert mdc.main([str(root), str(tmp_path / "a_file" / "data")]) == 2
+    assert f"{tmp_path / 'a_file' / 'data'}: cannot create DATA_DIR" in one_error_line(capsys)
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(small_corpus, tmp_path, monkeypatch, capsys):
+    """The script's __main__ block, run as `python mocap_data_collect.py ...` runs it, with a
+    Ctrl-C arriving while it writes the audio."""
+    root, _ = small_corpus
+    data_dir = tmp_path / "data"
+    real_read = sf.read
+    reads = []
+
+    def ctrl_c_at_the_5th_wav(*args, **kwargs):
+        reads.append(args)
+        if len(reads) == 5:
+            raise KeyboardInterrupt
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(sf, "read", ctrl_c_at_the_5th_wav)
+    monkeypatch.setattr(sys, "argv", ["mocap_data_collect.py", str(root), str(data_dir)])
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
+        runpy.run_path(mdc.__file__, run_name="__main__")
+    assert stopped.type is SystemExit and stopped.value.code == 130  # not the Ctrl-C's traceback
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").split("\n")[-1]  # after the progress bar
+    assert last.startswith("mocap_data_collect.py: interrupted: ") and "rerun the same command" in last
+    assert len(list((data_dir / "Audio").iterdir())) == 4 and not (data_dir / "utterances.csv").exists()
+    monkeypatch.undo()
+    run(root, data_dir)  # the rerun finishes it
+    assert len(read_manifest(data_dir)) == 100
 
 
 def test_interrupted_run_leaves_no_partial_file(small_corpus, tmp_path, monkeypatch):
