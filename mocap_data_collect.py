@@ -26,7 +26,9 @@ How the corpus is read (each rule is a quirk of the real release):
   EmoEvaluation entry (speaker-only "M: Yeah.", the XX lines) are not utterances.
 - A transcript is kept as it is in the file (tags, double spaces), except that surrounding
   whitespace is stripped and each TAB, carriage return or other line-breaking character inside
-  it becomes one space, so that the manifest row and Text/<name>.txt stay one line.
+  it becomes one space, so that the manifest row and Text/<name>.txt stay one line. A line
+  with no text is an utterance with an empty transcript (the release has one): it is kept,
+  with an empty Text/<name>.txt, and the summary counts and names such utterances.
 - The speaker is the F/M of the id's last part (Ses01F_impro01_M013 is spoken by Ses01M).
 - Corpus order: session, dialogue name, then (start, end, utterance id) -- neither file is in
   time order.
@@ -41,8 +43,11 @@ the check, --no-expect-full turns it off) the counts must be the published ones 
 as SpeechBrain's recipe does: a corpus read wrongly should not silently train a model.
 
 Re-running gives byte-identical files, never appends; files whose content is unchanged are not
-rewritten; Audio/ and Text/ files named like an utterance that the new manifest does not list
-are removed, and so are the temporary files of a run that was killed before it could clean up.
+rewritten; Audio/ and Text/ files named like an utterance that the run does not vouch for are
+removed and listed in the summary (an utterance the new manifest does not list, or an earlier
+run's Audio/<name>.wav of an utterance whose wav --allow-missing now lets through unusable, so
+that the next stage never reads it as this one's), and so are the temporary files of a run that
+was killed before it could clean up.
 Every file is written atomically and the manifest last, so an interrupted run
 leaves no half-written file and no manifest that promises files which are not there.
 """
@@ -54,11 +59,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import soundfile as sf
 from tqdm import tqdm
 
 from data_contract import CLASSES, MANIFEST_COLUMNS, SAMPLE_RATE
-from utils import cut_off_wav, wav_bytes, write_bytes_atomic
+from utils import AudioError, read_audio, wav_bytes, write_bytes_atomic
 
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
 SEED_CODES = {"ang": 0, "hap": 1, "exc": 2, "sad": 3, "neu": 4}
@@ -193,12 +197,13 @@ def find_dialogues(session_dir):
 def read_corpus(iemocap_root, emotions=DEFAULT_EMOTIONS, allow_missing=False):
     """Manifest rows of every utterance of Session1..5, in corpus order, named.
 
-    Returns (rows, notes): notes lists what --allow-missing let through and what was skipped.
+    Returns (rows, notes): notes lists what --allow-missing let through, the utterances whose
+    transcript line is empty, and what was skipped.
     """
     root = Path(iemocap_root)
     if not root.is_dir():
         raise CorpusError(f"{root}: IEMOCAP root folder not found")
-    rows, notes, seen = [], {"missing_transcript": [], "stray": []}, {}
+    rows, notes, seen = [], {"missing_transcript": [], "empty_transcript": [], "stray": []}, {}
     for session in SESSIONS:
         session_dir = root / f"Session{session}"
         dialogs, stray = find_dialogues(session_dir)
@@ -229,6 +234,8 @@ def read_corpus(iemocap_root, emotions=DEFAULT_EMOTIONS, allow_missing=False):
                         raise CorpusError(f"{trans_path}: no transcript line for utterance {uid} "
                                           f"(--allow-missing goes on with an empty text)")
                     notes["missing_transcript"].append(f"{uid} ({trans_path})")
+                elif not texts[uid]:
+                    notes["empty_transcript"].append(uid)  # said nothing: an utterance all the same
                 speaker = f"Ses0{session}{uid.rsplit('_', 1)[-1][0]}"
                 rows.append({
                     "name": f"{len(rows)}_s_{session}_{e['emotion']}",
@@ -258,15 +265,9 @@ def check_audio(iemocap_root, rows):
             problems.append((row, f"{path}: wav not found for {row['utterance_id']}"))
             continue
         try:
-            info = sf.info(str(path))
-        except RuntimeError as err:  # libsndfile cannot parse it
-            problems.append((row, f"{path}: unreadable wav ({err})"))
-            continue
-        if info.samplerate != SAMPLE_RATE or info.channels != 1:
-            problems.append((row, f"{path}: {info.samplerate} Hz, {info.channels} channel(s); "
-                                  f"expected {SAMPLE_RATE} Hz mono"))
-        elif cut_off := cut_off_wav(path, info.frames):
-            problems.append((row, cut_off))
+            read_audio(path, dtype="int16")
+        except AudioError as err:  # unreadable, not 16 kHz mono, or cut off
+            problems.append((row, str(err)))
     return problems
 
 
@@ -340,38 +341,52 @@ def is_our_file(name):
         Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
 
 
-def remove_stale(data_dir, rows):
-    """Remove Audio/ and Text/ files named like an utterance that this manifest does not list,
-    and temporary files a killed run (one that could not clean up) left beside ours.
+def remove_stale(data_dir, rows, skip_audio=()):
+    """Remove the Audio/ and Text/ files named like an utterance that this run does not vouch
+    for, and temporary files a killed run (one that could not clean up) left beside ours.
 
+    Vouched for: the Text/ of every row, the Audio/ of every target row but those in skip_audio
+    (whose wav --allow-missing let through: an earlier run's copy would be read as theirs).
     Only names this script itself gives are touched, so a user's own files survive.
+    Returns the removed files (not the temporary ones) as "Audio/<name>.wav", ...
     """
     keep = {("Text", r["name"] + ".txt") for r in rows}
-    keep |= {("Audio", r["name"] + ".wav") for r in rows if r["label"]}
+    keep |= {("Audio", r["name"] + ".wav") for r in rows if r["label"] and r["name"] not in skip_audio}
+    removed = []
     for sub in ("Text", "Audio", "."):
         folder = Path(data_dir) / sub
         if not folder.is_dir():
             continue
-        for f in folder.iterdir():
+        for f in sorted(folder.iterdir()):
             temp = TEMP_RE.match(f.name)
             if temp and is_our_file(temp["target"]):
                 f.unlink()
             elif sub != "." and is_our_file(f.name) and (sub, f.name) not in keep:
                 f.unlink()
+                removed.append(f"{sub}/{f.name}")
+    return removed
 
 
 def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True):
-    """Write Text/, Audio/, labels_train_t.txt and, last, utterances.csv."""
+    """Write Text/, Audio/, labels_train_t.txt and, last, utterances.csv; return what
+    remove_stale removed."""
     data_dir = Path(data_dir)
     for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
         write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
         if row["label"] and row["name"] not in skip_audio:
-            samples, _ = sf.read(str(wav_path(iemocap_root, row)), dtype="int16")
+            samples, _ = read_audio(wav_path(iemocap_root, row), dtype="int16")
             write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    remove_stale(data_dir, rows)
+    removed = remove_stale(data_dir, rows, skip_audio)
     labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
     write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))
     write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
+    return removed
+
+
+def few(items, n=3):
+    """The first n items and how many more, for a summary line."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(map(str, items[:n])) + more
 
 
 def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=False,
@@ -397,9 +412,16 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
                                             len(problems) > 1 else "")
                           + "; use --allow-missing to go on without these utterances' audio")
-    write_data_dir(iemocap_root, data_dir, rows, skip_audio={r["name"] for r, _ in problems},
-                   progress=progress)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, a folder where nothing can be made
+        raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
+    removed = write_data_dir(iemocap_root, data_dir, rows,
+                             skip_audio={r["name"] for r, _ in problems}, progress=progress)
     print(summary_table(rows), file=out)
+    if notes["empty_transcript"]:
+        print(f"{len(notes['empty_transcript'])} utterance(s) with an empty transcript line, kept "
+              f"with an empty Text/<name>.txt: {few(notes['empty_transcript'])}", file=out)
     if notes["stray"]:
         print(f"ignored {len(notes['stray'])} stray file(s) beside the dialogues, "
               f"e.g. {notes['stray'][0]}", file=out)
@@ -409,6 +431,9 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
             print(f"--allow-missing: {len(items)} utterance(s) without {what}:", file=out)
             for item in items:
                 print(f"  {item}", file=out)
+    if removed:
+        print(f"removed {len(removed)} file(s) of an earlier run that this run does not vouch for "
+              f"(utterance gone, or its wav now unusable): {few(removed)}", file=out)
     print(f"wrote {data_dir / 'utterances.csv'} ({len(rows)} utterances)", file=out)
     return rows
 
@@ -430,8 +455,15 @@ def main(argv=None):
     try:
         collect(args.iemocap_root, args.data_dir, emotions, args.allow_missing, args.expect_full)
     except CorpusError as err:
-        sys.exit(f"mocap_data_collect.py: error: {err}")
+        print(f"mocap_data_collect.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a traceback would read as a crash; every file written is whole
+        print("mocap_data_collect.py: interrupted: the files written so far are whole and kept "
+              "(utterances.csv is written last); rerun the same command to finish", file=sys.stderr)
+        sys.exit(130)

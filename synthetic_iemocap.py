@@ -17,7 +17,9 @@ It is IEMOCAP in shape, quirks included, so that mocap_data_collect.py is tested
   Attribute/, Self-evaluation/, macOS "._*" files, a .DS_Store and a README.txt.
 - Transcriptions: CRLF, lines out of time order, speaker-only lines ("M: Yeah.", "F:Umm."), XX
   lines (one duplicated, one ending before it starts, one with empty text), an utterance line
-  written twice, double spaces, [LAUGHTER] tags, a TAB inside one text, trailing blanks.
+  written twice, double spaces, [LAUGHTER] tags, a TAB inside one text, trailing blanks; with
+  --empty-transcript (off by default, so the demo's figures stay as they were) one target
+  utterance whose line has no text, as in the release.
 - Two utterances that start together and two with the same start and end, so the order by
   (start, end, utterance id) matters.
 - 16 kHz mono PCM16 wavs in sentences/wav/<dialog>/, exactly (end - start) * 16000 samples long
@@ -32,9 +34,11 @@ It is learnable, with some ambiguity, in each modality the model uses:
 - context: each dialogue has a prevailing mood (one of the four classes) that most of its
   utterances share, and an emotion tends to repeat in the next utterance.
 
-Same seed and sizes give byte-identical files. Rerunning into a folder that holds an earlier
-synthetic corpus replaces it; a folder with Session folders but no synthetic_truth.json (a
-real corpus, perhaps) is refused.
+Same seed and sizes give byte-identical files. Rerunning with the same settings rewrites the
+corpus; a synthetic corpus made with other settings (seed, sizes, --empty-transcript) is
+replaced only with --overwrite, since tests and runs made on it would no longer match it; a
+folder with Session folders but no synthetic_truth.json (a real corpus, perhaps) is never
+replaced.
 """
 import argparse
 import json
@@ -45,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mocap_data_collect import CLASSES, DEFAULT_EMOTIONS, EMOTION_CODES, SAMPLE_RATE
+from data_contract import CLASSES, SAMPLE_RATE
+from mocap_data_collect import DEFAULT_EMOTIONS, EMOTION_CODES
 from utils import atomic_path, wav_bytes, write_bytes_atomic, write_text_atomic
 
 TICK = 0.0005  # seconds; times are whole ticks, so "%.4f" is exact and lengths whole samples
@@ -105,6 +110,10 @@ CATEGORY_WORD = {"ang": "Anger", "hap": "Happiness", "exc": "Excited", "sad": "S
 _THETA = 2 * np.pi * np.arange(4096) / 4096
 GLOTTAL_CYCLE = sum(np.sin(k * _THETA) / k for k in range(1, 7)) / 2.45
 APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\x00\x00\x00\t\xff\xfe"
+
+
+class SyntheticCorpusError(ValueError):
+    """What was asked for cannot or should not be written; the message names the folder."""
 
 
 def dialogue_names(session, n):
@@ -291,8 +300,71 @@ def ensure_every_code(rng, plans):
             pool.pop(int(rng.integers(len(pool))))["emotion"] = code
 
 
-def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=20):
+def blank_one_transcript(plans, quirks):
+    """Empty the transcript of one target utterance that carries no other text quirk; return its id.
+
+    Chosen without drawing from the generator, so that the rest of the corpus stays the same bytes.
+    """
+    taken = {i for ids in quirks.values() for i in ids}
+    u = next(u for plan in plans[1:] for u in plan
+             if u["emotion"] in DEFAULT_EMOTIONS and u["utterance_id"] not in taken)
+    u["transcript_raw"] = ""
+    return u["utterance_id"]
+
+
+def settings_text(settings):
+    """Settings as the command line gives them."""
+    if settings is None:
+        return "unknown settings (its truth file is unreadable)"
+    return (f"--seed {settings['seed']} --dialogues-per-session {settings['dialogues_per_session']} "
+            f"--utterances-per-dialogue {settings['utterances_per_dialogue']}"
+            + (" --empty-transcript" if settings["empty_transcript"] else ""))
+
+
+def earlier_settings(root):
+    """The settings of the synthetic corpus at root, read from its truth file; None if unreadable."""
+    try:
+        truth = load_truth(root)
+        # A corpus made before --empty-transcript existed has no such key, and no empty transcript.
+        return {"seed": truth["seed"], "dialogues_per_session": truth["dialogues_per_session"],
+                "utterances_per_dialogue": truth["utterances_per_dialogue"],
+                "empty_transcript": truth.get("empty_transcript", False)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def clear_out_root(root, settings, overwrite):
+    """Make root ready for a corpus of these settings: remove an earlier synthetic corpus made
+    with the same ones (a rerun) or, with overwrite, other ones; refuse anything else."""
+    sessions = [root / f"Session{s}" for s in range(1, 6)]
+    if (root / TRUTH_FILE).is_file():
+        earlier = earlier_settings(root)
+        if earlier != settings and not overwrite:
+            raise SyntheticCorpusError(
+                f"{root}: holds a synthetic corpus made with {settings_text(earlier)}, not "
+                f"{settings_text(settings)}; give --overwrite to replace it")
+    elif any(p.exists() for p in sessions):
+        raise SyntheticCorpusError(f"{root}: holds Session folders but no {TRUTH_FILE}; not "
+                                   f"overwriting what may be a real corpus")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, a folder where nothing can be made
+        raise SyntheticCorpusError(f"{root}: cannot create the corpus folder "
+                                   f"({err.strerror})") from None
+    for p in sessions:  # an earlier synthetic corpus: replace it whole, never mix the two
+        shutil.rmtree(p, ignore_errors=True)
+    (root / TRUTH_FILE).unlink(missing_ok=True)
+
+
+def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=20,
+                empty_transcript=False, overwrite=False):
     """Write the corpus at root (root/Session1..5, root/synthetic_truth.json); return the truth.
+
+    empty_transcript: give one target utterance a transcription line without text, as the real
+    release has. Off by default: the demo's corpus, and so its figures, stay as they were.
+    overwrite: replace a synthetic corpus at root made with other settings (a real corpus,
+    a folder with Session folders but no truth file, is never replaced).
+    SyntheticCorpusError names what was refused.
 
     The truth is a dict: "utterances", every utterance in corpus order with the manifest's
     fields (transcript as a reader should give it: TABs made spaces, surrounding blanks
@@ -300,17 +372,13 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
     "dialog_moods"; "quirks" (which ids and files carry which quirk); "seed" and the sizes.
     """
     if dialogues_per_session < 2 or utterances_per_dialogue < 10:
-        raise ValueError("need at least 2 dialogues per session and 10 utterances per dialogue "
-                         "to carry every quirk")
+        raise SyntheticCorpusError("need at least 2 dialogues per session and 10 utterances per "
+                                   "dialogue to carry every quirk")
     root = Path(root)
-    sessions = [root / f"Session{s}" for s in range(1, 6)]
-    if any(p.exists() for p in sessions):
-        if not (root / TRUTH_FILE).is_file():
-            raise FileExistsError(f"{root}: holds Session folders but no {TRUTH_FILE}; not "
-                                  f"overwriting what may be a real corpus")
-        for p in sessions:  # an earlier synthetic corpus: replace it whole, never mix the two
-            shutil.rmtree(p, ignore_errors=True)
-        (root / TRUTH_FILE).unlink()
+    settings = {"seed": seed, "dialogues_per_session": dialogues_per_session,
+                "utterances_per_dialogue": utterances_per_dialogue,
+                "empty_transcript": empty_transcript}
+    clear_out_root(root, settings, overwrite)
     rng = np.random.default_rng(seed)
     plans, moods, where = [], {}, {}
     for session in range(1, 6):
@@ -329,6 +397,7 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
             u["transcript_raw"] = make_transcript(rng, u["emotion"])
             u["vad"], u["scores"] = vad(rng, u["emotion"])
     quirks = add_text_quirks(rng, plans)
+    quirks["empty_transcript"] = [blank_one_transcript(plans, quirks)] if empty_transcript else []
     overlap_plan = plans[0]
     starts = {}
     for u in overlap_plan:
@@ -399,7 +468,8 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
     utterances.sort(key=lambda u: (u["session"], u["dialog"], u["start"], u["end"],
                                    u["utterance_id"]))
     truth = {"seed": seed, "dialogues_per_session": dialogues_per_session,
-             "utterances_per_dialogue": utterances_per_dialogue, "sample_rate": SAMPLE_RATE,
+             "utterances_per_dialogue": utterances_per_dialogue,
+             "empty_transcript": empty_transcript, "sample_rate": SAMPLE_RATE,
              "dialog_moods": moods, "quirks": quirks, "utterances": utterances}
     write_text_atomic(root / TRUTH_FILE, json.dumps(truth, indent=1, sort_keys=True) + "\n")
     return truth
@@ -418,18 +488,24 @@ def main(argv=None):
                         help="at least 2 (default: %(default)s)")
     parser.add_argument("--utterances-per-dialogue", type=int, default=20,
                         help="at least 10 (default: %(default)s)")
+    parser.add_argument("--empty-transcript", action="store_true",
+                        help="give one target utterance an empty transcript, as the release has")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a synthetic corpus in OUT_ROOT made with other settings")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
         truth = make_corpus(args.out_root, args.seed, args.dialogues_per_session,
-                            args.utterances_per_dialogue)
-    except (FileExistsError, ValueError) as err:
-        sys.exit(f"synthetic_iemocap.py: error: {err}")
+                            args.utterances_per_dialogue, args.empty_transcript, args.overwrite)
+    except SyntheticCorpusError as err:
+        print(f"synthetic_iemocap.py: error: {err}", file=sys.stderr)
+        return 2
     utts = truth["utterances"]
     labelled = sum(u["emotion"] in DEFAULT_EMOTIONS for u in utts)
     print(f"wrote {len(utts)} utterances ({labelled} of ang/hap/exc/sad/neu) in 5 sessions to "
           f"{args.out_root} in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,8 @@ accept in place of the real one:
                                        tiny speech RoBERTa in fairseq's key layout and the codes seen
                                        in the audio with their counts
   MODELS_DIR/TINY_MODELS.txt           says these are stand-ins; a MODELS_DIR with model files and
-                                       without it (the real downloads, perhaps) is never overwritten
+                                       without it (the real downloads, perhaps) is never overwritten,
+                                       nor is a DATA_DIR (a folder with utterances.csv)
 The weights are random (seeded), "pretrained" on the given corpus only in the cheapest ways: the
 codebook is fitted on its audio, and the last layer norm of the sentence model and of the speech
 RoBERTa is set so that their output vectors are standardized over its utterances. Random small
@@ -28,6 +29,7 @@ import argparse
 import io
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -39,11 +41,11 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import (BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel,
                           RobertaTokenizer)
 
-from data_contract import SAMPLE_RATE, read_manifest
+from data_contract import SAMPLE_RATE, DataError, read_manifest
+from dataset_loader import truncate_tokens
 from fairseq_checkpoints import VqWav2Vec, codes_to_string, load_fairseq_roberta, load_speech_dictionary
 from feature_ext import sentence_embeddings
-from dataset_loader import truncate_tokens
-from utils import atomic_path, length_sorted_batches, read_audio, write_text_atomic
+from utils import AudioError, atomic_path, length_sorted_batches, read_audio, write_text_atomic
 
 TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS, TEXT_FFN, TEXT_POSITIONS = 32, 2, 2, 64, 128
 CONV_WIDTH = 32
@@ -55,6 +57,15 @@ CODES_PER_GROUP = 64
 SPEECH_WIDTH, SPEECH_LAYERS, SPEECH_HEADS, SPEECH_FFN, SPEECH_MAX_TOKENS = 32, 2, 2, 64, 512
 KMEANS_MAX_VECTORS = 20000
 SPEECH_BATCH_SIZE = 32
+
+
+class TinyModelsError(ValueError):
+    """The folders or the corpus given cannot make tiny models; the message names what is wrong."""
+
+
+class ModelsDirInUse(TinyModelsError, FileExistsError):
+    """MODELS_DIR holds something else (real models, a DATA_DIR). Also a FileExistsError, which
+    is what callers caught before this class existed."""
 
 
 def standardize_layer_norm(layer_norm, outputs):
@@ -179,7 +190,10 @@ def _vq_args():
 
 def _read_wav(wav):
     if isinstance(wav, (str, os.PathLike)):
-        return read_audio(wav)[0]
+        try:
+            return read_audio(wav)[0]
+        except AudioError as e:
+            raise TinyModelsError(str(e)) from None
     return np.asarray(wav, dtype=np.float32)
 
 
@@ -204,9 +218,12 @@ def make_tiny_vq_wav2vec(path, wavs, seed=0):
     quantizer = model.vector_quantizer
     with torch.inference_mode():
         projected = [quantizer.project(model.features(wav)[None]) for wav in wavs if len(wav) >= model.min_samples]
+    if len(projected) < 2:  # the speech RoBERTa's statistics need two
+        raise TinyModelsError(f"{len(projected)} recording(s) of at least {model.min_samples} samples; "
+                              f"the tiny speech models need 2")
     vectors = torch.cat([ze.reshape(-1, quantizer.var_dim) for ze in projected]).numpy()
     if len(vectors) < quantizer.num_vars:
-        raise ValueError(f"{len(vectors)} frames of audio are too few to fit {quantizer.num_vars} codes")
+        raise TinyModelsError(f"{len(vectors)} frames of audio are too few to fit {quantizer.num_vars} codes")
     if len(vectors) > KMEANS_MAX_VECTORS:
         rng = np.random.default_rng(seed)
         vectors = vectors[rng.choice(len(vectors), KMEANS_MAX_VECTORS, replace=False)]
@@ -311,19 +328,27 @@ def make_tiny_models(models_dir, texts, wavs=None, seed=0):
     texts: transcripts to train the tokenizers on; wavs: 16 kHz mono waveforms (arrays or wav
     paths) to fit the speech codebook and count the codes on (a few synthetic tones when None).
     Returns {"sentence_model", "text_model", "vq_wav2vec", "speech_roberta", "speech_dictionary"}.
+    TinyModelsError names what cannot be used.
     """
     models_dir = Path(models_dir)
     texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise ValueError("make_tiny_models needs some non-empty texts to train the tokenizers on")
+    if len(texts) < 2:  # the sentence model's statistics need two
+        raise TinyModelsError(f"make_tiny_models needs at least 2 non-empty texts to train the tokenizers on, "
+                              f"got {len(texts)}")
+    if (models_dir / "utterances.csv").exists():
+        raise ModelsDirInUse(f"{models_dir}: holds utterances.csv, so it is a DATA_DIR; not writing models "
+                             f"into it (give the tiny ones a folder of their own)")
     present = [name for name in MODEL_NAMES if (models_dir / name).exists()]
     if present and not (models_dir / MARKER).is_file():
-        raise FileExistsError(f"{models_dir}: holds {', '.join(present)} but no {MARKER}; not overwriting what may "
-                              f"be the real pretrained models (give the tiny ones a folder of their own)")
-    models_dir.mkdir(parents=True, exist_ok=True)
+        raise ModelsDirInUse(f"{models_dir}: holds {', '.join(present)} but no {MARKER}; not overwriting what may "
+                             f"be the real pretrained models (give the tiny ones a folder of their own)")
+    wavs = [_read_wav(w) for w in wavs] if wavs is not None else _default_wavs(seed)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a folder where nothing can be made
+        raise TinyModelsError(f"{models_dir}: cannot create MODELS_DIR ({e.strerror})") from None
     (models_dir / MARKER).write_text("Tiny random stand-ins written by tiny_models.py for tests and the demo; "
                                      "not the pretrained models.\n", encoding="utf-8")
-    wavs = [_read_wav(w) for w in wavs] if wavs is not None else _default_wavs(seed)
     paths = {"sentence_model": make_tiny_bert(models_dir / "bert-base-uncased", texts, seed),
              "text_model": make_tiny_roberta(models_dir / "roberta-large", texts, seed)}
     paths["vq_wav2vec"], code_lines = make_tiny_vq_wav2vec(models_dir / "vq-wav2vec_kmeans.pt", wavs, seed)
@@ -332,23 +357,38 @@ def make_tiny_models(models_dir, texts, wavs=None, seed=0):
     return paths
 
 
+def read_data_dir(data_dir):
+    """The transcripts of a DATA_DIR's utterances and the paths of its target audio."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise TinyModelsError(f"{data_dir}: DATA_DIR not found")
+    if not (data_dir / "utterances.csv").is_file():
+        raise TinyModelsError(f"{data_dir}: no utterances.csv, so not a DATA_DIR; run mocap_data_collect.py "
+                              f"first")
+    try:
+        rows = read_manifest(data_dir)
+    except DataError as e:
+        raise TinyModelsError(str(e)) from None
+    wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
+    return [row["transcript"] for row in rows], wavs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models_dir", help="folder to write the tiny models into")
     parser.add_argument("data_dir", help="DATA_DIR written by mocap_data_collect.py (texts and audio)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    data_dir = Path(args.data_dir)
-    rows = read_manifest(data_dir)
-    texts = [row["transcript"] for row in rows]
-    wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
     try:
+        texts, wavs = read_data_dir(args.data_dir)
         paths = make_tiny_models(args.models_dir, texts, wavs, args.seed)
-    except (FileExistsError, ValueError) as e:
-        raise SystemExit(f"tiny_models.py: error: {e}") from None
+    except TinyModelsError as e:
+        print(f"tiny_models.py: error: {e}", file=sys.stderr)
+        return 2
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

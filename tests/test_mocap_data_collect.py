@@ -1,7 +1,9 @@
 """Utterance extraction on the synthetic IEMOCAP: every column, the order, the files, the quirks,
 bad input, idempotence, interrupted writes."""
 import io
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import mocap_data_collect as mdc
 from data_contract import CLASSES, MANIFEST_COLUMNS, read_manifest
 from mocap_data_collect import LABEL_OF_EMOTION, SEED_CODES, CorpusError, collect
 from synthetic_iemocap import make_corpus
+import utils
 from utils import cut_off_wav
 
 
@@ -237,6 +240,57 @@ def test_allow_missing_goes_on_and_reports(damaged, tmp_path):
     assert len(read_manifest(tmp_path / "data")) == len(truth["utterances"])
 
 
+def test_an_empty_transcript_is_an_utterance_counted_in_the_summary(damaged, tmp_path):
+    """The release has an utterance whose transcription line has no text: kept, and said."""
+    root, truth = damaged
+    blank = [u for u in truth["utterances"] if u["emotion"] in LABEL_OF_EMOTION][:2]
+    for u, text in zip(blank, ("", " \t ")):
+        path = root / f"Session{u['session']}/dialog/transcriptions/{u['dialog']}.txt"
+        lines = path.read_bytes().decode().split("\r\n")
+        i = next(i for i, line in enumerate(lines) if line.startswith(u["utterance_id"] + " "))
+        lines[i] = lines[i].split("]:")[0] + "]:" + text
+        path.write_bytes("\r\n".join(lines).encode())
+    rows, printed = run(root, tmp_path / "data")
+    by_id = {r["utterance_id"]: r for r in rows}
+    for u in blank:
+        row = by_id[u["utterance_id"]]
+        assert row["transcript"] == "" and row["label"]
+        assert (tmp_path / "data" / "Text" / f"{row['name']}.txt").read_bytes() == b""
+        assert (tmp_path / "data" / "Audio" / f"{row['name']}.wav").is_file()
+    line = next(line for line in printed.splitlines() if "empty transcript" in line)
+    assert line.startswith("2 utterance(s)") and all(u["utterance_id"] in line for u in blank)
+    assert len(read_manifest(tmp_path / "data")) == len(truth["utterances"])
+
+
+def test_the_synthetic_corpus_empty_transcript_is_collected_as_such(tmp_path):
+    truth = make_corpus(tmp_path / "corpus", seed=1, dialogues_per_session=2,
+                        utterances_per_dialogue=10, empty_transcript=True)
+    rows, printed = run(tmp_path / "corpus", tmp_path / "data")
+    assert [r["utterance_id"] for r in rows if not r["transcript"]] == \
+        truth["quirks"]["empty_transcript"]
+    assert f"empty transcript line, kept with an empty Text/<name>.txt: " \
+           f"{truth['quirks']['empty_transcript'][0]}" in printed
+
+
+def test_a_rerun_removes_the_audio_of_a_wav_it_no_longer_vouches_for(damaged, tmp_path):
+    """A source wav turned 44.1 kHz stereo after a first run: --allow-missing goes on without
+    it, and the first run's Audio/<name>.wav must not stay to be read as this utterance's."""
+    root, truth = damaged
+    target = first_target(truth)
+    rows, _ = run(root, tmp_path / "data")
+    name = next(r["name"] for r in rows if r["utterance_id"] == target["utterance_id"])
+    stale = tmp_path / "data" / "Audio" / f"{name}.wav"
+    assert stale.is_file()
+    sf.write(str(root / target["wav"]), np.zeros((44100, 2), dtype=np.int16), 44100,
+             subtype="PCM_16")
+    _, printed = run(root, tmp_path / "data", allow_missing=True)
+    assert not stale.exists()
+    assert "removed 1 file(s) of an earlier run" in printed and f"Audio/{name}.wav" in printed
+    # The others are still vouched for, and kept.
+    assert len(list((tmp_path / "data" / "Audio").iterdir())) == sum(
+        bool(r["label"]) for r in rows) - 1
+
+
 @pytest.mark.parametrize("rate, channels, problem", [(44100, 1, "44100 Hz"),
                                                       (16000, 2, "2 channel")])
 def test_wav_not_16k_mono_stops_the_run_naming_the_file(damaged, tmp_path, rate, channels,
@@ -276,11 +330,55 @@ def test_empty_or_missing_session_folder_is_a_clear_error(damaged, tmp_path):
         run(root, tmp_path / "data")
 
 
-def test_cli_reports_errors_without_a_traceback(damaged, tmp_path):
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("mocap_data_collect.py: error: "), err
+    return err
+
+
+def test_cli_reports_errors_in_one_line_and_exits_2(damaged, tmp_path, capsys):
     root, truth = damaged
     (root / first_target(truth)["wav"]).unlink()
-    with pytest.raises(SystemExit, match="mocap_data_collect.py: error: .*wav not found"):
-        mdc.main([str(root), str(tmp_path / "data")])
+    assert mdc.main([str(root), str(tmp_path / "data")]) == 2
+    assert "wav not found" in one_error_line(capsys)
+    assert mdc.main([str(tmp_path / "nonexistent"), str(tmp_path / "data")]) == 2
+    assert f"{tmp_path / 'nonexistent'}: IEMOCAP root folder not found" in one_error_line(capsys)
+
+
+def test_a_data_dir_that_cannot_be_made_is_one_line(small_corpus, tmp_path, capsys):
+    root, _ = small_corpus
+    (tmp_path / "a_file").write_text("not a folder")
+    assert mdc.main([str(root), str(tmp_path / "a_file" / "data")]) == 2
+    assert f"{tmp_path / 'a_file' / 'data'}: cannot create DATA_DIR" in one_error_line(capsys)
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(small_corpus, tmp_path, monkeypatch, capsys):
+    """The script's __main__ block, run as `python mocap_data_collect.py ...` runs it, with a
+    Ctrl-C arriving while it writes the audio."""
+    root, _ = small_corpus
+    data_dir = tmp_path / "data"
+    real_wav_bytes = utils.wav_bytes
+    written = []
+
+    def ctrl_c_at_the_5th_wav(*args, **kwargs):
+        written.append(args)
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        return real_wav_bytes(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "wav_bytes", ctrl_c_at_the_5th_wav)
+    monkeypatch.setattr(sys, "argv", ["mocap_data_collect.py", str(root), str(data_dir)])
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
+        runpy.run_path(mdc.__file__, run_name="__main__")
+    assert stopped.type is SystemExit and stopped.value.code == 130  # not the Ctrl-C's traceback
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").split("\n")[-1]  # after the progress bar
+    assert last.startswith("mocap_data_collect.py: interrupted: ") and "rerun the same command" in last
+    assert len(list((data_dir / "Audio").iterdir())) == 4 and not (data_dir / "utterances.csv").exists()
+    monkeypatch.undo()
+    run(root, data_dir)  # the rerun finishes it
+    assert len(read_manifest(data_dir)) == 100
 
 
 def test_interrupted_run_leaves_no_partial_file(small_corpus, tmp_path, monkeypatch):

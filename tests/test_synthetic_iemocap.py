@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import synthetic_iemocap
 from synthetic_iemocap import EMOTION_CODES, TRUTH_FILE, load_truth, main, make_corpus
 
 TARGETS = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
@@ -132,17 +133,45 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
     assert load_truth(tmp_path / "a") != load_truth(tmp_path / "c")
 
 
-def test_rerun_replaces_an_earlier_corpus_and_a_real_one_is_never_touched(tmp_path):
-    make_corpus(tmp_path / "syn", dialogues_per_session=3, utterances_per_dialogue=10)
-    truth = make_corpus(tmp_path / "syn", dialogues_per_session=2, utterances_per_dialogue=10)
-    dialogs = {p.stem for p in (tmp_path / "syn").glob("Session*/dialog/EmoEvaluation/Ses*.txt")}
-    assert dialogs == {u["dialog"] for u in truth["utterances"]}
+def test_an_empty_transcript_is_opt_in_and_changes_nothing_else(tmp_path):
+    small = dict(seed=1, dialogues_per_session=2, utterances_per_dialogue=10)
+    plain = make_corpus(tmp_path / "plain", **small)
+    truth = make_corpus(tmp_path / "empty", empty_transcript=True, **small)
+    assert plain["quirks"]["empty_transcript"] == [] and all(u["transcript"] for u in plain["utterances"])
+    [uid] = truth["quirks"]["empty_transcript"]
+    u = next(u for u in truth["utterances"] if u["utterance_id"] == uid)
+    assert u["transcript"] == u["transcript_raw"] == "" and u["emotion"] in TARGETS
+    transcription = Path(f"Session{u['session']}/dialog/transcriptions/{u['dialog']}.txt")
+    text = (tmp_path / "empty" / transcription).read_bytes().decode()
+    assert re.search(rf"^{uid} \[[^\]]*\]: *\r$", text, re.M)
+    # The generator's draws are untouched: only that line (and the truth) differ.
+    differ = [f for f in all_files(tmp_path / "plain")
+              if not filecmp.cmp(tmp_path / "plain" / f, tmp_path / "empty" / f, shallow=False)]
+    assert differ == sorted([transcription, Path(TRUTH_FILE)])
+
+
+def dialogues_on_disk(root):
+    return {p.stem for p in Path(root).glob("Session*/dialog/EmoEvaluation/Ses*.txt")}
+
+
+def test_a_corpus_of_other_settings_is_replaced_only_with_overwrite_a_real_one_never(tmp_path):
+    syn = tmp_path / "syn"
+    first = make_corpus(syn, dialogues_per_session=3, utterances_per_dialogue=10)
+    with pytest.raises(synthetic_iemocap.SyntheticCorpusError,
+                       match=rf"^{syn}: .* made with --seed 0 --dialogues-per-session 3 .*--overwrite"):
+        make_corpus(syn, dialogues_per_session=2, utterances_per_dialogue=10)
+    with pytest.raises(synthetic_iemocap.SyntheticCorpusError, match="--empty-transcript; give"):
+        make_corpus(syn, dialogues_per_session=3, utterances_per_dialogue=10, empty_transcript=True)
+    assert load_truth(syn) == first and dialogues_on_disk(syn) == set(first["dialog_moods"])
+    assert make_corpus(syn, dialogues_per_session=3, utterances_per_dialogue=10) == first  # a rerun
+    truth = make_corpus(syn, dialogues_per_session=2, utterances_per_dialogue=10, overwrite=True)
+    assert dialogues_on_disk(syn) == {u["dialog"] for u in truth["utterances"]}
 
     real = tmp_path / "IEMOCAP_full_release"
     (real / "Session1").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="not overwriting"):
-        make_corpus(real)
-    assert not (real / TRUTH_FILE).exists()
+    with pytest.raises(synthetic_iemocap.SyntheticCorpusError, match="not overwriting"):
+        make_corpus(real, overwrite=True)
+    assert not (real / TRUTH_FILE).exists() and (real / "Session1").is_dir()
 
 
 def test_each_modality_and_the_context_carry_signal(corpus):
@@ -197,3 +226,25 @@ def test_cli_writes_the_corpus_and_says_how_much(tmp_path, capsys):
           "--utterances-per-dialogue", "10"])
     assert "wrote 100 utterances" in capsys.readouterr().out
     assert len(load_truth(tmp_path / "corpus")["utterances"]) == 100
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("synthetic_iemocap.py: error: "), err
+    return err
+
+
+def test_cli_refuses_a_corpus_of_other_settings_in_one_line(tmp_path, capsys):
+    small = ["--dialogues-per-session", "2", "--utterances-per-dialogue", "10"]
+    assert main([str(tmp_path / "corpus"), *small]) == 0
+    assert main([str(tmp_path / "corpus"), "--seed", "3", *small]) == 2
+    assert str(tmp_path / "corpus") in one_error_line(capsys)
+    assert load_truth(tmp_path / "corpus")["seed"] == 0
+    assert main([str(tmp_path / "corpus"), "--seed", "3", "--overwrite", *small]) == 0
+    assert load_truth(tmp_path / "corpus")["seed"] == 3
+
+
+def test_cli_says_in_one_line_when_the_folder_cannot_be_made(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert main([str(tmp_path / "a_file" / "corpus")]) == 2
+    assert f"{tmp_path / 'a_file' / 'corpus'}: cannot create the corpus folder" in one_error_line(capsys)

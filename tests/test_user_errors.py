@@ -176,3 +176,11 @@ def test_help_answers_without_loading_torch(script):
             f"print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "usage:" in out and out.strip().splitlines()[-1] == "[]"
+
+
+def test_speech_tokens_of_audio_that_collection_removed_are_removed_too(demo, tmp_path):
+    data_dir = copy_data(demo, tmp_path)
+    name = next(p.stem for p in (data_dir / "vqw2vTokens").glob("*.npy"))
+    (data_dir / "Audio" / f"{name}.wav").unlink()  # as a rerun of collection does with a now unusable wav
+    report = feature_ext.extract_speech_tokens(data_dir, demo["run_dir"] / "models", progress=False)
+    assert [n for n, _ in report.failed] == [name] and not (data_dir / "vqw2vTokens" / f"{name}.npy").exists()
