@@ -289,29 +289,33 @@ class KMeansVectorQuantizer(nn.Module):
 def full_fp32_precision():
     """TF32 matmuls/convs on CUDA would move features enough to flip near-tie codes.
 
-    Through the settings that never raise: since torch 2.9, reading the legacy `allow_tf32` flags
-    is an error once anything in the process (transformers' enable_tf32, a user) has used the
-    per-operator `fp32_precision` settings."""
+    Through the per-operator `fp32_precision` settings where torch has them (2.9+): they read and
+    write whatever API the process used before, while the legacy readers
+    (`get_float32_matmul_precision`, `allow_tf32`) raise on torch 2.11 once anything in the process
+    (transformers' enable_tf32, a user) has used the new settings. Older torch: the legacy flags."""
     if not torch.cuda.is_available():
         yield
         return
-    matmul = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    cudnn = torch.backends.cudnn
+    backends = torch.backends
+    if hasattr(backends.cudnn, "conv"):  # torch >= 2.9
+        ops = (backends.cuda.matmul, backends.cudnn.conv)
+        saved = [op.fp32_precision for op in ops]
+        try:
+            for op in ops:
+                op.fp32_precision = "ieee"
+            yield
+        finally:
+            for op, value in zip(ops, saved):
+                op.fp32_precision = value
+        return
+    matmul = backends.cuda.matmul.allow_tf32
+    backends.cuda.matmul.allow_tf32 = False
     try:
-        if hasattr(cudnn, "conv"):  # torch >= 2.9
-            conv = cudnn.conv.fp32_precision
-            cudnn.conv.fp32_precision = "ieee"
-            try:
-                yield
-            finally:
-                cudnn.conv.fp32_precision = conv
-        else:
-            with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                             deterministic=cudnn.deterministic, allow_tf32=False):
-                yield
+        with backends.cudnn.flags(enabled=backends.cudnn.enabled, benchmark=backends.cudnn.benchmark,
+                                  deterministic=backends.cudnn.deterministic, allow_tf32=False):
+            yield
     finally:
-        torch.set_float32_matmul_precision(matmul)
+        backends.cuda.matmul.allow_tf32 = matmul
 
 
 @contextlib.contextmanager
