@@ -122,7 +122,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.context):
         parser.error("--context sizes must be at least 1")
-    reports = write_context_vectors(args.data_dir, args.context, args.overwrite)
+    reports = write_context_vectors(args.data_dir, args.context, args.overwrite, progress=sys.stderr.isatty())
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

@@ -399,8 +399,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_folders(args, parser)
     set_threads(args.threads)
+    # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
     report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                      args.device, args.overwrite)
+                      args.device, args.overwrite, progress=sys.stderr.isatty())
     print(format_summary([report]))
     return 0 if report.ok else 1
 

@@ -41,8 +41,9 @@ def main(argv=None):
         parser.error("--context sizes must be at least 1")
     check_folders(args, parser)
     set_threads(args.threads)
+    # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
     reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                               args.device, args.context, args.overwrite)
+                               args.device, args.context, args.overwrite, progress=sys.stderr.isatty())
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

@@ -453,7 +453,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     emotions = tuple(e.strip() for e in args.emotions.split(",") if e.strip())
     try:
-        collect(args.iemocap_root, args.data_dir, emotions, args.allow_missing, args.expect_full)
+        collect(args.iemocap_root, args.data_dir, emotions, args.allow_missing, args.expect_full,
+                progress=sys.stderr.isatty())
     except CorpusError as err:
         print(f"mocap_data_collect.py: error: {err}", file=sys.stderr)
         return 2

@@ -184,3 +184,13 @@ def test_speech_tokens_of_audio_that_collection_removed_are_removed_too(demo, tm
     (data_dir / "Audio" / f"{name}.wav").unlink()  # as a rerun of collection does with a now unusable wav
     report = feature_ext.extract_speech_tokens(data_dir, demo["run_dir"] / "models", progress=False)
     assert [n for n, _ in report.failed] == [name] and not (data_dir / "vqw2vTokens" / f"{name}.npy").exists()
+
+
+def test_a_step_run_into_a_log_file_writes_no_progress_bars_and_takes_threads(demo, tmp_path, capsys):
+    import torch
+    data_dir = copy_data(demo, tmp_path)
+    assert feature_ext.main(["text-tokens", str(data_dir), str(demo["run_dir"] / "models"), "--overwrite",
+                             "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "text-tokens" in captured.out  # the summary, without a redrawn bar
