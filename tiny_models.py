@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel,
-                          RobertaTokenizer)
+# The *Fast names: transformers 4.x builds a tokenizer from a `tokenizers` object only in its fast
+# classes, and 5.x keeps them as aliases of its (only, fast) BertTokenizer and RobertaTokenizer.
+from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel, RobertaTokenizerFast
 
 from data_contract import SAMPLE_RATE, DataError, read_manifest
 from dataset_loader import truncate_tokens
@@ -133,9 +134,9 @@ def make_tiny_bert(out_dir, texts, seed=0):
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tokenizer.decoder = decoders.WordPiece()
-    hf_tokenizer = BertTokenizer(tokenizer_object=tokenizer, do_lower_case=True, unk_token="[UNK]",
-                                 sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-                                 mask_token="[MASK]", model_max_length=TEXT_POSITIONS)
+    hf_tokenizer = BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=True, unk_token="[UNK]",
+                                     sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                                     mask_token="[MASK]", model_max_length=TEXT_POSITIONS)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = BertModel(BertConfig(
@@ -145,7 +146,9 @@ def make_tiny_bert(out_dir, texts, seed=0):
     standardize_layer_norm(model.encoder.layer[-1].output.LayerNorm,
                            sentence_embeddings(texts, hf_tokenizer, model))
     with _atomic_dir(out_dir) as tmp:
-        hf_tokenizer.save_pretrained(tmp)
+        # tokenizer.json alone, as transformers 5 writes it; 4.x would add the slow tokenizer's
+        # vocabulary files, which it falls back on when tokenizer.json is missing.
+        hf_tokenizer.save_pretrained(tmp, legacy_format=False)
         model.save_pretrained(tmp)
     return Path(out_dir)
 
@@ -161,10 +164,10 @@ def make_tiny_roberta(out_dir, texts, seed=0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
                                                             add_prefix_space=False)
-    hf_tokenizer = RobertaTokenizer(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                    sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-                                    pad_token="<pad>", mask_token="<mask>",
-                                    model_max_length=TEXT_POSITIONS)
+    hf_tokenizer = RobertaTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                        sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                                        pad_token="<pad>", mask_token="<mask>",
+                                        model_max_length=TEXT_POSITIONS)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = RobertaModel(RobertaConfig(
@@ -173,7 +176,7 @@ def make_tiny_roberta(out_dir, texts, seed=0):
             max_position_embeddings=TEXT_POSITIONS + 2, type_vocab_size=1, layer_norm_eps=1e-5,
             pad_token_id=1, bos_token_id=0, eos_token_id=2))
     with _atomic_dir(out_dir) as tmp:
-        hf_tokenizer.save_pretrained(tmp)
+        hf_tokenizer.save_pretrained(tmp, legacy_format=False)  # tokenizer.json alone, as in make_tiny_bert
         model.save_pretrained(tmp)
     return Path(out_dir)
 
