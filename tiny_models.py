@@ -23,7 +23,8 @@ RoBERTa is set so that their output vectors are standardized over its utterances
 weights alone give vectors that barely move from one utterance to the next (per-dimension spread
 ~1/200 of their size), too little for a new layer to learn from in a few epochs, although the
 utterance's words and sounds are in them. Good for tests and the demo, meaningless otherwise.
-Seconds to build.
+Seconds to build. torch, transformers and scikit-learn are imported by the functions that use
+them, so --help and a mistyped argument answer at once.
 """
 import argparse
 import io
@@ -35,16 +36,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
-from sklearn.cluster import KMeans
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-# The *Fast names: transformers 4.x builds a tokenizer from a `tokenizers` object only in its fast
-# classes, and 5.x keeps them as aliases of its (only, fast) BertTokenizer and RobertaTokenizer.
-from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel, RobertaTokenizerFast
 
 from data_contract import SAMPLE_RATE, DataError, read_manifest
-from dataset_loader import truncate_tokens
-from fairseq_checkpoints import VqWav2Vec, codes_to_string, load_fairseq_roberta, load_speech_dictionary
 from feature_ext import sentence_embeddings
 from utils import AudioError, atomic_path, length_sorted_batches, read_audio, write_text_atomic
 
@@ -75,6 +68,7 @@ def standardize_layer_norm(layer_norm, outputs):
 
     Exact because the norm's output is gamma * x_hat + beta, elementwise per dimension.
     """
+    import torch
     outputs = torch.as_tensor(outputs, dtype=torch.float64)
     if len(outputs) < 2:
         raise ValueError(f"{len(outputs)} output vectors are too few to standardize a layer norm on")
@@ -87,6 +81,7 @@ def standardize_layer_norm(layer_norm, outputs):
 def _save_checkpoint(path, checkpoint):
     """torch.save, byte for byte the same for the same checkpoint: saved to a file, the archive's
     records would be named after the (random) temporary file."""
+    import torch
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     with atomic_path(path) as tmp:
@@ -118,6 +113,11 @@ class _atomic_dir:
 def make_tiny_bert(out_dir, texts, seed=0):
     """Tiny BertModel + lower-casing WordPiece tokenizer trained on `texts`, via save_pretrained;
     its [CLS] vector (the sentence embedding feature_ext takes) is standardized over `texts`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    # The *Fast names: transformers 4.x builds a tokenizer from a `tokenizers` object only in its fast
+    # classes, and 5.x keeps them as aliases of its (only, fast) BertTokenizer.
+    from transformers import BertConfig, BertModel, BertTokenizerFast
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     # tokenizers' WordPieceTrainer numbers (and, on ties, picks) its "##" pieces in hash order, so
@@ -155,6 +155,9 @@ def make_tiny_bert(out_dir, texts, seed=0):
 
 def make_tiny_roberta(out_dir, texts, seed=0):
     """Tiny RobertaModel + byte-level BPE tokenizer trained on `texts`, via save_pretrained."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -214,6 +217,10 @@ def make_tiny_vq_wav2vec(path, wavs, seed=0):
     Returns the path and, per wav, the line of its codes ("<s> g0-g1 ..."), as feature_ext writes
     them, for the speech dictionary and the speech RoBERTa.
     """
+    import torch
+    from sklearn.cluster import KMeans
+
+    from fairseq_checkpoints import VqWav2Vec, codes_to_string
     args = _vq_args()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -254,6 +261,7 @@ def _roberta_args(vocab_size):
 
 def _fairseq_roberta_state(vocab_size, generator):
     """Random weights under fairseq 0.9's RoBERTa key names (BERT-style init, padding rows zero)."""
+    import torch
     def normal(*shape):
         return torch.randn(*shape, generator=generator) * 0.02
 
@@ -283,6 +291,9 @@ def _fairseq_roberta_state(vocab_size, generator):
 def speech_sentence_vectors(model, dictionary, code_lines, batch_size=SPEECH_BATCH_SIZE):
     """The speech RoBERTa's last-layer <s> vectors ((n, H) float32) for lines "<s> g0-g1 ...",
     encoded as feature_ext does and cut to the model's positions (keeping </s>) as the dataset does."""
+    import torch
+
+    from dataset_loader import truncate_tokens
     max_tokens = model.config.max_position_embeddings - model.config.pad_token_id - 1
     ids = [torch.from_numpy(truncate_tokens(dictionary.encode_line(line).numpy(), max_tokens)) for line in code_lines]
     vectors = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
@@ -298,6 +309,9 @@ def speech_sentence_vectors(model, dictionary, code_lines, batch_size=SPEECH_BAT
 def make_tiny_speech_roberta(out_dir, code_lines, seed=0):
     """Write dict.txt (the codes in `code_lines` with their counts) and bert_kmeans.pt (fairseq key
     layout), whose <s> vector is standardized over `code_lines` ("<s> g0-g1 ...", one per utterance)."""
+    import torch
+
+    from fairseq_checkpoints import load_fairseq_roberta, load_speech_dictionary
     out_dir = Path(out_dir)
     counts = Counter(code for line in code_lines for code in line.split()[1:])
     entries = sorted(counts.items(), key=lambda item: (-item[1], item[0]))

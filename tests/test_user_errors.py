@@ -167,7 +167,8 @@ def test_a_moved_models_folder_is_found_with_models_dir_and_still_checked(demo, 
 
 
 @pytest.mark.parametrize("script", ["main.py", "predict.py", "feature_ext.py", "feature_extraction_main.py",
-                                    "concatenate_embds.py"])
+                                    "concatenate_embds.py", "mocap_data_collect.py", "synthetic_iemocap.py",
+                                    "tiny_models.py"])
 def test_help_answers_without_loading_torch(script):
     """--help and argument errors come before torch, transformers and scikit-learn load (seconds)."""
     code = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
