@@ -128,4 +128,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a traceback would read as a crash; nothing finished is lost
+        print("concatenate_embds.py: interrupted: finished files are kept; rerun the same command to go on",
+              file=sys.stderr)
+        sys.exit(130)

@@ -56,6 +56,9 @@ from utils import atomic_path, wav_bytes, write_bytes_atomic, write_text_atomic
 TICK = 0.0005  # seconds; times are whole ticks, so "%.4f" is exact and lengths whole samples
 SAMPLES_PER_TICK = 8
 TRUTH_FILE = "synthetic_truth.json"
+# Present while a corpus is being written (the truth file comes last): an interrupted corpus is
+# still known as this script's, and a rerun replaces it instead of refusing it as a real one.
+PARTIAL_FILE = ".synthetic_corpus_partial"
 MOODS = CLASSES  # a dialogue's prevailing mood is one of the four target classes
 # Emotions drawn when an utterance follows neither its dialogue's mood nor its predecessor:
 # roughly the real corpus's mix, where xxx and fru are common.
@@ -343,7 +346,7 @@ def clear_out_root(root, settings, overwrite):
             raise SyntheticCorpusError(
                 f"{root}: holds a synthetic corpus made with {settings_text(earlier)}, not "
                 f"{settings_text(settings)}; give --overwrite to replace it")
-    elif any(p.exists() for p in sessions):
+    elif any(p.exists() for p in sessions) and not (root / PARTIAL_FILE).is_file():
         raise SyntheticCorpusError(f"{root}: holds Session folders but no {TRUTH_FILE}; not "
                                    f"overwriting what may be a real corpus")
     try:
@@ -351,6 +354,7 @@ def clear_out_root(root, settings, overwrite):
     except OSError as err:  # a file of that name, a folder where nothing can be made
         raise SyntheticCorpusError(f"{root}: cannot create the corpus folder "
                                    f"({err.strerror})") from None
+    (root / PARTIAL_FILE).touch()
     for p in sessions:  # an earlier synthetic corpus: replace it whole, never mix the two
         shutil.rmtree(p, ignore_errors=True)
     (root / TRUTH_FILE).unlink(missing_ok=True)
@@ -472,6 +476,7 @@ def make_corpus(root, seed=0, dialogues_per_session=4, utterances_per_dialogue=2
              "empty_transcript": empty_transcript, "sample_rate": SAMPLE_RATE,
              "dialog_moods": moods, "quirks": quirks, "utterances": utterances}
     write_text_atomic(root / TRUTH_FILE, json.dumps(truth, indent=1, sort_keys=True) + "\n")
+    (root / PARTIAL_FILE).unlink()
     return truth
 
 
@@ -508,4 +513,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a traceback would read as a crash
+        print("synthetic_iemocap.py: interrupted: rerun the same command to make the corpus", file=sys.stderr)
+        sys.exit(130)

@@ -408,4 +408,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a traceback would read as a crash; each model is written whole or not at all
+        print("tiny_models.py: interrupted: nothing was left half-written; rerun the same command", file=sys.stderr)
+        sys.exit(130)

@@ -248,3 +248,24 @@ def test_cli_says_in_one_line_when_the_folder_cannot_be_made(tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     assert main([str(tmp_path / "a_file" / "corpus")]) == 2
     assert f"{tmp_path / 'a_file' / 'corpus'}: cannot create the corpus folder" in one_error_line(capsys)
+
+
+def test_an_interrupted_corpus_is_replaced_by_the_rerun(tmp_path, monkeypatch):
+    import synthetic_iemocap
+
+    written = []
+    real = synthetic_iemocap.write_text_atomic
+
+    def ctrl_c_at_the_3rd_file(*args, **kwargs):
+        written.append(args)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic_iemocap, "write_text_atomic", ctrl_c_at_the_3rd_file)
+    with pytest.raises(KeyboardInterrupt):
+        make_corpus(tmp_path / "corpus", seed=1)
+    assert (tmp_path / "corpus" / "Session1").exists() and not (tmp_path / "corpus" / TRUTH_FILE).exists()
+    monkeypatch.undo()
+    truth = make_corpus(tmp_path / "corpus", seed=1)
+    assert load_truth(tmp_path / "corpus") == truth and not (tmp_path / "corpus" / ".synthetic_corpus_partial").exists()
