@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from data_contract import BRANCHES, DataError, branch_steps, label_set, read_features_record, read_manifest, stale_features
-from utils import WEIGHT_FILES, check_device, fingerprint, set_threads, write_text_atomic
+from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
 CONTEXT_WINDOW = 3  # sentences before and after: FullBertEmb3
@@ -508,6 +508,9 @@ def run(config, run_dir, utterances, env):
     log.info(f"{'resuming' if resuming else 'starting'} run {run_dir}: {len(utterances)} labelled utterances, "
              f"branches {'+'.join(config['branches'])}, protocol {config['protocol']}, device {env['device']}"
              f"{f' x {world} processes' if world > 1 else ''}, {config['precision']}")
+    if env["device"] == "cpu" and config["precision"] == "bf16" and not cpu_has_native_bf16():
+        log.warning("--precision bf16 on a CPU without bf16 instructions: torch emulates bf16 here, which runs "
+                    "slower than fp32 (benchmarks/: a 2048x2048 product at about 1 GFLOP/s on an AVX2-only EPYC)")
     if config["left_out"]:
         log.warning(f"--skip-missing: left out {len(config['left_out'])} labelled utterance(s) without features: "
                     f"{', '.join(config['left_out'][:10])}{', ...' if len(config['left_out']) > 10 else ''}")

@@ -1,7 +1,7 @@
 """Feature extraction: sentence-embedding and text-token throughput, and peak memory vs corpus size.
 
     python benchmarks/bench_extraction.py [--device cpu|cuda] [--sentences 128] [--sizes 100 1000]
-                                          [--vq-size tiny|real] [--work-dir DIR]
+                                          [--vq-size tiny|real] [--work-dir DIR] [--layers N]
 
 Writes only into a temporary folder (or --work-dir): synthetic corpora made by
 synthetic_iemocap.make_corpus, their DATA_DIRs by mocap_data_collect.collect, and a MODELS_DIR by
@@ -65,13 +65,14 @@ def make_data_dir(work_dir, n_utterances, seed=0):
     return data_dir, rows
 
 
-def make_models_dir(work_dir, data_dir, rows, vq_size="tiny", seed=0):
-    """tiny_models' MODELS_DIR; with vq_size='real' its vq-wav2vec is replaced by the real-size one."""
+def make_models_dir(work_dir, data_dir, rows, vq_size="tiny", seed=0, fit_wavs=60):
+    """tiny_models' MODELS_DIR, its codebook fitted on `fit_wavs` recordings; with vq_size='real'
+    its vq-wav2vec is replaced by the real-size one."""
     use_repo_modules()
     from tiny_models import make_tiny_models
     models_dir = Path(work_dir) / f"models_{vq_size}"
     if not (models_dir / "vq-wav2vec_kmeans.pt").is_file():
-        wavs = [p for p in (Path(data_dir) / "Audio" / f"{r['name']}.wav" for r in rows) if p.is_file()][:60]
+        wavs = [p for p in (Path(data_dir) / "Audio" / f"{r['name']}.wav" for r in rows) if p.is_file()][:fit_wavs]
         make_tiny_models(models_dir, [r["transcript"] for r in rows], wavs, seed)
         if vq_size == "real":
             from bench_vq import build_vq, real_vq_args
@@ -81,22 +82,24 @@ def make_models_dir(work_dir, data_dir, rows, vq_size="tiny", seed=0):
     return models_dir
 
 
-def bert_base(vocab_size=30522, seed=0):
+def bert_base(vocab_size=30522, seed=0, layers=None):
+    """A random BERT-base; layers: fewer layers of the same width (a smoke run)."""
     from transformers import BertConfig, BertModel
     torch.manual_seed(seed)
-    return BertModel(BertConfig(vocab_size=vocab_size, **BERT_BASE), add_pooling_layer=False).eval()
+    shape = dict(BERT_BASE, **({"num_hidden_layers": layers} if layers else {}))
+    return BertModel(BertConfig(vocab_size=vocab_size, **shape), add_pooling_layer=False).eval()
 
 
-def bench_sentence_embeddings(texts, tokenizer, device="cpu", repeat=2):
+def bench_sentence_embeddings(texts, tokenizer, device="cpu", repeat=2, layers=None, peak_seconds=1.5):
     """Utterances/s and GFLOP/s of feature_ext.sentence_embeddings with a BERT-base-sized model."""
     use_repo_modules()
     from feature_ext import sentence_embeddings
-    model = bert_base().to(device)
+    model = bert_base(layers=layers).to(device)
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     n = sum(p.numel() for p in model.encoder.parameters())
     flops = sum(2 * n * t + 4 * model.config.num_hidden_layers * model.config.hidden_size * t * t for t in lengths)
     sentence_embeddings(texts[:32], tokenizer, model)  # warm-up
-    peak = measure_peak_flops(device)
+    peak = measure_peak_flops(device, seconds=peak_seconds)
     times = []
     for _ in range(repeat):
         synchronize(device)
@@ -104,11 +107,11 @@ def bench_sentence_embeddings(texts, tokenizer, device="cpu", repeat=2):
         sentence_embeddings(texts, tokenizer, model)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    peak = max(peak, measure_peak_flops(device))
+    peak = max(peak, measure_peak_flops(device, seconds=peak_seconds))
     best = min(times)
     return {"utterances": len(texts), "mean_tokens": float(np.mean(lengths)), "wall_s": [round(t, 3) for t in times],
             "utterances_per_s": len(texts) / best, "achieved_gflops": flops / best / 1e9,
-            "peak_gflops_fp32": peak / 1e9, "mfu": flops / best / peak}
+            "peak_gflops_fp32": peak / 1e9, "mfu": flops / best / peak, "layers": model.config.num_hidden_layers}
 
 
 def bench_text_tokens(data_dir, models_dir):
@@ -164,7 +167,11 @@ def extraction_peak_memory(data_dir, models_dir, device="cpu"):
     return result
 
 
-def bench_extraction(device="cpu", sentences=128, sizes=(100, 1000), vq_size="tiny", work_dir=None, seed=0):
+def bench_extraction(device="cpu", sentences=128, sizes=(100, 1000), vq_size="tiny", work_dir=None, seed=0,
+                     layers=None, peak_seconds=1.5, fit_wavs=60):
+    """Throughput and peak memory (see the module docstring); layers, peak_seconds and fit_wavs
+    shrink a smoke run: the sentence model's layers, each peak measurement's seconds, and the
+    recordings the tiny codebook is fitted on."""
     set_threads()
     with contextlib.ExitStack() as stack:
         if work_dir is None:
@@ -172,12 +179,13 @@ def bench_extraction(device="cpu", sentences=128, sizes=(100, 1000), vq_size="ti
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         data_dirs = {n: make_data_dir(work_dir, n, seed) for n in sizes}
         small_dir, small_rows = data_dirs[min(sizes)]
-        models_dir = make_models_dir(work_dir, small_dir, small_rows, vq_size, seed)
+        models_dir = make_models_dir(work_dir, small_dir, small_rows, vq_size, seed, fit_wavs)
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(models_dir / "bert-base-uncased")
         texts = [r["transcript"] for r in data_dirs[max(sizes)][1]][:sentences]
         result = {"device": str(device), "vq_size": vq_size,
-                  "sentence_embeddings_bert_base": bench_sentence_embeddings(texts, tokenizer, device),
+                  "sentence_embeddings_bert_base": bench_sentence_embeddings(texts, tokenizer, device, layers=layers,
+                                                                             peak_seconds=peak_seconds),
                   "text_tokens": bench_text_tokens(*data_dirs[max(sizes)][:1], models_dir)}
         memory = {}
         for n in sizes:
@@ -207,11 +215,12 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="corpus sizes (utterances)")
     parser.add_argument("--vq-size", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--work-dir", help="keep the corpora and models here (default: a temporary folder)")
+    parser.add_argument("--layers", type=int, help="fewer layers in the sentence model, BERT-base width (a smoke run)")
     parser.add_argument("--memory-child", nargs=2, metavar=("DATA_DIR", "MODELS_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         return _memory_child(*args.memory_child, args.device)
-    result = bench_extraction(args.device, args.sentences, args.sizes, args.vq_size, args.work_dir)
+    result = bench_extraction(args.device, args.sentences, args.sizes, args.vq_size, args.work_dir, layers=args.layers)
     print(machine_info(args.device))
     print_extraction(result)
     return result

@@ -1,7 +1,7 @@
 """Training speed of the fused model at real sizes: samples/s, MFU, the frozen-speech cache, data wait.
 
     python benchmarks/bench_train.py [--device cpu|cuda] [--steps 3] [--full-steps 2] [--warmup 1]
-                                     [--text-sizes base large] [--no-bf16]
+                                     [--text-sizes base large] [--no-bf16] [--layers N]
 
 Reads and writes nothing. The model is model_structure.EmotionClassifier with randomly initialised
 transformers RoBERTa encoders at the real configurations (text: RoBERTa-base or -large; speech:
@@ -24,6 +24,9 @@ and at the end, the highest of these kept (on a shared machine, the least distur
 uses the timed steps' total FLOPs over their total time (data wait included); "MFU best" the
 fastest single step. Padding, the optimizer update and the embedding gradients are work the
 model FLOPs do not count, so they lower MFU.
+
+The bf16 rows (autocast) run only where bf16 is computed natively: on a CPU without bf16
+instructions (utils.cpu_has_native_bf16) they are left out with a word, as with --no-bf16.
 
 Epoch times are extrapolated: the mean measured step (data wait included) times the batches of
 one epoch at the original's settings (IEMOCAP sessions 1-4 less 10% validation = 3861
@@ -51,23 +54,27 @@ MAX_TEXT_TOKENS, MAX_AUDIO_TOKENS, BATCH_SIZE = 100, 310, 16
 EPOCH_UTTERANCES, RUN_UTTERANCES = 3861, 5531
 
 
-def roberta(size, vocab_size, dropout=0.1):
-    """A randomly initialised transformers RobertaModel at a real size (no download)."""
+def roberta(size, vocab_size, dropout=0.1, layers=None):
+    """A randomly initialised transformers RobertaModel at a real size (no download).
+
+    layers: fewer transformer layers of the same width (run_all.py --quick), None for the real count.
+    """
     from transformers import RobertaConfig, RobertaModel
+    shape = dict(TEXT_SIZES[size], **({"num_hidden_layers": layers} if layers else {}))
     config = RobertaConfig(vocab_size=vocab_size, max_position_embeddings=514, type_vocab_size=1,
                            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **TEXT_SIZES[size])
+                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **shape)
     return RobertaModel(config, add_pooling_layer=False)
 
 
-def build_classifier(text_size="base", speech=False, context=False, seed=0):
+def build_classifier(text_size="base", speech=False, context=False, seed=0, layers=None):
     """The project's fused model with real-size random encoders; speech frozen, text fine-tuned."""
     use_repo_modules()
     from model_structure import EmotionClassifier
     torch.manual_seed(seed)
     return EmotionClassifier(
-        text_encoder=roberta(text_size, TEXT_VOCAB) if text_size else None,
-        speech_encoder=roberta("base", SPEECH_VOCAB) if speech else None,
+        text_encoder=roberta(text_size, TEXT_VOCAB, layers=layers) if text_size else None,
+        speech_encoder=roberta("base", SPEECH_VOCAB, layers=layers) if speech else None,
         context_window=CONTEXT_WINDOW if context else None, context_width=SENTENCE_WIDTH,
         finetune_text=True, finetune_speech=False)
 
@@ -220,27 +227,47 @@ def train_steps(model, utterances, device="cpu", amp_dtype=None, group_by_length
     }
 
 
+def bf16_unavailable(device):
+    """Why bf16 is not measured on `device` (a sentence), or None when it is.
+
+    A CPU without bf16 instructions (utils.cpu_has_native_bf16) emulates it, on an AVX2-only one a
+    hundred times slower than fp32: there run_all.py did not finish in 30 minutes with the bf16
+    rows, which measure a precision nobody should train in on that CPU.
+    """
+    use_repo_modules()
+    import utils
+    if torch.device(device).type == "cpu" and not utils.cpu_has_native_bf16():
+        return "this CPU has no bf16 instructions (avx512_bf16, amx_bf16): emulated bf16 runs slower than fp32"
+    try:
+        measure_peak_flops(device, torch.bfloat16, n=256, seconds=0.0)
+    except RuntimeError as error:  # a device without bf16 matmuls
+        return str(error).splitlines()[0]
+    return None
+
+
 def bench_train(device="cpu", steps=3, full_steps=2, warmup=1, text_sizes=("base", "large"), bf16=True, seed=0,
-                epoch_utterances=EPOCH_UTTERANCES, run_utterances=RUN_UTTERANCES):
+                epoch_utterances=EPOCH_UTTERANCES, run_utterances=RUN_UTTERANCES, layers=None, peak_seconds=1.0):
     """Every configuration of the table; -> {"peak_gflops": ..., "runs": [...], headline figures}.
 
     steps: timed steps of the text-branch runs (the MFU target); full_steps: of the full model's
-    runs (a recomputed speech encoder makes those steps long on a CPU).
+    runs (a recomputed speech encoder makes those steps long on a CPU). bf16=False, or a device
+    without native bf16 (bf16_unavailable), leaves the bf16 rows out, with a word; the result's
+    "bf16_skipped" says why (None when they ran). layers: every encoder at its real width with
+    this many layers (a smoke run), None for the real sizes.
     """
     set_threads()
     device = str(device)
     dtypes = {"fp32": torch.float32}
-    if bf16:
-        try:
-            measure_peak_flops(device, torch.bfloat16, seconds=0.1)
-            dtypes["bf16"] = torch.bfloat16
-        except RuntimeError as error:  # a device without bf16 matmuls
-            print(f"bf16 skipped: {error}")
+    bf16_skipped = bf16_unavailable(device) if bf16 else "not asked for (--no-bf16)"
+    if bf16_skipped is None:
+        dtypes["bf16"] = torch.bfloat16
+    elif bf16:
+        print(f"bf16 skipped: {bf16_skipped}")
     peaks = {name: [] for name in dtypes}
 
     def measure_peaks():
         for name, dtype in dtypes.items():
-            peaks[name].append(measure_peak_flops(device, dtype, seconds=1.0))
+            peaks[name].append(measure_peak_flops(device, dtype, seconds=peak_seconds))
 
     utterances = synthetic_utterances(epoch_utterances, seed=seed)
     batches_per_epoch = math.ceil(epoch_utterances / BATCH_SIZE)
@@ -257,7 +284,7 @@ def bench_train(device="cpu", steps=3, full_steps=2, warmup=1, text_sizes=("base
         runs.append(result)
 
     # The text branch alone at RoBERTa-base: the MFU target.
-    text_base = build_classifier("base").to(device)
+    text_base = build_classifier("base", layers=layers).to(device)
     for precision in dtypes:
         for group in (False, True):
             run("text base", text_base, precision, group, False, steps)
@@ -266,7 +293,7 @@ def bench_train(device="cpu", steps=3, full_steps=2, warmup=1, text_sizes=("base
     # branch; the project's default batching, and the largest model also with random batches.
     default_group = project_default_grouping()
     for size in text_sizes:
-        model = build_classifier(size, speech=True, context=True).to(device)
+        model = build_classifier(size, speech=True, context=True, layers=layers).to(device)
         for group in (default_group, not default_group) if size == text_sizes[-1] else (default_group,):
             for cache in (False, True):
                 run(f"text {size} + speech + context", model, "fp32", group, cache, full_steps)
@@ -289,6 +316,8 @@ def bench_train(device="cpu", steps=3, full_steps=2, warmup=1, text_sizes=("base
     off_random, on_random = find(original, group=not default_group), find(original, group=not default_group, cache=True)
     return {
         "device": device,
+        "layers": layers,
+        "bf16_skipped": bf16_skipped,
         "peak_gflops": {k: v / 1e9 for k, v in peak.items()},
         "peak_gflops_all_measurements": {k: [round(v / 1e9, 1) for v in vs] for k, vs in peaks.items()},
         "batches_per_epoch": batches_per_epoch,
@@ -320,6 +349,8 @@ def print_train(result):
         "train_mfu_fp32_text_base", "train_mfu_fp32_text_base_grouped", "train_mfu_fp32_text_base_random_batches",
         "train_mfu_bf16_text_base", "cache_epoch_speedup", "cache_epoch_speedup_other_batching",
         "cache_speedup_incl_cache_10_epochs", "data_wait_share")])
+    if result["bf16_skipped"]:
+        print(f"bf16 rows skipped: {result['bf16_skipped']}")
 
 
 def main(argv=None):
@@ -329,10 +360,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--text-sizes", nargs="+", default=["base", "large"], choices=sorted(TEXT_SIZES),
                         help="text encoder sizes for the full model; the last is the cache comparison's")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast runs")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bf16 autocast runs (skipped anyway on a CPU without bf16 instructions)")
+    parser.add_argument("--layers", type=int, help="fewer layers per encoder, real widths (a smoke run)")
     args = parser.parse_args(argv)
     result = bench_train(args.device, args.steps, args.full_steps, args.warmup, tuple(args.text_sizes),
-                         not args.no_bf16)
+                         not args.no_bf16, layers=args.layers)
     print(machine_info(args.device))
     print_train(result)
     return result

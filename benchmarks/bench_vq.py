@@ -76,7 +76,7 @@ def _peak_memory(model, wav, device):
 
 
 def bench_vq(device="cpu", seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34.0),
-             conv_layers=REAL_CONV_LAYERS, seed=0):
+             conv_layers=REAL_CONV_LAYERS, seed=0, peak_seconds=1.5):
     """Tokenize synthetic audio with the real-size model; -> dict of figures (see module docstring)."""
     set_threads()
     rng = np.random.default_rng(seed)
@@ -87,7 +87,7 @@ def bench_vq(device="cpu", seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34
     # Every part in full fp32, as codes() runs it: TF32 convolutions (cuDNN's default) would time
     # a cheaper computation than the fp32 peak they are compared with.
     with full_fp32_precision():
-        peak_before = measure_peak_flops(device)
+        peak_before = measure_peak_flops(device, seconds=peak_seconds)
     codes_times = timed(lambda: model.codes(wav), device, repeat)
     with torch.inference_mode(), full_fp32_precision(), plain_cpu_convolutions(torch.device(device)):
         batch = wav.to(device)[None]
@@ -95,7 +95,7 @@ def bench_vq(device="cpu", seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34
         z = model.feature_extractor(batch)
         quantizer_times = timed(lambda: model.vector_quantizer.forward_idx(z), device, repeat)
     with full_fp32_precision():
-        peak_after = measure_peak_flops(device)
+        peak_after = measure_peak_flops(device, seconds=peak_seconds)
     peak = max(peak_before, peak_after)  # the less disturbed of the two: a conservative ratio
 
     flops = conv_flops_per_audio_second(conv_layers)

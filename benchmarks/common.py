@@ -137,6 +137,8 @@ def machine_info(device="cpu"):
     """What the figures were measured on: CPU, cores, threads, versions, date, load."""
     import numpy
     import transformers
+    use_repo_modules()
+    from utils import cpu_has_native_bf16
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
@@ -147,6 +149,8 @@ def machine_info(device="cpu"):
         "transformers": transformers.__version__,
         "numpy": numpy.__version__,
         "platform": platform.platform(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "load_average_1_5_15min": load_average(),
         "device": str(device),
     }

@@ -24,6 +24,16 @@ from common import REPO, load_average, machine_info, use_repo_modules
 
 TARGETS = {"vq_limit_ratio": (">=", 0.5), "train_mfu_fp32_text_base": (">=", 0.3),
            "cache_epoch_speedup": (">=", 1.5), "data_wait_share": ("<", 0.05)}
+# What each benchmark is given: the measurement, and --quick's smoke run, which takes every code
+# path once (every configuration at the real widths, one layer per encoder, one timed step without
+# warm-up, one timed product per peak, one corpus size) and answers in about 2 minutes on 2 cores.
+FULL = {"vq": dict(seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34.0)),
+        "extraction": dict(sentences=128, sizes=(100, 1000)),
+        "train": dict(steps=3, full_steps=2, warmup=1, text_sizes=("base", "large"))}
+QUICK = {"vq": dict(seconds=2.0, repeat=1, memory_seconds=(1.0, 2.0), peak_seconds=0.0),
+         "extraction": dict(sentences=16, sizes=(100,), layers=1, peak_seconds=0.0, fit_wavs=20),
+         "train": dict(steps=1, full_steps=1, warmup=0, text_sizes=("base",), epoch_utterances=200, layers=1,
+                       peak_seconds=0.0)}
 
 
 def run_all(device="cpu", quick=False):
@@ -31,26 +41,23 @@ def run_all(device="cpu", quick=False):
     import bench_extraction
     import bench_train
     import bench_vq
+    settings = QUICK if quick else FULL
     machine = machine_info(device)
     started = time.perf_counter()
     seconds = {}
 
     start = time.perf_counter()
-    vq = bench_vq.bench_vq(device, seconds=2.0 if quick else 10.0, repeat=1 if quick else 3,
-                           memory_seconds=(1.0, 2.0) if quick else (2.0, 10.0, 34.0))
+    vq = bench_vq.bench_vq(device, **settings["vq"])
     seconds["vq"] = time.perf_counter() - start
     bench_vq.print_vq(vq)
 
     start = time.perf_counter()
-    extraction = bench_extraction.bench_extraction(device, sentences=16 if quick else 128,
-                                                   sizes=(100, 150) if quick else (100, 1000))
+    extraction = bench_extraction.bench_extraction(device, **settings["extraction"])
     seconds["extraction"] = time.perf_counter() - start
     bench_extraction.print_extraction(extraction)
 
     start = time.perf_counter()
-    train = bench_train.bench_train(device, steps=1 if quick else 3, full_steps=1 if quick else 2, warmup=1,
-                                    text_sizes=("base",) if quick else ("base", "large"),
-                                    epoch_utterances=200 if quick else bench_train.EPOCH_UTTERANCES)
+    train = bench_train.bench_train(device, **settings["train"])
     seconds["train"] = time.perf_counter() - start
     bench_train.print_train(train)
 
@@ -62,6 +69,7 @@ def run_all(device="cpu", quick=False):
         "cache_epoch_speedup": train["cache_epoch_speedup"],
         "data_wait_share": train["data_wait_share"],
         "extraction_peak_mb": extraction["extraction_peak_mb"],
+        "bf16_skipped": train["bf16_skipped"],
     }
     met = {}
     for key, (op, target) in TARGETS.items():
@@ -74,19 +82,27 @@ def run_all(device="cpu", quick=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts run, measures nothing")
+    parser.add_argument("--out", help="where the results go (default: benchmarks/results.json; --quick writes "
+                        "nowhere unless told, so that its figures never replace the measured ones)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, about 2 minutes: checks the scripts run, measures nothing")
     args = parser.parse_args(argv)
+    out = args.out or (None if args.quick else str(REPO / "benchmarks" / "results.json"))
     results = run_all(args.device, args.quick)
-    use_repo_modules()
-    from utils import write_text_atomic
-    write_text_atomic(Path(args.out), json.dumps(results, indent=2, default=str) + "\n")
+    if out:
+        use_repo_modules()
+        from utils import write_text_atomic
+        write_text_atomic(Path(out), json.dumps(results, indent=2, default=str) + "\n")
     print("\ntargets")
     for key, m in results["targets"].items():
         print(f"  {key:<26} {m['value']:.3g}  (target {m['target']}: {'met' if m['met'] else 'MISSED'})")
     print(f"  extraction_peak_mb         {results['extraction_peak_mb']}")
+    if results["bf16_skipped"]:
+        print(f"bf16 rows skipped: {results['bf16_skipped']}")
+    if results["quick"]:
+        print("--quick: a smoke run at small sizes; its figures are not the targets'")
     print(f"machine: {results['machine']}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}" if out else "wrote nothing (--quick without --out)")
     return results
 
 

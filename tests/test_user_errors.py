@@ -195,3 +195,9 @@ def test_a_step_run_into_a_log_file_writes_no_progress_bars_and_takes_threads(de
     assert torch.get_num_threads() == 2
     captured = capsys.readouterr()
     assert "%|" not in captured.err and "text-tokens" in captured.out  # the summary, without a redrawn bar
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(main, "cpu_has_native_bf16", lambda: False)
+    train(tmp_path / "run", demo["data_dir"], demo["run_dir"] / "models", "--precision", "bf16", "--epochs", "1")
+    assert "runs slower than fp32" in (tmp_path / "run" / "train.log").read_text()
