@@ -274,17 +274,19 @@ def test_train_steps_lower_the_loss(data_dir, models_dir):
 
 
 def test_gradient_accumulation_matches_one_big_batch(data_dir, models_dir):
+    """One train_step over micro-batches moves the weights as one step over all of them does."""
     utterances = load_utterances(data_dir, 1, 32, 32)[:8]
     criterion = train_function.make_criterion()
-    grads = []
+    before, after = [], []
     for micro in ([utterances], [utterances[:4], utterances[4:]]):
         torch.manual_seed(0)
-        model = tiny_model(models_dir).eval()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-        for batch in map(collate_utterances, micro):
-            train_function.forward_loss(model, batch, criterion, "cpu")[0].div(len(micro)).backward()
-        grads.append(model.classifier[0].weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        model = tiny_model(models_dir).eval()  # no dropout: the loss is a function of the weights alone
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        before.append(model.classifier[0].weight.detach().clone())
+        train_function.train_step(model, [collate_utterances(m) for m in micro], criterion, optimizer, "cpu")
+        after.append(model.classifier[0].weight.detach().clone())
+    assert torch.equal(before[0], before[1]) and not torch.allclose(after[0], before[0], atol=1e-4)
+    assert torch.allclose(after[0], after[1], atol=1e-6)
 
 
 def test_nonfinite_loss_stops_training(data_dir, models_dir):
