@@ -1,4 +1,5 @@
-"""Fixtures shared across the suite."""
+"""Fixtures shared across the suite: the small DATA_DIR and MODELS_DIR (tests/small_runs.py)
+and the demo's run."""
 import contextlib
 import io
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import main
+from small_runs import write_feature_dir, write_tiny_models
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,6 +38,17 @@ def precision_settings():
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Read only: a test that breaks a file works on a copy."""
+    return write_feature_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """One `python main.py --demo RUN_DIR` at its default size (400 utterances, seconds on a CPU),
     shared by the tests that need a trained run: -> (run_dir, results, what it printed)."""
@@ -44,5 +57,5 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         # On the CPU even where a GPU is present: the tests compare it with CPU computations
         # (tests/test_cuda.py covers the GPU).
-        results = main.run_demo(main.parse_args(["--demo", str(run_dir), "--device", "cpu"]))
+        results = main.main(["--demo", str(run_dir), "--device", "cpu"])
     return run_dir, results, printed.getvalue()

@@ -13,16 +13,9 @@ import torch
 
 import main
 import train_function
-from mocap_data_collect import read_manifest
-from test_training import data_dir, models_dir  # noqa: F401 (fixtures)
+from small_runs import SMALL, manifest, run_main
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["1", "32", "64", "--epochs", "3", "--batch-size", "8", "--fusion-hidden", "32",
-         "--lr-encoders", "1e-3", "--lr-head", "3e-3", "--device", "cpu"]
-
-
-def run_main(run_dir, data_dir, models_dir, *extra):
-    return main.main([str(run_dir), str(data_dir), str(models_dir), *SMALL, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +169,7 @@ def test_a_run_refused_for_its_data_leaves_no_folder_to_block_the_next(tmp_path,
 def test_non_finite_features_are_named_when_loaded(tmp_path, data_dir, models_dir):
     broken = tmp_path / "data"
     shutil.copytree(data_dir, broken)
-    labelled = next(row["name"] for row in read_manifest(broken) if row["label"])
+    labelled = next(row["name"] for row in manifest(broken) if row["label"])
     path = broken / "FullBertEmb1" / f"{labelled}.npy"
     vector = np.load(path)
     vector[3] = np.nan
@@ -190,7 +183,7 @@ def test_utterances_without_features_stop_the_run_or_are_left_out_and_listed(tmp
     can never be made, so main.py offers --skip-missing rather than a dead end."""
     broken = tmp_path / "data"
     shutil.copytree(data_dir, broken)
-    name = next(row["name"] for row in read_manifest(broken) if row["label"] and row["session"] == 5)
+    name = next(row["name"] for row in manifest(broken) if row["label"] and row["session"] == 5)
     (broken / "vqw2vTokens" / f"{name}.npy").unlink()
     with pytest.raises(SystemExit, match=f"{name}.npy: not found \\(1 of 100 labelled .*--skip-missing"):
         run_main(tmp_path / "run", broken, models_dir, "--branches", "speech")
@@ -213,7 +206,7 @@ def test_utterances_without_features_stop_the_run_or_are_left_out_and_listed(tmp
 def test_token_ids_beyond_the_encoders_vocabulary_are_named(tmp_path, data_dir, models_dir):
     broken = tmp_path / "data"
     shutil.copytree(data_dir, broken)
-    labelled = next(row["name"] for row in read_manifest(broken) if row["label"])
+    labelled = next(row["name"] for row in manifest(broken) if row["label"])
     np.save(broken / "GPT2Tokens" / f"{labelled}.npy", np.array([0, 30521, 2], dtype=np.int32))  # a BERT id
     with pytest.raises(SystemExit, match="GPT2Tokens/ holds ids up to 30521, but the text encoder's vocabulary"):
         run_main(tmp_path / "run", broken, models_dir, "--branches", "text")

@@ -12,7 +12,7 @@ from scipy.signal import resample_poly
 
 import main
 import predict
-from mocap_data_collect import read_manifest
+from small_runs import manifest
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def demo(demo_run):
 def session_dialogues_as_list(data_dir, session, path):
     """Every utterance of the session's dialogues, in corpus order: a wav for the labelled ones,
     text alone (context only) for the others, as a user would give a whole IEMOCAP dialogue."""
-    rows = [r for r in read_manifest(data_dir) if r["session"] == session]
+    rows = [r for r in manifest(data_dir) if r["session"] == session]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["wav", "text", "dialog"])
@@ -107,7 +107,7 @@ def test_a_run_without_the_speech_branch_predicts_from_text_alone(demo, tmp_path
 
 
 def test_44k_stereo_audio_is_resampled_and_predicted(demo, tmp_path, capsys):
-    row = next(r for r in read_manifest(demo["data_dir"]) if r["label"] and r["session"] == 5)
+    row = next(r for r in manifest(demo["data_dir"]) if r["label"] and r["session"] == 5)
     wav, rate = sf.read(demo["data_dir"] / "Audio" / f"{row['name']}.wav", dtype="float32")
     stereo = np.stack([resample_poly(wav, 441, 160)] * 2, axis=1) * np.array([1.0, 0.5])
     sf.write(tmp_path / "utt.flac", stereo, 44100)
