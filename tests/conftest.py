@@ -1,5 +1,5 @@
-"""Fixtures shared across the suite: the small DATA_DIR and MODELS_DIR (tests/small_runs.py)
-and the demo's run."""
+"""Fixtures shared across the suite: the small DATA_DIR and MODELS_DIR (tests/small_runs.py),
+the demo's run, and a leave-one-session-out run on the demo's data."""
 import contextlib
 import io
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import main
-from small_runs import write_feature_dir, write_tiny_models
+from small_runs import run_like_the_demo, write_feature_dir, write_tiny_models
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,3 +59,19 @@ def demo_run(tmp_path_factory):
         # (tests/test_cuda.py covers the GPU).
         results = main.main(["--demo", str(run_dir), "--device", "cpu"])
     return run_dir, results, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def loso_run(demo_run, tmp_path_factory):
+    """A leave-one-session-out run on the demo's data (context branch, one epoch: five folds in
+    seconds), stopped once on the way as a job's time limit would, and run again to the end:
+    -> {"run_dir", "results", "fold1_before_rerun": fold1/fold_result.json's (bytes, mtime)}."""
+    run_dir = tmp_path_factory.mktemp("loso") / "run"
+    options = ["--protocol", "loso", "--branches", "context", "--epochs", "1"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        # Fold 1 finishes; fold 2 stops after its epoch, before its test.
+        assert run_like_the_demo(demo_run[0], run_dir, *options, "--stop-after-epochs", "2") is None
+        finished = run_dir / "fold1" / "fold_result.json"
+        before = (finished.read_bytes(), finished.stat().st_mtime_ns)
+        results = run_like_the_demo(demo_run[0], run_dir, *options)
+    return {"run_dir": run_dir, "results": results, "fold1_before_rerun": before}
