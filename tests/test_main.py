@@ -282,29 +282,46 @@ def test_each_branch_alone_trains(tmp_path, data_dir, models_dir, branches, trai
     assert {k.split(".")[0] for k in checkpoint_weights(tmp_path / "run" / "fold1" / "best.pt")} == trained
 
 
-def torchrun(tmp_path, run_dir, data_dir, models_dir, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "main.py"), str(run_dir), str(data_dir), str(models_dir), *SMALL, "--epochs", "2", *extra]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def torchrun(cwd, *argv, program=None):
+    """main.py under torchrun with two CPU processes; or, given `program`, that Python code
+    (argv as its sys.argv[1:])."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO))
+    script = [str(REPO / "main.py")] if program is None else ["--no-python", sys.executable, "-c", program]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script,
+               *map(str, argv)]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+# Two runs in one launch, to spare the suite a third start of torch in three processes: one to the
+# end, one stopped after its first epoch. They share one process group: made again after
+# main.main destroys it, gloo's new group can find the old one's addresses in torchrun's store.
+WHOLE_AND_STOPPED = """import sys, main, torch.distributed as dist
+whole, stopped, *settings = sys.argv[1:]
+destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None
+main.main([whole, *settings])
+main.main([stopped, *settings, "--stop-after-epochs", "1"])
+destroy()
+"""
+
+
 def test_torchrun_two_processes_gather_every_test_utterance_and_resume_exactly(tmp_path, data_dir, models_dir):
-    torchrun(tmp_path, tmp_path / "run", data_dir, models_dir)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["folds"][0]["n_test"] == 20
-    assert sum(map(sum, results["folds"][0]["test"]["confusion_matrix"])) == 20  # gathered from both ranks
-    assert len({row["name"] for row in read_csv(tmp_path / "run" / "fold1" / "predictions.csv")}) == 20
+    settings = [data_dir, models_dir, *SMALL, "--epochs", "2"]
+    torchrun(tmp_path, tmp_path / "run", tmp_path / "resumed", *settings, program=WHOLE_AND_STOPPED)
+    fold = fold_result(tmp_path / "run")
+    assert fold["n_test"] == 20
+    assert sum(map(sum, fold["test"]["confusion_matrix"])) == 20  # gathered from both ranks
+    tested = [row["name"] for row in read_csv(tmp_path / "run" / "fold1" / "predictions.csv")]
+    assert tested == [row["name"] for row in manifest(data_dir) if row["label"] and row["session"] == 5]
     assert "x 2 processes" in (tmp_path / "run" / "train.log").read_text()
-    # Interrupted after the first epoch and resumed: each rank restores its own random generators
-    # (their dropout draws differ), so the second epoch is the uninterrupted run's.
-    torchrun(tmp_path, tmp_path / "resumed", data_dir, models_dir, "--stop-after-epochs", "1")
+    # Resumed by a new launch: each rank restores its own random generators (their dropout
+    # draws differ), so the second epoch is the uninterrupted run's.
     assert not (tmp_path / "resumed" / "results.json").exists()
-    torchrun(tmp_path, tmp_path / "resumed", data_dir, models_dir)
-    fold = json.loads((tmp_path / "run" / "fold1" / "fold_result.json").read_text())
-    resumed = json.loads((tmp_path / "resumed" / "fold1" / "fold_result.json").read_text())
-    assert resumed["history"] == fold["history"]
+    assert torch.load(tmp_path / "resumed" / "fold1" / "last.pt", weights_only=True)["state"]["epoch"] == 1
+    torchrun(tmp_path, tmp_path / "resumed", *settings)
+    assert "resuming after epoch 1" in (tmp_path / "resumed" / "train.log").read_text()
+    assert fold_result(tmp_path / "resumed")["history"] == fold["history"]
     assert (tmp_path / "resumed" / "fold1" / "predictions.csv").read_bytes() == \
         (tmp_path / "run" / "fold1" / "predictions.csv").read_bytes()
 
