@@ -1,4 +1,5 @@
-"""Fixtures shared across the suite."""
+"""Fixtures shared across the suite: the small DATA_DIR and MODELS_DIR (tests/small_runs.py),
+the demo's run, and a leave-one-session-out run on the demo's data."""
 import contextlib
 import io
 import json
@@ -6,8 +7,8 @@ import json
 import pytest
 import torch
 
-import demo as demo_module
 import main
+from small_runs import run_like_the_demo, write_feature_dir, write_tiny_models
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +39,17 @@ def precision_settings():
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Read only: a test that breaks a file works on a copy."""
+    return write_feature_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """One `python main.py --demo RUN_DIR` at its default size (400 utterances, seconds on a CPU),
     shared by the tests that need a trained run: -> (run_dir, results, what it printed)."""
@@ -46,8 +58,24 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         # On the CPU even where a GPU is present: the tests compare it with CPU computations
         # (tests/test_cuda.py covers the GPU).
-        results = demo_module.run_demo(main.parse_args(["--demo", str(run_dir), "--device", "cpu"]))
+        results = main.main(["--demo", str(run_dir), "--device", "cpu"])
     return run_dir, results, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def loso_run(demo_run, tmp_path_factory):
+    """A leave-one-session-out run on the demo's data (context branch, one epoch: five folds in
+    seconds), stopped once on the way as a job's time limit would, and run again to the end:
+    -> {"run_dir", "results", "fold1_before_rerun": fold1/fold_result.json's (bytes, mtime)}."""
+    run_dir = tmp_path_factory.mktemp("loso") / "run"
+    options = ["--protocol", "loso", "--branches", "context", "--epochs", "1"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        # Fold 1 finishes; fold 2 stops after its epoch, before its test.
+        assert run_like_the_demo(demo_run[0], run_dir, *options, "--stop-after-epochs", "2") is None
+        finished = run_dir / "fold1" / "fold_result.json"
+        before = (finished.read_bytes(), finished.stat().st_mtime_ns)
+        results = run_like_the_demo(demo_run[0], run_dir, *options)
+    return {"run_dir": run_dir, "results": results, "fold1_before_rerun": before}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
-"""main.py end to end: folds, the run folder, resuming, bad runs, torchrun, the demo."""
-import csv
+"""main.py end to end: folds, the run folder, resuming, bad runs, torchrun, the demo.
+
+What each training option does (schedulers, gradient accumulation, class weights, validation
+splits, protocols) is in test_training_options.py.
+"""
 import json
 import os
 import shutil
@@ -13,16 +16,10 @@ import torch
 
 import main
 import train_function
-from data_contract import read_manifest
-from test_training import data_dir, models_dir  # noqa: F401 (fixtures)
+from small_runs import (SMALL, checkpoint_weights, fold_result, manifest, read_csv, run_like_the_demo,
+                        run_main)
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["1", "32", "64", "--epochs", "3", "--batch-size", "8", "--fusion-hidden", "32",
-         "--lr-encoders", "1e-3", "--lr-head", "3e-3", "--device", "cpu"]
-
-
-def run_main(run_dir, data_dir, models_dir, *extra):
-    return main.main([str(run_dir), str(data_dir), str(models_dir), *SMALL, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +95,7 @@ def test_run_folder_holds_config_checkpoints_predictions_figures_and_results(fin
     checkpoint = torch.load(fold_dir / "best.pt", weights_only=True)
     assert not any(k.startswith("speech_encoder.") for k in checkpoint["model"])
     assert not (fold_dir / "last.pt").exists()  # only needed while the fold is unfinished
-    with open(fold_dir / "predictions.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(fold_dir / "predictions.csv")
     assert len(rows) == 20 and list(rows[0]) == ["name", "true", "predicted", "p_ang", "p_hap", "p_sad", "p_neu"]
     assert abs(sum(float(rows[0][f"p_{c}"]) for c in ("ang", "hap", "sad", "neu")) - 1) < 1e-4
     for png in ("confusion_matrix.png", "training_curves.png", "attention.png"):
@@ -133,6 +129,27 @@ def test_a_run_begun_before_skip_missing_existed_resumes(tmp_path, finished_run,
     (run_dir / "config.json").write_text(json.dumps(config))
     run_main(run_dir, data_dir, models_dir)
     assert (run_dir / "results.json").read_text() == (finished_run[0] / "results.json").read_text()
+
+
+def test_a_rerun_keeps_the_folds_already_finished(loso_run):
+    """The loso run was stopped after fold 1 had finished and fold 2 had trained its epoch."""
+    run_dir = loso_run["run_dir"]
+    finished = run_dir / "fold1" / "fold_result.json"
+    assert (finished.read_bytes(), finished.stat().st_mtime_ns) == loso_run["fold1_before_rerun"]
+    log = (run_dir / "train.log").read_text()
+    assert "fold 1 (session 1): already finished, kept" in log and log.count("fold 1 test (") == 1
+    assert "fold 2: resuming after epoch 1" in log
+    assert loso_run["results"]["folds"][0]["test"] == fold_result(run_dir, 1)["test"]
+
+
+def test_loso_tests_every_session_once_and_pools_them(loso_run, demo_run):
+    results, run_dir = loso_run["results"], loso_run["run_dir"]
+    assert [f["test_sessions"] for f in results["folds"]] == [[1], [2], [3], [4], [5]]
+    labelled = [row for row in manifest(demo_run[0] / "data") if row["label"]]
+    for k in range(1, 6):
+        tested = [row["name"] for row in read_csv(run_dir / f"fold{k}" / "predictions.csv")]
+        assert tested == [row["name"] for row in labelled if row["session"] == k]
+    assert sum(map(sum, results["summary"]["pooled"]["confusion_matrix"])) == len(labelled)
 
 
 def test_a_missing_pretrained_model_is_named_before_anything_is_written(tmp_path, data_dir):
@@ -176,7 +193,7 @@ def test_a_run_refused_for_its_data_leaves_no_folder_to_block_the_next(tmp_path,
 def test_non_finite_features_are_named_when_loaded(tmp_path, data_dir, models_dir):
     broken = tmp_path / "data"
     shutil.copytree(data_dir, broken)
-    labelled = next(row["name"] for row in read_manifest(broken) if row["label"])
+    labelled = next(row["name"] for row in manifest(broken) if row["label"])
     path = broken / "FullBertEmb1" / f"{labelled}.npy"
     vector = np.load(path)
     vector[3] = np.nan
@@ -190,7 +207,7 @@ def test_utterances_without_features_stop_the_run_or_are_left_out_and_listed(tmp
     can never be made, so main.py offers --skip-missing rather than a dead end."""
     broken = tmp_path / "data"
     shutil.copytree(data_dir, broken)
-    name = next(row["name"] for row in read_manifest(broken) if row["label"] and row["session"] == 5)
+    name = next(row["name"] for row in manifest(broken) if row["label"] and row["session"] == 5)
     (broken / "vqw2vTokens" / f"{name}.npy").unlink()
     with pytest.raises(SystemExit, match=f"{name}.npy: not found \\(1 of 100 labelled .*--skip-missing"):
         run_main(tmp_path / "run", broken, models_dir, "--branches", "speech")
@@ -202,8 +219,7 @@ def test_utterances_without_features_stop_the_run_or_are_left_out_and_listed(tmp
     assert results["left_out"] == [name] and results["folds"][0]["n_test"] == 19
     assert json.loads((tmp_path / "run" / "config.json").read_text())["left_out"] == [name]
     assert "Left out for missing features (--skip-missing): 1 labelled utterance(s)" in (tmp_path / "run" / "summary.md").read_text()
-    with open(tmp_path / "run" / "fold1" / "predictions.csv") as f:
-        assert name not in {row["name"] for row in csv.DictReader(f)}
+    assert name not in {row["name"] for row in read_csv(tmp_path / "run" / "fold1" / "predictions.csv")}
 
     shutil.rmtree(broken / "vqw2vTokens")
     with pytest.raises(SystemExit, match="not found \\(100 of 100 .*run feature_extraction_main.py first"):
@@ -213,7 +229,7 @@ def test_utterances_without_features_stop_the_run_or_are_left_out_and_listed(tmp
 def test_token_ids_beyond_the_encoders_vocabulary_are_named(tmp_path, data_dir, models_dir):
     broken = tmp_path / "data"
     shutil.copytree(data_dir, broken)
-    labelled = next(row["name"] for row in read_manifest(broken) if row["label"])
+    labelled = next(row["name"] for row in manifest(broken) if row["label"])
     np.save(broken / "GPT2Tokens" / f"{labelled}.npy", np.array([0, 30521, 2], dtype=np.int32))  # a BERT id
     with pytest.raises(SystemExit, match="GPT2Tokens/ holds ids up to 30521, but the text encoder's vocabulary"):
         run_main(tmp_path / "run", broken, models_dir, "--branches", "text")
@@ -235,59 +251,77 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, data_dir, models
 
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, data_dir,
                                                                            models_dir):
-    calls = {"n": 0}
+    run_dir = tmp_path / "run"
+    assert run_main(run_dir, data_dir, models_dir, "--stop-after-epochs", "1") is None
+    good = (run_dir / "fold1" / "last.pt").read_bytes()
     real = train_function.forward_loss
 
-    def diverging(*args, **kwargs):
+    def diverging(*args, **kwargs):  # every loss from here on, as after a step too far
         loss, logits = real(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan"), logits) if calls["n"] > 12 else (loss, logits)  # 9 batches per epoch
+        return loss * float("nan"), logits
 
     monkeypatch.setattr(train_function, "forward_loss", diverging)
-    with pytest.raises(SystemExit, match=r"epoch 2: the training loss became nan.*last good checkpoint.*epoch 1"):
-        run_main(tmp_path / "run", data_dir, models_dir)
-    last = torch.load(tmp_path / "run" / "fold1" / "last.pt", weights_only=True)
+    # The rerun's first epoch is the run's second.
+    with pytest.raises(SystemExit, match=r"epoch 2: the training loss became nan.*last good checkpoint.*epoch 1\)"):
+        run_main(run_dir, data_dir, models_dir)
+    assert (run_dir / "fold1" / "last.pt").read_bytes() == good
+    last = torch.load(run_dir / "fold1" / "last.pt", weights_only=True)
     assert last["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+    with pytest.raises(SystemExit, match=r"epoch 1: the training loss became nan.*no epoch had finished"):
+        run_main(tmp_path / "new", data_dir, models_dir)
+    assert not (tmp_path / "new" / "fold1" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("branches", ["text", "speech", "context"])
-def test_each_branch_alone_trains(tmp_path, data_dir, models_dir, branches):
-    results = run_main(tmp_path / "run", data_dir, models_dir, "--branches", branches, "--epochs", "1",
-                       "--scheduler", "newbob", "--grad-accum", "2", "--class-weights", "balanced")
+@pytest.mark.parametrize("branches,trained", [("text", {"text_encoder", "classifier"}),
+                                              ("speech", {"classifier"}),  # the speech encoder stays frozen
+                                              ("context", {"context_branch", "classifier"})])
+def test_each_branch_alone_trains(tmp_path, data_dir, models_dir, branches, trained):
+    results = run_main(tmp_path / "run", data_dir, models_dir, "--branches", branches, "--epochs", "1")
     assert results["folds"][0]["n_test"] == 20
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["branches"] == [branches]
+    assert {k.split(".")[0] for k in checkpoint_weights(tmp_path / "run" / "fold1" / "best.pt")} == trained
 
 
-def test_loso_pools_every_session(tmp_path, data_dir, models_dir):
-    results = run_main(tmp_path / "run", data_dir, models_dir, "--branches", "context", "--epochs", "2",
-                       "--protocol", "loso", "--group-by-length")
-    assert [f["test_sessions"] for f in results["folds"]] == [[1], [2], [3], [4], [5]]
-    assert sum(map(sum, results["summary"]["pooled"]["confusion_matrix"])) == 100
-
-
-def torchrun(tmp_path, run_dir, data_dir, models_dir, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "main.py"), str(run_dir), str(data_dir), str(models_dir), *SMALL, "--epochs", "2", *extra]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def torchrun(cwd, *argv, program=None):
+    """main.py under torchrun with two CPU processes; or, given `program`, that Python code
+    (argv as its sys.argv[1:])."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO))
+    script = [str(REPO / "main.py")] if program is None else ["--no-python", sys.executable, "-c", program]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script,
+               *map(str, argv)]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+# Two runs in one launch, to spare the suite a third start of torch in three processes: one to the
+# end, one stopped after its first epoch. They share one process group: made again after
+# main.main destroys it, gloo's new group can find the old one's addresses in torchrun's store.
+WHOLE_AND_STOPPED = """import sys, main, torch.distributed as dist
+whole, stopped, *settings = sys.argv[1:]
+destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None
+main.main([whole, *settings])
+main.main([stopped, *settings, "--stop-after-epochs", "1"])
+destroy()
+"""
+
+
 def test_torchrun_two_processes_gather_every_test_utterance_and_resume_exactly(tmp_path, data_dir, models_dir):
-    torchrun(tmp_path, tmp_path / "run", data_dir, models_dir)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["folds"][0]["n_test"] == 20
-    assert sum(map(sum, results["folds"][0]["test"]["confusion_matrix"])) == 20  # gathered from both ranks
-    with open(tmp_path / "run" / "fold1" / "predictions.csv") as f:
-        assert len({row["name"] for row in csv.DictReader(f)}) == 20
+    settings = [data_dir, models_dir, *SMALL, "--epochs", "2"]
+    torchrun(tmp_path, tmp_path / "run", tmp_path / "resumed", *settings, program=WHOLE_AND_STOPPED)
+    fold = fold_result(tmp_path / "run")
+    assert fold["n_test"] == 20
+    assert sum(map(sum, fold["test"]["confusion_matrix"])) == 20  # gathered from both ranks
+    tested = [row["name"] for row in read_csv(tmp_path / "run" / "fold1" / "predictions.csv")]
+    assert tested == [row["name"] for row in manifest(data_dir) if row["label"] and row["session"] == 5]
     assert "x 2 processes" in (tmp_path / "run" / "train.log").read_text()
-    # Interrupted after the first epoch and resumed: each rank restores its own random generators
-    # (their dropout draws differ), so the second epoch is the uninterrupted run's.
-    torchrun(tmp_path, tmp_path / "resumed", data_dir, models_dir, "--stop-after-epochs", "1")
+    # Resumed by a new launch: each rank restores its own random generators (their dropout
+    # draws differ), so the second epoch is the uninterrupted run's.
     assert not (tmp_path / "resumed" / "results.json").exists()
-    torchrun(tmp_path, tmp_path / "resumed", data_dir, models_dir)
-    fold = json.loads((tmp_path / "run" / "fold1" / "fold_result.json").read_text())
-    resumed = json.loads((tmp_path / "resumed" / "fold1" / "fold_result.json").read_text())
-    assert resumed["history"] == fold["history"]
+    assert torch.load(tmp_path / "resumed" / "fold1" / "last.pt", weights_only=True)["state"]["epoch"] == 1
+    torchrun(tmp_path, tmp_path / "resumed", *settings)
+    assert "resuming after epoch 1" in (tmp_path / "resumed" / "train.log").read_text()
+    assert fold_result(tmp_path / "resumed")["history"] == fold["history"]
     assert (tmp_path / "resumed" / "fold1" / "predictions.csv").read_bytes() == \
         (tmp_path / "run" / "fold1" / "predictions.csv").read_bytes()
 
@@ -308,8 +342,5 @@ def test_the_demo_runs_every_stage_and_learns(demo_run):
 @pytest.mark.parametrize("branch", ["text", "speech", "context"])
 def test_each_branch_alone_learns_on_the_demo(demo_run, tmp_path, branch):
     """The demo's corpus carries emotion in words, voice and conversation: each branch finds it."""
-    run_dir = demo_run[0]
-    args = main.parse_args(["--demo", tmp_path / branch, "--branches", branch])
-    args.data_dir, args.models_dir = str(run_dir / "data"), str(run_dir / "models")
-    results = main.train_and_test(args)
+    results = run_like_the_demo(demo_run[0], tmp_path / branch, "--branches", branch)
     assert results["summary"]["ua_mean"] > 0.4  # chance is 0.25

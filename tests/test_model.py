@@ -7,7 +7,7 @@ from transformers import RobertaConfig, RobertaModel
 
 from dataset_loader import collate_utterances, load_utterances
 from model_structure import EmotionClassifier, TimeAsynchronousBranch, build_model, load_trained_model
-from test_training import data_dir, models_dir, tiny_model  # noqa: F401 (fixtures)
+from small_runs import tiny_model
 from dataset_loader import model_inputs
 
 

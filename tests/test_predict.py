@@ -1,5 +1,6 @@
-"""predict.py on the demo's run: the same answers as its evaluation, any audio format,
-conversations as context, and a refusal when a pretrained file changed."""
+"""predict.py on runs of the demo's data: the same answers as their evaluation (fine-tuned,
+frozen or absent encoders, bf16, one fold or the mean of all), any audio format, conversations as
+context, and a refusal when a pretrained file changed."""
 import csv
 import json
 import shutil
@@ -10,16 +11,16 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
-import main
 import feature_ext
 import predict
-from data_contract import read_manifest
+from model_structure import load_speech_encoder
+from small_runs import checkpoint_weights, manifest, read_csv, run_like_the_demo
 
 
-def session_dialogues_as_list(data_dir, session, path):
-    """Every utterance of the session's dialogues, in corpus order: a wav for the labelled ones,
-    text alone (context only) for the others, as a user would give a whole IEMOCAP dialogue."""
-    rows = [r for r in read_manifest(data_dir) if r["session"] == session]
+def dialogues_as_list(data_dir, sessions, path):
+    """Every utterance of the sessions' dialogues, in corpus order: a wav for the labelled ones,
+    text alone (context only) for the others, as a user would give whole IEMOCAP dialogues."""
+    rows = [r for r in manifest(data_dir) if r["session"] in sessions]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["wav", "text", "dialog"])
@@ -31,15 +32,13 @@ def session_dialogues_as_list(data_dir, session, path):
 
 def assert_session5_predictions_equal_the_evaluation(run_dir, data_dir, tmp_path):
     """predict.py over session 5's dialogues gives the run's own predictions.csv, writing nothing in RUN_DIR."""
-    rows = session_dialogues_as_list(data_dir, 5, tmp_path / "session5.csv")
+    rows = dialogues_as_list(data_dir, [5], tmp_path / "session5.csv")
     before = sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file())
     assert predict.main([str(run_dir), "--list", str(tmp_path / "session5.csv"),
                          "--output", str(tmp_path / "out.csv")]) == 0
     assert sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()) == before
-    with open(tmp_path / "out.csv", newline="") as f:
-        out = list(csv.DictReader(f))
-    with open(run_dir / "fold1" / "predictions.csv", newline="") as f:
-        evaluated = {r["name"]: r for r in csv.DictReader(f)}
+    out = read_csv(tmp_path / "out.csv")
+    evaluated = {r["name"]: r for r in read_csv(run_dir / "fold1" / "predictions.csv")}
     assert list(out[0]) == ["wav", "text", "dialog", "prediction", "p_ang", "p_hap", "p_sad", "p_neu", "note"]
     assert len(out) == len(rows) and len(evaluated) == sum(bool(r["label"]) for r in rows)
     for row, given in zip(rows, out):
@@ -58,39 +57,76 @@ def test_predictions_of_the_test_session_equal_the_evaluation(demo, tmp_path, ca
 
 
 def test_a_bf16_run_predicts_under_bf16_as_it_evaluated(demo, tmp_path):
-    # In fp32, this run's probabilities came out up to 0.04 away from its own evaluation.
-    args = main.parse_args(["--demo", tmp_path / "run", "--precision", "bf16", "--epochs", "3", "--device", "cpu"])
-    args.data_dir, args.models_dir = str(demo["data_dir"]), str(demo["run_dir"] / "models")
-    main.train_and_test(args)
+    # Predicted in fp32, this run's probabilities came out up to 0.006 away from its own evaluation.
+    run_like_the_demo(demo["run_dir"], tmp_path / "run", "--precision", "bf16", "--epochs", "1")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
     assert_session5_predictions_equal_the_evaluation(tmp_path / "run", demo["data_dir"], tmp_path)
 
 
+def test_a_frozen_text_encoder_is_not_stored_and_predicts_as_evaluated(demo, tmp_path):
+    """--freeze-text: best.pt leaves the encoder to MODELS_DIR, so training must not have moved it."""
+    run_like_the_demo(demo["run_dir"], tmp_path / "run", "--freeze-text", "--epochs", "1")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["finetune_text"] is False
+    assert not any(k.startswith("text_encoder.") for k in checkpoint_weights(tmp_path / "run" / "fold1" / "best.pt"))
+    assert any(k.startswith("text_encoder.") for k in checkpoint_weights(demo["run_dir"] / "fold1" / "best.pt"))
+    assert_session5_predictions_equal_the_evaluation(tmp_path / "run", demo["data_dir"], tmp_path)
+
+
+def test_a_finetuned_speech_encoder_is_stored_and_predicts_as_evaluated(demo, tmp_path):
+    run_like_the_demo(demo["run_dir"], tmp_path / "run", "--finetune-speech", "--epochs", "1")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["finetune_speech"] is True
+    trained = checkpoint_weights(tmp_path / "run" / "fold1" / "best.pt")
+    pretrained = load_speech_encoder(config["speech_model"]).state_dict()
+    assert {k for k in trained if k.startswith("speech_encoder.")} == {f"speech_encoder.{k}" for k in pretrained}
+    changed = [k for k, v in pretrained.items() if not torch.equal(trained[f"speech_encoder.{k}"], v)]
+
+    def layers(keys):
+        return {k.split(".")[2] for k in keys if k.startswith("encoder.layer.")}
+
+    assert layers(pretrained) and layers(changed) == layers(pretrained)  # training reached every layer
+    assert_session5_predictions_equal_the_evaluation(tmp_path / "run", demo["data_dir"], tmp_path)
+
+
+def test_a_cross_validation_run_predicts_with_the_mean_of_its_folds_or_with_one(loso_run, demo, tmp_path):
+    run_dir = loso_run["run_dir"]
+    rows = dialogues_as_list(demo["data_dir"], [1, 2, 3, 4, 5], tmp_path / "all.csv")
+
+    def probabilities(*fold):
+        out = tmp_path / f"out{'_'.join(fold)}.csv"
+        assert predict.main([str(run_dir), "--list", str(tmp_path / "all.csv"), "--output", str(out), *fold]) == 0
+        return np.array([[float(r[f"p_{c}"]) for c in ("ang", "hap", "sad", "neu")] for r in read_csv(out)])
+
+    folds = {k: probabilities("--fold", str(k)) for k in range(1, 6)}
+    assert np.abs(folds[1] - folds[2]).max() > 0.01  # five models, five answers
+    np.testing.assert_allclose(probabilities(), np.mean(list(folds.values()), axis=0), atol=2e-6)
+    position = {row["name"]: i for i, row in enumerate(rows)}
+    for k, p in folds.items():  # each fold's model, on its own test session, as it was evaluated
+        evaluated = read_csv(run_dir / f"fold{k}" / "predictions.csv")
+        assert evaluated and all(rows[position[r["name"]]]["session"] == k for r in evaluated)
+        for r in evaluated:
+            expected = [float(r[f"p_{c}"]) for c in ("ang", "hap", "sad", "neu")]
+            np.testing.assert_allclose(p[position[r["name"]]], expected, atol=2e-4, err_msg=r["name"])
+
+
 def test_a_run_without_the_speech_branch_predicts_from_text_alone(demo, tmp_path, capsys):
-    args = main.parse_args(["--demo", tmp_path / "run", "--branches", "text,context", "--epochs", "3",
-                            "--device", "cpu"])
-    args.data_dir, args.models_dir = str(demo["data_dir"]), str(demo["run_dir"] / "models")
-    main.train_and_test(args)
+    run_like_the_demo(demo["run_dir"], tmp_path / "run", "--branches", "text,context", "--epochs", "1")
     capsys.readouterr()
     assert predict.main([str(tmp_path / "run"), "--text", "I can't believe you did that!",
                          "--output", str(tmp_path / "one.csv")]) == 0
-    with open(tmp_path / "one.csv", newline="") as f:
-        (one,) = list(csv.DictReader(f))
+    (one,) = read_csv(tmp_path / "one.csv")
     assert one["wav"] == "" and one["prediction"] in ("ang", "hap", "sad", "neu")
     # A list without audio: every row with text is predicted, as the run's own evaluation did.
-    rows = session_dialogues_as_list(demo["data_dir"], 5, tmp_path / "session5.csv")
-    with open(tmp_path / "session5.csv", newline="") as f:
-        given = list(csv.DictReader(f))
+    rows = dialogues_as_list(demo["data_dir"], [5], tmp_path / "session5.csv")
+    given = read_csv(tmp_path / "session5.csv")
     with open(tmp_path / "texts.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["wav", "text", "dialog"])
         writer.writerows(["", r["text"], r["dialog"]] for r in given)
     assert predict.main([str(tmp_path / "run"), "--list", str(tmp_path / "texts.csv"),
                          "--output", str(tmp_path / "out.csv")]) == 0
-    with open(tmp_path / "out.csv", newline="") as f:
-        out = list(csv.DictReader(f))
-    with open(tmp_path / "run" / "fold1" / "predictions.csv", newline="") as f:
-        evaluated = {r["name"]: r for r in csv.DictReader(f)}
+    out = read_csv(tmp_path / "out.csv")
+    evaluated = {r["name"]: r for r in read_csv(tmp_path / "run" / "fold1" / "predictions.csv")}
     assert all(row["prediction"] for row in out) and len(out) == len(rows)
     for row, result in zip(rows, out):
         if row["label"]:
@@ -102,7 +138,7 @@ def test_a_run_without_the_speech_branch_predicts_from_text_alone(demo, tmp_path
 
 
 def test_44k_stereo_audio_is_resampled_and_predicted(demo, tmp_path, capsys):
-    row = next(r for r in read_manifest(demo["data_dir"]) if r["label"] and r["session"] == 5)
+    row = next(r for r in manifest(demo["data_dir"]) if r["label"] and r["session"] == 5)
     wav, rate = sf.read(demo["data_dir"] / "Audio" / f"{row['name']}.wav", dtype="float32")
     stereo = np.stack([resample_poly(wav, 441, 160)] * 2, axis=1) * np.array([1.0, 0.5])
     sf.write(tmp_path / "utt.flac", stereo, 44100)
@@ -111,8 +147,7 @@ def test_44k_stereo_audio_is_resampled_and_predicted(demo, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "resampled 44100 Hz to 16000 Hz" in captured.err and "mixed 2 channels to mono" in captured.err
-    with open(tmp_path / "one.csv", newline="") as f:
-        (result,) = list(csv.DictReader(f))
+    (result,) = read_csv(tmp_path / "one.csv")
     probabilities = [float(result[f"p_{c}"]) for c in ("ang", "hap", "sad", "neu")]
     assert sum(probabilities) == pytest.approx(1, abs=1e-5)
     assert result["prediction"] in ("ang", "hap", "sad", "neu")

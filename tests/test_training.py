@@ -1,13 +1,9 @@
 """Batches, the metrics, the optimizer and schedules, one training step, the frozen-speech cache.
 
-The helpers at the top make a small DATA_DIR of features (per the data contract, with the label
-hidden in every branch's input so that a model can learn it) and a MODELS_DIR of tiny encoders;
-test_model.py and test_main.py use them too.
+On the small DATA_DIR and tiny encoders of tests/small_runs.py (the data_dir and models_dir fixtures).
 """
 import csv
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,98 +13,8 @@ import dataset_loader
 import train_function
 import validation_function
 from dataset_loader import EOS, PAD, collate_utterances, load_utterances, pad_tokens, truncate_tokens
-from data_contract import CLASSES, MANIFEST_COLUMNS, DataError
-from model_structure import EmotionClassifier, load_speech_encoder, load_text_encoder
-
-SPEECH_CHECKPOINT = Path(__file__).parent / "data" / "fairseq_reference" / "bert_kmeans"
-TEXT_VOCAB = 64
-SPEECH_VOCAB = 597  # the fixture bert_kmeans.pt's dictionary
-
-
-
-# ------------------------------------------------------------------------------------------------
-# example data
-
-def write_feature_dir(data_dir, per_dialog=12, sessions=(1, 2, 3, 4, 5), context_window=1, width=16, seed=0):
-    """A DATA_DIR as the extraction stages write it: manifest, GPT2Tokens, vqw2vTokens, FullBertEmb{c}.
-
-    Two dialogues per session, speakers alternating; every 6th utterance is 'xxx' (no label, but
-    context). Each branch's input carries the label: a class token in the text and speech ids, a
-    one-hot in the sentence embedding.
-    """
-    data_dir = Path(data_dir)
-    rng = np.random.default_rng(seed)
-    rows, sentence = [], {}
-    for session in sessions:
-        for d in (1, 2):
-            dialog = f"Ses0{session}F_impro0{d}"
-            for u in range(per_dialog):
-                index = len(rows)
-                emotion = "xxx" if u % 6 == 5 else ("ang", "hap", "exc", "sad", "neu")[rng.integers(5)]
-                label = {"exc": "hap", "xxx": ""}.get(emotion, emotion)
-                letter = "FM"[u % 2]
-                row = {"name": f"{index}_s_{session}_{emotion}", "utterance_id": f"{dialog}_{letter}{u:03d}",
-                       "session": session, "dialog": dialog, "speaker": f"Ses0{session}{letter}", "gender": letter,
-                       "start": float(u), "end": u + 0.9, "emotion": emotion, "label": label, "valence": 2.5,
-                       "activation": 2.5, "dominance": 2.5, "transcript": f"utterance {index}"}
-                rows.append(row)
-                k = CLASSES.index(label) if label else None
-                vector = rng.normal(size=width).astype(np.float32)
-                if k is not None:
-                    vector[k] += 3.0
-                sentence[row["name"]] = vector
-                (data_dir / "GPT2Tokens").mkdir(parents=True, exist_ok=True)
-                (data_dir / "vqw2vTokens").mkdir(parents=True, exist_ok=True)
-                text = rng.integers(10, TEXT_VOCAB - 8, size=rng.integers(3, 20))
-                speech = rng.integers(10, SPEECH_VOCAB, size=rng.integers(5, 40))
-                if k is not None:  # every other token names the class
-                    text[::2] = TEXT_VOCAB - 4 + k
-                    speech[::2] = 4 + k
-                np.save(data_dir / "GPT2Tokens" / f"{row['name']}.npy", np.r_[0, text, 2].astype(np.int32))
-                if label:
-                    np.save(data_dir / "vqw2vTokens" / f"{row['name']}.npy", np.r_[0, speech, 2].astype(np.int32))
-    out = data_dir / f"FullBertEmb{context_window}"
-    out.mkdir(parents=True, exist_ok=True)
-    for dialog in dict.fromkeys(r["dialog"] for r in rows):
-        names = [r["name"] for r in rows if r["dialog"] == dialog]
-        for i, name in enumerate(names):
-            slots = [sentence[names[i + j]] if 0 <= i + j < len(names) else np.zeros(width, np.float32)
-                     for j in range(-context_window, context_window + 1)]
-            np.save(out / f"{name}.npy", np.concatenate(slots))
-    with open(data_dir / "utterances.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return data_dir
-
-
-def write_tiny_models(models_dir, seed=0):
-    """MODELS_DIR with a tiny text RoBERTa (2 layers, 32 wide) and the fixture speech RoBERTa."""
-    from transformers import RobertaConfig, RobertaModel
-    models_dir = Path(models_dir)
-    torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=TEXT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
-                           pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
-    RobertaModel(config).save_pretrained(models_dir / "roberta-large")
-    shutil.copytree(SPEECH_CHECKPOINT, models_dir / "bert_kmeans")
-    return models_dir
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_feature_dir(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    return write_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-def tiny_model(models_dir, context_window=1, width=16, finetune_speech=False):
-    return EmotionClassifier(load_text_encoder(models_dir / "roberta-large"),
-                             load_speech_encoder(models_dir / "bert_kmeans" / "bert_kmeans.pt"),
-                             context_window, width, finetune_speech=finetune_speech, fusion_hidden=32)
+from data_contract import CLASSES, DataError
+from small_runs import tiny_model, write_feature_dir
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,17 +180,19 @@ def test_train_steps_lower_the_loss(data_dir, models_dir):
 
 
 def test_gradient_accumulation_matches_one_big_batch(data_dir, models_dir):
+    """One train_step over micro-batches moves the weights as one step over all of them does."""
     utterances = load_utterances(data_dir, 1, 32, 32)[:8]
     criterion = train_function.make_criterion()
-    grads = []
+    before, after = [], []
     for micro in ([utterances], [utterances[:4], utterances[4:]]):
         torch.manual_seed(0)
-        model = tiny_model(models_dir).eval()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-        for batch in map(collate_utterances, micro):
-            train_function.forward_loss(model, batch, criterion, "cpu")[0].div(len(micro)).backward()
-        grads.append(model.classifier[0].weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        model = tiny_model(models_dir).eval()  # no dropout: the loss is a function of the weights alone
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        before.append(model.classifier[0].weight.detach().clone())
+        train_function.train_step(model, [collate_utterances(m) for m in micro], criterion, optimizer, "cpu")
+        after.append(model.classifier[0].weight.detach().clone())
+    assert torch.equal(before[0], before[1]) and not torch.allclose(after[0], before[0], atol=1e-4)
+    assert torch.allclose(after[0], after[1], atol=1e-6)
 
 
 def test_nonfinite_loss_stops_training(data_dir, models_dir):
