@@ -110,7 +110,8 @@ def test_training_steps_report_mfu_inputs_and_data_wait(toy_training):
         result = bench_train.train_steps(model, utterances, steps=2, warmup=0, group_by_length=True,
                                          cache_speech=cache, batch_size=8)
         total = sum(result["wait_s"]) + sum(result["step_s"])
-        assert result["data_wait_share"] == pytest.approx(sum(result["wait_s"]) / total, rel=1e-3, abs=1e-4)
+        # wait_s and step_s are reported rounded to 10 us; a toy step takes milliseconds.
+        assert result["data_wait_share"] == pytest.approx(sum(result["wait_s"]) / total, abs=2e-3)
         assert result["achieved_gflops"] == pytest.approx(result["model_tflop_per_step"] * 1e3 / result["mean_step_s"])
         assert (result["cache_s_per_utterance"] is not None) == cache
     assert "speech_vector" not in utterances[0]  # the benchmark works on copies
