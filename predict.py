@@ -3,6 +3,7 @@
     python predict.py RUN_DIR --wav FILE --text "..." [--output OUT.csv] [--fold K]
     python predict.py RUN_DIR --text "..."           (a run trained without the speech branch)
     python predict.py RUN_DIR --list FILE.csv [--output OUT.csv] [--fold K] [--device cpu|cuda]
+                      [--models-dir DIR] [--threads N]
 
 Reads RUN_DIR/config.json (every setting inference repeats, and the pretrained files the run was
 trained with, by path and sha256) and RUN_DIR/fold{k}/best.pt; writes nothing into RUN_DIR. A
@@ -20,10 +21,11 @@ Branches the run was trained without are not computed: a speech-only run needs n
 without the speech branch needs no audio (every row with text is predicted, and a wav given is not
 read).
 
-Output per utterance: the predicted emotion and its four probabilities, as a table on screen and,
-with --output, as CSV (the input's columns, then prediction, p_ang, p_hap, p_sad, p_neu). A
-cross-validation run predicts with the mean of all folds' probabilities, or with one fold's model
-(--fold K).
+Output per utterance: the predicted emotion and one probability per class of the run, as a table
+on screen and, with --output, as CSV (the input's columns, then prediction, p_<class>... and note,
+the reason a row asked for got no prediction). A cross-validation run predicts with the mean of all
+folds' probabilities, or with one fold's model (--fold K). A run whose MODELS_DIR moved reads its
+files from --models-dir, each still checked against the sha256 it recorded.
 """
 import argparse
 import csv
