@@ -131,10 +131,19 @@ def _from_pretrained(loader, name, role):
         raise FeatureError(f"{role} {name!r} (a local folder, or a hub name in the cache or online): {e}") from None
 
 
+# The files a tokenizer keeps its vocabulary in; a model folder holds at least one of them.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model")
+
+
 def _load_tokenizer(name, role):
-    """A tokenizer with a vocabulary: without its vocabulary files, transformers builds one of
-    special tokens only, which turns every transcript into <s> </s> without a word of warning."""
+    """A tokenizer with a vocabulary: without its vocabulary files, transformers 5 builds one of
+    special tokens only, which turns every transcript into <s> </s> without a word of warning,
+    and 4.x fails saying that protobuf is not installed."""
     from transformers import AutoTokenizer
+    path = Path(name)
+    if path.is_dir() and not any(any(path.glob(pattern)) for pattern in VOCABULARY_FILES):
+        raise FeatureError(f"{role} {name!r}: without tokenizer.json (or vocab.json and merges.txt, or vocab.txt) "
+                           f"in it, its tokenizer knows only its special tokens")
     tokenizer = _from_pretrained(AutoTokenizer, name, role)
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise FeatureError(f"{role} {name!r}: its tokenizer knows only its {len(tokenizer)} special tokens; is "
