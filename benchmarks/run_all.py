@@ -4,16 +4,20 @@
 
 Runs bench_vq.py (vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py
 (sentence-embedding and text-token throughput; peak memory of the extraction on 100 and 1000
-synthetic utterances) and bench_train.py (training MFU, the frozen-speech cache, data wait),
-about 10-15 minutes on 2 CPU cores. results.json holds the machine (CPU, cores, versions, date,
-load average before and after), each benchmark's raw figures, and the headline figures with
-their targets:
+synthetic utterances) and bench_train.py (training MFU, the frozen-speech cache, data wait).
+The full run took 5.6 minutes on 2 idle cores of an AMD EPYC Zen 4 (bf16 rows included) and
+12-24 minutes on 2 cores of an Intel Xeon shared with other work (load average 3-5); a CPU without
+bf16 instructions leaves the bf16 rows out (utils.cpu_has_native_bf16), since it would emulate
+them for over half an hour. results.json holds the machine (CPU, cores, versions, bf16 flag,
+date, load average before and after), each benchmark's raw figures, and the headline figures
+with their targets:
   vq_limit_ratio            codes() audio s per wall s / (matmul peak / conv FLOPs per audio s)  >= 0.5
   train_mfu_fp32_text_base  text branch at RoBERTa-base, fp32, the project's default batches    >= 0.3
   cache_epoch_speedup       epoch time without / with the frozen-speech cache, original settings >= 1.5
   data_wait_share           loader next() / (next() + train_step), the largest of all runs       < 0.05
   extraction_peak_mb        peak RSS of the whole extraction, {"100": ..., "1000": ...}
---quick runs every benchmark at a small size (a smoke run: its figures are not the targets').
+--quick runs every benchmark at a small size, 1-2 minutes on those busy 2 cores (a smoke run: its
+figures are not the targets', and it writes results.json only where --out says).
 """
 import argparse
 import json
@@ -97,8 +101,6 @@ def main(argv=None):
     for key, m in results["targets"].items():
         print(f"  {key:<26} {m['value']:.3g}  (target {m['target']}: {'met' if m['met'] else 'MISSED'})")
     print(f"  extraction_peak_mb         {results['extraction_peak_mb']}")
-    if results["bf16_skipped"]:
-        print(f"bf16 rows skipped: {results['bf16_skipped']}")
     if results["quick"]:
         print("--quick: a smoke run at small sizes; its figures are not the targets'")
     print(f"machine: {results['machine']}")
