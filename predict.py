@@ -245,6 +245,7 @@ def load_fold_checkpoint(path):
     except TrainingError as e:
         raise PredictError(str(e)) from None
 
+
 def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_dir=None):
     """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes)."""
     import torch
