@@ -190,8 +190,8 @@ def check_device(name):
 
 def set_threads(threads):
     """--threads: torch's CPU threads (None: torch's default, one per core). On a machine whose cores
-    other jobs share, torch's spinning threads contend with them: on 2 busy cores the speech-token
-    step took 50.8 s with the default and 7.8 s with one thread."""
+    other jobs share, torch's spinning threads contend with them: a user measured the speech-token
+    step on 2 busy cores at 50.8 s with the default and 7.8 s with one thread."""
     if threads:
         import torch
         torch.set_num_threads(threads)
