@@ -135,3 +135,16 @@ def run_like_the_demo(demo_dir, run_dir, *options):
         settings += ["--" + key.replace("_", "-"), config[key]]
     return main.main([run_dir, Path(demo_dir) / "data", Path(demo_dir) / "models", *settings, "--device", "cpu",
                       *options])
+
+
+def interrupting(function, at_call):
+    """`function`, except that its call number `at_call` raises KeyboardInterrupt: a Ctrl-C mid-run."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapper

@@ -15,6 +15,7 @@ from data_contract import CLASSES, MANIFEST_COLUMNS, read_manifest
 from mocap_data_collect import LABEL_OF_EMOTION, SEED_CODES, CorpusError, collect
 from synthetic_iemocap import make_corpus
 import utils
+from small_runs import interrupting
 from utils import cut_off_wav
 
 
@@ -357,16 +358,7 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(small_corpus, tmp_path, monk
     Ctrl-C arriving while it writes the audio."""
     root, _ = small_corpus
     data_dir = tmp_path / "data"
-    real_wav_bytes = utils.wav_bytes
-    written = []
-
-    def ctrl_c_at_the_5th_wav(*args, **kwargs):
-        written.append(args)
-        if len(written) == 5:
-            raise KeyboardInterrupt
-        return real_wav_bytes(*args, **kwargs)
-
-    monkeypatch.setattr(utils, "wav_bytes", ctrl_c_at_the_5th_wav)
+    monkeypatch.setattr(utils, "wav_bytes", interrupting(utils.wav_bytes, at_call=5))  # at the 5th wav
     monkeypatch.setattr(sys, "argv", ["mocap_data_collect.py", str(root), str(data_dir)])
     with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
         runpy.run_path(mdc.__file__, run_name="__main__")

@@ -252,17 +252,10 @@ def test_cli_says_in_one_line_when_the_folder_cannot_be_made(tmp_path, capsys):
 
 def test_an_interrupted_corpus_is_replaced_by_the_rerun(tmp_path, monkeypatch):
     import synthetic_iemocap
+    from small_runs import interrupting
 
-    written = []
-    real = synthetic_iemocap.write_text_atomic
-
-    def ctrl_c_at_the_3rd_file(*args, **kwargs):
-        written.append(args)
-        if len(written) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(synthetic_iemocap, "write_text_atomic", ctrl_c_at_the_3rd_file)
+    at_the_3rd_file = interrupting(synthetic_iemocap.write_text_atomic, at_call=3)
+    monkeypatch.setattr(synthetic_iemocap, "write_text_atomic", at_the_3rd_file)
     with pytest.raises(KeyboardInterrupt):
         make_corpus(tmp_path / "corpus", seed=1)
     assert (tmp_path / "corpus" / "Session1").exists() and not (tmp_path / "corpus" / TRUTH_FILE).exists()
