@@ -58,8 +58,8 @@ def _load_embeddings(data_dir, rows):
             loaded[row["name"]] = np.load(path)
             widths[loaded[row["name"]].shape[0]] = widths.get(loaded[row["name"]].shape[0], 0) + 1
     if len(widths) > 1:
-        raise DataError(f"{feature_folder(data_dir, 'sentence-embeddings')}: embeddings of different widths {sorted(widths)}; "
-                          f"rerun feature_ext.py sentence-embeddings --overwrite")
+        raise DataError(f"{feature_folder(data_dir, 'sentence-embeddings')}: embeddings of different widths "
+                        f"{sorted(widths)}; rerun feature_ext.py sentence-embeddings --overwrite")
     return loaded, next(iter(widths), None)
 
 
@@ -98,7 +98,8 @@ def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, p
                 path = out_dir / f"{name}.npy"
                 needed = [n for n in names[max(0, i - c):i + c + 1] if n in missing]
                 if needed:
-                    report.fail(name, f"no valid sentence embedding {feature_folder(data_dir, 'sentence-embeddings') / needed[0]}.npy"
+                    embedding = feature_folder(data_dir, "sentence-embeddings") / f"{needed[0]}.npy"
+                    report.fail(name, f"no valid sentence embedding {embedding}"
                                       + (f" (and {len(needed) - 1} more in its window)" if len(needed) > 1 else ""))
                     continue
                 # Compared by content, not just checked for shape: after the sentence embeddings

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_contract import BRANCHES, DataError, branch_steps, label_set, read_features_record, read_manifest, stale_features
+from data_contract import (BRANCHES, DataError, branch_steps, label_set, read_features_record, read_manifest,
+                           stale_features)
 from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
