@@ -124,15 +124,16 @@ def safe_torch_load(path, map_location="cpu"):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as weights_only_error:
+    # What torch's weights-only unpickler raises on a file that is no plain checkpoint: a refused
+    # global (fairseq 0.9's meters), or garbage (a text file gives KeyError, a truncated one EOFError).
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as weights_only_error:
         first_error = weights_only_error
     try:
         # Not weights_only: only what _RestrictedUnpickler admits is unpickled.
         return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle_module)
     except pickle.UnpicklingError as e:  # a global refused by the restricted unpickler, or no pickle at all
         raise CheckpointError(f"{path}: {e}") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as e:
-        # What a file that is no checkpoint at all (or a truncated one) makes torch.load raise.
+    except (RuntimeError, EOFError) as e:  # a truncated zip or pickle: what torch.load raises for them
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e}; the weights-only "
                               f"load said: {first_error})") from None
 

@@ -18,6 +18,10 @@ from fairseq_checkpoints import load_fairseq_roberta
 from utils import quiet_transformers
 
 
+class CheckpointMismatchError(RuntimeError):
+    """Weights of another model: keys missing, unexpected, or of another shape."""
+
+
 class TimeAsynchronousBranch(nn.Module):
     """Structured self-attention (Lin et al. 2017) over the 2c+1 context slots.
 
@@ -126,12 +130,17 @@ class EmotionClassifier(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not (prefixes and k.startswith(prefixes))}
 
     def load_trained_state_dict(self, state):
-        """Inverse of trained_state_dict: every key not under a frozen encoder must be present."""
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        """Inverse of trained_state_dict: every key not under a frozen encoder must be present, in
+        its shape; otherwise CheckpointMismatchError."""
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # torch's word for a tensor of another shape
+            raise CheckpointMismatchError(f"checkpoint does not fit this model: {e}") from None
         prefixes = tuple(self.frozen_prefixes())
         missing = [k for k in missing if not (prefixes and k.startswith(prefixes))]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointMismatchError(f"checkpoint does not fit this model: missing {missing[:5]}, "
+                                          f"unexpected {unexpected[:5]}")
 
 
 def load_text_encoder(name_or_path):

@@ -273,7 +273,7 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_d
         for path in checkpoints:
             try:
                 model.load_trained_state_dict(load_fold_checkpoint(path))
-            except RuntimeError as e:  # weights of another model: missing, unexpected or misshapen keys
+            except model_structure.CheckpointMismatchError as e:
                 raise PredictError(f"{path}: not a checkpoint of this run's model ({e})") from None
             model.to(device).eval()
             fold_probs.append(predict(model, items, batch_size, device, amp)["probs"])

@@ -219,3 +219,15 @@ def test_roberta_checkpoint_is_not_taken_for_vq_wav2vec():
         load_vq_wav2vec(REF / "bert_kmeans" / "bert_kmeans.pt")
     with pytest.raises(ValueError, match="not a fairseq RoBERTa"):
         load_fairseq_roberta(REF / VQ_FILES[1])
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world\n", b"not a pickle at all \xff" * 10, "truncated"])
+def test_a_file_that_is_no_checkpoint_is_named_not_a_traceback(tmp_path, content):
+    # torch's own loaders raise EOFError, KeyError, UnpicklingError or RuntimeError on these.
+    path = tmp_path / "model.pt"
+    if content == "truncated":
+        torch.save({"model": {"w": torch.zeros(100)}}, path)
+        content = path.read_bytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(fairseq_checkpoints.CheckpointError, match="model.pt"):
+        safe_torch_load(path)

@@ -201,3 +201,16 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(demo, t
     monkeypatch.setattr(main, "cpu_has_native_bf16", lambda: False)
     train(tmp_path / "run", demo["data_dir"], demo["run_dir"] / "models", "--precision", "bf16", "--epochs", "1")
     assert "runs slower than fp32" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_checkpoint_of_another_model_is_named(demo, tmp_path):
+    import torch
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data", "models"))
+    best = torch.load(run_dir / "fold1" / "best.pt", weights_only=True)
+    best["model"]["classifier.2.weight"] = torch.zeros(7, best["model"]["classifier.2.weight"].shape[1])
+    torch.save(best, run_dir / "fold1" / "best.pt")  # a 7-class head where the run has 4
+    wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
+    rows = [{"wav": str(wav), "text": "hi", "_wav_path": wav}]
+    with pytest.raises(predict.PredictError, match=r"(?s)best.pt: not a checkpoint of this run's model .*size mismatch"):
+        predict.predict_rows(run_dir, rows)
