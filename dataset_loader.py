@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from data_contract import BRANCHES, DataError, feature_path, label_set, read_manifest
+from data_contract import BRANCHES, DataError, branch_steps, feature_folder, feature_path, label_set, read_manifest
 from utils import length_sorted_batches
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
@@ -93,7 +93,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     if "context" in branches:
         widths = {item["context"].shape[1] for item in utterances}
         if len(widths) > 1:
-            folder = feature_path(data_dir, "context", "x", context_window).parent
+            folder = feature_folder(data_dir, branch_steps("context", context_window)[-1])
             raise DataError(f"{folder}: context vectors of different widths {sorted(widths)}")
     return utterances
 

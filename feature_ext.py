@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data_contract import (FEATURES_RECORD, MANIFEST_KEY, STEPS, DataError, feature_folder, manifest_fingerprint,
                            read_features_record, read_manifest)
-from utils import (TOKENIZER_FILES, AudioError, check_device, fingerprint, length_sorted_batches, quiet_transformers,
+from utils import (TOKENIZER_FILES, VOCABULARY_FILES, AudioError, check_device, fingerprint, length_sorted_batches, quiet_transformers,
                    read_audio, save_npy_atomic, set_threads, write_text_atomic)
 
 SENTENCE_BATCH_SIZE = 32
@@ -129,10 +129,6 @@ def _from_pretrained(loader, name, role):
             return loader.from_pretrained(name)
     except (OSError, ValueError) as e:  # no such folder, not in the cache and no network, no model_type
         raise FeatureError(f"{role} {name!r} (a local folder, or a hub name in the cache or online): {e}") from None
-
-
-# The files a tokenizer keeps its vocabulary in; a model folder holds at least one of them.
-VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model")
 
 
 def _load_tokenizer(name, role):

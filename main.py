@@ -136,7 +136,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
                                                 progress, rows, classes)
-    width = int(utterances[0]["context"].shape[1]) if "context" in branches else None
+    width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
     return RunData(utterances, classes, left_out, width)
 
 

@@ -254,10 +254,10 @@ def wav_path(iemocap_root, row):
             / f"{row['utterance_id']}.wav")
 
 
-def check_audio(iemocap_root, rows):
+def check_audio(iemocap_root, rows, progress=True):
     """[(row, problem)] for every target utterance whose wav is missing, cut off or not 16 kHz mono."""
     problems = []
-    for row in rows:
+    for row in tqdm(rows, desc="checking audio", unit="utt", disable=not progress):
         if not row["label"]:
             continue
         path = wav_path(iemocap_root, row)
@@ -407,7 +407,7 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
     rows, notes = read_corpus(iemocap_root, emotions, allow_missing)
     if expect_full or (expect_full is None and looks_like_full_corpus(rows)):
         verify_full_corpus(rows, iemocap_root)
-    problems = check_audio(iemocap_root, rows)
+    problems = check_audio(iemocap_root, rows, progress)
     if problems and not allow_missing:
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
                                             len(problems) > 1 else "")

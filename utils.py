@@ -134,6 +134,8 @@ def _sha256(path, chunk=1 << 22):
 TOKENIZER_FILES = ("tokenizer*.json", "vocab*", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "*.model")
 WEIGHT_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin")
+# The tokenizer files that hold its vocabulary; a tokenizer's folder has at least one of them.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model")
 
 
 def local_model_path(name_or_path, patterns=TOKENIZER_FILES + WEIGHT_FILES):
