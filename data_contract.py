@@ -77,6 +77,19 @@ BRANCHES = {
 }
 
 
+def model_tag(model):
+    """A folder-safe name for a pretrained model, for the folders that hold one model's outputs beside
+    another's (a transformers speech encoder's layer means, an ASR model's transcripts): a hub name
+    "org/name" -> "org--name" (as transformers' cache spells it), a local folder -> its own name.
+    Two models with one tag cannot mix unseen: features.json records each folder's model sha256."""
+    text = str(model).rstrip("/\\")
+    path = Path(text)
+    tag = path.name if path.exists() or text.startswith((".", "/", "~")) else text.replace("/", "--")
+    if not tag or tag in (".", ".."):
+        raise ValueError(f"{model!r}: cannot name a folder after this model")
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
+
+
 def branch_steps(branch, context_window):
     """The extraction steps `branch` needs, by name ("context-{c}" filled in)."""
     return [step.format(c=context_window) for step in BRANCHES[branch].steps]

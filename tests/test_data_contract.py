@@ -54,3 +54,14 @@ def test_read_manifest_errors_name_the_file(tmp_path):
 def test_dialogues_group_equal_keys_in_order_and_leave_others_alone():
     assert dialogues(["a", "b", "a", None, "b", None]) == [[0, 2], [1, 4], [3], [5]]
     assert dialogues([]) == []
+
+
+def test_model_tag_names_one_folder_per_model(tmp_path):
+    from data_contract import model_tag
+    assert model_tag("microsoft/wavlm-large") == "microsoft--wavlm-large"
+    assert model_tag("roberta-large") == "roberta-large"
+    local = tmp_path / "my wavlm"
+    local.mkdir()
+    assert model_tag(str(local) + "/") == "my_wavlm"
+    with pytest.raises(ValueError):
+        model_tag("/")
