@@ -5,7 +5,8 @@ spelling a folder name, a column or a label itself:
   CLASSES, SAMPLE_RATE, MANIFEST_COLUMNS     the 4-class label set, 16 kHz, utterances.csv's columns
   read_manifest(DATA_DIR)                    the manifest's rows, typed and checked
   label_set(rows)                            the classes a manifest really has, in CLASSES order
-  STEPS                                      extraction step -> its folder, rows and pretrained files
+  STEPS                                      extraction step -> its folder, rows and pretrained files;
+                                             qualified_step names one per model or transcript set
   BRANCHES                                   model branch -> the steps whose folders it reads, its
                                              utterance key, its encoder and the option naming it
   read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
@@ -41,11 +42,14 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Step:
     """An extraction step: DATA_DIR/<folder>/<name>.npy for `rows` ("labelled" or "all") of the
-    manifest, made from the pretrained files of `models` (their roles in features.json)."""
+    manifest, made from the pretrained files of `models` (their roles in features.json). A step that
+    can be made with other models than the default keeps each model's files in a folder of its own,
+    `per_model` with {model} filled by model_tag (folder is None when there is no default model)."""
 
     folder: str
     rows: str
     models: tuple
+    per_model: str = None
 
 
 # The context step is one per window size c: "context-{c}" writes FullBertEmb{c}/.
@@ -95,11 +99,42 @@ def branch_steps(branch, context_window):
     return [step.format(c=context_window) for step in BRANCHES[branch].steps]
 
 
-def step_entry(step):
-    """STEPS' entry of a step name, "context-3" included."""
+# A step's instance name, which is also its key in features.json: "[<transcripts>/]<step>[@<model>]".
+# The default instances keep their plain names ("text-tokens", "context-2"), so existing records and
+# folders mean what they meant.
+def qualified_step(step, model=None, transcripts=None):
+    """The instance of `step` made with the model tagged `model` (model_tag; None: the step's default
+    model) from the transcript set `transcripts` (a folder of DATA_DIR holding its own Text/ and the
+    folders derived from it; None: the reference transcripts), e.g. "speech-layers@wavlm-large",
+    "ASR-openai--whisper-large-v3/context-2"."""
+    name = step if model is None else f"{step}@{model}"
+    return name if transcripts is None else f"{transcripts}/{name}"
+
+
+def split_step(name):
+    """qualified_step's inverse: (transcripts or None, step, model or None)."""
+    transcripts, _, rest = name.rpartition("/")
+    step, _, model = rest.partition("@")
+    return transcripts or None, step, model or None
+
+
+def step_entry(name):
+    """STEPS' entry of a step instance, "context-3" and qualified names included, with the folder
+    (relative to DATA_DIR) of that instance."""
+    transcripts, step, model = split_step(name)
     if step.startswith("context-"):
-        return Step(STEPS["context-{c}"].folder.format(c=step[len("context-"):]), "all", ())
-    return STEPS[step]
+        entry = Step(STEPS["context-{c}"].folder.format(c=step[len("context-"):]), "all", ())
+    else:
+        entry = STEPS[step]
+    if model is not None:
+        if entry.per_model is None:
+            raise ValueError(f"step {step!r} has no per-model folders (asked for {name!r})")
+        entry = Step(entry.per_model.format(model=model), entry.rows, entry.models, entry.per_model)
+    elif entry.folder is None:
+        raise ValueError(f"step {step!r} needs a model (e.g. {qualified_step(step, 'MODEL')!r})")
+    if transcripts is not None:
+        entry = Step(f"{transcripts}/{entry.folder}", entry.rows, entry.models, entry.per_model)
+    return entry
 
 
 def feature_folder(data_dir, step):

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_contract import (FEATURES_RECORD, MANIFEST_KEY, STEPS, DataError, feature_folder, manifest_fingerprint,
-                           read_features_record, read_manifest)
+from data_contract import (FEATURES_RECORD, MANIFEST_KEY, DataError, feature_folder, manifest_fingerprint,
+                           read_features_record, read_manifest, step_entry)
 from utils import (TOKENIZER_FILES, VOCABULARY_FILES, AudioError, check_device, fingerprint, length_sorted_batches, quiet_transformers,
                    read_audio, save_npy_atomic, set_threads, write_text_atomic)
 
@@ -185,7 +185,7 @@ def record_models(data_dir, step, current, overwrite, rows, report):
 
 
 def _rows_of(step, manifest):
-    return [row for row in manifest if row["label"]] if STEPS[step].rows == "labelled" else manifest
+    return [row for row in manifest if row["label"]] if step_entry(step).rows == "labelled" else manifest
 
 
 def _pending(rows, out_dir, is_valid, overwrite, report):

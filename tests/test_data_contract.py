@@ -65,3 +65,19 @@ def test_model_tag_names_one_folder_per_model(tmp_path):
     assert model_tag(str(local) + "/") == "my_wavlm"
     with pytest.raises(ValueError):
         model_tag("/")
+
+
+def test_qualified_step_instances_have_folders_of_their_own(tmp_path, monkeypatch):
+    from data_contract import Step, feature_folder, qualified_step, split_step
+    monkeypatch.setitem(STEPS, "layers", Step(None, "labelled", ("encoder",), per_model="Layers-{model}"))
+    name = qualified_step("layers", "wavlm-large", "ASR-whisper")
+    assert name == "ASR-whisper/layers@wavlm-large"
+    assert split_step(name) == ("ASR-whisper", "layers", "wavlm-large")
+    assert feature_folder(tmp_path, name) == tmp_path / "ASR-whisper" / "Layers-wavlm-large"
+    assert feature_folder(tmp_path, qualified_step("context-2", transcripts="ASR-whisper")) == \
+        tmp_path / "ASR-whisper" / "FullBertEmb2"
+    assert feature_folder(tmp_path, "text-tokens") == tmp_path / "GPT2Tokens"
+    with pytest.raises(ValueError, match="needs a model"):
+        feature_folder(tmp_path, "layers")
+    with pytest.raises(ValueError, match="no per-model folders"):
+        feature_folder(tmp_path, "speech-tokens@other")
