@@ -116,6 +116,18 @@ def read_audio(path, convert=False, dtype="float32"):
     return wav, notes
 
 
+# Whisper reads 30 s at a time: its encoder (layer means) and its decoder (transcripts) both take a
+# longer utterance as consecutive windows of this length, the last one shorter.
+WHISPER_WINDOW_SECONDS = 30
+
+
+def audio_windows(samples, seconds=WHISPER_WINDOW_SECONDS, sample_rate=SAMPLE_RATE):
+    """`samples` cut into consecutive windows of `seconds` (the last one what is left; an empty
+    input gives one empty window, so that every utterance has at least one)."""
+    step = int(seconds * sample_rate)
+    return [samples[start:start + step] for start in range(0, max(len(samples), 1), step)]
+
+
 def save_npy_atomic(path, array):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)

@@ -341,3 +341,12 @@ def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp
     report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, overwrite=True, progress=False)
     assert report.ok and report.written == len(extracted["rows"])
     assert data_contract.read_features_record(data_dir)["sentence-embeddings"]["sentence_model"]["path"] == str(Path(other).resolve())
+
+
+def test_audio_windows_cut_long_audio_into_consecutive_30_s_windows():
+    from utils import audio_windows
+    samples = np.arange(16000 * 65)
+    windows = audio_windows(samples)
+    assert [len(w) for w in windows] == [480000, 480000, 80000]
+    assert np.array_equal(np.concatenate(windows), samples)
+    assert [len(w) for w in audio_windows(samples[:0])] == [0]
