@@ -55,10 +55,25 @@ class Step:
 # The context step is one per window size c: "context-{c}" writes FullBertEmb{c}/.
 STEPS = {
     "speech-tokens": Step("vqw2vTokens", "labelled", ("vq_wav2vec", "speech_dictionary")),
-    "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",)),
-    "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",)),
-    "context-{c}": Step("FullBertEmb{c}", "all", ()),
+    "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",), per_model="TextTokens-{model}"),
+    "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",), per_model="SentenceEmb-{model}"),
+    "context-{c}": Step("FullBertEmb{c}", "all", (), per_model="FullSentenceEmb{c}-{model}"),
 }
+# The models whose outputs live in the original folders (GPT2Tokens/, BertEmb/ and FullBertEmb{c}/), by
+# model_tag: a local copy named as the download, or the hub name with or without its organisation.
+# Any other model, or another pooling of the sentence model, has folders of its own (instance_tag).
+DEFAULT_MODELS = {"text-tokens": ("roberta-large", "FacebookAI--roberta-large"),
+                  "sentence-embeddings": ("bert-base-uncased", "google-bert--bert-base-uncased")}
+# A step whose files are made from another step's follows that step's model: "context-3@tag" is made
+# from "sentence-embeddings@tag".
+MADE_FROM = {"context-{c}": "sentence-embeddings"}
+# How a sentence vector is read off the sentence model's last layer: the original's [CLS] vector, or
+# the mean over the real tokens (attention mask 1, special tokens included, as sentence-transformers).
+SENTENCE_POOLINGS = ("cls", "mean")
+# The transformers text encoders the text branch and the sentence model take, by config.model_type:
+# each is fine-tuned for classification on its first token's last hidden state (RoBERTa's <s>, BERT's,
+# ELECTRA's and DeBERTa's [CLS]; DeBERTa-v3 checkpoints are model_type "deberta-v2").
+TEXT_ENCODERS = {"roberta": "RoBERTa", "bert": "BERT", "deberta-v2": "DeBERTa-v2/v3", "electra": "ELECTRA"}
 
 
 @dataclass(frozen=True)
@@ -94,9 +109,34 @@ def model_tag(model):
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
 
 
-def branch_steps(branch, context_window):
-    """The extraction steps `branch` needs, by name ("context-{c}" filled in)."""
-    return [step.format(c=context_window) for step in BRANCHES[branch].steps]
+def branch_steps(branch, context_window, models=None):
+    """The extraction steps `branch` needs, by name ("context-{c}" filled in); `models` maps a step
+    (a STEPS key) to the instance_tag of the run's model for it, when that is not the default."""
+    models = models or {}
+    return [qualified_step(step.format(c=context_window), models.get(MADE_FROM.get(step, step)))
+            for step in BRANCHES[branch].steps]
+
+
+def instance_tag(step, model, variant=None):
+    """The model tag under which `step`'s files made with `model` (and a non-default `variant` of the
+    step, e.g. "mean" pooling) live: None for the step's default model and variant (its original
+    folder), else model_tag(model) plus "+variant". None as model means the default model."""
+    tag = model_tag(model) if model is not None else DEFAULT_MODELS[step][0]
+    if variant is None and tag in DEFAULT_MODELS.get(step, ()):
+        return None
+    return tag if variant is None else f"{tag}+{variant}"
+
+
+def sentence_tag(sentence_model, pooling="cls"):
+    """instance_tag of the sentence embeddings (and the context vectors made from them)."""
+    return instance_tag("sentence-embeddings", sentence_model, None if pooling == "cls" else pooling)
+
+
+def text_models(text_model=None, sentence_model=None, pooling="cls"):
+    """branch_steps' `models` for a run's text model and sentence model (None: the defaults)."""
+    tags = {"text-tokens": instance_tag("text-tokens", text_model),
+            "sentence-embeddings": sentence_tag(sentence_model, pooling)}
+    return {step: tag for step, tag in tags.items() if tag is not None}
 
 
 # A step's instance name, which is also its key in features.json: "[<transcripts>/]<step>[@<model>]".
@@ -123,7 +163,8 @@ def step_entry(name):
     (relative to DATA_DIR) of that instance."""
     transcripts, step, model = split_step(name)
     if step.startswith("context-"):
-        entry = Step(STEPS["context-{c}"].folder.format(c=step[len("context-"):]), "all", ())
+        c, context = step[len("context-"):], STEPS["context-{c}"]
+        entry = Step(context.folder.format(c=c), "all", (), context.per_model.format(c=c, model="{model}"))
     else:
         entry = STEPS[step]
     if model is not None:
@@ -141,9 +182,9 @@ def feature_folder(data_dir, step):
     return Path(data_dir) / step_entry(step).folder
 
 
-def feature_path(data_dir, branch, name, context_window):
-    """The file of utterance `name` that `branch` loads."""
-    return feature_folder(data_dir, branch_steps(branch, context_window)[-1]) / f"{name}.npy"
+def feature_path(data_dir, branch, name, context_window, models=None):
+    """The file of utterance `name` that `branch` loads (models: as branch_steps)."""
+    return feature_folder(data_dir, branch_steps(branch, context_window, models)[-1]) / f"{name}.npy"
 
 
 def pretrained_roles(branch):

@@ -26,12 +26,13 @@ BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa v
 
 
 def truncate_tokens(ids, max_tokens):
-    """Cut a `<s> ... </s>` sequence to at most max_tokens, keeping `</s>` as its last token."""
+    """Cut a `<s> ... </s>` sequence to at most max_tokens, keeping `</s>` as its last token (the
+    sequence's own last token: another text encoder's `[SEP]`)."""
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2 (<s> and </s>), got {max_tokens}")
     if len(ids) <= max_tokens:
         return ids
-    return np.concatenate([ids[: max_tokens - 1], [EOS]]).astype(ids.dtype)
+    return np.concatenate([ids[: max_tokens - 1], ids[-1:]]).astype(ids.dtype)
 
 
 def _load_npy(path, what):
@@ -48,12 +49,13 @@ def _load_npy(path, what):
     return array
 
 
-def missing_features(data_dir, rows, context_window, branches):
-    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named."""
+def missing_features(data_dir, rows, context_window, branches, models=None):
+    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
+    (models: the run's non-default models, as data_contract.branch_steps)."""
     missing = []
     for row in rows:
         if row["label"]:
-            paths = [feature_path(data_dir, branch, row["name"], context_window) for branch in branches]
+            paths = [feature_path(data_dir, branch, row["name"], context_window, models) for branch in branches]
             absent = [p for p in paths if not p.is_file()]
             if absent:
                 missing.append((row["name"], absent[0]))
@@ -61,9 +63,10 @@ def missing_features(data_dir, rows, context_window, branches):
 
 
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
-                    progress=True, rows=None, classes=None):
+                    progress=True, rows=None, classes=None, models=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
-    branches need; labels are indices into `classes` (default: the classes the rows have)."""
+    branches need; labels are indices into `classes` (default: the classes the rows have); models:
+    the run's non-default text and sentence models (data_contract.branch_steps)."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
@@ -78,7 +81,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
         item = {"index": len(utterances), "name": row["name"], "session": row["session"],
                 "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
         for branch in branches:
-            path = feature_path(data_dir, branch, row["name"], context_window)
+            path = feature_path(data_dir, branch, row["name"], context_window, models)
             key = BRANCHES[branch].key
             if branch == "context":
                 vector = _load_npy(path, f"context vector (window {context_window})")
@@ -93,7 +96,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     if "context" in branches:
         widths = {item["context"].shape[1] for item in utterances}
         if len(widths) > 1:
-            folder = feature_folder(data_dir, branch_steps("context", context_window)[-1])
+            folder = feature_folder(data_dir, branch_steps("context", context_window, models)[-1])
             raise DataError(f"{folder}: context vectors of different widths {sorted(widths)}")
     return utterances
 

@@ -10,10 +10,14 @@ Writes, one .npy per utterance, into the folders data_contract.STEPS names:
   BertEmb/<name>.npy      float32 (H,) last-layer [CLS] vector, every utterance (context needs all)
 An empty transcript is a valid utterance: its tokens are `<s> </s>` and its embedding that of the
 empty text. The fairseq files load through fairseq_checkpoints.py.
+Other text encoders (BERT, DeBERTa-v2/v3, ELECTRA, another RoBERTa: data_contract.TEXT_ENCODERS),
+given as --text-model or --sentence-model, and mean pooling (--sentence-pooling mean) write folders
+of their own beside these (TextTokens-<model>/, SentenceEmb-<model>[+mean]/; data_contract.STEPS),
+so the original folders always hold the original models' outputs.
 
 Each step runs on its own:
   python feature_ext.py {speech-tokens,text-tokens,sentence-embeddings} DATA_DIR MODELS_DIR
-      [--sentence-model M] [--text-model M] [--device cpu|cuda]
+      [--sentence-model M] [--sentence-pooling cls|mean] [--text-model M] [--device cpu|cuda]
 A rerun skips outputs that exist and are valid; a bad input (an unreadable or cut-off wav, a
 transcript that is not UTF-8) is reported by name and the others go on; a missing model stops the
 step with one line. Anything else (a bug, CUDA out of memory) stops with its traceback.
@@ -32,8 +36,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_contract import (FEATURES_RECORD, MANIFEST_KEY, DataError, feature_folder, manifest_fingerprint,
-                           read_features_record, read_manifest, step_entry)
+from data_contract import (FEATURES_RECORD, MANIFEST_KEY, SENTENCE_POOLINGS, TEXT_ENCODERS, DataError, feature_folder,
+                           instance_tag, manifest_fingerprint, qualified_step, read_features_record, read_manifest,
+                           sentence_tag, step_entry)
 from utils import (TOKENIZER_FILES, VOCABULARY_FILES, AudioError, check_device, fingerprint, length_sorted_batches, quiet_transformers,
                    read_audio, save_npy_atomic, set_threads, write_text_atomic)
 
@@ -145,6 +150,18 @@ def _load_tokenizer(name, role):
         raise FeatureError(f"{role} {name!r}: its tokenizer knows only its {len(tokenizer)} special tokens; is "
                            f"tokenizer.json (or vocab.json and merges.txt, or vocab.txt) missing from it?")
     return tokenizer
+
+
+def text_encoder_config(name, role):
+    """The transformers config of a text encoder the text branch or the sentence model takes
+    (data_contract.TEXT_ENCODERS); any other model is refused with one line saying what it is."""
+    from transformers import AutoConfig
+    config = _from_pretrained(AutoConfig, name, role)
+    if config.model_type not in TEXT_ENCODERS:
+        what = ", ".join(getattr(config, "architectures", None) or []) or "no architecture recorded"
+        raise FeatureError(f"{role} {name!r} is a {config.model_type!r} model ({what}), not a text encoder this "
+                           f"pipeline takes: {', '.join(f'{v} ({k})' for k, v in TEXT_ENCODERS.items())}")
+    return config
 
 
 def stamp_manifest(data_dir, step, rows, out_dir, report):
@@ -269,13 +286,15 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
 
 def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=False, progress=True):
     """GPT2Tokens/<name>.npy: the text RoBERTa's ids `<s> ... </s>` (int32), as fairseq's
-    roberta.encode gives them, for every utterance."""
-    data_dir, step = Path(data_dir), "text-tokens"
-    out_dir, report = feature_folder(data_dir, step), StepReport(step)
+    roberta.encode gives them, for every utterance. Another text encoder's tokenizer writes its own
+    ids (e.g. [CLS] ... [SEP]) into that model's folder, TextTokens-<model_tag>/ (data_contract.STEPS)."""
     text_model = text_model or resolve_model(models_dir, "roberta-large")
+    data_dir, step = Path(data_dir), qualified_step("text-tokens", instance_tag("text-tokens", text_model))
+    out_dir, report = feature_folder(data_dir, step), StepReport(step)
 
     def work():
         manifest = read_manifest(data_dir)
+        text_encoder_config(text_model, "text model")
         # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
         tokenizer = _load_tokenizer(text_model, "text model")
         record_models(data_dir, step, {"text_tokenizer": fingerprint(text_model, TOKENIZER_FILES)}, overwrite,
@@ -294,9 +313,10 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
     return _run_step(report, work)
 
 
-def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE, progress_bar=None):
+def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE, progress_bar=None, pooling="cls"):
     """Last-layer [CLS] vectors (float32, (len(texts), H)), batched by similar length with padding
-    and attention masks; equal to embedding each text alone (within float rounding)."""
+    and attention masks; equal to embedding each text alone (within float rounding). pooling "mean":
+    the mean of the last layer over the real tokens (attention mask 1, [CLS] and [SEP] included)."""
     import torch
     device = next(model.parameters()).device
     max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
@@ -306,23 +326,33 @@ def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE,
         for batch in length_sorted_batches(lengths, batch_size):
             inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                max_length=max_length, return_tensors="pt").to(device)
-            vectors[batch] = model(**inputs).last_hidden_state[:, 0].float().cpu().numpy()
+            hidden = model(**inputs).last_hidden_state
+            if pooling == "mean":
+                mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                vectors[batch] = ((hidden * mask).sum(1) / mask.sum(1)).float().cpu().numpy()
+            else:
+                vectors[batch] = hidden[:, 0].float().cpu().numpy()
             if progress_bar is not None:
                 progress_bar.update(len(batch))
     return vectors
 
 
 def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, device="cpu",
-                                overwrite=False, progress=True, batch_size=SENTENCE_BATCH_SIZE):
+                                overwrite=False, progress=True, batch_size=SENTENCE_BATCH_SIZE, pooling="cls"):
     """BertEmb/<name>.npy: the sentence model's last-layer [CLS] vector (float32, (H,)) for every
-    utterance, since context vectors need the neighbours of every target utterance."""
-    data_dir, step = Path(data_dir), "sentence-embeddings"
-    out_dir, report = feature_folder(data_dir, step), StepReport(step)
+    utterance, since context vectors need the neighbours of every target utterance. Another sentence
+    model, or mean pooling, writes SentenceEmb-<model_tag>[+mean]/ instead (data_contract.sentence_tag)."""
+    if pooling not in SENTENCE_POOLINGS:
+        raise ValueError(f"pooling must be one of {SENTENCE_POOLINGS}, got {pooling!r}")
     sentence_model = sentence_model or resolve_model(models_dir, "bert-base-uncased")
+    data_dir = Path(data_dir)
+    step = qualified_step("sentence-embeddings", sentence_tag(sentence_model, pooling))
+    out_dir, report = feature_folder(data_dir, step), StepReport(step)
 
     def work():
         from transformers import AutoModel
         manifest = read_manifest(data_dir)
+        text_encoder_config(sentence_model, "sentence model")
         # Loaded first: a hub name is in the local cache (to be fingerprinted) only after a load.
         tokenizer = _load_tokenizer(sentence_model, "sentence model")
         model = _from_pretrained(AutoModel, sentence_model, "sentence model").to(check_device(device)).eval()
@@ -343,7 +373,7 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
             # In slices, so that an interrupted run keeps what it finished.
             for start in range(0, len(texts), 16 * batch_size):
                 part = slice(start, start + 16 * batch_size)
-                vectors = sentence_embeddings(texts[part], tokenizer, model, batch_size, bar)
+                vectors = sentence_embeddings(texts[part], tokenizer, model, batch_size, bar, pooling)
                 for name, vector in zip(names[part], vectors):
                     save_npy_atomic(out_dir / f"{name}.npy", vector)
                     report.written += 1
@@ -356,14 +386,15 @@ EXTRACTORS = {"speech-tokens": extract_speech_tokens, "text-tokens": extract_tex
 
 
 def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-             overwrite=False, progress=True):
+             overwrite=False, progress=True, sentence_pooling="cls"):
     """Run one of EXTRACTORS' steps by name; returns its StepReport."""
     if step == "speech-tokens":
         return extract_speech_tokens(data_dir, models_dir, device, overwrite, progress)
     if step == "text-tokens":
         return extract_text_tokens(data_dir, models_dir, text_model, overwrite, progress)
     if step == "sentence-embeddings":
-        return extract_sentence_embeddings(data_dir, models_dir, sentence_model, device, overwrite, progress)
+        return extract_sentence_embeddings(data_dir, models_dir, sentence_model, device, overwrite, progress,
+                                           pooling=sentence_pooling)
     raise ValueError(f"unknown step {step!r}; one of {', '.join(EXTRACTORS)}")
 
 
@@ -371,11 +402,16 @@ def add_model_arguments(parser):
     parser.add_argument("data_dir", help="DATA_DIR written by mocap_data_collect.py")
     parser.add_argument("models_dir", help="MODELS_DIR with vq-wav2vec_kmeans.pt and bert_kmeans/")
     parser.add_argument("--sentence-model", default=None,
-                        help="sentence model, a name or folder (default: MODELS_DIR/bert-base-uncased "
-                             "if present, else bert-base-uncased)")
+                        help="sentence model (a text encoder, as --text-model), a name or folder: BertEmb/ for "
+                             "bert-base-uncased (the default: MODELS_DIR/bert-base-uncased if present, else "
+                             "bert-base-uncased), SentenceEmb-<model>/ for any other")
+    parser.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls",
+                        help="the sentence vector: the last layer's [CLS] (the original's) or its mean over the "
+                             "real tokens (written to a folder of its own, SentenceEmb-<model>+mean/)")
     parser.add_argument("--text-model", default=None,
-                        help="text RoBERTa whose tokenizer gives GPT2Tokens (default: "
-                             "MODELS_DIR/roberta-large if present, else roberta-large)")
+                        help="text encoder (RoBERTa, BERT, DeBERTa-v2/v3, ELECTRA) whose tokenizer gives the text "
+                             "tokens: GPT2Tokens/ for roberta-large (the default: MODELS_DIR/roberta-large if "
+                             "present, else roberta-large), TextTokens-<model>/ for any other")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice, all cores; on a machine "
@@ -406,7 +442,7 @@ def main(argv=None):
     set_threads(args.threads)
     # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
     report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                      args.device, args.overwrite, progress=sys.stderr.isatty())
+                      args.device, args.overwrite, progress=sys.stderr.isatty(), sentence_pooling=args.sentence_pooling)
     print(format_summary([report]))
     return 0 if report.ok else 1
 

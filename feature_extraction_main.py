@@ -1,6 +1,7 @@
 """Every feature extraction step, in order, over one DATA_DIR.
 
-    python feature_extraction_main.py DATA_DIR MODELS_DIR [--sentence-model M] [--text-model M]
+    python feature_extraction_main.py DATA_DIR MODELS_DIR [--sentence-model M] [--sentence-pooling cls|mean]
+                                      [--text-model M]
                                       [--device cpu|cuda] [--context 1 2 3] [--overwrite]
 
 Reads what mocap_data_collect.py wrote (utterances.csv, Audio/, Text/) and the pretrained models
@@ -17,18 +18,21 @@ import argparse
 import sys
 
 from concatenate_embds import write_context_vectors
-from feature_ext import EXTRACTORS, add_model_arguments, check_folders, format_summary, run_step
+from data_contract import sentence_tag
+from feature_ext import EXTRACTORS, add_model_arguments, check_folders, format_summary, resolve_model, run_step
 from utils import set_threads
 
 CONTEXTS = (1, 2, 3)
 
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-                     contexts=CONTEXTS, overwrite=False, progress=True):
-    """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports."""
-    reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress)
-               for step in EXTRACTORS]
-    return reports + write_context_vectors(data_dir, contexts, overwrite, progress)
+                     contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls"):
+    """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports.
+    Another text or sentence model, or mean pooling, writes folders of its own (feature_ext.py)."""
+    reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
+                        sentence_pooling) for step in EXTRACTORS]
+    tag = sentence_tag(sentence_model or resolve_model(models_dir, "bert-base-uncased"), sentence_pooling)
+    return reports + write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag)
 
 
 def main(argv=None):
@@ -43,7 +47,8 @@ def main(argv=None):
     set_threads(args.threads)
     # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
     reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                               args.device, args.context, args.overwrite, progress=sys.stderr.isatty())
+                               args.device, args.context, args.overwrite, progress=sys.stderr.isatty(),
+                               sentence_pooling=args.sentence_pooling)
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_contract import (BRANCHES, DataError, branch_steps, label_set, read_features_record, read_manifest,
-                           stale_features)
+from data_contract import (BRANCHES, SENTENCE_POOLINGS, DataError, branch_steps, feature_folder, label_set,
+                           read_features_record, read_manifest, split_step, stale_features, step_entry, text_models)
 from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
@@ -77,9 +77,10 @@ DEFAULTS = {
     "group_by_length": True,
 }
 # Settings that may differ when a run is resumed: they do not change the numbers.
-NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs")
+# (feature_folders follows from settings that are compared: the models, the pooling, the window.)
+NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs", "feature_folders")
 # Settings added since a run may have started: a config.json without them had these values.
-ADDED_SETTINGS = {"skip_missing": False, "left_out": []}
+ADDED_SETTINGS = {"skip_missing": False, "left_out": [], "sentence_model": None, "sentence_pooling": "cls"}
 
 log = logging.getLogger("main")
 
@@ -109,11 +110,13 @@ def parse_branches(text):
     return [b for b in BRANCHES if b in branches]
 
 
-def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True):
-    """All labelled utterances with the features `branches` need, read once per run."""
+def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True,
+                  models=None):
+    """All labelled utterances with the features `branches` need, read once per run (models: the run's
+    non-default text and sentence models, data_contract.text_models)."""
     import dataset_loader
     rows = read_manifest(data_dir)
-    steps = [step for branch in branches for step in branch_steps(branch, context_window)]
+    steps = [step for branch in branches for step in branch_steps(branch, context_window, models)]
     stale = stale_features(data_dir, steps, rows)
     if stale:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'} lists other utterances than the {', '.join(stale)} "
@@ -123,7 +126,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     if len(classes) < 2:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
                        f"({', '.join(classes) or 'none'}); a classifier needs at least two")
-    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches)
+    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, models)
     labelled = sum(1 for row in rows if row["label"])
     if missing and (not skip_missing or len(missing) == labelled):
         name, path = missing[0]
@@ -135,7 +138,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     left_out = [name for name, _ in missing]
     rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
-                                                progress, rows, classes)
+                                                progress, rows, classes, models)
     width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
     return RunData(utterances, classes, left_out, width)
 
@@ -167,6 +170,42 @@ def model_paths(args):
     return str(text_model), str(speech_model)
 
 
+def text_encoder_settings(args, branches):
+    """The run's text and sentence models -> data_contract.text_models (which folders the branches
+    read). The text encoder must be one the branch takes (one line saying what it is otherwise), and
+    MAX_TEXT_TOKENS is bounded by its positions; a per-model folder that is not there is refused with
+    one line naming it and the command that makes it."""
+    from feature_ext import FeatureError, text_encoder_config
+    from model_structure import text_token_limit
+    text_model = model_paths(args)[0]
+    if "text" in branches:
+        try:
+            limit = text_token_limit(text_encoder_config(text_model, "text model (--text-model)"))
+        except FeatureError as error:
+            raise RunError(str(error)) from None
+        if args.max_text_tokens > limit:
+            print(f"main.py: MAX_TEXT_TOKENS {args.max_text_tokens} is more than text model {text_model} takes: "
+                  f"using {limit}", file=sys.stderr)
+            args.max_text_tokens = limit
+    models = text_models(text_model, args.sentence_model, args.sentence_pooling)
+    sentence = [f"--sentence-model {args.sentence_model}"] if args.sentence_model else []
+    sentence += [f"--sentence-pooling {args.sentence_pooling}"] if args.sentence_pooling != "cls" else []
+    for branch in branches:
+        for step in branch_steps(branch, args.context_window, models):
+            folder = feature_folder(args.data_dir, step)
+            if split_step(step)[2] is None or folder.is_dir():
+                continue
+            concatenate = " ".join(["python concatenate_embds.py", str(args.data_dir), "--context",
+                                    str(args.context_window), *sentence])
+            command = {"text-tokens": f"python feature_ext.py text-tokens {args.data_dir} {args.models_dir} "
+                                      f"--text-model {text_model}",
+                       "sentence-embeddings": " ".join(["python feature_ext.py sentence-embeddings", str(args.data_dir),
+                                                        str(args.models_dir), *sentence]) + " && " + concatenate
+                       }.get(split_step(step)[1], concatenate)
+            raise RunError(f"{folder}: not found (the {step} features of this run's options); make it with: {command}")
+    return models
+
+
 def option_settings(args, precision):
     """The settings the options decide (everything but the files and what the data decides)."""
     return {
@@ -181,12 +220,13 @@ def option_settings(args, precision):
         "clip_norm": args.clip_norm, "class_weights": args.class_weights, "fusion_hidden": args.fusion_hidden,
         "finetune_text": not args.freeze_text, "finetune_speech": args.finetune_speech,
         "group_by_length": args.group_by_length, "seed": args.seed, "precision": precision,
+        "sentence_pooling": args.sentence_pooling,
     }
 
 
-def resolve_config(args, data, device, precision):
+def resolve_config(args, data, device, precision, models=None):
     """The complete settings of a run as plain JSON values, config.json exactly; nothing changes
-    them afterwards."""
+    them afterwards (models: the run's non-default text and sentence models, text_models)."""
     import torch
     import transformers
     data_dir, models_dir = Path(args.data_dir).resolve(), Path(args.models_dir).resolve()
@@ -195,7 +235,12 @@ def resolve_config(args, data, device, precision):
     config = {
         "data_dir": str(data_dir), "models_dir": str(models_dir), "text_model": text_model,
         "speech_model": speech_model,
-        "pretrained": pretrained_files(data_dir, options["branches"], text_model, speech_model),
+        "pretrained": pretrained_files(data_dir, options["branches"], text_model, speech_model, models,
+                                       args.context_window),
+        "sentence_model": str(Path(args.sentence_model).resolve()) if args.sentence_model and
+        Path(args.sentence_model).exists() else args.sentence_model,
+        "feature_folders": {branch: step_entry(branch_steps(branch, args.context_window, models)[-1]).folder
+                            for branch in options["branches"]},
         "classes": list(data.classes), "context_width": data.context_width, "left_out": list(data.left_out),
         "device": device, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "stop_after_epochs": args.stop_after_epochs,
@@ -208,22 +253,25 @@ def resolve_config(args, data, device, precision):
              "protocol", "val_split", "val_fraction", "val_split_description", "epochs", "batch_size",
              "eval_batch_size", "grad_accum", "lr_encoders", "lr_head", "weight_decay", "scheduler", "warmup",
              "clip_norm", "class_weights", "fusion_hidden", "finetune_text", "finetune_speech", "group_by_length",
-             "seed", "device", "precision", "world_size", "stop_after_epochs", "versions")
+             "seed", "device", "precision", "world_size", "stop_after_epochs", "versions",
+             # added since: at the end, so that the lines above still compare with older runs' files
+             "sentence_model", "sentence_pooling", "feature_folders")
     return {key: config[key] for key in order}
 
 
-def pretrained_files(data_dir, branches, text_model, speech_model):
+def pretrained_files(data_dir, branches, text_model, speech_model, step_models=None, context_window=CONTEXT_WINDOW):
     """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
     the encoders the model loads, and the extractors that made its features (as
-    DATA_DIR/features.json recorded them). predict.py checks them all before it predicts."""
+    DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).
+    predict.py checks them all before it predicts."""
     record = read_features_record(data_dir)
     models = {"text_model": (text_model, [WEIGHT_FILES]), "speech_model": (speech_model, [])}
     pretrained = {}
     for branch in branches:
-        for step in BRANCHES[branch].steps:
+        for step in branch_steps(branch, context_window, step_models):
             if step in record:
                 pretrained.update(record[step])
-            elif "{c}" not in step:
+            elif step_entry(step).models:
                 log.warning(f"{Path(data_dir) / 'features.json'} does not say which models made the {step} "
                             f"features; predict.py will not be able to check them")
         role = BRANCHES[branch].encoder
@@ -550,9 +598,10 @@ def train_and_test(args, run_dir_checked=False):
     env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
            "amp_dtype": torch.bfloat16 if precision == "bf16" else None}
     try:
+        models = text_encoder_settings(args, branches)
         data = load_run_data(data_dir, branches, args.context_window, args.max_text_tokens, args.max_audio_tokens,
-                             args.skip_missing, env["progress"])
-        config = resolve_config(args, data, device, precision)
+                             args.skip_missing, env["progress"], models)
+        config = resolve_config(args, data, device, precision, models)
         return run(config, args.run_dir, data.utterances, env)
     except (DataError, TrainingError) as error:  # a user's file or setting, named in the message
         raise RunError(str(error)) from None
@@ -616,7 +665,14 @@ def build_parser():
     p.add_argument("--freeze-text", action="store_true", default=d["freeze_text"],
                    help="keep the text RoBERTa frozen (fine-tuned otherwise)")
     p.add_argument("--text-model", default=None,
-                   help="text RoBERTa folder or name (default: MODELS_DIR/roberta-large if present, else roberta-large)")
+                   help="text encoder folder or hub name: RoBERTa, BERT, DeBERTa-v2/v3 or ELECTRA, its tokens made by "
+                        "feature_ext.py text-tokens with the same --text-model (default: MODELS_DIR/roberta-large if "
+                        "present, else roberta-large)")
+    p.add_argument("--sentence-model", default=None,
+                   help="the sentence model the context vectors were made with, as given to feature_ext.py (default: "
+                        "bert-base-uncased's, FullBertEmb{c}/)")
+    p.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls",
+                   help="the pooling the context vectors' sentence embeddings were made with (feature_ext.py)")
     p.add_argument("--speech-model", default=None,
                    help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt)")
     p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"],

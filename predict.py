@@ -17,7 +17,8 @@ the tool says so of each. A list is a CSV with the columns `wav` and `text` and 
 dialogue, in the order given, are each other's context exactly as in training; a row without a
 dialogue is a conversation of its own (zeros around it). A row with text but no wav gives context
 and no prediction, so a whole dialogue, its unlabelled utterances included, can be given in order.
-Branches the run was trained without are not computed: a speech-only run needs no text, and a run
+The run's own text encoder and tokenizer, sentence model and pooling (config.json) make the features,
+whichever of the supported text encoders they are. Branches the run was trained without are not computed: a speech-only run needs no text, and a run
 without the speech branch needs no audio (every row with text is predicted, and a wav given is not
 read).
 
@@ -200,7 +201,7 @@ def featurize(rows, config, extractors, notes):
             if not group:
                 continue
             embeddings = sentence_embeddings([texts[i] for i in group], extractors["sentence_tokenizer"],
-                                             extractors["sentence_model"])
+                                             extractors["sentence_model"], pooling=config.get("sentence_pooling", "cls"))
             for i, vector in zip(group, context_vectors(embeddings, c)):
                 contexts[i] = torch.from_numpy(vector.reshape(2 * c + 1, -1))
 
