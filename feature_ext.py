@@ -77,10 +77,11 @@ class StepReport:
 
 def format_summary(reports):
     """A table of written/skipped/failed/seconds per step, then every failure by name."""
-    lines = [f"{'step':<22}{'written':>9}{'skipped':>9}{'failed':>8}{'seconds':>9}"]
+    width = max([22] + [len(r.step) + 1 for r in reports])  # a per-model step's name is longer
+    lines = [f"{'step':<{width}}{'written':>9}{'skipped':>9}{'failed':>8}{'seconds':>9}"]
     for r in reports:
         failed = "ERROR" if r.error else len(r.failed)
-        lines.append(f"{r.step:<22}{r.written:>9}{r.skipped:>9}{failed:>8}{r.seconds:>9.1f}")
+        lines.append(f"{r.step:<{width}}{r.written:>9}{r.skipped:>9}{failed:>8}{r.seconds:>9.1f}")
     for r in reports:
         if r.error:
             lines.append(f"{r.step}: could not run: {r.error}")
