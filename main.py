@@ -188,22 +188,27 @@ def text_encoder_settings(args, branches):
                   f"using {limit}", file=sys.stderr)
             args.max_text_tokens = limit
     models = text_models(text_model, args.sentence_model, args.sentence_pooling)
-    sentence = [f"--sentence-model {args.sentence_model}"] if args.sentence_model else []
-    sentence += [f"--sentence-pooling {args.sentence_pooling}"] if args.sentence_pooling != "cls" else []
     for branch in branches:
         for step in branch_steps(branch, args.context_window, models):
             folder = feature_folder(args.data_dir, step)
-            if split_step(step)[2] is None or folder.is_dir():
-                continue
-            concatenate = " ".join(["python concatenate_embds.py", str(args.data_dir), "--context",
-                                    str(args.context_window), *sentence])
-            command = {"text-tokens": f"python feature_ext.py text-tokens {args.data_dir} {args.models_dir} "
-                                      f"--text-model {text_model}",
-                       "sentence-embeddings": " ".join(["python feature_ext.py sentence-embeddings", str(args.data_dir),
-                                                        str(args.models_dir), *sentence]) + " && " + concatenate
-                       }.get(split_step(step)[1], concatenate)
-            raise RunError(f"{folder}: not found (the {step} features of this run's options); make it with: {command}")
+            if split_step(step)[2] is not None and not folder.is_dir():
+                raise RunError(f"{folder}: not found (the {step} features of this run's options); make it with: "
+                               f"{making_command(args, step, text_model)}")
     return models
+
+
+def making_command(args, step, text_model):
+    """The command line that makes the per-model folder of `step` (README, stage 2)."""
+    sentence = [f"--sentence-model {args.sentence_model}"] if args.sentence_model else []
+    sentence += [f"--sentence-pooling {args.sentence_pooling}"] if args.sentence_pooling != "cls" else []
+    data_dir, models_dir = str(args.data_dir), str(args.models_dir)
+    concatenate = " ".join(["python concatenate_embds.py", data_dir, "--context", str(args.context_window), *sentence])
+    kind = split_step(step)[1]
+    if kind == "text-tokens":
+        return f"python feature_ext.py text-tokens {data_dir} {models_dir} --text-model {text_model}"
+    if kind == "sentence-embeddings":
+        return " ".join(["python feature_ext.py sentence-embeddings", data_dir, models_dir, *sentence, "&&", concatenate])
+    return concatenate
 
 
 def option_settings(args, precision):
