@@ -7,6 +7,7 @@ spelling a folder name, a column or a label itself:
   label_set(rows)                            the classes a manifest really has, in CLASSES order
   STEPS                                      extraction step -> its folder, rows and pretrained files;
                                              qualified_step names one per model or transcript set
+  transcript_set / TEXT_STEPS / WER_FILE      ASR transcript sets (ASR-<tag>/Text/) and what is made from them
   BRANCHES                                   model branch -> the steps whose folders it reads, its
                                              utterance key, its encoder and the option naming it
   read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
@@ -58,7 +59,15 @@ STEPS = {
     "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",)),
     "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",)),
     "context-{c}": Step("FullBertEmb{c}", "all", ()),
+    # Speech recognition: one transcript set per ASR model, ASR-<tag>/Text/<name>.txt (ASR_SET).
+    "transcripts": Step(None, "all", ("asr_model",), per_model="ASR-{model}/Text"),
 }
+# A transcript set is a folder of DATA_DIR holding its own Text/ (the reference set is DATA_DIR
+# itself); these steps read a set's Text/ and have an instance per set, under the set's folder.
+ASR_SET = "ASR-{model}"
+TEXT_STEPS = ("text-tokens", "sentence-embeddings", "context-{c}")
+# In an ASR set's folder: the step's word error rates against the reference transcripts.
+WER_FILE = "wer.json"
 
 
 @dataclass(frozen=True)
@@ -94,9 +103,27 @@ def model_tag(model):
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
 
 
-def branch_steps(branch, context_window):
-    """The extraction steps `branch` needs, by name ("context-{c}" filled in)."""
-    return [step.format(c=context_window) for step in BRANCHES[branch].steps]
+def branch_steps(branch, context_window, transcripts=None):
+    """The extraction steps `branch` needs, by name ("context-{c}" filled in); those made from text
+    are the instances of the transcript set `transcripts` (None: the reference transcripts)."""
+    return [qualified_step(step.format(c=context_window), transcripts=transcripts if step in TEXT_STEPS else None)
+            for step in BRANCHES[branch].steps]
+
+
+def transcript_set(asr_model):
+    """The folder of DATA_DIR that holds the transcripts of ASR model `asr_model` and the features made
+    from them (None: the reference transcripts, DATA_DIR itself)."""
+    return None if asr_model is None else ASR_SET.format(model=model_tag(asr_model))
+
+
+def transcript_folder(data_dir, transcripts=None):
+    """Text/ of a transcript set (transcript_set): <name>.txt, one line, for every utterance."""
+    return Path(data_dir) / (transcripts or "") / "Text"
+
+
+def transcript_sets(data_dir):
+    """The ASR transcript sets DATA_DIR holds, by folder name."""
+    return sorted(p.parent.name for p in Path(data_dir).glob(ASR_SET.format(model="*") + "/Text") if p.is_dir())
 
 
 # A step's instance name, which is also its key in features.json: "[<transcripts>/]<step>[@<model>]".
@@ -141,9 +168,9 @@ def feature_folder(data_dir, step):
     return Path(data_dir) / step_entry(step).folder
 
 
-def feature_path(data_dir, branch, name, context_window):
-    """The file of utterance `name` that `branch` loads."""
-    return feature_folder(data_dir, branch_steps(branch, context_window)[-1]) / f"{name}.npy"
+def feature_path(data_dir, branch, name, context_window, transcripts=None):
+    """The file of utterance `name` that `branch` loads (made from the transcript set `transcripts`)."""
+    return feature_folder(data_dir, branch_steps(branch, context_window, transcripts)[-1]) / f"{name}.npy"
 
 
 def pretrained_roles(branch):

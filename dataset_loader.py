@@ -48,12 +48,13 @@ def _load_npy(path, what):
     return array
 
 
-def missing_features(data_dir, rows, context_window, branches):
-    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named."""
+def missing_features(data_dir, rows, context_window, branches, transcripts=None):
+    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
+    (text features of the transcript set `transcripts`, data_contract.transcript_set)."""
     missing = []
     for row in rows:
         if row["label"]:
-            paths = [feature_path(data_dir, branch, row["name"], context_window) for branch in branches]
+            paths = [feature_path(data_dir, branch, row["name"], context_window, transcripts) for branch in branches]
             absent = [p for p in paths if not p.is_file()]
             if absent:
                 missing.append((row["name"], absent[0]))
@@ -61,9 +62,10 @@ def missing_features(data_dir, rows, context_window, branches):
 
 
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
-                    progress=True, rows=None, classes=None):
+                    progress=True, rows=None, classes=None, transcripts=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
-    branches need; labels are indices into `classes` (default: the classes the rows have)."""
+    branches need, those made from text of the transcript set `transcripts` (None: the reference);
+    labels are indices into `classes` (default: the classes the rows have)."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
@@ -78,7 +80,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
         item = {"index": len(utterances), "name": row["name"], "session": row["session"],
                 "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
         for branch in branches:
-            path = feature_path(data_dir, branch, row["name"], context_window)
+            path = feature_path(data_dir, branch, row["name"], context_window, transcripts)
             key = BRANCHES[branch].key
             if branch == "context":
                 vector = _load_npy(path, f"context vector (window {context_window})")
@@ -93,7 +95,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     if "context" in branches:
         widths = {item["context"].shape[1] for item in utterances}
         if len(widths) > 1:
-            folder = feature_folder(data_dir, branch_steps("context", context_window)[-1])
+            folder = feature_folder(data_dir, branch_steps("context", context_window, transcripts)[-1])
             raise DataError(f"{folder}: context vectors of different widths {sorted(widths)}")
     return utterances
 
