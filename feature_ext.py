@@ -414,6 +414,9 @@ def transcribe(wavs, asr, batch_size=ASR_BATCH_SIZE, progress_bar=None):
                 f" ({len(wav) / SAMPLE_RATE:.2f} s, peak {float(np.abs(wav).max()) if len(wav) else 0:.1e})"
     parts = [[] for _ in wavs]
     device, dtype = model.device, model.dtype
+    last_window = {i: k for k, (i, _) in enumerate(windows)}  # an utterance is done with its last window
+    if progress_bar is not None:
+        progress_bar.update(len(empty))
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]
         features = feature_extractor([w for _, w in batch], sampling_rate=SAMPLE_RATE, return_tensors="pt")
@@ -423,7 +426,7 @@ def transcribe(wavs, asr, batch_size=ASR_BATCH_SIZE, progress_bar=None):
         for (i, _), text in zip(batch, tokenizer.batch_decode(ids, skip_special_tokens=True)):
             parts[i].append(text)
         if progress_bar is not None:
-            progress_bar.update(len({i for i, _ in batch}))
+            progress_bar.update(sum(1 for k in range(start, start + len(batch)) if last_window[windows[k][0]] == k))
     # One line per transcript, as the data contract says of Text/.
     return [" ".join(" ".join(p).split()) for p in parts], empty
 

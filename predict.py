@@ -300,9 +300,11 @@ def transcribe_rows(rows, config, asr_model, device):
         asr = load_asr(asr_model, device)
     except FeatureError as e:
         raise PredictError(str(e)) from None
-    texts, _ = transcribe(wavs, asr)
-    for i, text in zip(wanted, texts):
+    texts, empty = transcribe(wavs, asr)
+    for k, (i, text) in enumerate(zip(wanted, texts)):
         rows[i]["_asr_transcript"] = text
+        if k in empty:
+            print(f"{rows[i]['_wav_path']}: {empty[k]} for speech recognition: an empty transcript", file=sys.stderr)
 
 
 def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_dir=None, asr_model=None):
