@@ -143,7 +143,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     return RunData(utterances, classes, left_out, width)
 
 
-def test_text_features(args, branches, data, sets, env):
+def features_of_test_transcripts(args, branches, data, sets, env):
     """With --test-transcripts other than --transcripts: {name: the text features of the test set} for
     every utterance the run has (run() predicts the test folds from them); None otherwise."""
     text_branches = [b for b in branches if any(step in TEXT_STEPS for step in BRANCHES[b].steps)]
@@ -253,8 +253,11 @@ def resolve_transcripts(args):
                            f"{args.asr_model}){'; transcript sets here: ' + ', '.join(sets) if sets else ''}")
     elif len(sets) == 1:
         name = sets[0]
+    elif not sets:
+        raise RunError(f"{data_dir}: no ASR transcript set (ASR-<model>/Text/); make one with "
+                       f"feature_extraction_main.py DATA_DIR MODELS_DIR --asr-model M")
     else:
-        raise RunError(f"{data_dir}: {'no ASR transcript set (ASR-<model>/Text/); make one with feature_extraction_main.py --asr-model M' if not sets else 'several ASR transcript sets (' + ', '.join(sets) + '); say which with --asr-model'}")
+        raise RunError(f"{data_dir}: several ASR transcript sets ({', '.join(sets)}); say which with --asr-model")
     record = read_features_record(data_dir).get(qualified_step("transcripts", name[len("ASR-"):]), {})
     asr_model = record.get("asr_model", {}).get("path", args.asr_model or name)
     try:
@@ -625,7 +628,7 @@ def train_and_test(args, run_dir_checked=False):
         data = load_run_data(data_dir, branches, args.context_window, args.max_text_tokens, args.max_audio_tokens,
                              args.skip_missing, env["progress"], sets["train"])
         config = resolve_config(args, data, device, precision, asr)
-        return run(config, args.run_dir, data.utterances, env, test_text_features(args, branches, data, sets, env))
+        return run(config, args.run_dir, data.utterances, env, features_of_test_transcripts(args, branches, data, sets, env))
     except (DataError, TrainingError) as error:  # a user's file or setting, named in the message
         raise RunError(str(error)) from None
     except (RunError, KeyboardInterrupt):

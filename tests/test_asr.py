@@ -51,6 +51,9 @@ def asr(tmp_path_factory):
             assert feature_ext.main([step, str(data_dir), str(models_dir), "--transcripts", "asr",
                                      "--asr-model", str(whisper)]) == 0
         assert concatenate_embds.main([str(data_dir), "--context", "1", "--asr-model", str(whisper)]) == 0
+        for step in ("text-tokens", "sentence-embeddings"):  # the reference set's, for mixing
+            assert feature_ext.main([step, str(data_dir), str(models_dir)]) == 0
+        assert concatenate_embds.main([str(data_dir), "--context", "1"]) == 0
     return {"root": root, "data_dir": data_dir, "models_dir": models_dir, "whisper": whisper, "rows": rows,
             "set": transcript_set(whisper), "status": status, "summary": printed.getvalue()}
 
@@ -177,3 +180,23 @@ def test_a_run_trains_on_asr_transcripts_and_predicts_a_recording_without_text(a
         if r["label"]:
             assert written["prediction"] == evaluated[r["name"]]["predicted"]
             assert float(written["p_ang"]) == pytest.approx(float(evaluated[r["name"]]["p_ang"]), abs=1e-5)
+
+
+def test_mixing_trains_on_one_transcript_set_and_tests_on_the_other(asr, tmp_path):
+    data_dir, models_dir = asr["data_dir"], asr["models_dir"]
+    runs = {}
+    for test_set in ("asr", "reference"):
+        runs[test_set] = tmp_path / test_set
+        main.main([str(runs[test_set]), str(data_dir), str(models_dir), *SMALL, "--epochs", "1",
+                   "--branches", "text,context", "--transcripts", "asr", "--test-transcripts", test_set])
+    mixed = json.loads((runs["reference"] / "results.json").read_text())
+    assert mixed["transcripts"] == {"train": "asr", "test": "reference"}
+    # One training (the same transcripts, seed and validation), two test sets: the same weights,
+    # other inputs, other probabilities.
+    same, mixed_weights = (torch.load(runs[t] / "fold1" / "best.pt", weights_only=True)["model"] for t in runs)
+    assert all(torch.equal(same[k], mixed_weights[k]) for k in same)
+    probs = {t: [r["p_ang"] for r in read_csv(runs[t] / "fold1" / "predictions.csv")] for t in runs}
+    assert probs["asr"] != probs["reference"]
+    with pytest.raises(SystemExit, match="ASR-other/Text: not found"):
+        main.main([str(tmp_path / "x"), str(data_dir), str(models_dir), *SMALL, "--transcripts", "asr",
+                   "--asr-model", "other"])
