@@ -8,6 +8,7 @@ writes DATA_DIR/FullBertEmb{c}/<name>.npy, float32 ((2c+1)*H,), for every uttera
 corpus order, whatever its emotion, or zeros past the dialogue's edges; the utterance itself is
 the centre slot. The embeddings of another sentence model or pooling (SentenceEmb-<model>[+mean]/,
 --sentence-model, --sentence-pooling as given to feature_ext.py) give FullSentenceEmb{c}-<model>[+mean]/.
+With --asr-model M, the same from and into M's transcript set (ASR-<tag>/).
 
 --context takes one or more window sizes; this script writes c = 3 unless told otherwise
 (`--context 1 2 3` writes all three). feature_extraction_main.py writes c = 1, 2 and 3.
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_contract import SENTENCE_POOLINGS, DataError, feature_folder, qualified_step, read_manifest, sentence_tag
+from data_contract import (SENTENCE_POOLINGS, DataError, feature_folder, qualified_step, read_manifest, sentence_tag,
+                           transcript_set)
 from feature_ext import StepReport, format_summary, stamp_manifest, valid_npy
 from utils import save_npy_atomic
 
@@ -69,13 +71,15 @@ def _holds(path, vector):
     return valid_npy(path, np.float32, shape=vector.shape) and np.array_equal(np.load(path), vector)
 
 
-def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, progress=True, tag=None):
+def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, progress=True, tag=None,
+                          transcripts=None):
     """Write FullBertEmb{c}/ for each c in `contexts`; returns one StepReport per c. With `tag` (the
     data_contract.sentence_tag of another sentence model or pooling), from SentenceEmb-<tag>/ into
-    FullSentenceEmb{c}-<tag>/."""
+    FullSentenceEmb{c}-<tag>/; with `transcripts`, those of that transcript set (under ASR-<tag>/,
+    from its own embeddings)."""
     data_dir = Path(data_dir)
-    source = qualified_step("sentence-embeddings", tag)
-    reports = [StepReport(qualified_step(f"context-{c}", tag)) for c in contexts]
+    source = qualified_step("sentence-embeddings", tag, transcripts)
+    reports = [StepReport(qualified_step(f"context-{c}", tag, transcripts)) for c in contexts]
     start = time.perf_counter()
     try:
         rows = read_manifest(data_dir)
@@ -129,11 +133,15 @@ def main(argv=None):
     parser.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls",
                         help="the pooling they were made with, as given to feature_ext.py")
     parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    parser.add_argument("--asr-model", default=None,
+                        help="the context vectors of this ASR model's transcript set (ASR-<model>/BertEmb -> "
+                             "ASR-<model>/FullBertEmb{c}), named as feature_ext.py transcripts was given it")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.context):
         parser.error("--context sizes must be at least 1")
     tag = sentence_tag(args.sentence_model, args.sentence_pooling)
-    reports = write_context_vectors(args.data_dir, args.context, args.overwrite, progress=sys.stderr.isatty(), tag=tag)
+    reports = write_context_vectors(args.data_dir, args.context, args.overwrite, progress=sys.stderr.isatty(), tag=tag,
+                                    transcripts=transcript_set(args.asr_model))
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

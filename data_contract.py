@@ -7,6 +7,7 @@ spelling a folder name, a column or a label itself:
   label_set(rows)                            the classes a manifest really has, in CLASSES order
   STEPS                                      extraction step -> its folder, rows and pretrained files;
                                              qualified_step names one per model or transcript set
+  transcript_set / TEXT_STEPS / WER_FILE      ASR transcript sets (ASR-<tag>/Text/) and what is made from them
   BRANCHES                                   model branch -> the steps whose folders it reads, its
                                              utterance key, its encoder and the option naming it
   read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
@@ -58,6 +59,8 @@ STEPS = {
     "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",), per_model="TextTokens-{model}"),
     "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",), per_model="SentenceEmb-{model}"),
     "context-{c}": Step("FullBertEmb{c}", "all", (), per_model="FullSentenceEmb{c}-{model}"),
+    # Speech recognition: one transcript set per ASR model, ASR-<tag>/Text/<name>.txt (ASR_SET).
+    "transcripts": Step(None, "all", ("asr_model",), per_model="ASR-{model}/Text"),
 }
 # The models whose outputs live in the original folders (GPT2Tokens/, BertEmb/ and FullBertEmb{c}/), by
 # model_tag: a local copy named as the download, or the hub name with or without its organisation.
@@ -74,6 +77,12 @@ SENTENCE_POOLINGS = ("cls", "mean")
 # each is fine-tuned for classification on its first token's last hidden state (RoBERTa's <s>, BERT's,
 # ELECTRA's and DeBERTa's [CLS]; DeBERTa-v3 checkpoints are model_type "deberta-v2").
 TEXT_ENCODERS = {"roberta": "RoBERTa", "bert": "BERT", "deberta-v2": "DeBERTa-v2/v3", "electra": "ELECTRA"}
+# A transcript set is a folder of DATA_DIR holding its own Text/ (the reference set is DATA_DIR
+# itself); these steps read a set's Text/ and have an instance per set, under the set's folder.
+ASR_SET = "ASR-{model}"
+TEXT_STEPS = ("text-tokens", "sentence-embeddings", "context-{c}")
+# In an ASR set's folder: the step's word error rates against the reference transcripts.
+WER_FILE = "wer.json"
 
 
 @dataclass(frozen=True)
@@ -109,11 +118,13 @@ def model_tag(model):
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
 
 
-def branch_steps(branch, context_window, models=None):
-    """The extraction steps `branch` needs, by name ("context-{c}" filled in); `models` maps a step
-    (a STEPS key) to the instance_tag of the run's model for it, when that is not the default."""
+def branch_steps(branch, context_window, models=None, transcripts=None):
+    """The extraction steps `branch` needs, by name ("context-{c}" filled in): `models` maps a step
+    (a STEPS key) to the instance_tag of the run's model for it, when that is not the default; those
+    made from text are the instances of the transcript set `transcripts` (None: the reference)."""
     models = models or {}
-    return [qualified_step(step.format(c=context_window), models.get(MADE_FROM.get(step, step)))
+    return [qualified_step(step.format(c=context_window), models.get(MADE_FROM.get(step, step)),
+                           transcripts if step in TEXT_STEPS else None)
             for step in BRANCHES[branch].steps]
 
 
@@ -137,6 +148,22 @@ def text_models(text_model=None, sentence_model=None, pooling="cls"):
     tags = {"text-tokens": instance_tag("text-tokens", text_model),
             "sentence-embeddings": sentence_tag(sentence_model, pooling)}
     return {step: tag for step, tag in tags.items() if tag is not None}
+
+
+def transcript_set(asr_model):
+    """The folder of DATA_DIR that holds the transcripts of ASR model `asr_model` and the features made
+    from them (None: the reference transcripts, DATA_DIR itself)."""
+    return None if asr_model is None else ASR_SET.format(model=model_tag(asr_model))
+
+
+def transcript_folder(data_dir, transcripts=None):
+    """Text/ of a transcript set (transcript_set): <name>.txt, one line, for every utterance."""
+    return Path(data_dir) / (transcripts or "") / "Text"
+
+
+def transcript_sets(data_dir):
+    """The ASR transcript sets DATA_DIR holds, by folder name."""
+    return sorted(p.parent.name for p in Path(data_dir).glob(ASR_SET.format(model="*") + "/Text") if p.is_dir())
 
 
 # A step's instance name, which is also its key in features.json: "[<transcripts>/]<step>[@<model>]".
@@ -182,9 +209,9 @@ def feature_folder(data_dir, step):
     return Path(data_dir) / step_entry(step).folder
 
 
-def feature_path(data_dir, branch, name, context_window, models=None):
-    """The file of utterance `name` that `branch` loads (models: as branch_steps)."""
-    return feature_folder(data_dir, branch_steps(branch, context_window, models)[-1]) / f"{name}.npy"
+def feature_path(data_dir, branch, name, context_window, models=None, transcripts=None):
+    """The file of utterance `name` that `branch` loads (models, transcripts: as branch_steps)."""
+    return feature_folder(data_dir, branch_steps(branch, context_window, models, transcripts)[-1]) / f"{name}.npy"
 
 
 def pretrained_roles(branch):

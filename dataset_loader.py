@@ -49,13 +49,15 @@ def _load_npy(path, what):
     return array
 
 
-def missing_features(data_dir, rows, context_window, branches, models=None):
+def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None):
     """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
-    (models: the run's non-default models, as data_contract.branch_steps)."""
+    (models: the run's non-default models; transcripts: the transcript set of its text features;
+    both as data_contract.branch_steps)."""
     missing = []
     for row in rows:
         if row["label"]:
-            paths = [feature_path(data_dir, branch, row["name"], context_window, models) for branch in branches]
+            paths = [feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
+                     for branch in branches]
             absent = [p for p in paths if not p.is_file()]
             if absent:
                 missing.append((row["name"], absent[0]))
@@ -63,10 +65,11 @@ def missing_features(data_dir, rows, context_window, branches, models=None):
 
 
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
-                    progress=True, rows=None, classes=None, models=None):
+                    progress=True, rows=None, classes=None, models=None, transcripts=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
     branches need; labels are indices into `classes` (default: the classes the rows have); models:
-    the run's non-default text and sentence models (data_contract.branch_steps)."""
+    the run's non-default models, transcripts: the transcript set of the features made from text
+    (None: the reference), both as data_contract.branch_steps."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
@@ -81,7 +84,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
         item = {"index": len(utterances), "name": row["name"], "session": row["session"],
                 "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
         for branch in branches:
-            path = feature_path(data_dir, branch, row["name"], context_window, models)
+            path = feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
             key = BRANCHES[branch].key
             if branch == "context":
                 vector = _load_npy(path, f"context vector (window {context_window})")
@@ -96,7 +99,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     if "context" in branches:
         widths = {item["context"].shape[1] for item in utterances}
         if len(widths) > 1:
-            folder = feature_folder(data_dir, branch_steps("context", context_window, models)[-1])
+            folder = feature_folder(data_dir, branch_steps("context", context_window, models, transcripts)[-1])
             raise DataError(f"{folder}: context vectors of different widths {sorted(widths)}")
     return utterances
 

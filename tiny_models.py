@@ -404,6 +404,82 @@ def make_tiny_speech_roberta(out_dir, code_lines, seed=0):
     return out_dir / "bert_kmeans.pt", out_dir / "dict.txt"
 
 
+# A Whisper of the real layout at a tiny size: 30-s windows of 80 log-mel bins (Whisper small's),
+# one encoder and one decoder layer. max_target_positions bounds a random model's transcript, which
+# rarely ends on its own: 24 tokens, 4 of them the prompt (<|startoftranscript|><|en|><|transcribe|>
+# <|notimestamps|>).
+WHISPER_WIDTH, WHISPER_HEADS, WHISPER_FFN, WHISPER_MELS, WHISPER_TARGET_POSITIONS = 32, 2, 64, 80, 24
+
+
+# Weights drawn wider than transformers' 0.02: at 0.02 the tiny model writes the same token whatever it hears.
+WHISPER_INIT_STD = 1.0
+WHISPER_TEXTS = ("I told you not to do that!", "Oh, that is wonderful news.", "I don't know what to say.",
+                 "Why would you leave without telling me?", "We can talk about it tomorrow.")
+
+
+def _whisper_tokenizer_object(texts):
+    """Whisper's tokenizer in miniature: byte-level BPE trained on `texts`, then Whisper's special
+    tokens in Whisper's order (<|endoftext|>, <|startoftranscript|>, one per language, <|translate|>,
+    <|transcribe|>, <|startoflm|>, <|startofprev|>, <|nocaptions|>, <|notimestamps|>); the 1501
+    timestamp tokens are left out, since this tool never asks for timestamps."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Only the characters of `texts` (no byte alphabet): a random model's pieces then decode to words,
+    # not to stray bytes.
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES]
+                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                   "<|notimestamps|>"])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return tokenizer, specials
+
+
+def write_tiny_whisper(out_dir, texts=WHISPER_TEXTS, seed=0):
+    """A tiny random Whisper for speech recognition (feature_ext.py's transcripts step, predict.py):
+    WhisperForConditionalGeneration, its feature extractor and a tokenizer with Whisper's special
+    tokens, via save_pretrained, with a generation config that transformers' generate() takes with
+    language="en", task="transcribe". Seconds to build; its transcripts are random words of `texts`."""
+    import torch
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizerFast)
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+    texts = [t for t in texts if t and t.strip()] or list(WHISPER_TEXTS)
+    tokenizer_object, specials = _whisper_tokenizer_object(texts)
+    tokenizer = WhisperTokenizerFast(tokenizer_object=tokenizer_object, unk_token="<|endoftext|>",
+                                     bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                     pad_token="<|endoftext|>", model_max_length=WHISPER_TARGET_POSITIONS)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=WHISPER_MELS, d_model=WHISPER_WIDTH, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=WHISPER_HEADS, decoder_attention_heads=WHISPER_HEADS,
+        encoder_ffn_dim=WHISPER_FFN, decoder_ffn_dim=WHISPER_FFN, max_source_positions=1500,
+        max_target_positions=WHISPER_TARGET_POSITIONS, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+        decoder_start_token_id=sot, init_std=WHISPER_INIT_STD)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = WhisperForConditionalGeneration(config).eval()
+    # The fields of a real Whisper's generation_config.json that generate() reads for language,
+    # task and timestamps (e.g. openai/whisper-small's).
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        max_length=WHISPER_TARGET_POSITIONS, is_multilingual=True,
+        lang_to_id={f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES},
+        task_to_id={"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+        begin_suppress_tokens=[eot], suppress_tokens=[], max_initial_timestamp_index=50, return_timestamps=False)
+    # Saved one by one, not as a WhisperProcessor: transformers 4.x's takes only the slow tokenizer.
+    with _atomic_dir(out_dir) as tmp:
+        WhisperFeatureExtractor(feature_size=WHISPER_MELS).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp, legacy_format=False)  # tokenizer.json alone, as in make_tiny_bert
+        model.save_pretrained(tmp)
+    return Path(out_dir)
+
+
 # What make_tiny_models writes into MODELS_DIR, and the file that says they are its stand-ins: a
 # MODELS_DIR holding these names without it may be the real downloads, which it never overwrites.
 MODEL_NAMES = ("bert-base-uncased", "roberta-large", "vq-wav2vec_kmeans.pt", "bert_kmeans")
