@@ -164,16 +164,23 @@ def plot_attention(attention, labels, path, title, classes=CLASSES):
     _plot_attention_means(attention_means(attention, labels, len(classes)), path, title, classes)
 
 
-def plot_pooled_attention(means, path, title, classes=CLASSES):
-    """attention_means of several folds pooled (weighted by their utterance counts) into one figure."""
+def pool_attention_means(means):
+    """attention_means of several folds as one: each fold weighted by its utterances (per class, by
+    that class's), so the pooled figure is that of all test utterances at once."""
     n = np.array([m["n"] for m in means], dtype=float)
     per_head = np.einsum("f,fhs->hs", n, np.array([m["per_head"] for m in means])) / n.sum()
     per_class = []
-    for k in range(len(classes)):
+    for k in range(len(means[0]["per_class"])):
         rows = [(m["per_class_n"][k], m["per_class"][k]) for m in means if m["per_class"][k] is not None]
         weight = sum(w for w, _ in rows)
         per_class.append((sum(w * np.array(r) for w, r in rows) / weight).tolist() if weight else None)
-    _plot_attention_means({"per_head": per_head.tolist(), "per_class": per_class}, path, title, classes)
+    return {"n": int(n.sum()), "per_head": per_head.tolist(), "per_class": per_class,
+            "per_class_n": [sum(m["per_class_n"][k] for m in means) for k in range(len(per_class))]}
+
+
+def plot_pooled_attention(means, path, title, classes=CLASSES):
+    """attention_means of several folds pooled (pool_attention_means) into one figure."""
+    _plot_attention_means(pool_attention_means(means), path, title, classes)
 
 
 def _plot_attention_means(means, path, title, classes):

@@ -11,6 +11,7 @@ import torch
 
 import main
 import recipes
+import validation_function
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,6 +112,20 @@ def test_seeds_report_the_mean_and_sample_std_over_seeds(seeds_run):
     assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
     summary = (run_dir / "summary.md").read_text()
     assert "mean ± std over seeds" in summary and "Over all fold x seed results" in summary
+    assert (run_dir / "attention_pooled.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attention_pooled_over_folds_is_that_of_all_their_utterances():
+    rng = np.random.default_rng(0)
+    attention = rng.dirichlet(np.ones(3), size=(30, 2)).astype(np.float32)  # (utterances, heads, slots)
+    labels = rng.integers(0, 4, size=30)
+    labels[:12] = np.repeat([0, 1, 2, 3], 3)  # every class in the first part too
+    parts = [validation_function.attention_means(attention[a:b], labels[a:b], 4) for a, b in ((0, 12), (12, 30))]
+    whole = validation_function.attention_means(attention, labels, 4)
+    pooled = validation_function.pool_attention_means(parts)
+    assert pooled["n"] == 30 and pooled["per_class_n"] == whole["per_class_n"]
+    np.testing.assert_allclose(pooled["per_head"], whole["per_head"], rtol=1e-5)
+    np.testing.assert_allclose(np.array(pooled["per_class"], dtype=float), np.array(whole["per_class"]), rtol=1e-5)
 
 
 def test_training_curves_go_to_tensorboard(seeds_run):
