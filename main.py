@@ -7,15 +7,20 @@
 Reads DATA_DIR (utterances.csv and the feature folders data_contract.BRANCHES names for each branch;
 see dataset_loader.py) and the pretrained encoders in MODELS_DIR (see model_structure.py). RUN_DIR is
 a new or empty folder, or a run folder main.py made; writes everything under it:
-  config.json                 every resolved setting, data_dir and the models used
+  config.json                 every resolved setting (and the --recipe they came from), data_dir, the models
+                              used, the code's git commit and the library versions
   train.log                   the log of every invocation (appended)
-  fold{k}/best.pt             the best epoch's weights by validation UA (torch.load(weights_only=True))
+  fold{k}/best.pt             the tested epoch's weights, by --select-by (default: best validation UA;
+                              torch.load(weights_only=True))
   fold{k}/last.pt             the last finished epoch, to resume from (removed once the fold is done)
   fold{k}/predictions.csv     name, true, predicted, p_ang, p_hap, p_sad, p_neu (test utterances)
   fold{k}/confusion_matrix.png, training_curves.png, attention.png (context branch, per slot)
+  fold{k}/tensorboard/        the live curves (per step and per epoch) for TensorBoard
   fold{k}/fold_result.json    the fold's test and validation metrics and training history
-  results.json                per-fold test metrics and their summary (mean, std, pooled)
+  attention_pooled.png        the context branch's attention over every fold
+  results.json                per-fold test metrics and their summary (mean, sample std, pooled)
   summary.md                  the results table (also printed)
+  seed{n}/fold{k}/...         with --seeds: each seed's folds; results.json adds the spread over seeds
 Running again with the same RUN_DIR and settings resumes: finished folds are kept, an interrupted
 fold restarts from its last epoch checkpoint and ends with the numbers of an uninterrupted run.
 The labels are the classes the manifest has (data_contract.label_set): a corpus collected with three
@@ -24,9 +29,11 @@ emotions trains a 3-way head and is scored over those three.
 Protocols: session5 (train 1-4, test 5), loso (5 folds, one session each), speaker (10 folds, one
 speaker each; the test speaker's session partner shares their dialogues, so their context, and is
 not trained on). Validation comes from the training sessions: 10% stratified by class (default)
-or one held-out training speaker; `--val-split original` is the original's split, validating on the
-test session's other speaker (for session protocols the session's M speaker validates and its F
-speaker is tested). The test utterances never train a model or choose its checkpoint, except under
+or one held-out training speaker; `--val-split original` validates on the test session's other
+speaker, as the original's cross-validation script did (for session protocols the session's M
+speaker validates and its F speaker is tested; that script also ran the other order, and its
+main.py validated on a random 10% of sessions 1-4); `--val-split in-train-session` validates on the
+last training session, trained on too, as Siriwardhana et al.'s released lists. The test utterances never train a model or choose its checkpoint, except under
 `--val-split original`, where the test session chooses it (and the summary says so).
 A user's mistake (a missing file, a RUN_DIR of other settings, a NaN loss) is one line naming the
 file and the way out; anything else stops with its traceback, which train.log also keeps. torch and
@@ -601,12 +608,14 @@ def results_table(results, config):
     """summary.md: one row per fold, the mean (± sample std where there is a spread) and the pooled
     test predictions; with --seeds, a row per seed too."""
     metrics = list(METRIC_NAMES)
-    select = {"val_ua": "validation UA", "val_loss": "validation loss",
-              "last": "none (the last epoch's weights)"}[config.get("select_by", "val_ua")]
+    select = {"val_ua": "checkpoint chosen by validation UA", "val_loss": "checkpoint chosen by validation loss",
+              "last": "the last epoch's weights tested"}[config.get("select_by", "val_ua")]
     recipe = f"; recipe `{config['recipe']}`" if config.get("recipe") else ""
+    early = (f" at most (a fold stops after {config['patience']} without a lower validation loss)"
+             if config.get("patience") else "")
     lines = [f"# Results: {config['protocol']}, branches {'+'.join(config['branches'])}{recipe}", "",
              f"Data: `{config['data_dir']}`; validation: {config['val_split_description']}; "
-             f"{config['epochs']} epochs, checkpoint chosen by {select}.", "",
+             f"{config['epochs']} epochs{early}, {select}.", "",
              f"| {'seed | ' if results.get('seeds') else ''}fold | test | train | val | test n | best epoch | "
              + " | ".join(METRIC_NAMES[m] for m in metrics) + " |",
              "| " + " | ".join(["---"] * (6 + len(metrics) + bool(results.get("seeds")))) + " |"]
