@@ -23,8 +23,10 @@ from pathlib import Path
 PREFERRED = ("wa", "ua", "macro_f1", "weighted_f1")
 NAMES = {"wa": "WA", "ua": "UA", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
 # Settings that say how or where a run was made, not what it trained: never listed as differences.
-BOOKKEEPING = ("versions", "code", "pretrained", "val_split_description", "stop_after_epochs", "left_out",
-               "recipe_overridden", "device", "world_size")
+# The models' paths are left out too: the same files in two places are the same models, and
+# "pretrained" (their sha256) tells whether they are.
+BOOKKEEPING = ("versions", "code", "val_split_description", "stop_after_epochs", "left_out", "recipe_overridden",
+               "device", "world_size", "models_dir", "text_model", "speech_model")
 # Settings under which two runs' numbers are not of the same thing.
 MUST_MATCH = ("protocol", "transcripts")
 
@@ -75,11 +77,29 @@ def shared_metrics(runs):
     return [k for k in PREFERRED if k in common] + [k for k in first if k in common and k not in PREFERRED]
 
 
+def _sha256s(value):
+    """Every sha256 in a config's record of pretrained files, wherever it sits."""
+    if isinstance(value, dict):
+        return [d for k, v in sorted(value.items()) for d in ([v] if k == "sha256" else _sha256s(v))]
+    if isinstance(value, list):
+        return [d for v in value for d in _sha256s(v)]
+    return []
+
+
 def differing_settings(runs):
-    """{setting: [value per run]} for the settings whose values are not the same in every run."""
+    """{setting: [value per run]} for the settings whose values are not the same in every run; the
+    pretrained files by a short digest of their sha256s (equal files, equal digest)."""
+    import hashlib
+
+    def value(run, key):
+        v = run["config"].get(key)
+        if key == "pretrained" and v is not None:
+            return hashlib.sha256(" ".join(_sha256s(v)).encode()).hexdigest()[:8]
+        return v
+
     keys = list(dict.fromkeys(k for r in runs for k in r["config"] if k not in BOOKKEEPING))
-    return {k: [r["config"].get(k) for r in runs] for k in keys
-            if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1}
+    return {k: [value(r, k) for r in runs] for k in keys
+            if len({json.dumps(value(r, k), sort_keys=True) for r in runs}) > 1}
 
 
 def paired_test(base, other, metric):
@@ -183,11 +203,16 @@ def bar_chart(comparison, path):
     width = 0.8 / len(rows)
     x = np.arange(len(metrics))
     for i, row in enumerate(rows):
+        where = x + (i - (len(rows) - 1) / 2) * width
         means = [row["values"][m]["mean"] for m in metrics]
-        errors = [row["values"][m]["std"] or 0.0 for m in metrics]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=row["name"])
+        ax.bar(where, means, width, label=row["name"])
+        # error bars only where the run has a spread: a bar of 0 would claim one
+        spread = [(w, mean, row["values"][m]["std"]) for w, mean, m in zip(where, means, metrics)
+                  if row["values"][m]["std"] is not None]
+        if spread:
+            ax.errorbar(*zip(*spread), fmt="none", ecolor="black", capsize=3)
     ax.set_xticks(x, [NAMES.get(m, m) for m in metrics], rotation=30 if len(metrics) > 4 else 0)
-    ax.set(ylim=(0, 1), ylabel="score", title="mean ± one standard deviation")
+    ax.set(ylim=(0, 1), ylabel="score", title="mean ± one standard deviation (no error bar: no spread)")
     ax.legend(fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")

@@ -451,6 +451,8 @@ def train_fold(config, fold, utterances, fold_dir, env):
                 config["clip_norm"], env["amp_dtype"], distributed=world > 1, desc=desc, progress=env["progress"],
                 on_step=board.step_callback(training.optimizer) if board else None)
         except NonFiniteLossError as error:
+            if board:
+                board.close()
             last = fold_dir / "last.pt"
             kept = (f"; the last good checkpoint is {last} (epoch {state['epoch']})" if last.exists() else
                     "; no epoch had finished, so there is no checkpoint")
