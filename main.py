@@ -714,6 +714,9 @@ def run(config, run_dir, utterances, env):
         for seed, seed_dir in passes:
             if seeds:
                 log.info(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) -> {seed_dir}")
+                if rank == 0:  # each seed's folder is a run folder of its own, e.g. for predict.py
+                    seed_dir.mkdir(parents=True, exist_ok=True)
+                    write_config(seed_dir, {**config, "seed": seed, "seeds": None})
             for fold in folds[seed]:
                 result = run_fold({**config, "seed": seed}, fold, utterances, seed_dir, env)
                 fold_results.append({"seed": seed, **result} if seeds else result)

@@ -104,6 +104,8 @@ def test_seeds_report_the_mean_and_sample_std_over_seeds(seeds_run):
     run_dir, results = seeds_run
     assert results["seeds"] == [0, 1] and [f["seed"] for f in results["folds"]] == [0, 1]
     assert (run_dir / "seed0" / "fold1" / "best.pt").exists() and (run_dir / "seed1" / "fold1" / "best.pt").exists()
+    # each seed's folder is a run folder predict.py can read
+    assert json.loads((run_dir / "seed1" / "config.json").read_text())["seed"] == 1
     ua = [f["test"]["ua"] for f in results["folds"]]  # one fold per seed: each seed's mean is its fold
     assert results["summary"]["ua_mean"] == pytest.approx(np.mean(ua))
     assert results["summary"]["ua_std"] == pytest.approx(np.std(ua, ddof=1))
