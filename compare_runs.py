@@ -95,6 +95,8 @@ def differing_settings(runs):
         v = run["config"].get(key)
         if key == "pretrained" and v is not None:
             return hashlib.sha256(" ".join(_sha256s(v)).encode()).hexdigest()[:8]
+        if key == "seed" and run["config"].get("seeds"):  # --seeds: the seeds run, not --seed
+            return run["config"]["seeds"]
         return v
 
     keys = list(dict.fromkeys(k for r in runs for k in r["config"] if k not in BOOKKEEPING))

@@ -634,7 +634,8 @@ def results_table(results, config):
     label = "mean ± std over seeds" if results.get("seeds") else "mean ± std" if len(results["folds"]) > 1 else "mean"
     lines.append(f"{blank}{label} | | | | | | " + " | ".join(_with_spread(s[f'{m}_mean'], s[f'{m}_std']) for m in metrics)
                  + " |")
-    lines.append(f"{blank}pooled | all folds | | | {sum(f['n_test'] for f in results['folds'])} | | "
+    pooled_over = "all folds and seeds" if results.get("seeds") else "all folds"
+    lines.append(f"{blank}pooled | {pooled_over} | | | {sum(f['n_test'] for f in results['folds'])} | | "
                  + " | ".join(f"{p[m]:.4f}" for m in metrics) + " |")
     recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
     lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(config['classes']):.2f}.",
