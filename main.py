@@ -33,8 +33,9 @@ or one held-out training speaker; `--val-split original` validates on the test s
 speaker, as the original's cross-validation script did (for session protocols the session's M
 speaker validates and its F speaker is tested; that script also ran the other order, and its
 main.py validated on a random 10% of sessions 1-4); `--val-split in-train-session` validates on the
-last training session, trained on too, as Siriwardhana et al.'s released lists. The test utterances never train a model or choose its checkpoint, except under
-`--val-split original`, where the test session chooses it (and the summary says so).
+last training session, trained on too, as Siriwardhana et al.'s released lists. The test
+utterances never train a model or choose its checkpoint, except under `--val-split original`,
+where the test session chooses it (and the summary says so).
 A user's mistake (a missing file, a RUN_DIR of other settings, a NaN loss) is one line naming the
 file and the way out; anything else stops with its traceback, which train.log also keeps. torch and
 the training modules are imported once the options are checked, so --help answers at once.
@@ -632,8 +633,8 @@ def results_table(results, config):
             lines.append(f"| {entry['seed']} | mean over folds | | | | | | "
                          + " | ".join(_with_spread(o[m]["mean"], o[m]["std"]) for m in metrics) + " |")
     label = "mean ± std over seeds" if results.get("seeds") else "mean ± std" if len(results["folds"]) > 1 else "mean"
-    lines.append(f"{blank}{label} | | | | | | " + " | ".join(_with_spread(s[f'{m}_mean'], s[f'{m}_std']) for m in metrics)
-                 + " |")
+    lines.append(f"{blank}{label} | | | | | | "
+                 + " | ".join(_with_spread(s[f"{m}_mean"], s[f"{m}_std"]) for m in metrics) + " |")
     pooled_over = "all folds and seeds" if results.get("seeds") else "all folds"
     lines.append(f"{blank}pooled | {pooled_over} | | | {sum(f['n_test'] for f in results['folds'])} | | "
                  + " | ".join(f"{p[m]:.4f}" for m in metrics) + " |")

@@ -128,7 +128,8 @@ def markdown_table(defaults):
     lines = ["| setting | default | " + " | ".join(names) + " | " + " | ".join(f"{n}: source" for n in names) + " |",
              "| " + " | ".join(["---"] * (2 + 2 * len(names))) + " |"]
     for key in SETTINGS:
-        row = [key, _show(defaults.get(key))] + [_show(RECIPES[n][key]) for n in names] + [SOURCES[n][key] for n in names]
+        row = [key, _show(defaults.get(key))] + [_show(RECIPES[n][key]) for n in names]
+        row += [SOURCES[n][key] for n in names]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

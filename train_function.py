@@ -393,7 +393,9 @@ def end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env
     device, amp, rank, world = env["device"], env["amp_dtype"], env["rank"], env["world_size"]
     model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
     # The validation loss is the training loss's kind (cross-entropy unless a recipe says otherwise).
-    loss_fn = None if config.get("loss", "cross_entropy") == "cross_entropy" else copy.deepcopy(training.criterion).cpu()
+    loss_fn = None
+    if config.get("loss", "cross_entropy") != "cross_entropy":
+        loss_fn = copy.deepcopy(training.criterion).cpu()
     val, _, val_loss = validation_function.evaluate(model, fold["val"], config["eval_batch_size"], device,
                                                     config["classes"], amp, rank, world, loss_fn=loss_fn)
     lr = max(g["lr"] for g in optimizer.param_groups)
