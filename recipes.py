@@ -73,7 +73,7 @@ SOURCES = {
         "protocol": "main.py:139, 144 (train sessions 1-4, test session 5)",
         "val_split": "main.py:141 (a random 10%: ours is stratified by class)",
         "val_fraction": "main.py:141",
-        "one_vs_rest": "test_function.py (UA and WA only)",
+        "one_vs_rest": "test_function.py:20-27 (UA, WA and per-class accuracy only)",
         "seed": "main.py:35",
     },
     "siriwardhana2020": {
