@@ -7,15 +7,20 @@
 Reads DATA_DIR (utterances.csv and the feature folders data_contract.BRANCHES names for each branch;
 see dataset_loader.py) and the pretrained encoders in MODELS_DIR (see model_structure.py). RUN_DIR is
 a new or empty folder, or a run folder main.py made; writes everything under it:
-  config.json                 every resolved setting, data_dir and the models used
+  config.json                 every resolved setting (and the --recipe they came from), data_dir, the models
+                              used, the code's git commit and the library versions
   train.log                   the log of every invocation (appended)
-  fold{k}/best.pt             the best epoch's weights by validation UA (torch.load(weights_only=True))
+  fold{k}/best.pt             the tested epoch's weights, by --select-by (default: best validation UA;
+                              torch.load(weights_only=True))
   fold{k}/last.pt             the last finished epoch, to resume from (removed once the fold is done)
   fold{k}/predictions.csv     name, true, predicted, p_ang, p_hap, p_sad, p_neu (test utterances)
   fold{k}/confusion_matrix.png, training_curves.png, attention.png (context branch, per slot)
+  fold{k}/tensorboard/        the live curves (per step and per epoch) for TensorBoard
   fold{k}/fold_result.json    the fold's test and validation metrics and training history
-  results.json                per-fold test metrics and their summary (mean, std, pooled)
+  attention_pooled.png        the context branch's attention over every fold
+  results.json                per-fold test metrics and their summary (mean, sample std, pooled)
   summary.md                  the results table (also printed)
+  seed{n}/fold{k}/...         with --seeds: each seed's folds; results.json adds the spread over seeds
 Running again with the same RUN_DIR and settings resumes: finished folds are kept, an interrupted
 fold restarts from its last epoch checkpoint and ends with the numbers of an uninterrupted run.
 The labels are the classes the manifest has (data_contract.label_set): a corpus collected with three
@@ -24,10 +29,13 @@ emotions trains a 3-way head and is scored over those three.
 Protocols: session5 (train 1-4, test 5), loso (5 folds, one session each), speaker (10 folds, one
 speaker each; the test speaker's session partner shares their dialogues, so their context, and is
 not trained on). Validation comes from the training sessions: 10% stratified by class (default)
-or one held-out training speaker; `--val-split original` is the original's split, validating on the
-test session's other speaker (for session protocols the session's M speaker validates and its F
-speaker is tested). The test utterances never train a model or choose its checkpoint, except under
-`--val-split original`, where the test session chooses it (and the summary says so).
+or one held-out training speaker; `--val-split original` validates on the test session's other
+speaker, as the original's cross-validation script did (for session protocols the session's M
+speaker validates and its F speaker is tested; that script also ran the other order, and its
+main.py validated on a random 10% of sessions 1-4); `--val-split in-train-session` validates on the
+last training session, trained on too, as Siriwardhana et al.'s released lists. The test
+utterances never train a model or choose its checkpoint, except under `--val-split original`,
+where the test session chooses it (and the summary says so).
 A user's mistake (a missing file, a RUN_DIR of other settings, a NaN loss) is one line naming the
 file and the way out; anything else stops with its traceback, which train.log also keeps. torch and
 the training modules are imported once the options are checked, so --help answers at once.
@@ -45,12 +53,18 @@ import numpy as np
 from data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FILE, DataError, branch_steps, feature_folder, label_set,
                            qualified_step, read_features_record, read_manifest, split_step, stale_features,
                            step_entry, text_models, transcript_set, transcript_sets)
+from recipes import RECIPES
 from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
-# -- defaults: the original's settings where it had them; the command line overrides each --------
-CONTEXT_WINDOW = 3  # sentences before and after: FullBertEmb3
-MAX_TEXT_TOKENS = 100
-MAX_AUDIO_TOKENS = 310
+# -- defaults; the command line (and --recipe, recipes.py) overrides each -------------------------
+# Shares of IEMOCAP's labelled utterances cut by a limit, from the per-utterance token counts of
+# Siriwardhana et al.'s released lists (T_data/iemocap/*_size.tsv, 5499 utterances): text > 100
+# tokens 0.09%, > 512 none (the longest has 129); speech > 310 tokens 58%, > 512 31%, > 1024 6.2%,
+# > 2048 0.27%. A limit left at its default (or a recipe's) is lowered to what the encoder's
+# learned positions hold (the speech RoBERTa's come from its checkpoint), with a line in the log.
+CONTEXT_WINDOW = 3  # sentences before and after: FullBertEmb3, the widest window the extraction makes
+MAX_TEXT_TOKENS = 512  # cuts no IEMOCAP utterance; batches pad to their longest, so a high limit costs nothing
+MAX_AUDIO_TOKENS = 2048  # cuts 0.27%: the frozen speech encoder runs once per run (cached), so length is cheap
 DEFAULTS = {
     "epochs": 10,
     "batch_size": 16,
@@ -76,12 +90,26 @@ DEFAULTS = {
     # Batches of similar length, in random order, as fairseq batches: on a CPU a RoBERTa-base
     # step ran 2x faster than on randomly mixed lengths (benchmarks/bench_train.py).
     "group_by_length": True,
+    # Settings the recipes (recipes.py) needed; these values are what training always did.
+    "loss": "cross_entropy",
+    "head": "mlp",  # Linear -> ReLU -> Linear; "linear": dropout -> Linear (Siriwardhana et al.'s)
+    "head_dropout": 0.0,
+    "adam_betas": [0.9, 0.999],
+    "adam_eps": 1e-8,
+    "select_by": "val_ua",  # the validation score that chooses the tested checkpoint
+    "patience": 0,  # epochs without a lower validation loss before stopping (0: never stop early)
+    "one_vs_rest": False,  # also report per-emotion binary accuracy and F1 (Siriwardhana et al.'s metric)
 }
 # Settings that may differ when a run is resumed: they do not change the numbers.
 # (feature_folders follows from settings that are compared: the models, the pooling, the window.)
-NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs", "feature_folders")
+NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs", "code", "val_split_description", "feature_folders")
 # Settings added since a run may have started: a config.json without them had these values.
-ADDED_SETTINGS = {"skip_missing": False, "left_out": [], "sentence_model": None, "sentence_pooling": "cls"}
+ADDED_SETTINGS = {"skip_missing": False, "left_out": [], "sentence_model": None, "sentence_pooling": "cls",
+                  "recipe": None, "recipe_overridden": [], "seeds": None,
+                  **{k: DEFAULTS[k] for k in ("loss", "head", "head_dropout", "adam_betas", "adam_eps", "select_by",
+                                              "patience", "one_vs_rest")}}
+
+TOKEN_LIMITS = {"max_text_tokens": "MAX_TEXT_TOKENS", "max_audio_tokens": "MAX_AUDIO_TOKENS"}
 
 log = logging.getLogger("main")
 
@@ -245,7 +273,64 @@ def option_settings(args, precision):
         "finetune_text": not args.freeze_text, "finetune_speech": args.finetune_speech,
         "group_by_length": args.group_by_length, "seed": args.seed, "precision": precision,
         "sentence_pooling": args.sentence_pooling,
+        "loss": args.loss, "head": args.head, "head_dropout": args.head_dropout, "adam_betas": list(args.adam_betas),
+        "adam_eps": args.adam_eps, "select_by": args.select_by, "patience": args.patience,
+        "one_vs_rest": args.one_vs_rest, "seeds": parse_seeds(args.seeds), "recipe": args.recipe,
+        "recipe_overridden": list(getattr(args, "recipe_overridden", [])),
     }
+
+
+def parse_seeds(text):
+    """--seeds 1,2,3 -> [1, 2, 3]; None without it (one run with --seed)."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise RunError(f"--seeds must be distinct non-negative integers separated by commas, got {text!r}")
+    return seeds
+
+
+def resolve_token_limits(args, branches):
+    """MAX_TEXT_TOKENS / MAX_AUDIO_TOKENS left unset take main.py's default or the recipe's, lowered to
+    what the encoder's learned positions hold; a limit given is kept (and checked when training starts).
+    -> the log's notes on what was lowered."""
+    from recipes import recipe_settings
+    recipe = recipe_settings(args.recipe) if args.recipe else {}
+    text_model, speech_model = model_paths(args)
+    notes = []
+    for key, branch, default in (("max_text_tokens", "text", MAX_TEXT_TOKENS),
+                                 ("max_audio_tokens", "speech", MAX_AUDIO_TOKENS)):
+        if getattr(args, key) is not None:
+            continue
+        wanted = recipe.get(key, default)
+        positions = encoder_positions(branch, text_model if branch == "text" else speech_model) \
+            if branch in branches else None
+        if positions is not None and positions < wanted:
+            notes.append(f"{TOKEN_LIMITS[key]} {wanted} lowered to {positions}: the {branch} encoder's positions")
+            wanted = positions
+        setattr(args, key, wanted)
+    return notes
+
+
+def encoder_positions(branch, model):
+    """The longest sequence an encoder's learned positions hold (model_structure.text_token_limit:
+    RoBERTa's start after its padding index); None when the model cannot be read here (its own
+    error then comes where it is loaded)."""
+    import pickle
+    from model_structure import text_token_limit
+    try:
+        if branch == "text":
+            from transformers import AutoConfig
+            config = AutoConfig.from_pretrained(model)
+        else:
+            from fairseq_checkpoints import load_fairseq_roberta
+            config = load_fairseq_roberta(model).config
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
+        return None
+    return text_token_limit(config)
 
 
 def resolve_config(args, data, device, precision, models=None, asr=None):
@@ -269,7 +354,9 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
         "classes": list(data.classes), "context_width": data.context_width, "left_out": list(data.left_out),
         "device": device, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "stop_after_epochs": args.stop_after_epochs,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "code": code_version(),
         **options,
     }
     # In the order config.json has always had, so that files of older runs compare line by line.
@@ -280,7 +367,9 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
              "clip_norm", "class_weights", "fusion_hidden", "finetune_text", "finetune_speech", "group_by_length",
              "seed", "device", "precision", "world_size", "stop_after_epochs", "versions",
              # added since: at the end, so that the lines above still compare with older runs' files
-             "sentence_model", "sentence_pooling", "feature_folders")
+             "sentence_model", "sentence_pooling", "feature_folders",
+             "recipe", "recipe_overridden", "seeds", "loss", "head", "head_dropout", "adam_betas", "adam_eps",
+             "select_by", "patience", "one_vs_rest", "code")
     # Only where ASR transcripts are used: a run on the reference ones keeps the config.json it always had.
     asr_settings = {} if asr is None else {"transcripts": asr["transcripts"], "asr_model": asr["asr_model"],
                                            "asr_wer": asr["asr_wer"]}
@@ -321,6 +410,20 @@ def resolve_transcripts(args):
             "asr_model": asr_model, "asr_wer": asr_wer}
 
 
+def code_version():
+    """The git commit of this code and whether the tree had changes (None outside a git checkout)."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an unpacked release)
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
 def pretrained_files(data_dir, branches, text_model, speech_model, step_models=None, context_window=CONTEXT_WINDOW,
                      transcripts=None):
     """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
@@ -358,8 +461,10 @@ def describe_val_split(val_split, val_fraction):
     return {
         "stratified": f"{val_fraction:.0%} of the training utterances, stratified by class",
         "speaker": "one training speaker held out (chosen by the seed)",
-        "original": "the original's split: the test session's other speaker (the test session "
-                    "also chooses the checkpoint)",
+        "original": "the test session's other speaker, as the original's cross-validation script (its F speaker "
+                    "tested; the test session also chooses the checkpoint)",
+        "in-train-session": "the last training session, which also stays in training (Siriwardhana et al.'s "
+                            "released lists: validation overlaps training)",
     }[val_split]
 
 
@@ -405,7 +510,9 @@ def check_resumable(run_dir, config):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"{path}: not a readable config.json ({e}); use a new RUN_DIR") from None
     old = {**ADDED_SETTINGS, **old}
-    changed = sorted(k for k in config if k not in NOT_COMPARED_ON_RESUME and old.get(k) != config[k])
+    # A token limit not yet resolved (the demo checks its folder before its models exist) is compared later.
+    changed = sorted(k for k in config if k not in NOT_COMPARED_ON_RESUME and old.get(k) != config[k]
+                     and not (k in TOKEN_LIMITS and config[k] is None))
     if changed:
         details = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(config[k])}" for k in changed)
         raise RunError(f"{path} was written with other settings ({details}); use a new RUN_DIR or the same "
@@ -488,8 +595,13 @@ def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, s
                 raise RunError(f"fold {k}: no stratified validation share of {val_fraction:.0%} from "
                                f"{len(pool)} utterances ({e})") from None
             train, val = sorted(train, key=lambda u: u["index"]), sorted(val, key=lambda u: u["index"])
+        elif val_split == "in-train-session":
+            # As Siriwardhana et al.'s released lists: session 4 validates and is trained on too.
+            val_session = max(u["session"] for u in pool) if pool else None
+            train, val = pool, [u for u in pool if u["session"] == val_session]
         else:
-            raise ValueError(f"unknown validation split {val_split!r}: use stratified, speaker or original")
+            raise ValueError(f"unknown validation split {val_split!r}: use stratified, speaker, original or "
+                             f"in-train-session")
         if not train or not val or not test:
             raise RunError(f"fold {k} ({key} {held_out}): empty split (train {len(train)}, "
                            f"validation {len(val)}, test {len(test)})")
@@ -525,13 +637,19 @@ def run_fold(config, fold, utterances, run_dir, env, test_inputs=None):
     test, predictions, _ = validation_function.evaluate(model, tested, config["eval_batch_size"], env["device"],
                                                         config["classes"], env["amp_dtype"], env["rank"],
                                                         env["world_size"])
+    if config.get("one_vs_rest"):  # Siriwardhana et al.'s per-emotion binary scores, beside ours
+        test.update(validation_function.one_vs_rest_metrics(predictions["labels"], predictions["probs"].argmax(1),
+                                                            config["classes"]))
     result = {k: fold[k] for k in ("fold", "test_sessions", "test_speakers") if k in fold}
     result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
                   best_epoch=state["best_epoch"], val=state["best_val"], history=state["history"],
                   y_true=predictions["labels"].tolist(), y_pred=predictions["probs"].argmax(1).tolist())
     if env["rank"] == 0:
         validation_function.write_fold_reports(fold_dir, predictions, test, state["history"], config["classes"],
-                                               f"fold {fold['fold']}: test {fold_title(fold)}")
+                                               f"fold {fold['fold']}: test {fold_title(fold)}", state["best_epoch"])
+        if predictions["attention"] is not None:
+            result["attention"] = validation_function.attention_means(predictions["attention"], predictions["labels"],
+                                                                      len(config["classes"]))
         write_text_atomic(result_path, json.dumps(result, indent=1) + "\n")
         (fold_dir / "last.pt").unlink(missing_ok=True)
     if env["world_size"] > 1:
@@ -545,41 +663,114 @@ def run_fold(config, fold, utterances, run_dir, env, test_inputs=None):
 # ------------------------------------------------------------------------------------------------
 # the whole run
 
-def summarize(protocol, fold_results, classes, val_split="stratified", left_out=()):
-    """results.json: the folds' test metrics, their mean/std (population, over folds) and pooled.
+STD_KIND = "sample standard deviation (ddof 1)"
+
+
+def spread(results):
+    """{metric: {"mean", "std", "n"}} over a list of metric dicts (folds, seeds), for every number they
+    all hold, whatever the metrics are; std is the sample standard deviation (ddof 1), None for one value."""
+    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and all(isinstance(r.get(k), (int, float)) for r in results)]
+    out = {}
+    for key in keys:
+        values = np.array([r[key] for r in results], dtype=float)
+        out[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+                    "n": len(values)}
+    return out
+
+
+def summarize(protocol, fold_results, classes, val_split="stratified", left_out=(), seeds=None):
+    """results.json: the folds' test metrics (with each fold's best epoch and validation metrics),
+    their mean and sample std (ddof 1) over folds, and the metrics of all test predictions pooled.
+    With `seeds` (fold_results then holds every seed's folds, each with its "seed"), the mean and
+    sample std over seeds of each seed's fold mean, and over all fold x seed results, are added.
     val_split says how checkpoints were chosen ("original": by the test session's other speaker);
     left_out names the labelled utterances that --skip-missing left out for lack of features."""
     from validation_function import compute_metrics
-    folds = [{k: r[k] for k in ("fold", "test_sessions", "test_speakers", "n_train", "n_val", "n_test", "test") if k in r}
-             for r in fold_results]
-    metric = {k: [r["test"][k] for r in fold_results] for k in ("wa", "ua", "macro_f1", "weighted_f1")}
+    keys = ("seed", "fold", "test_sessions", "test_speakers", "n_train", "n_val", "n_test", "test", "best_epoch", "val")
+    folds = [{k: r[k] for k in keys if k in r} for r in fold_results]
     pooled = compute_metrics([y for r in fold_results for y in r["y_true"]],
                              [y for r in fold_results for y in r["y_pred"]], classes)
-    return {"protocol": protocol, "val_split": val_split, "left_out": list(left_out), "folds": folds, "summary": {
-        "wa_mean": float(np.mean(metric["wa"])), "wa_std": float(np.std(metric["wa"])),
-        "ua_mean": float(np.mean(metric["ua"])), "ua_std": float(np.std(metric["ua"])),
-        "macro_f1_mean": float(np.mean(metric["macro_f1"])),
-        "weighted_f1_mean": float(np.mean(metric["weighted_f1"])), "pooled": pooled}}
+    over_folds = spread([r["test"] for r in fold_results])
+    summary = {}
+    if seeds:
+        per_seed = {seed: spread([r["test"] for r in fold_results if r["seed"] == seed]) for seed in seeds}
+        main_spread = spread([{k: v["mean"] for k, v in per_seed[seed].items()} for seed in seeds])
+        over = f"over {len(seeds)} seeds of each seed's mean over folds"
+    else:
+        main_spread = over_folds
+        over = (f"over {len(fold_results)} folds (one seed: a spread over folds only)" if len(fold_results) > 1
+                else None)
+    for key, value in main_spread.items():
+        summary[f"{key}_mean"], summary[f"{key}_std"] = value["mean"], value["std"]
+    summary["std"] = f"{STD_KIND} {over}" if over else "none: one fold and one seed"
+    summary["pooled"] = pooled
+    results = {"protocol": protocol, "val_split": val_split, "left_out": list(left_out), "folds": folds,
+               "summary": summary}
+    if seeds:
+        results["seeds"] = list(seeds)
+        results["per_seed"] = [{"seed": seed, "over_folds": per_seed[seed]} for seed in seeds]
+        results["over_fold_x_seed"] = over_folds
+    return results
+
+
+METRIC_NAMES = {"wa": "WA", "ua": "UA", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
+
+
+def _with_spread(mean, std):
+    """A mean, with its spread only where there is one (no "± 0.0000" for a single fold)."""
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def results_table(results, config):
-    """summary.md: one row per fold, the mean and the pooled test predictions."""
-    lines = [f"# Results: {config['protocol']}, branches {'+'.join(config['branches'])}", "",
+    """summary.md: one row per fold, the mean (± sample std where there is a spread) and the pooled
+    test predictions; with --seeds, a row per seed too."""
+    metrics = list(METRIC_NAMES)
+    select = {"val_ua": "checkpoint chosen by validation UA", "val_loss": "checkpoint chosen by validation loss",
+              "last": "the last epoch's weights tested"}[config.get("select_by", "val_ua")]
+    recipe = f"; recipe `{config['recipe']}`" if config.get("recipe") else ""
+    early = (f" at most (a fold stops after {config['patience']} without a lower validation loss)"
+             if config.get("patience") else "")
+    lines = [f"# Results: {config['protocol']}, branches {'+'.join(config['branches'])}{recipe}", "",
              f"Data: `{config['data_dir']}`; validation: {config['val_split_description']}; "
-             f"{config['epochs']} epochs, checkpoint chosen by validation UA.", "",
-             "| fold | test | train | val | test n | WA | UA | macro-F1 | weighted-F1 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{config['epochs']} epochs{early}, {select}.", "",
+             f"| {'seed | ' if results.get('seeds') else ''}fold | test | train | val | test n | best epoch | "
+             + " | ".join(METRIC_NAMES[m] for m in metrics) + " |",
+             "| " + " | ".join(["---"] * (6 + len(metrics) + bool(results.get("seeds")))) + " |"]
     for f in results["folds"]:
         t = f["test"]
-        lines.append(f"| {f['fold']} | {fold_title(f)} | {f['n_train']} | {f['n_val']} | {f['n_test']} | {t['wa']:.4f} | "
-                     f"{t['ua']:.4f} | {t['macro_f1']:.4f} | {t['weighted_f1']:.4f} |")
+        seed = f"{f['seed']} | " if results.get("seeds") else ""
+        lines.append(f"| {seed}{f['fold']} | {fold_title(f)} | {f['n_train']} | {f['n_val']} | {f['n_test']} | "
+                     f"{f.get('best_epoch', '')} | " + " | ".join(f"{t[m]:.4f}" for m in metrics) + " |")
     s, p = results["summary"], results["summary"]["pooled"]
-    lines.append(f"| mean ± std | | | | | {s['wa_mean']:.4f} ± {s['wa_std']:.4f} | {s['ua_mean']:.4f} ± "
-                 f"{s['ua_std']:.4f} | {s['macro_f1_mean']:.4f} | {s['weighted_f1_mean']:.4f} |")
-    lines.append(f"| pooled | all folds | | | {sum(f['n_test'] for f in results['folds'])} | {p['wa']:.4f} | "
-                 f"{p['ua']:.4f} | {p['macro_f1']:.4f} | {p['weighted_f1']:.4f} |")
+    blank = "| | " if results.get("seeds") else "| "
+    if results.get("seeds"):
+        for entry in results["per_seed"]:
+            o = entry["over_folds"]
+            lines.append(f"| {entry['seed']} | mean over folds | | | | | | "
+                         + " | ".join(_with_spread(o[m]["mean"], o[m]["std"]) for m in metrics) + " |")
+    label = "mean ± std over seeds" if results.get("seeds") else "mean ± std" if len(results["folds"]) > 1 else "mean"
+    lines.append(f"{blank}{label} | | | | | | "
+                 + " | ".join(_with_spread(s[f"{m}_mean"], s[f"{m}_std"]) for m in metrics) + " |")
+    pooled_over = "all folds and seeds" if results.get("seeds") else "all folds"
+    lines.append(f"{blank}pooled | {pooled_over} | | | {sum(f['n_test'] for f in results['folds'])} | | "
+                 + " | ".join(f"{p[m]:.4f}" for m in metrics) + " |")
     recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
-    lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(config['classes']):.2f}."]
+    lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(config['classes']):.2f}.",
+              "", f"Spread: {s['std']}" + ("; ± is one standard deviation." if not s["std"].startswith("none") else
+                                           " (--seeds gives a spread over seeds).")]
+    if results.get("seeds"):
+        o = results["over_fold_x_seed"]
+        lines.append("Over all fold x seed results: " + ", ".join(
+            f"{METRIC_NAMES[m]} {_with_spread(o[m]['mean'], o[m]['std'])}" for m in metrics) + ".")
+    binary = [k for k in s if k.startswith("ovr_") and k.endswith("_mean")]
+    if binary:
+        lines += ["", "One-vs-rest binary scores per emotion (Siriwardhana et al.'s IEMOCAP metric: not comparable "
+                      "with 4-class UA), mean over folds:", "",
+                  "| emotion | binary accuracy | binary F1 (weighted) |", "| --- | --- | --- |"]
+        for c in config["classes"]:
+            lines.append(f"| {c} | {_with_spread(s[f'ovr_{c}_accuracy_mean'], s[f'ovr_{c}_accuracy_std'])} | "
+                         f"{_with_spread(s[f'ovr_{c}_f1_mean'], s[f'ovr_{c}_f1_std'])} |")
     if "transcripts" in config:
         wer = "unknown" if config["asr_wer"] is None else f"{config['asr_wer']:.3f}"
         lines += ["", f"Transcripts: trained on the {config['transcripts']['train']} transcripts, tested on the "
@@ -623,7 +814,11 @@ def run(config, run_dir, utterances, env, test_inputs=None):
     predicted from instead (--test-transcripts)."""
     from train_function import RunPaused
     run_dir, rank, world = Path(run_dir), env["rank"], env["world_size"]
-    folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
+    seeds = config.get("seeds")
+    # One pass of the protocol per seed (--seeds), each in its own subfolder, or one with --seed.
+    passes = [(seed, run_dir / f"seed{seed}") for seed in seeds] if seeds else [(config["seed"], run_dir)]
+    folds = {seed: make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], seed)
+             for seed, _ in passes}
     # RUN_DIR is made only now: a run refused for its inputs leaves nothing behind to block the next.
     resuming = check_resumable(run_dir, config)
     setup_logging(run_dir, rank)
@@ -632,6 +827,8 @@ def run(config, run_dir, utterances, env, test_inputs=None):
     log.info(f"{'resuming' if resuming else 'starting'} run {run_dir}: {len(utterances)} labelled utterances, "
              f"branches {'+'.join(config['branches'])}, protocol {config['protocol']}, device {env['device']}"
              f"{f' x {world} processes' if world > 1 else ''}, {config['precision']}")
+    for note in env.get("notes", ()):
+        log.info(note)
     if env["device"] == "cpu" and config["precision"] == "bf16" and not cpu_has_native_bf16():
         log.warning("--precision bf16 on a CPU without bf16 instructions: torch emulates bf16 here, which runs "
                     "slower than fp32 (benchmarks/: a 2048x2048 product at about 1 GFLOP/s on an AVX2-only EPYC)")
@@ -639,15 +836,31 @@ def run(config, run_dir, utterances, env, test_inputs=None):
         log.warning(f"--skip-missing: left out {len(config['left_out'])} labelled utterance(s) without features: "
                     f"{', '.join(config['left_out'][:10])}{', ...' if len(config['left_out']) > 10 else ''}")
     try:
-        fold_results = [run_fold(config, fold, utterances, run_dir, env, test_inputs) for fold in folds]
+        fold_results = []
+        for seed, seed_dir in passes:
+            if seeds:
+                log.info(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) -> {seed_dir}")
+                if rank == 0:  # each seed's folder is a run folder of its own, e.g. for predict.py
+                    seed_dir.mkdir(parents=True, exist_ok=True)
+                    write_config(seed_dir, {**config, "seed": seed, "seeds": None})
+            for fold in folds[seed]:
+                result = run_fold({**config, "seed": seed}, fold, utterances, seed_dir, env, test_inputs)
+                fold_results.append({"seed": seed, **result} if seeds else result)
     except RunPaused as pause:
         log.info(str(pause))
         return None
-    results = summarize(config["protocol"], fold_results, config["classes"], config["val_split"], config["left_out"])
+    results = summarize(config["protocol"], fold_results, config["classes"], config["val_split"], config["left_out"],
+                        seeds)
     if "transcripts" in config:  # which transcripts, only where ASR ones are used (as config.json)
         results.update({key: config[key] for key in ("transcripts", "asr_model", "asr_wer")})
     table = results_table(results, config)
     if rank == 0:
+        import validation_function
+        attention = [r["attention"] for r in fold_results if r.get("attention")]
+        if attention:  # the context branch's attention over every fold (and seed) at once
+            validation_function.plot_pooled_attention(attention, run_dir / "attention_pooled.png",
+                                                      f"context attention, pooled over {len(attention)} folds",
+                                                      config["classes"])
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         write_text_atomic(run_dir / "summary.md", table)
         log.info("\n" + table)
@@ -670,10 +883,11 @@ def train_and_test(args, run_dir_checked=False):
     device, precision = resolve_device(args)
     set_threads(args.threads)
     rank, world, device = setup_distributed(device)
+    notes = resolve_token_limits(args, branches)
     # Progress bars on a terminal only: in a job's log file (nohup, SLURM) their redrawn frames
     # run together into one endless line, and the per-epoch lines say the same.
     env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
-           "amp_dtype": torch.bfloat16 if precision == "bf16" else None}
+           "amp_dtype": torch.bfloat16 if precision == "bf16" else None, "notes": notes}
     try:
         models = text_encoder_settings(args, branches)
         asr = resolve_transcripts(args)
@@ -717,12 +931,20 @@ def build_parser():
     p.add_argument("models_dir", nargs="?", help="pretrained models: roberta-large/, bert_kmeans/bert_kmeans.pt")
     p.add_argument("context_window", nargs="?", type=int, default=CONTEXT_WINDOW,
                    help="c: sentences before and after (reads FullBertEmb{c})")
-    p.add_argument("max_text_tokens", nargs="?", type=int, default=MAX_TEXT_TOKENS,
-                   help="text RoBERTa tokens kept per utterance, </s> last")
-    p.add_argument("max_audio_tokens", nargs="?", type=int, default=MAX_AUDIO_TOKENS,
-                   help="speech RoBERTa tokens (vq-wav2vec frames + 2) kept per utterance, </s> last")
+    p.add_argument("max_text_tokens", nargs="?", type=int, default=None,
+                   help=f"text RoBERTa tokens kept per utterance, </s> last (default {MAX_TEXT_TOKENS}, or the "
+                        f"recipe's, lowered to what the encoder's positions hold)")
+    p.add_argument("max_audio_tokens", nargs="?", type=int, default=None,
+                   help=f"speech RoBERTa tokens (vq-wav2vec frames + 2) kept per utterance, </s> last (default "
+                        f"{MAX_AUDIO_TOKENS}, or the recipe's, lowered to what the checkpoint's positions hold)")
     p.add_argument("--demo", action="store_true",
                    help="make the synthetic corpus and tiny models in RUN_DIR (default demo_run) and run every stage")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="every training setting of a named source (recipes.py; README's recipe table); options "
+                        "given still override it")
+    p.add_argument("--seeds", default=None,
+                   help="e.g. 1,2,3: the whole protocol once per seed, in RUN_DIR/seed{n}/, with the mean and sample "
+                        "std over seeds (instead of --seed)")
     p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs per fold")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process, per micro-batch")
     p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"],
@@ -731,14 +953,29 @@ def build_parser():
     p.add_argument("--lr-encoders", type=float, default=d["lr_encoders"], help="learning rate of the pretrained RoBERTas")
     p.add_argument("--lr-head", type=float, default=d["lr_head"], help="learning rate of the new layers")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW's, on weight matrices only")
-    p.add_argument("--scheduler", choices=("linear", "newbob"), default=d["scheduler"],
+    p.add_argument("--scheduler", choices=("linear", "newbob", "polynomial", "constant"), default=d["scheduler"],
                    help="linear: warm-up then linear decay; newbob: halve the rate and restore the best weights "
-                        "when validation UA improves by less than 0.001")
+                        "and optimizer state when validation UA improves by less than 0.001; polynomial: fairseq's "
+                        "polynomial_decay (power 1, to 0) after the warm-up; constant: the rate never changes")
     p.add_argument("--warmup", type=float, default=d["warmup"], help="share of the steps to warm up (linear)")
     p.add_argument("--clip-norm", type=float, default=d["clip_norm"], help="gradient norm clipping (0: off)")
+    p.add_argument("--adam-betas", type=float, nargs=2, default=d["adam_betas"], metavar=("BETA1", "BETA2"),
+                   help="AdamW's betas")
+    p.add_argument("--adam-eps", type=float, default=d["adam_eps"], help="AdamW's epsilon")
+    p.add_argument("--loss", choices=("cross_entropy", "multi_margin"), default=d["loss"],
+                   help="multi_margin: torch's MultiMarginLoss(p=1, margin=0.4), the original's")
+    p.add_argument("--select-by", choices=("val_ua", "val_loss", "last"), default=d["select_by"],
+                   help="which epoch's weights are tested: best validation UA, lowest validation loss, or the last")
+    p.add_argument("--patience", type=int, default=d["patience"],
+                   help="stop a fold after this many epochs without a lower validation loss (0: never)")
+    p.add_argument("--one-vs-rest", action=argparse.BooleanOptionalAction, default=d["one_vs_rest"],
+                   help="also report per-emotion binary accuracy and F1 (Siriwardhana et al.'s metric)")
     p.add_argument("--class-weights", choices=("none", "balanced"), default=d["class_weights"],
                    help="balanced: weigh the loss by inverse class frequency in the training set")
     p.add_argument("--fusion-hidden", type=int, default=d["fusion_hidden"], help="width of the fusion layer")
+    p.add_argument("--head", choices=("mlp", "linear"), default=d["head"],
+                   help="mlp: Linear -> ReLU -> Linear over the branches' vectors; linear: dropout -> Linear")
+    p.add_argument("--head-dropout", type=float, default=d["head_dropout"], help="dropout before the head")
     p.add_argument("--branches", default=d["branches"], help="any subset of text,speech,context")
     p.add_argument("--finetune-speech", action="store_true", default=d["finetune_speech"],
                    help="train the speech RoBERTa too (frozen otherwise, and its vectors computed once)")
@@ -769,9 +1006,11 @@ def build_parser():
     p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"],
                    help="session5: train on sessions 1-4, test on 5; loso: 5 folds, one session each; "
                         "speaker: 10 folds, one speaker each")
-    p.add_argument("--val-split", choices=("stratified", "speaker", "original"), default=d["val_split"],
+    p.add_argument("--val-split", choices=("stratified", "speaker", "original", "in-train-session"),
+                   default=d["val_split"],
                    help="validation from the training sessions: stratified share or one held-out speaker; "
-                        "original: the test session's other speaker (the original's split)")
+                        "original: the test session's other speaker (the original's cross-validation script); "
+                        "in-train-session: the last training session, trained on too (Siriwardhana et al.'s lists)")
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"],
                    help="share of the training utterances that validate (--val-split stratified)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=d["group_by_length"],
@@ -799,7 +1038,21 @@ def parse_args(argv=None, parser=None):
     if "--demo" in argv:  # the demo's own defaults; options given still override them
         from demo import DEMO
         parser.set_defaults(**DEMO)
-    return parser.parse_args(argv)
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", choices=sorted(RECIPES))
+    name = recipe.parse_known_args(argv)[0].recipe
+    settings = {}
+    if name:  # the recipe's settings over main.py's (and the demo's); options given still override them
+        from recipes import recipe_settings
+        settings = recipe_settings(name)
+        # Token limits stay unset here, so that the recipe's are bounded by the encoders' positions.
+        parser.set_defaults(**{k: v for k, v in settings.items() if k not in TOKEN_LIMITS},
+                            **{k: None for k in TOKEN_LIMITS})
+    args = parser.parse_args(argv)
+    args.recipe_overridden = sorted(
+        k for k, v in settings.items()
+        if getattr(args, k) is not None and (list(getattr(args, k)) if isinstance(v, list) else getattr(args, k)) != v)
+    return args
 
 
 def check_options(args, parser):
@@ -807,7 +1060,8 @@ def check_options(args, parser):
     at_least = {"--epochs": (args.epochs, 1), "--batch-size": (args.batch_size, 1),
                 "--eval-batch-size": (args.eval_batch_size, 1), "--grad-accum": (args.grad_accum, 1),
                 "--fusion-hidden": (args.fusion_hidden, 1), "CONTEXT_WINDOW": (args.context_window, 1),
-                "MAX_TEXT_TOKENS": (args.max_text_tokens, 2), "MAX_AUDIO_TOKENS": (args.max_audio_tokens, 2),
+                "MAX_TEXT_TOKENS": (args.max_text_tokens or 2, 2), "MAX_AUDIO_TOKENS": (args.max_audio_tokens or 2, 2),
+                "--patience": (args.patience, 0),
                 "--seed": (args.seed, 0), "--stop-after-epochs": (args.stop_after_epochs, 0),
                 "--clip-norm": (args.clip_norm, 0), "--weight-decay": (args.weight_decay, 0),
                 "--threads": (args.threads or 1, 1)}
@@ -821,6 +1075,12 @@ def check_options(args, parser):
         parser.error(f"--val-fraction must be a share above 0 and below 1, got {args.val_fraction}")
     if not 0 <= args.warmup < 1:
         parser.error(f"--warmup must be a share from 0 and below 1, got {args.warmup}")
+    if not 0 <= args.head_dropout < 1:
+        parser.error(f"--head-dropout must be a share from 0 and below 1, got {args.head_dropout}")
+    try:
+        parse_seeds(args.seeds)
+    except RunError as error:
+        parser.error(str(error))
     try:
         parse_branches(args.branches)
     except RunError as error:

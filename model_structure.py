@@ -9,6 +9,7 @@ Reads the pretrained encoders (nothing is written):
   speech ids  -> speech RoBERTa -> last layer at <s>  (frozen by default)       -> Hs
   context     -> Time-Asynchronous Branch (2c+1 sentence vectors -> 5 x 64)     -> 320
   concat(branches) -> Linear -> ReLU -> Linear -> 4 emotion logits (order: CLASSES)
+                     (or dropout -> Linear: the head of Siriwardhana et al.'s recipe)
 """
 from pathlib import Path
 
@@ -56,7 +57,8 @@ class EmotionClassifier(nn.Module):
     """Late fusion of any subset of the three branches; the absent ones are not built at all."""
 
     def __init__(self, text_encoder=None, speech_encoder=None, context_window=None, context_width=None,
-                 finetune_text=True, finetune_speech=False, fusion_hidden=256, num_classes=4):
+                 finetune_text=True, finetune_speech=False, fusion_hidden=256, num_classes=4, head="mlp",
+                 head_dropout=0.0):
         super().__init__()
         self.text_encoder, self.speech_encoder = text_encoder, speech_encoder
         self.finetune_text, self.finetune_speech = finetune_text, finetune_speech
@@ -76,8 +78,16 @@ class EmotionClassifier(nn.Module):
             sizes.append(self.context_branch.out_features)
         if not sizes:
             raise ValueError("the model needs at least one branch (text, speech or context)")
-        self.classifier = nn.Sequential(nn.Linear(sum(sizes), fusion_hidden), nn.ReLU(),
-                                        nn.Linear(fusion_hidden, num_classes))
+        # head "mlp": Linear -> ReLU -> Linear (this project's); "linear": one Linear over the
+        # concatenated vectors, as Siriwardhana et al.'s classification head (recipes.py)
+        layers = [nn.Dropout(head_dropout)] if head_dropout else []
+        if head == "mlp":
+            layers += [nn.Linear(sum(sizes), fusion_hidden), nn.ReLU(), nn.Linear(fusion_hidden, num_classes)]
+        elif head == "linear":
+            layers += [nn.Linear(sum(sizes), num_classes)]
+        else:
+            raise ValueError(f"unknown head {head!r}: use 'mlp' or 'linear'")
+        self.classifier = nn.Sequential(*layers)
 
     @property
     def branches(self):
@@ -195,6 +205,8 @@ def build_model(config):
         finetune_speech=config.get("finetune_speech", False),
         fusion_hidden=config.get("fusion_hidden", 256),
         num_classes=len(config["classes"]),
+        head=config.get("head", "mlp"),
+        head_dropout=config.get("head_dropout", 0.0),
     )
 
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import (get_constant_schedule, get_linear_schedule_with_warmup,
+                          get_polynomial_decay_schedule_with_warmup)
 
 import model_structure
 import validation_function
@@ -50,14 +51,20 @@ def balanced_class_weights(labels, num_classes):
     return torch.tensor(compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(labels)), dtype=torch.float32)
 
 
-def make_criterion(class_weights=None):
-    return nn.CrossEntropyLoss(weight=class_weights)
+def make_criterion(class_weights=None, loss="cross_entropy"):
+    """cross_entropy, or multi_margin: the original's MultiMarginLoss(p=1, margin=0.4) (recipes.py)."""
+    if loss == "cross_entropy":
+        return nn.CrossEntropyLoss(weight=class_weights)
+    if loss == "multi_margin":
+        return nn.MultiMarginLoss(p=1, margin=0.4, weight=class_weights)
+    raise ValueError(f"unknown loss {loss!r}: use 'cross_entropy' or 'multi_margin'")
 
 
-def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01):
+def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8):
     """AdamW with the pretrained encoders at their own (small) rate and the new layers at another.
 
-    As in nanoGPT, only matrices decay; biases and LayerNorm weights do not.
+    As in nanoGPT, only matrices decay; biases and LayerNorm weights do not. (fairseq's Adam, which
+    Siriwardhana et al. trained with, decays as AdamW does, but every parameter.)
     """
     groups = {}
     for name, param in model.named_parameters():
@@ -69,20 +76,22 @@ def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01):
             "name": f"{part}{'' if decay else ' (no decay)'}", "params": [],
             "lr": lr_encoders if part == "encoders" else lr_head, "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(param)
-    return torch.optim.AdamW([groups[k] for k in sorted(groups)])
+    return torch.optim.AdamW([groups[k] for k in sorted(groups)], betas=tuple(betas), eps=eps)
 
 
 class Newbob:
     """The original's schedule, stepped once per epoch on a validation score.
 
     When the score improves by less than `threshold` over the best so far, every learning rate is
-    multiplied by `factor` and the model goes back to its best weights (a deep copy taken when that
-    best was reached: a reference to the live state dict would follow the weights as they change).
+    multiplied by `factor` and the model and its optimizer go back to their state at the best epoch
+    (deep copies taken when that best was reached: a reference to the live state dict would follow
+    the weights as they change), as the reference implementation restores both (the original's
+    model_structure.py, newbob.step: model.load_state_dict and optimizer.load_state_dict).
     """
 
     def __init__(self, optimizer, factor=0.5, threshold=0.001):
         self.optimizer, self.factor, self.threshold = optimizer, factor, threshold
-        self.best_score, self.best_state = None, None
+        self.best_score, self.best_state, self.best_optimizer = None, None, None
 
     def step_epoch(self, score, model):
         """Returns True when the rate was lowered and the best weights restored."""
@@ -92,10 +101,15 @@ class Newbob:
             # the size of every resumable checkpoint, for weights that never move.
             state = model.trained_state_dict() if hasattr(model, "trained_state_dict") else model.state_dict()
             self.best_score, self.best_state = score, copy.deepcopy(state)
+            self.best_optimizer = copy.deepcopy(self.optimizer.state_dict())
         if improved:
             return False
-        for group in self.optimizer.param_groups:
-            group["lr"] *= self.factor
+        rates = [group["lr"] * self.factor for group in self.optimizer.param_groups]
+        # Adam's moments go back with the weights they were estimated for; the rates are lowered.
+        if self.best_optimizer is not None:  # None only in a last.pt written before it was kept
+            self.optimizer.load_state_dict(self.best_optimizer)
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
         if hasattr(model, "load_trained_state_dict"):
             model.load_trained_state_dict(self.best_state)
         else:
@@ -103,20 +117,28 @@ class Newbob:
         return True
 
     def state_dict(self):
-        return {"best_score": self.best_score, "best_state": self.best_state}
+        return {"best_score": self.best_score, "best_state": self.best_state, "best_optimizer": self.best_optimizer}
 
     def load_state_dict(self, state):
         self.best_score, self.best_state = state["best_score"], state["best_state"]
+        self.best_optimizer = state.get("best_optimizer")
 
 
 def make_scheduler(optimizer, name, total_steps, warmup_fraction=0.1):
-    """'linear': warm-up over warmup_fraction of the steps, then linear decay to 0 (stepped per
-    optimizer step). 'newbob': Newbob, stepped per epoch with step_epoch."""
+    """'linear': warm-up over warmup_fraction of the steps, then linear decay to 0; 'polynomial':
+    fairseq's polynomial_decay as Siriwardhana et al. ran it (power 1, to 0, after the warm-up);
+    'constant': no change (the original's main.py made newbob but never stepped it). These three
+    step per optimizer step. 'newbob': Newbob, stepped per epoch with step_epoch."""
+    warmup = math.ceil(warmup_fraction * total_steps)
     if name == "linear":
-        return get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_fraction * total_steps), total_steps)
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if name == "polynomial":
+        return get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total_steps, lr_end=0.0, power=1.0)
+    if name == "constant":
+        return get_constant_schedule(optimizer)
     if name == "newbob":
         return Newbob(optimizer)
-    raise ValueError(f"unknown scheduler {name!r}: use 'linear' or 'newbob'")
+    raise ValueError(f"unknown scheduler {name!r}: use 'linear', 'polynomial', 'constant' or 'newbob'")
 
 
 def forward_loss(model, batch, criterion, device, amp_dtype=None):
@@ -135,10 +157,11 @@ def _check_finite(value, what, distributed):
 
 
 def train_step(model, micro_batches, criterion, optimizer, device, amp_dtype=None, clip_norm=None,
-               scheduler=None, distributed=False):
+               scheduler=None, distributed=False, stats=None):
     """One optimizer step over one or more micro-batches (gradient accumulation); -> mean loss.
 
-    Under DDP the gradients are all-reduced once, on the last micro-batch.
+    Under DDP the gradients are all-reduced once, on the last micro-batch. A `stats` dict receives
+    the gradient norm before clipping (for TensorBoard).
     """
     total = 0.0
     for i, batch in enumerate(micro_batches):
@@ -149,9 +172,15 @@ def train_step(model, micro_batches, criterion, optimizer, device, amp_dtype=Non
             _check_finite(loss.item(), "loss", distributed)
             (loss / len(micro_batches)).backward()
         total += loss.item()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if clip_norm:
-        norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
         _check_finite(norm.item(), "gradient norm", distributed)
+        if stats is not None:
+            stats["grad_norm"] = norm.item()
+    elif stats is not None:  # the norm alone, the gradients untouched
+        grads = [p.grad for p in params if p.grad is not None]
+        stats["grad_norm"] = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
@@ -160,16 +189,23 @@ def train_step(model, micro_batches, criterion, optimizer, device, amp_dtype=Non
 
 
 def train_epoch(model, loader, criterion, optimizer, device, scheduler=None, grad_accum=1, clip_norm=None,
-                amp_dtype=None, distributed=False, desc="train", progress=True):
-    """One pass over the loader; -> mean training loss (over this rank's batches)."""
+                amp_dtype=None, distributed=False, desc="train", progress=True, on_step=None):
+    """One pass over the loader; -> mean training loss (over this rank's batches). on_step(loss,
+    stats, samples, seconds) is called after each optimizer step (TensorBoard's per-step curves)."""
     model.train()
     losses, pending = [], []
     bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not progress)
+    start = time.time()
     for batch in loader:
         pending.append(batch)
         if len(pending) == grad_accum or len(losses) * grad_accum + len(pending) == len(loader):
+            stats = {} if on_step else None
             losses.append(train_step(model, pending, criterion, optimizer, device, amp_dtype, clip_norm,
-                                     scheduler, distributed))
+                                     scheduler, distributed, stats))
+            if on_step:
+                now = time.time()
+                on_step(losses[-1], stats, sum(len(b["labels"]) for b in pending), now - start)
+                start = now
             bar.update(len(pending))
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
             pending = []
@@ -259,6 +295,43 @@ def check_lengths(model, utterances):
                                 f"positions for {limit}; set {BRANCHES[branch].length_option} to at most {limit}")
 
 
+class TensorBoard:
+    """A fold's live curves for TensorBoard (`tensorboard --logdir RUN_DIR`), written as training
+    goes: per optimizer step the loss, each parameter group's learning rate, the gradient norm and
+    samples per second; per epoch the training and validation loss, validation WA/UA/macro-F1 and
+    utterances per second. A resumed fold drops what an interrupted invocation wrote after its
+    last finished epoch (purge_step), so the curves show each step once."""
+
+    def __init__(self, folder, step):
+        from torch.utils.tensorboard import SummaryWriter
+        # Steps up to `step` (the last finished epoch's last step) are kept; later ones were not finished.
+        self.writer, self.global_step = SummaryWriter(str(folder), purge_step=step + 1 if step else None), step
+
+    def step_callback(self, optimizer):
+        def on_step(loss, stats, samples, seconds):
+            self.global_step += 1
+            step, add = self.global_step, self.writer.add_scalar
+            add("step/train_loss", loss, step)
+            for group in optimizer.param_groups:
+                add(f"step/lr/{group.get('name', 'group')}", group["lr"], step)
+            add("step/grad_norm", stats["grad_norm"], step)
+            if seconds > 0:
+                add("step/samples_per_s", samples / seconds, step)
+        return on_step
+
+    def epoch(self, entry, step, utterances_per_s):
+        """entry: the epoch's line of the fold's history (train_loss, val_loss, val_wa, val_ua, ...), at
+        the global step that ends the epoch (one x axis for both kinds of curve)."""
+        for key in ("train_loss", "val_loss", "val_wa", "val_ua", "val_macro_f1"):
+            if key in entry:
+                self.writer.add_scalar(f"epoch/{key}", entry[key], step)
+        self.writer.add_scalar("epoch/utterances_per_s", utterances_per_s, step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
 @dataclass
 class FoldTraining:
     """What trains one fold: the model (and its DDP wrapper), loss, optimizer, schedule, batches."""
@@ -291,11 +364,13 @@ def prepare_training(config, fold, utterances, env):
     weights = None
     if config["class_weights"] == "balanced":
         weights = balanced_class_weights([u["label"] for u in fold["train"]], len(config["classes"])).to(device)
-    optimizer = configure_optimizer(model, config["lr_encoders"], config["lr_head"], config["weight_decay"])
+    optimizer = configure_optimizer(model, config["lr_encoders"], config["lr_head"], config["weight_decay"],
+                                    config.get("adam_betas", (0.9, 0.999)), config.get("adam_eps", 1e-8))
     loader = training_loader(fold["train"], config["batch_size"], config["seed"], config["group_by_length"], rank, world)
     steps_per_epoch = math.ceil(len(loader) / config["grad_accum"])
     scheduler = make_scheduler(optimizer, config["scheduler"], steps_per_epoch * config["epochs"], config["warmup"])
-    return FoldTraining(model, trained, make_criterion(weights), optimizer, scheduler, loader)
+    return FoldTraining(model, trained, make_criterion(weights, config.get("loss", "cross_entropy")), optimizer,
+                        scheduler, loader)
 
 
 def resume(training, last_path, env, fold_number):
@@ -317,18 +392,34 @@ def end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env
     """Validate, keep the best weights (best.pt), step newbob, save last.pt; -> the log line's notes."""
     device, amp, rank, world = env["device"], env["amp_dtype"], env["rank"], env["world_size"]
     model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
+    # The validation loss is the training loss's kind (cross-entropy unless a recipe says otherwise).
+    loss_fn = None
+    if config.get("loss", "cross_entropy") != "cross_entropy":
+        loss_fn = copy.deepcopy(training.criterion).cpu()
     val, _, val_loss = validation_function.evaluate(model, fold["val"], config["eval_batch_size"], device,
-                                                    config["classes"], amp, rank, world)
+                                                    config["classes"], amp, rank, world, loss_fn=loss_fn)
     lr = max(g["lr"] for g in optimizer.param_groups)
     state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                             "val_wa": val["wa"], "val_ua": val["ua"], "lr": lr})
-    improved = val["ua"] > state["best_score"]
+                             "val_wa": val["wa"], "val_ua": val["ua"], "val_macro_f1": val["macro_f1"], "lr": lr})
+    # The tested checkpoint: best validation UA (default), lowest validation loss, or the last epoch.
+    select_by = config.get("select_by", "val_ua")
+    score = {"val_ua": val["ua"], "val_loss": -val_loss, "last": epoch + 1}[select_by]
+    improved = score > state["best_score"]
+    # Early stopping on the validation loss, as the original's main.py (--patience; 0: never).
+    if state.get("lowest_val_loss") is None or val_loss < state["lowest_val_loss"]:
+        state["lowest_val_loss"], state["epochs_without_lower_loss"] = val_loss, 0
+    else:
+        state["epochs_without_lower_loss"] = state.get("epochs_without_lower_loss", 0) + 1
+    if config.get("patience") and state["epochs_without_lower_loss"] >= config["patience"]:
+        state["stopped_early"] = epoch + 1
     if improved:
-        state.update(best_score=val["ua"], best_epoch=epoch + 1, best_val=val)
+        state.update(best_score=score, best_epoch=epoch + 1, best_val=dict(val, loss=val_loss))
         if rank == 0:
             save_checkpoint(fold_dir / "best.pt", {"model": model.trained_state_dict(), "epoch": epoch + 1,
                                                    "fold": fold["fold"], "classes": list(config["classes"]), "val": val})
     note = f"val loss {val_loss:.4f}  val WA {val['wa']:.4f}  UA {val['ua']:.4f}{' *' if improved else ''}  lr {lr:.2e}"
+    if state.get("stopped_early"):
+        note += f"  early stop: no lower validation loss for {config['patience']} epochs"
     if config["scheduler"] == "newbob" and scheduler.step_epoch(val["ua"], model):
         note += f"  newbob: lr halved, back to epoch {state['best_epoch']}'s weights"
     state["epoch"] = epoch + 1
@@ -347,16 +438,23 @@ def train_fold(config, fold, utterances, fold_dir, env):
     training = prepare_training(config, fold, utterances, env)
     state = resume(training, fold_dir / "last.pt", env, fold["fold"])
     world = env["world_size"]
+    steps_per_epoch = math.ceil(len(training.loader) / config["grad_accum"])
+    board = TensorBoard(fold_dir / "tensorboard", state["epoch"] * steps_per_epoch) if env["rank"] == 0 else None
     for epoch in range(state["epoch"], config["epochs"]):
+        if state.get("stopped_early"):
+            break
         start = time.time()
         training.loader.batch_sampler.set_epoch(epoch)
         desc = f"fold {fold['fold']} epoch {epoch + 1}/{config['epochs']}"
         try:
             train_loss = train_epoch(
                 training.trained, training.loader, training.criterion, training.optimizer, env["device"],
-                training.scheduler if config["scheduler"] == "linear" else None, config["grad_accum"],
-                config["clip_norm"], env["amp_dtype"], distributed=world > 1, desc=desc, progress=env["progress"])
+                training.scheduler if config["scheduler"] != "newbob" else None, config["grad_accum"],
+                config["clip_norm"], env["amp_dtype"], distributed=world > 1, desc=desc, progress=env["progress"],
+                on_step=board.step_callback(training.optimizer) if board else None)
         except NonFiniteLossError as error:
+            if board:
+                board.close()
             last = fold_dir / "last.pt"
             kept = (f"; the last good checkpoint is {last} (epoch {state['epoch']})" if last.exists() else
                     "; no epoch had finished, so there is no checkpoint")
@@ -366,12 +464,18 @@ def train_fold(config, fold, utterances, fold_dir, env):
             train_loss = sum(gather_from_ranks(train_loss, world)) / world
         note = end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env)
         seconds = time.time() - start
+        if board:
+            board.epoch(state["history"][-1], (epoch + 1) * steps_per_epoch, len(fold["train"]) / seconds)
         log.info(f"{desc}: train loss {train_loss:.4f}  {note}  {seconds:.1f}s "
                  f"({len(fold['train']) / seconds:.1f} utt/s)")
         env["epochs_run"] = env.get("epochs_run", 0) + 1
         if config["stop_after_epochs"] and env["epochs_run"] >= config["stop_after_epochs"]:
+            if board:
+                board.close()
             raise RunPaused(f"stopped after epoch {epoch + 1} of fold {fold['fold']} (--stop-after-epochs); "
                             f"run the same command again to resume")
+    if board:
+        board.close()
     best = load_checkpoint(fold_dir / "best.pt", "delete the fold's folder to train it again")
     training.model.load_trained_state_dict(best["model"])
     return training.model, state

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main
-from small_runs import run_like_the_demo, write_feature_dir, write_tiny_models
+from small_runs import run_like_the_demo, run_main, write_feature_dir, write_tiny_models
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,3 +83,24 @@ def demo(demo_run):
     """The shared demo run's folders and config: {"run_dir", "data_dir", "config"}."""
     run_dir = demo_run[0]
     return {"run_dir": run_dir, "data_dir": run_dir / "data", "config": json.loads((run_dir / "config.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def seeds_run(data_dir, models_dir, tmp_path_factory):
+    """Two seeds of the small settings' session-5 run (`--seeds 0,1`): -> (run_dir, results)."""
+    run_dir = tmp_path_factory.mktemp("seeds") / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = run_main(run_dir, data_dir, models_dir, "--seeds", "0,1", "--epochs", "2")
+    return run_dir, results
+
+
+@pytest.fixture(scope="session")
+def original_recipe_run(data_dir, models_dir, tmp_path_factory):
+    """`--recipe original` on the small data with two seeds (so it pairs with seeds_run), its
+    epochs cut to 3 and its patience to 1: -> (run_dir, results)."""
+    run_dir = tmp_path_factory.mktemp("original") / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = main.main([run_dir, data_dir, models_dir, "1", "--recipe", "original", "--epochs", "3",
+                             "--patience", "1", "--batch-size", "8", "--fusion-hidden", "32", "--seeds", "0,1",
+                             "--device", "cpu"])
+    return run_dir, results

@@ -83,9 +83,14 @@ def test_run_folder_holds_config_checkpoints_predictions_figures_and_results(fin
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert saved["protocol"] == "session5" and saved["val_split"] == "stratified" and set(saved["summary"]) == {
-        "wa_mean", "wa_std", "ua_mean", "ua_std", "macro_f1_mean", "weighted_f1_mean", "pooled"}
+        "wa_mean", "wa_std", "ua_mean", "ua_std", "macro_f1_mean", "macro_f1_std", "weighted_f1_mean",
+        "weighted_f1_std", "std", "pooled"}
+    # One fold, one seed: no spread to show, and the table shows none ("± 0.0000" would claim one).
+    assert saved["summary"]["ua_std"] is None and saved["summary"]["std"].startswith("none")
+    assert "±" not in (run_dir / "summary.md").read_text().split("Spread:")[0]
     fold = saved["folds"][0]
-    assert set(fold) == {"fold", "test_sessions", "n_train", "n_val", "n_test", "test"}
+    assert set(fold) == {"fold", "test_sessions", "n_train", "n_val", "n_test", "test", "best_epoch", "val"}
+    assert 1 <= fold["best_epoch"] <= 3 and set(fold["val"]) >= {"wa", "ua", "macro_f1", "loss"}
     assert fold["test_sessions"] == [5] and fold["n_train"] + fold["n_val"] == 80 and fold["n_test"] == 20
     assert set(fold["test"]) == {"wa", "ua", "macro_f1", "weighted_f1", "per_class_recall", "confusion_matrix"}
     assert set(fold["test"]["per_class_recall"]) == {"ang", "hap", "sad", "neu"}

@@ -148,6 +148,27 @@ def test_newbob_halves_the_rate_and_restores_a_copy_of_the_best_weights():
     assert torch.equal(model.weight, moved + 1.0) and not torch.equal(model.weight, best)
 
 
+def test_newbob_restores_the_optimizer_state_of_the_best_epoch_with_its_weights():
+    """As the reference implementation does: Adam's moments go back with the weights."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+
+    def step():
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    newbob = train_function.make_scheduler(optimizer, "newbob", total_steps=10)
+    step()
+    assert not newbob.step_epoch(0.50, model)
+    moments = optimizer.state[model.weight]["exp_avg"].clone()
+    step()
+    assert not torch.equal(optimizer.state[model.weight]["exp_avg"], moments)
+    assert newbob.step_epoch(0.40, model)
+    assert torch.equal(optimizer.state[model.weight]["exp_avg"], moments)
+    assert optimizer.state[model.weight]["step"].item() == 1 and optimizer.param_groups[0]["lr"] == 0.5
+
+
 def test_newbob_keeps_no_copy_of_a_frozen_encoder(models_dir):
     model = tiny_model(models_dir)
     optimizer = train_function.configure_optimizer(model, 1e-3, 1e-3)

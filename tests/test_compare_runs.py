@@ -1,0 +1,46 @@
+"""compare_runs.py on two finished runs of the same protocol and seeds, and its refusal of runs
+that measure different things."""
+import json
+import shutil
+
+import pytest
+from scipy.stats import ttest_rel
+
+import compare_runs
+
+
+def test_two_runs_compare_into_markdown_latex_and_a_bar_chart(tmp_path, seeds_run, original_recipe_run):
+    base, other = seeds_run[0], original_recipe_run[0]
+    out = tmp_path / "comparison"
+    compare_runs.main([str(base), str(other), "--output", str(out)])
+    table = (out / "comparison.md").read_text()
+    lines = table.splitlines()
+    # the settings that differ are columns; the ones that do not are left out
+    header = lines[0]
+    assert "loss" in header and "scheduler" in header and "recipe" in header and "protocol" not in header
+    assert "| WA | UA | macro-F1 | weighted-F1 |" in header
+    # each run's mean ± its sample std over seeds, and the paired test against the first run
+    base_results, other_results = (json.loads((d / "results.json").read_text()) for d in (base, other))
+    s = other_results["summary"]
+    assert f"{s['ua_mean']:.4f} ± {s['ua_std']:.4f}" in lines[3]
+    pairs = [[f["test"]["ua"] for f in r["folds"]] for r in (base_results, other_results)]
+    if pairs[0] != pairs[1]:
+        assert f"(p={ttest_rel(pairs[1], pairs[0]).pvalue:.3g})" in lines[3]
+    assert "p=" not in lines[2]  # the first run is the baseline
+    assert "scipy.stats.ttest_rel" in table and "ddof 1" in table
+    tex = (out / "comparison.tex").read_text()
+    assert tex.startswith(r"\begin{tabular}") and r"$\pm$" in tex and r"\end{tabular}" in tex
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_of_different_protocols_are_refused(tmp_path, seeds_run):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(seeds_run[0] / "results.json", other / "results.json")
+    config = json.loads((seeds_run[0] / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "protocol": "loso"}))
+    with pytest.raises(SystemExit, match="differ in protocol"):
+        compare_runs.main([str(seeds_run[0]), str(other), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="config.json: not found; give a RUN_DIR of main.py"):
+        compare_runs.main([str(seeds_run[0]), str(tmp_path), "--output", str(tmp_path / "out")])
