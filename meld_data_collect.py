@@ -28,8 +28,9 @@ MELD's known defects, handled by name and listed in the summary:
   clip that ffmpeg cannot decode (train dia125_utt3, issue #39), a clip without an audio stream or
   with no samples in it: the utterance stays in the manifest with its emotion and text (the context
   of its neighbours) but without a label, so no stage trains or tests on audio it does not have;
-- text with mis-encoded characters (a Windows-1252 byte read as Latin-1, U+0080-U+009F: "I\\x92m";
-  UTF-8 read as Windows-1252: "donâ€™t"): repaired, and counted;
+- text with mis-encoded characters: the release's CSVs hold Windows-1252 bytes read as Latin-1
+  (U+0080-U+009F, "I\\x92m", and U+00A0; declare-lab/MELD pull request #28 lists them), and a copy
+  saved through another program may hold UTF-8 read as Windows-1252 ("donâ€™t"): repaired, and counted;
 - clips in the folders that no CSV row lists (dev dia66_utt9, test final_videos_test*): ignored, counted.
 The release's counts are checked (train 9989, dev 1109, test 2610 utterances) when the tree looks
 like the full release (--expect-full forces it, --no-expect-full skips it); the summary table has
@@ -64,14 +65,15 @@ MOJIBAKE_RE = re.compile("[\u00c2\u00c3\u00e2][\u0080-\u00bf\u2018-\u203a\u0152-
 
 
 def repair_text(text):
-    """Undo the release's mis-encodings: UTF-8 bytes read as Windows-1252 ("donâ€™t" -> "don’t"), and
-    Windows-1252 bytes read as Latin-1 (U+0092 -> ’). Text without them is returned as it is."""
+    """Undo the mis-encodings: UTF-8 bytes read as Windows-1252 ("donâ€™t" -> "don’t"), Windows-1252
+    bytes read as Latin-1 (U+0092 -> ’), and the no-break space U+00A0 (a space, as MELD's own fix of
+    its CSVs made it). Text without them is returned as it is."""
     if MOJIBAKE_RE.search(text):
         try:
             text = text.encode("cp1252").decode("utf-8")
         except UnicodeError:  # not cleanly mis-decoded UTF-8: leave it to the next rule
             pass
-    return C1_RE.sub(lambda m: bytes([ord(m[0])]).decode("cp1252", errors="replace"), text)
+    return C1_RE.sub(lambda m: bytes([ord(m[0])]).decode("cp1252", errors="replace"), text).replace("\u00a0", " ")
 
 
 def episode_seconds(text, where):

@@ -14,10 +14,12 @@ dialogues train 0 and 125, dev 0 and 110, test 0 and 1 are MELD's own rows, with
 speakers, text, emotions and times; the other dialogues are synthetic. Without the CSVs those
 dialogues are synthetic too, under the same ids, so the defects below keep their real names.
 
-Defects, those of the real release: dev dia110_utt7.mp4 missing; train dia125_utt3.mp4 corrupted
-(cut after its first bytes); test dia1_utt2.mp4 has no audio stream; two texts mis-encoded as in
-MELD.Raw (a Windows-1252 apostrophe read as Latin-1, "\\x92"; UTF-8 read as Windows-1252, "â€™");
-clips that no row lists (dev dia66_utt9.mp4, test final_videos_testdia101_utt0.mp4).
+Defects, under the real release's names where it has them: dev dia110_utt7.mp4 missing, train
+dia125_utt3.mp4 corrupted (here: cut after its first bytes), clips that no row lists (dev
+dia66_utt9.mp4, test final_videos_testdia101_utt0.mp4); a text mis-encoded as the original CSVs are
+(a Windows-1252 apostrophe read as Latin-1, "\\x92"); and two the collector must handle though the
+release is not known to have them: test dia1_utt2.mp4 without an audio stream, and a text whose
+UTF-8 was read as Windows-1252 ("â€™").
 
 Learnable, like synthetic_iemocap.py: a synthetic utterance's words come from its emotion's
 vocabulary and its voice's pitch, loudness and tempo from its emotion, and each dialogue has a

@@ -54,7 +54,7 @@ def test_a_release_with_other_counts_is_refused(real_release):
 
 
 def test_mis_encoded_text_is_repaired():
-    assert meld_data_collect.repair_text("I\x92m here") == "I’m here"
+    assert meld_data_collect.repair_text("I\x92m here\xa0\x85") == "I’m here …"
     assert meld_data_collect.repair_text("donâ€™t â€” stop") == "don’t — stop"
     assert meld_data_collect.repair_text("Café, naïve…") == "Café, naïve…"
 
