@@ -14,7 +14,7 @@ import feature_extraction_main
 import main
 import predict
 import synthetic_iemocap
-from data_contract import SAMPLE_RATE, read_classes, read_manifest
+from data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
 from mocap_data_collect import CorpusError
 from small_runs import SMALL, read_csv
 
@@ -77,6 +77,23 @@ def edited(csv_path, edit):
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+def test_the_label_set_is_recorded_beside_the_manifest_and_read_back(demo, tmp_path):
+    # IEMOCAP's collector records its four classes the same way; a DATA_DIR made before classes.json
+    # existed reads as IEMOCAP's, and its utterances.csv has no optional column.
+    assert json.loads((demo["data_dir"] / "classes.json").read_text())["classes"] == ["ang", "hap", "sad", "neu"]
+    assert (demo["data_dir"] / "utterances.csv").read_text().splitlines()[0].endswith(",dominance,transcript")
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "utterances.csv").write_bytes((demo["data_dir"] / "utterances.csv").read_bytes())
+    assert read_classes(older) == ["ang", "hap", "sad", "neu"] and len(read_manifest(older)) == 400
+    (older / "classes.json").write_text('{"classes": ["ang", "sad"]}')
+    with pytest.raises(DataError, match=r"utterances.csv:\d+: label 'hap' is not one of ang, sad"):
+        read_manifest(older)
+    (older / "classes.json").write_text('{"classes": ["ang"]}')
+    with pytest.raises(DataError, match="classes.json: 'classes' must list at least two"):
+        read_classes(older)
 
 
 def test_each_problem_of_a_csv_corpus_is_named_with_its_line(tmp_path):

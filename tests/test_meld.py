@@ -47,6 +47,12 @@ def test_the_real_csvs_give_the_release_counts_and_every_row_as_written(real_rel
     assert rows[0]["start"] == pytest.approx(16 * 60 + 16.059) and rows[0]["end"] == pytest.approx(16 * 60 + 21.731)
 
 
+def test_sentiment_is_the_other_target():
+    rows, _ = meld_data_collect.read_split(REAL_CSVS, "dev", "sentiment")
+    assert Counter(r["label"] for r in rows) == Counter(r["Sentiment"] for r in csv_rows(REAL_CSVS, "dev"))
+    assert {r["label"] for r in rows} == set(meld_data_collect.TARGETS["sentiment"])
+
+
 def test_a_release_with_other_counts_is_refused(real_release):
     rows, _ = real_release
     with pytest.raises(CorpusError, match=r"dev: expected 1109, found 1108"):
