@@ -359,6 +359,9 @@ def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, s
     if protocol == "official":
         return [official_fold(utterances)]
     sessions = sorted({u["session"] for u in utterances})
+    if protocol in ("session5", "loso", "speaker") and sessions == [0]:  # what other corpora's collectors write
+        raise RunError(f"protocol {protocol} holds out IEMOCAP's sessions, and this corpus has none: use --protocol "
+                       f"official (its train/dev/test split) or folds --fold-by COLUMN")
     speakers_of = {s: sorted({u["speaker"] for u in utterances if u["session"] == s}) for s in sessions}
     if protocol == "session5":
         if 5 not in sessions:

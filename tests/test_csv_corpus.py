@@ -173,3 +173,21 @@ def test_a_csv_corpus_of_its_own_three_labels_through_the_pipeline_and_predict(d
     assert list(predicted[0])[-5:] == ["prediction", "p_calm", "p_cross", "p_low", "note"]
     assert {r["prediction"] for r in predicted if r["label"]} <= {"calm", "cross", "low"}
     assert all(r["prediction"] == "" for r in predicted if not r["label"])
+
+
+def test_folds_over_a_column_keep_the_test_folds_dialogues_out_of_training():
+    # Two conversations between three speakers: holding out speaker b holds out both dialogues b speaks in.
+    utterances = [{"index": i, "session": 0, "dialog": d, "speaker": s, "label": i % 2, "group": d}
+                  for i, (d, s) in enumerate([("c1", "a"), ("c1", "b")] * 3 + [("c2", "b"), ("c2", "c")] * 3
+                                             + [("c3", "a"), ("c3", "c")] * 3)]
+    folds = main.make_folds(utterances, "folds", "stratified", 0.5, 0, fold_by="speaker")
+    assert [f["test_speaker"] for f in folds] == [["a"], ["b"], ["c"]]
+    held_out_b = folds[1]
+    assert {u["dialog"] for u in held_out_b["train"] + held_out_b["val"]} == {"c3"}
+    assert {u["speaker"] for u in held_out_b["test"]} == {"b"}
+    with pytest.raises(main.RunError, match="this corpus has none: use --protocol official"):
+        main.make_folds(utterances, "loso")
+    with pytest.raises(main.RunError, match="official needs the manifest's split column"):
+        main.make_folds(utterances, "official")
+    with pytest.raises(main.RunError, match="--fold-by sentiment: the manifest has no such column"):
+        main.make_folds(utterances, "folds", fold_by="sentiment")
