@@ -5,9 +5,10 @@
     python meld_data_collect.py OUT_ROOT DATA_DIR          (then the pipeline as for IEMOCAP)
 
 Writes OUT_ROOT/{train,dev,test}_sent_emo.csv (MELD's columns) and the mp4 clips (a tiny video
-stream and 48 kHz stereo audio, AAC as MELD's or AC-3, quicker to write; written with PyAV) in train_splits/, dev_splits_complete/ and
-output_repeated_splits_test/, as the release has them, and OUT_ROOT/synthetic_truth.json (beside,
-never read by the collector): every utterance in corpus order with its clean text, and the defects.
+stream and 48 kHz stereo audio, AAC as MELD's or AC-3, quicker to write; written with PyAV) in
+train_splits/, dev_splits_complete/ and output_repeated_splits_test/, as the release has them, and
+OUT_ROOT/synthetic_truth.json (beside, never read by the collector): every utterance in corpus
+order with its clean text, and the defects.
 
 Real rows: with --real-csvs (default: tests/data/meld, MELD's public CSVs, where present) the
 dialogues train 0 and 125, dev 0 and 110, test 0 and 1 are MELD's own rows, with their ids,
