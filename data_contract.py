@@ -2,9 +2,11 @@
 
 The data contract (README, "The data contract") in code. Every stage asks this module instead of
 spelling a folder name, a column or a label itself:
-  CLASSES, SAMPLE_RATE, MANIFEST_COLUMNS     the 4-class label set, 16 kHz, utterances.csv's columns
-  read_manifest(DATA_DIR)                    the manifest's rows, typed and checked
-  label_set(rows)                            the classes a manifest really has, in CLASSES order
+  CLASSES, SAMPLE_RATE, MANIFEST_COLUMNS     IEMOCAP's 4-class label set, 16 kHz, utterances.csv's columns
+  OPTIONAL_COLUMNS                           columns another corpus's manifest may add after them
+  read_classes(DATA_DIR) / classes_bytes     DATA_DIR/classes.json: the corpus's label set, beside the manifest
+  read_manifest(DATA_DIR)                    the manifest's rows, typed and checked against that label set
+  label_set(rows, classes)                   the classes a manifest really has, in the label set's order
   STEPS                                      extraction step -> its folder, rows and pretrained files;
                                              qualified_step names one per model or transcript set
   transcript_set / TEXT_STEPS / WER_FILE      ASR transcript sets (ASR-<tag>/Text/) and what is made from them
@@ -27,7 +29,15 @@ CLASSES = ("ang", "hap", "sad", "neu")
 MANIFEST = "utterances.csv"
 MANIFEST_COLUMNS = ("name", "utterance_id", "session", "dialog", "speaker", "gender", "start",
                     "end", "emotion", "label", "valence", "activation", "dominance", "transcript")
+# Another corpus's manifest (MELD, a researcher's CSV) may add these, in this order, after the 14:
+# split (train/dev/test of a corpus that ships them: the `official` protocol), group (a grouping
+# to hold out fold by fold), sentiment (MELD's other target). IEMOCAP writes none of them.
+OPTIONAL_COLUMNS = ("split", "group", "sentiment")
+SPLITS = ("train", "dev", "test")
 _FLOAT_COLUMNS = ("start", "end", "valence", "activation", "dominance")
+# The corpus's label set, written by its collector beside the manifest: {"classes": [...], ...}.
+# A DATA_DIR made before it existed is IEMOCAP's: CLASSES.
+CLASSES_RECORD = "classes.json"
 FEATURES_RECORD = "features.json"
 # features.json's key for what each step's files were made for: {step: manifest_fingerprint(rows)}
 MANIFEST_KEY = "manifest"
@@ -224,10 +234,33 @@ def pretrained_roles(branch):
 # ------------------------------------------------------------------------------------------------
 # the manifest
 
+def classes_bytes(classes, **about):
+    """DATA_DIR/classes.json's content: the label set in the model's output order, and what else
+    the collector says of it (corpus, target)."""
+    return (json.dumps({"classes": list(classes), **about}, indent=1) + "\n").encode("utf-8")
+
+
+def read_classes(data_dir):
+    """The corpus's label set, in the order of the model's outputs and every p_<class> column:
+    DATA_DIR/classes.json, or IEMOCAP's CLASSES for a DATA_DIR written before that file existed."""
+    path = Path(data_dir) / CLASSES_RECORD
+    if not path.exists():
+        return list(CLASSES)
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))["classes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable label set ({e!r}); rerun the corpus's collection script") from None
+    if (not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes)
+            or not all(isinstance(c, str) and c and c.strip() == c and "," not in c for c in classes)):
+        raise DataError(f"{path}: 'classes' must list at least two distinct, non-empty labels, got {classes!r}")
+    return classes
+
+
 def read_manifest(data_dir):
     """The rows of DATA_DIR/utterances.csv in corpus order, typed: session an int,
-    start/end/valence/activation/dominance floats, the rest strings (label is "" for utterances
-    outside the target emotions)."""
+    start/end/valence/activation/dominance floats (an empty cell: NaN, unknown), the rest strings
+    (label is "" for utterances outside the target classes, which are context only). Labels must be
+    in the label set (read_classes); optional columns (OPTIONAL_COLUMNS) come after the 14."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: no manifest; DATA_DIR is the folder mocap_data_collect.py wrote")
@@ -236,31 +269,38 @@ def read_manifest(data_dir):
             table = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: unreadable manifest ({e})") from None
-    header = table[0] if table else None
-    if header is None or tuple(header) != MANIFEST_COLUMNS:
-        raise DataError(f"{path}: header is {header}, expected {list(MANIFEST_COLUMNS)}")
+    header = tuple(table[0]) if table else None
+    extra = header[len(MANIFEST_COLUMNS):] if header else ()
+    if (header is None or header[:len(MANIFEST_COLUMNS)] != MANIFEST_COLUMNS
+            or extra != tuple(c for c in OPTIONAL_COLUMNS if c in extra)):
+        raise DataError(f"{path}: header is {list(header or [])}, expected {list(MANIFEST_COLUMNS)} followed by "
+                        f"any of {list(OPTIONAL_COLUMNS)} in that order")
+    classes = read_classes(data_dir)
     rows = []
     for lineno, cells in enumerate(table[1:], 2):
-        if len(cells) != len(MANIFEST_COLUMNS):
-            raise DataError(f"{path}:{lineno}: {len(cells)} fields, expected {len(MANIFEST_COLUMNS)}")
-        row = dict(zip(MANIFEST_COLUMNS, cells))
+        if len(cells) != len(header):
+            raise DataError(f"{path}:{lineno}: {len(cells)} fields, expected {len(header)}")
+        row = dict(zip(header, cells))
         try:
             row["session"] = int(row["session"])
             for c in _FLOAT_COLUMNS:
-                row[c] = float(row[c])
+                row[c] = float(row[c]) if row[c] else float("nan")
         except ValueError as err:
             raise DataError(f"{path}:{lineno}: {err}") from None
-        if row["label"] and row["label"] not in CLASSES:
-            raise DataError(f"{path}:{lineno}: label {row['label']!r} is not one of {', '.join(CLASSES)}")
+        if row["label"] and row["label"] not in classes:
+            raise DataError(f"{path}:{lineno}: label {row['label']!r} is not one of {', '.join(classes)}")
+        if "split" in row and row["split"] not in SPLITS:
+            raise DataError(f"{path}:{lineno}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
         rows.append(row)
     return rows
 
 
-def label_set(rows):
-    """The classes the manifest's labelled rows really have, in CLASSES order: a corpus collected
-    with fewer emotions trains a head of that many outputs and is scored over those classes only."""
+def label_set(rows, classes=CLASSES):
+    """The classes the manifest's labelled rows really have, in the label set's order (`classes`,
+    read_classes of its DATA_DIR): a corpus collected with fewer emotions trains a head of that
+    many outputs and is scored over those classes only."""
     present = {row["label"] for row in rows if row["label"]}
-    return [c for c in CLASSES if c in present]
+    return [c for c in classes if c in present]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Reads (nothing is written), the files data_contract.BRANCHES names for each bran
   DATA_DIR/vqw2vTokens/<name>.npy         speech RoBERTa ids <s> codes </s> (speech branch)
   DATA_DIR/FullBertEmb{c}/<name>.npy      (2c+1)*H context vector           (context branch)
 
-Each utterance becomes a dict: index, name, session, speaker, dialog, label (index into the run's
-classes) and, per branch, text_ids / speech_ids (1-D int64 tensors) and context ((2c+1, H) float32).
+Each utterance becomes a dict: index, name, session, speaker, dialog, the manifest's optional
+columns it has (split, group, sentiment), label (index into the run's classes) and, per branch,
+text_ids / speech_ids (1-D int64 tensors) and context ((2c+1, H) float32).
 Token sequences are cut to the maximum length keeping `</s>` last, as fairseq's encoder saw them
 in pre-training; a batch is padded only to its own longest sequence with `<pad>` = 1.
 """
@@ -19,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from data_contract import BRANCHES, DataError, branch_steps, feature_folder, feature_path, label_set, read_manifest
+from data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path, label_set,
+                           read_classes, read_manifest)
 from utils import length_sorted_batches
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
@@ -67,22 +69,24 @@ def missing_features(data_dir, rows, context_window, branches, models=None, tran
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
                     progress=True, rows=None, classes=None, models=None, transcripts=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
-    branches need; labels are indices into `classes` (default: the classes the rows have); models:
-    the run's non-default models, transcripts: the transcript set of the features made from text
-    (None: the reference), both as data_contract.branch_steps."""
+    branches need; labels are indices into `classes` (default: the classes the rows have, in the
+    order of DATA_DIR's label set); models: the run's non-default models, transcripts: the
+    transcript set of the features made from text (None: the reference), both as
+    data_contract.branch_steps."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
         raise ValueError(f"branches must be a non-empty subset of {tuple(BRANCHES)}, got {tuple(branches)}")
     if rows is None:
         rows = [row for row in read_manifest(data_dir) if row["label"]]
-    classes = list(classes or label_set(rows))
+    classes = list(classes or label_set(rows, read_classes(data_dir)))
     slices = 2 * context_window + 1
     limits = {"text": max_text_tokens, "speech": max_audio_tokens}
     utterances = []
     for row in tqdm(rows, desc="loading features", unit="utt", leave=False, disable=not progress):
         item = {"index": len(utterances), "name": row["name"], "session": row["session"],
                 "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
+        item.update({c: row[c] for c in OPTIONAL_COLUMNS if c in row})
         for branch in branches:
             path = feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
             key = BRANCHES[branch].key

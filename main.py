@@ -28,7 +28,11 @@ emotions trains a 3-way head and is scored over those three.
 
 Protocols: session5 (train 1-4, test 5), loso (5 folds, one session each), speaker (10 folds, one
 speaker each; the test speaker's session partner shares their dialogues, so their context, and is
-not trained on). Validation comes from the training sessions: 10% stratified by class (default)
+not trained on); for any corpus, folds (one fold per value of a manifest column, --fold-by: session,
+speaker, group, ...; no dialogue of the test fold is trained on) and official (a corpus that ships
+train/dev/test splits, the manifest's split column: train on train, choose the checkpoint on dev,
+test on test). A corpus whose papers report weighted F1 (MELD: its classes.json says so) has it
+first in the log and the summary. Validation comes from the training sessions: 10% stratified by class (default)
 or one held-out training speaker; `--val-split original` validates on the test session's other
 speaker, as the original's cross-validation script did (for session protocols the session's M
 speaker validates and its F speaker is tested; that script also ran the other order, and its
@@ -51,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FILE, DataError, branch_steps, feature_folder, label_set,
-                           qualified_step, read_features_record, read_manifest, split_step, stale_features,
+                           qualified_step, read_classes, read_features_record, read_manifest, split_step, stale_features,
                            step_entry, text_models, transcript_set, transcript_sets)
 from recipes import RECIPES
 from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
@@ -127,9 +131,10 @@ class RunData:
     """The labelled utterances a run trains and tests on, with what the data decides of its settings."""
 
     utterances: list
-    classes: list  # the labels the manifest has, in data_contract.CLASSES order
+    classes: list  # the labels the manifest has, in the order of DATA_DIR's label set (classes.json)
     left_out: list  # names that --skip-missing left out for lack of a feature file
     context_width: int = None  # H of the context vectors, read from the data
+    first_metric: str = None  # the metric the corpus's papers report first (classes.json), if not UA/WA
 
 
 def parse_branches(text):
@@ -152,7 +157,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
         raise RunError(f"{Path(data_dir) / 'utterances.csv'} lists other utterances than the {', '.join(stale)} "
                        f"features were made for (their files are named by position); rerun "
                        f"feature_extraction_main.py on it")
-    classes = label_set(rows)
+    classes = label_set(rows, read_classes(data_dir))
     if len(classes) < 2:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
                        f"({', '.join(classes) or 'none'}); a classifier needs at least two")
@@ -170,7 +175,16 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
                                                 progress, rows, classes, models, transcripts)
     width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
-    return RunData(utterances, classes, left_out, width)
+    return RunData(utterances, classes, left_out, width, read_first_metric(data_dir))
+
+
+def read_first_metric(data_dir):
+    """classes.json's "first_metric" (MELD: weighted_f1), or None: IEMOCAP's UA and WA."""
+    path = Path(data_dir) / "classes.json"
+    metric = json.loads(path.read_text(encoding="utf-8")).get("first_metric") if path.is_file() else None
+    if metric not in (None, "wa", "ua", "macro_f1", "weighted_f1"):
+        raise RunError(f"{path}: first_metric {metric!r} is not one of wa, ua, macro_f1, weighted_f1")
+    return metric
 
 
 def features_of_test_transcripts(args, branches, data, sets, env, models=None):
@@ -264,8 +278,8 @@ def option_settings(args, precision):
         "branches": parse_branches(args.branches),
         "context_window": args.context_window, "max_text_tokens": args.max_text_tokens,
         "max_audio_tokens": args.max_audio_tokens, "skip_missing": args.skip_missing,
-        "protocol": args.protocol, "val_split": args.val_split, "val_fraction": args.val_fraction,
-        "val_split_description": describe_val_split(args.val_split, args.val_fraction),
+        "protocol": args.protocol, "val_split": val_split(args), "val_fraction": args.val_fraction,
+        "val_split_description": describe_val_split(val_split(args), args.val_fraction),
         "epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
         "grad_accum": args.grad_accum, "lr_encoders": args.lr_encoders, "lr_head": args.lr_head,
         "weight_decay": args.weight_decay, "scheduler": args.scheduler, "warmup": args.warmup,
@@ -341,6 +355,9 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
     import transformers
     data_dir, models_dir = Path(args.data_dir).resolve(), Path(args.models_dir).resolve()
     options = option_settings(args, precision)
+    # Settings of the newer protocols and corpora, written only where they apply, so that an
+    # IEMOCAP run's config.json stays what it has always been.
+    extra = {"fold_by": args.fold_by if args.protocol == "folds" else None, "first_metric": data.first_metric}
     text_model, speech_model = model_paths(args)
     config = {
         "data_dir": str(data_dir), "models_dir": str(models_dir), "text_model": text_model,
@@ -373,7 +390,8 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
     # Only where ASR transcripts are used: a run on the reference ones keeps the config.json it always had.
     asr_settings = {} if asr is None else {"transcripts": asr["transcripts"], "asr_model": asr["asr_model"],
                                            "asr_wer": asr["asr_wer"]}
-    return {**{key: config[key] for key in order}, **asr_settings}
+    return {**{key: config[key] for key in order}, **asr_settings,
+            **{k: v for k, v in extra.items() if v is not None}}
 
 
 def resolve_transcripts(args):
@@ -457,8 +475,14 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
     return pretrained
 
 
+def val_split(args):
+    """--val-split, except under the official protocol, where the corpus's dev split validates."""
+    return "dev" if args.protocol == "official" else args.val_split
+
+
 def describe_val_split(val_split, val_fraction):
     return {
+        "dev": "the corpus's official dev split",
         "stratified": f"{val_fraction:.0%} of the training utterances, stratified by class",
         "speaker": "one training speaker held out (chosen by the seed)",
         "original": "the test session's other speaker, as the original's cross-validation script (its F speaker "
@@ -549,10 +573,16 @@ def setup_logging(run_dir, rank):
 # ------------------------------------------------------------------------------------------------
 # folds
 
-def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, seed=0):
-    """-> list of {"fold", "test_sessions" | "test_speakers", "train", "val", "test"} (utterance lists)."""
+def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, seed=0, fold_by="session"):
+    """-> list of {"fold", "test_sessions" | "test_speakers" | "test_<fold_by>" | "test_split", "train", "val",
+    "test"} (utterance lists)."""
     from sklearn.model_selection import train_test_split
+    if protocol == "official":
+        return [official_fold(utterances)]
     sessions = sorted({u["session"] for u in utterances})
+    if protocol in ("session5", "loso", "speaker") and sessions == [0]:  # what other corpora's collectors write
+        raise RunError(f"protocol {protocol} holds out IEMOCAP's sessions, and this corpus has none: use --protocol "
+                       f"official (its train/dev/test split) or folds --fold-by COLUMN")
     speakers_of = {s: sorted({u["speaker"] for u in utterances if u["session"] == s}) for s in sessions}
     if protocol == "session5":
         if 5 not in sessions:
@@ -562,6 +592,15 @@ def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, s
         tests = [("test_sessions", [s]) for s in sessions]
     elif protocol == "speaker":
         tests = [("test_speakers", [sp]) for s in sessions for sp in speakers_of[s]]
+    elif protocol == "folds":
+        if fold_by not in utterances[0]:
+            raise RunError(f"--fold-by {fold_by}: the manifest has no such column (session, speaker, dialog, or "
+                           f"one of the optional split, group, sentiment)")
+        values = sorted({u[fold_by] for u in utterances})
+        if len(values) < 2:
+            raise RunError(f"--fold-by {fold_by}: every labelled utterance has the value {values[0]!r}; folds need "
+                           f"at least two values")
+        tests = [(f"test_{fold_by}", [v]) for v in values]
     else:
         raise ValueError(f"unknown protocol {protocol!r}: use session5, loso or speaker")
     folds = []
@@ -569,11 +608,20 @@ def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, s
         if key == "test_sessions":
             test_sessions = set(held_out)
             test = [u for u in utterances if u["session"] in test_sessions]
+        elif key != "test_speakers":  # --protocol folds: no dialogue the test fold speaks in trains
+            test = [u for u in utterances if u[fold_by] == held_out[0]]
+            shared = {(u["session"], u["dialog"]) for u in test}
+            pool = [u for u in utterances if u[fold_by] != held_out[0] and (u["session"], u["dialog"]) not in shared]
+            test_sessions = set()
         else:
             test_sessions = {u["session"] for u in utterances if u["speaker"] == held_out[0]}
             test = [u for u in utterances if u["speaker"] == held_out[0]]
-        pool = [u for u in utterances if u["session"] not in test_sessions]
+        if key in ("test_sessions", "test_speakers"):
+            pool = [u for u in utterances if u["session"] not in test_sessions]
         fold = {"fold": k, key: held_out}
+        if val_split == "original" and protocol == "folds":
+            raise RunError("--val-split original is IEMOCAP's split by session; with --protocol folds use "
+                           "stratified or speaker")
         if val_split == "original":
             test_speakers = set(held_out) if key == "test_speakers" else {
                 sp for s in test_sessions for sp in speakers_of[s] if sp.endswith("F")}
@@ -610,7 +658,24 @@ def make_folds(utterances, protocol, val_split="stratified", val_fraction=0.1, s
     return folds
 
 
+def official_fold(utterances):
+    """The corpus's own splits (the manifest's split column): train on train, validate on dev, test on test."""
+    if "split" not in utterances[0]:
+        raise RunError("--protocol official needs the manifest's split column (train/dev/test), which corpora that "
+                       "ship their splits have (meld_data_collect.py, or csv_data_collect.py with a split column)")
+    fold = {"fold": 1, "test_split": ["test"]}
+    fold.update({part: [u for u in utterances if u["split"] == split]
+                 for part, split in (("train", "train"), ("val", "dev"), ("test", "test"))})
+    if not all(fold[part] for part in ("train", "val", "test")):
+        raise RunError(f"--protocol official: an empty split (train {len(fold['train'])}, dev {len(fold['val'])}, "
+                       f"test {len(fold['test'])} labelled utterances)")
+    return fold
+
+
 def fold_title(fold):
+    held_out = [k for k in fold if k.startswith("test_") and k not in ("test_sessions", "test_speakers")]
+    if held_out:  # --protocol folds or official
+        return f"{held_out[0][len('test_'):]} " + ",".join(map(str, fold[held_out[0]]))
     if "test_sessions" in fold:
         title = "session " + ",".join(map(str, fold["test_sessions"]))
         return title + (f" ({','.join(fold['test_speakers'])})" if "test_speakers" in fold else "")
@@ -640,7 +705,7 @@ def run_fold(config, fold, utterances, run_dir, env, test_inputs=None):
     if config.get("one_vs_rest"):  # Siriwardhana et al.'s per-emotion binary scores, beside ours
         test.update(validation_function.one_vs_rest_metrics(predictions["labels"], predictions["probs"].argmax(1),
                                                             config["classes"]))
-    result = {k: fold[k] for k in ("fold", "test_sessions", "test_speakers") if k in fold}
+    result = {k: fold[k] for k in fold if k == "fold" or k.startswith("test_")}
     result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
                   best_epoch=state["best_epoch"], val=state["best_val"], history=state["history"],
                   y_true=predictions["labels"].tolist(), y_pred=predictions["probs"].argmax(1).tolist())
@@ -655,8 +720,9 @@ def run_fold(config, fold, utterances, run_dir, env, test_inputs=None):
     if env["world_size"] > 1:
         import torch.distributed as dist
         dist.barrier()
+    first = f"weighted-F1 {test['weighted_f1']:.4f}  " if config.get("first_metric") == "weighted_f1" else ""
     log.info(f"fold {fold['fold']} test ({fold_title(fold)}, best epoch {state['best_epoch']}): "
-             f"WA {test['wa']:.4f}  UA {test['ua']:.4f}  macro-F1 {test['macro_f1']:.4f}")
+             f"{first}WA {test['wa']:.4f}  UA {test['ua']:.4f}  macro-F1 {test['macro_f1']:.4f}")
     return result
 
 
@@ -687,8 +753,9 @@ def summarize(protocol, fold_results, classes, val_split="stratified", left_out=
     val_split says how checkpoints were chosen ("original": by the test session's other speaker);
     left_out names the labelled utterances that --skip-missing left out for lack of features."""
     from validation_function import compute_metrics
-    keys = ("seed", "fold", "test_sessions", "test_speakers", "n_train", "n_val", "n_test", "test", "best_epoch", "val")
-    folds = [{k: r[k] for k in keys if k in r} for r in fold_results]
+    # what the fold held out (test_sessions, test_speakers, test_group, ...), then its figures
+    folds = [{k: r[k] for k in ("seed", "fold", *[k for k in r if k.startswith("test_")], "n_train", "n_val",
+                                 "n_test", "test", "best_epoch", "val") if k in r} for r in fold_results]
     pooled = compute_metrics([y for r in fold_results for y in r["y_true"]],
                              [y for r in fold_results for y in r["y_pred"]], classes)
     over_folds = spread([r["test"] for r in fold_results])
@@ -731,8 +798,12 @@ def results_table(results, config):
     recipe = f"; recipe `{config['recipe']}`" if config.get("recipe") else ""
     early = (f" at most (a fold stops after {config['patience']} without a lower validation loss)"
              if config.get("patience") else "")
-    lines = [f"# Results: {config['protocol']}, branches {'+'.join(config['branches'])}{recipe}", "",
-             f"Data: `{config['data_dir']}`; validation: {config['val_split_description']}; "
+    lines = [f"# Results: {config['protocol']}, branches {'+'.join(config['branches'])}{recipe}", ""]
+    if config.get("first_metric") == "weighted_f1":  # what the corpus's papers report: first
+        s, p = results["summary"], results["summary"]["pooled"]
+        lines += [f"**Weighted F1 {p['weighted_f1']:.4f}** (pooled test predictions; mean over folds "
+                  f"{s['weighted_f1_mean']:.4f}), UA {p['ua']:.4f}, WA {p['wa']:.4f}.", ""]
+    lines += [f"Data: `{config['data_dir']}`; validation: {config['val_split_description']}; "
              f"{config['epochs']} epochs{early}, {select}.", "",
              f"| {'seed | ' if results.get('seeds') else ''}fold | test | train | val | test n | best epoch | "
              + " | ".join(METRIC_NAMES[m] for m in metrics) + " |",
@@ -817,7 +888,8 @@ def run(config, run_dir, utterances, env, test_inputs=None):
     seeds = config.get("seeds")
     # One pass of the protocol per seed (--seeds), each in its own subfolder, or one with --seed.
     passes = [(seed, run_dir / f"seed{seed}") for seed in seeds] if seeds else [(config["seed"], run_dir)]
-    folds = {seed: make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], seed)
+    folds = {seed: make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], seed,
+                              config.get("fold_by", "session"))
              for seed, _ in passes}
     # RUN_DIR is made only now: a run refused for its inputs leaves nothing behind to block the next.
     resuming = check_resumable(run_dir, config)
@@ -853,6 +925,8 @@ def run(config, run_dir, utterances, env, test_inputs=None):
                         seeds)
     if "transcripts" in config:  # which transcripts, only where ASR ones are used (as config.json)
         results.update({key: config[key] for key in ("transcripts", "asr_model", "asr_wer")})
+    if config.get("first_metric"):
+        results["first_metric"] = config["first_metric"]
     table = results_table(results, config)
     if rank == 0:
         import validation_function
@@ -1003,9 +1077,13 @@ def build_parser():
     p.add_argument("--asr-model", default=None,
                    help="which ASR model's transcripts (as given to feature_extraction_main.py --asr-model; "
                         "default: the one set DATA_DIR holds)")
-    p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"],
+    p.add_argument("--protocol", choices=("session5", "loso", "speaker", "folds", "official"), default=d["protocol"],
                    help="session5: train on sessions 1-4, test on 5; loso: 5 folds, one session each; "
-                        "speaker: 10 folds, one speaker each")
+                        "speaker: 10 folds, one speaker each; folds: one fold per value of --fold-by; official: "
+                        "the corpus's train/dev/test splits (the manifest's split column)")
+    p.add_argument("--fold-by", default="session",
+                   help="--protocol folds: the manifest column whose values are held out one by one (session, "
+                        "speaker, group, ...)")
     p.add_argument("--val-split", choices=("stratified", "speaker", "original", "in-train-session"),
                    default=d["val_split"],
                    help="validation from the training sessions: stratified share or one held-out speaker; "
@@ -1085,6 +1163,8 @@ def check_options(args, parser):
         parse_branches(args.branches)
     except RunError as error:
         parser.error(str(error))
+    if args.protocol == "official" and args.val_split != DEFAULTS["val_split"]:
+        parser.error("--protocol official validates on the corpus's dev split; --val-split does not apply")
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ Writes, as the data contract says:
     DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the utterances of the target emotions
                                  (every utterance with --all-audio, for speech recognition)
     DATA_DIR/labels_train_t.txt  "<name>.txt<TAB><code>" per target utterance (the seed's codes)
+    DATA_DIR/classes.json        the label set: the classes of --emotions, in CLASSES order
 where name = "{index}_s_{session}_{emotion}" and index is the row's position in the manifest.
 
 How the corpus is read (each rule is a quirk of the real release):
@@ -62,7 +63,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_contract import CLASSES, MANIFEST_COLUMNS, SAMPLE_RATE
+from data_contract import CLASSES, CLASSES_RECORD, MANIFEST_COLUMNS, SAMPLE_RATE, classes_bytes
 from utils import AudioError, read_audio, wav_bytes, write_bytes_atomic
 
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
@@ -339,7 +340,7 @@ def manifest_bytes(rows):
 
 
 def is_our_file(name):
-    return name in ("utterances.csv", "labels_train_t.txt") or (
+    return name in ("utterances.csv", "labels_train_t.txt", CLASSES_RECORD) or (
         Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
 
 
@@ -369,8 +370,9 @@ def remove_stale(data_dir, rows, skip_audio=(), all_audio=False):
     return removed
 
 
-def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True, all_audio=False):
-    """Write Text/, Audio/, labels_train_t.txt and, last, utterances.csv; return what
+def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True, all_audio=False,
+                   emotions=DEFAULT_EMOTIONS):
+    """Write Text/, Audio/, labels_train_t.txt, classes.json and, last, utterances.csv; return what
     remove_stale removed."""
     data_dir = Path(data_dir)
     for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
@@ -381,6 +383,8 @@ def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True, a
     removed = remove_stale(data_dir, rows, skip_audio, all_audio)
     labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
     write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))
+    targets = {LABEL_OF_EMOTION[e] for e in emotions}
+    write_if_changed(data_dir / CLASSES_RECORD, classes_bytes([c for c in CLASSES if c in targets], corpus="IEMOCAP"))
     write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
     return removed
 
@@ -420,7 +424,8 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
     except OSError as err:  # a file of that name, a folder where nothing can be made
         raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
     removed = write_data_dir(iemocap_root, data_dir, rows,
-                             skip_audio={r["name"] for r, _ in problems}, progress=progress, all_audio=all_audio)
+                             skip_audio={r["name"] for r, _ in problems}, progress=progress, all_audio=all_audio,
+                             emotions=emotions)
     print(summary_table(rows), file=out)
     if notes["empty_transcript"]:
         print(f"{len(notes['empty_transcript'])} utterance(s) with an empty transcript line, kept "

@@ -1,0 +1,334 @@
+"""A researcher's own corpus, listed in a CSV, into DATA_DIR: the manifest, the transcripts, the audio.
+
+    python csv_data_collect.py CORPUS.csv DATA_DIR [--classes a,b,c] [--allow-missing]
+
+Reads a CSV (UTF-8, a spreadsheet's BOM allowed) with the columns
+    wav, text, label          required: audio file (relative to the CSV's folder), transcript, class
+    id                        utterance id (default: "row<N>", N the CSV line); must be unique
+    dialog, order             conversation and position in it (default: the rows' order)
+    speaker, split, group     who speaks; train/dev/test of a corpus that ships splits (main.py
+                              --protocol official); any grouping to hold out (--protocol folds --fold-by group)
+    start, end                seconds: the utterance is that stretch of the wav
+Any other column is refused: a misspelt "dialogue" would silently lose the conversation order.
+A row with an empty label is context only: its text is its neighbours' context, it is not trained
+on or tested, and its wav may be empty. Audio in any format, rate and channel count that
+soundfile reads becomes 16 kHz mono PCM16 (utils.read_audio, as predict.py reads recordings).
+
+Writes the DATA_DIR that mocap_data_collect.py writes (the data contract), for the same later stages:
+    DATA_DIR/utterances.csv      one row per utterance, dialogues in order of first appearance, each
+                                 in its order; the columns of data_contract.MANIFEST_COLUMNS, then split
+                                 and group when the CSV has them. session is 0, emotion is the label.
+    DATA_DIR/Text/<name>.txt     every transcript, one line
+    DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the labelled rows
+    DATA_DIR/classes.json        the label set: --classes in that order, or the labels sorted
+with name = "{index}_s_0_{label}" ("xxx" for a context-only row). A row without a dialog is a
+conversation of its own.
+
+Checked before anything is written, each problem named with its CSV line: a missing column, an
+unknown column, an empty text or wav on a labelled row, a missing, unreadable or cut-off audio file,
+start/end that are not times inside the file, an order that is not a number or repeats in a
+dialogue, a label that appears once (no model can learn it, nor can a stratified split hold it),
+a label outside --classes, duplicated ids, a split outside train/dev/test. --allow-missing goes on
+past missing or unusable audio: those rows become context only, and are listed. Files are written
+atomically, the manifest last; a rerun rewrites only what changed and removes the Audio/ and Text/
+files of an earlier run that this one does not vouch for.
+"""
+import argparse
+import csv
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_contract import (CLASSES_RECORD, MANIFEST, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, SAMPLE_RATE, SPLITS,
+                           classes_bytes)
+from mocap_data_collect import CorpusError, few, normalise_transcript, write_if_changed
+from utils import AudioError, read_audio, wav_bytes
+
+REQUIRED = ("wav", "text", "label")
+OPTIONAL = ("id", "dialog", "order", "speaker", "split", "group", "start", "end")
+# The names this script and meld_data_collect.py give: only these are ever removed from DATA_DIR.
+NAME_RE = re.compile(r"^\d+_s_\d+_[A-Za-z0-9-]+$")
+TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp\.[a-z]+$")
+
+
+def file_safe(label):
+    """A label as the last part of a file name: letters, digits and '-' kept, the rest '-'."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", label) or "xxx"
+
+
+# ------------------------------------------------------------------------------------------------
+# reading the CSV
+
+def read_table(csv_path):
+    """(header, [(line number, {column: cell})]) of a UTF-8 CSV; one line names a problem."""
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            table = [(reader.line_num, cells) for cells in reader]
+    except FileNotFoundError:
+        raise CorpusError(f"{csv_path}: no such CSV file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CorpusError(f"{csv_path}: unreadable CSV ({e})") from None
+    rows = []
+    for lineno, cells in table:
+        if not any(c.strip() for c in cells):
+            continue  # a blank line, as spreadsheets leave at the end
+        if len(cells) != len(header):
+            raise CorpusError(f"{csv_path}:{lineno}: {len(cells)} fields, the header has {len(header)}")
+        rows.append((lineno, {h: c.strip() for h, c in zip(header, cells)}))
+    return header, rows
+
+
+def seconds(text, where, column):
+    try:
+        value = float(text)
+    except ValueError:
+        raise CorpusError(f"{where}: {column} {text!r} is not a time in seconds") from None
+    if not value >= 0:
+        raise CorpusError(f"{where}: {column} {text!r} is not a time in seconds")
+    return value
+
+
+def read_corpus_csv(csv_path, classes=None):
+    """Manifest rows (without names yet) in corpus order, each with "wav_path" and "where"; the label
+    set. Every check that needs no audio is done here."""
+    csv_path = Path(csv_path)
+    header, table = read_table(csv_path)
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise CorpusError(f"{csv_path}: needs the columns {', '.join(REQUIRED)}; missing {', '.join(missing)}")
+    unknown = [c for c in header if c not in REQUIRED + OPTIONAL]
+    if unknown or len(set(header)) != len(header):
+        what = f"unknown column {unknown[0]!r}" if unknown else "a column named twice"
+        raise CorpusError(f"{csv_path}:1: {what}; the columns are {', '.join(REQUIRED)} and optionally "
+                          f"{', '.join(OPTIONAL)}")
+    if not table:
+        raise CorpusError(f"{csv_path}: no rows")
+    rows, first_line, dialogs = [], {}, {}
+    for lineno, cells in table:
+        where = f"{csv_path}:{lineno}"
+        uid = cells.get("id") or f"row{lineno}"
+        if uid in first_line:
+            raise CorpusError(f"{where}: id {uid!r} already on line {first_line[uid]}")
+        first_line[uid] = lineno
+        label, text = cells["label"], normalise_transcript(cells["text"])
+        if label and not text:
+            raise CorpusError(f"{where}: labelled row with an empty text")
+        if label and not cells["wav"]:
+            raise CorpusError(f"{where}: labelled row without a wav")
+        if cells.get("split", "train") not in SPLITS:
+            raise CorpusError(f"{where}: split {cells['split']!r} is not one of {', '.join(SPLITS)}")
+        start = seconds(cells["start"], where, "start") if cells.get("start") else None
+        end = seconds(cells["end"], where, "end") if cells.get("end") else None
+        if start is not None and end is not None and end <= start:
+            raise CorpusError(f"{where}: end {end} is not after start {start}")
+        if cells.get("order"):
+            try:
+                order = float(cells["order"])
+            except ValueError:
+                raise CorpusError(f"{where}: order {cells['order']!r} is not a number") from None
+        else:
+            order = len(rows)
+        dialog = cells.get("dialog") or f"row{lineno}"  # no dialogue: a conversation of its own
+        dialogs.setdefault(dialog, len(dialogs))
+        row = {"utterance_id": uid, "session": 0, "dialog": dialog, "speaker": cells.get("speaker", ""),
+               "gender": "", "start": "" if start is None else start, "end": "" if end is None else end,
+               "emotion": label, "label": label, "valence": "", "activation": "", "dominance": "",
+               "transcript": text, "wav_path": (csv_path.parent / cells["wav"]) if cells["wav"] else None,
+               "where": where, "order": order}
+        row.update({c: cells[c] for c in ("split", "group") if c in header})
+        rows.append(row)
+    seen_order = {}
+    for row in rows:
+        if "order" in header and (row["dialog"], row["order"]) in seen_order:
+            raise CorpusError(f"{row['where']}: order {row['order']:g} already in dialog {row['dialog']!r} "
+                              f"(line {seen_order[row['dialog'], row['order']]})")
+        seen_order[row["dialog"], row["order"]] = row["where"].rsplit(":", 1)[1]
+    rows.sort(key=lambda r: (dialogs[r["dialog"]], r["order"]))
+    counts = Counter(r["label"] for r in rows if r["label"])
+    if classes is None:
+        classes = sorted(counts)
+    for row in rows:
+        if row["label"] and row["label"] not in classes:
+            raise CorpusError(f"{row['where']}: label {row['label']!r} is not one of --classes {','.join(classes)}")
+        if counts[row["label"]] == 1:
+            raise CorpusError(f"{row['where']}: label {row['label']!r} appears once in the corpus; a class needs "
+                              f"at least two utterances (fix it, or empty its label to keep the row as context)")
+    if len([c for c in classes if counts[c]]) < 2:
+        raise CorpusError(f"{csv_path}: labelled rows of {len(counts)} class(es); a classifier needs at least two")
+    return rows, list(classes)
+
+
+def name_rows(rows):
+    """name = "{index}_s_{session}_{emotion}", as the data contract gives IEMOCAP's."""
+    for index, row in enumerate(rows):
+        row["name"] = f"{index}_s_{row['session']}_{file_safe(row['emotion']) if row['emotion'] else 'xxx'}"
+    return rows
+
+
+def read_segment(row):
+    """The row's audio as 16 kHz mono int16: the file (any rate, channels) cut to start/end."""
+    samples, notes = read_audio(row["wav_path"], convert=True, dtype="int16")
+    if any(note.startswith("cut off") for note in notes):
+        raise AudioError(f"{row['wav_path']}: cut off (shorter than its header says)")
+    samples = np.clip(np.round(samples), -32768, 32767).astype(np.int16)
+    start = 0 if row["start"] == "" else round(row["start"] * SAMPLE_RATE)
+    end = len(samples) if row["end"] == "" else round(row["end"] * SAMPLE_RATE)
+    if end > len(samples) + SAMPLE_RATE // 100 or start >= min(end, len(samples)):
+        raise AudioError(f"{row['wav_path']}: start/end {row['start']}-{row['end']} s outside its "
+                         f"{len(samples) / SAMPLE_RATE:.2f} s")
+    return samples[start:end]
+
+
+def check_audio(rows, progress=True):
+    """[(row, problem)] for every labelled row whose audio is missing, unreadable or cut off."""
+    problems = []
+    for row in tqdm(rows, desc="checking audio", unit="utt", disable=not progress):
+        if row["label"]:
+            try:
+                read_segment(row)
+            except AudioError as err:
+                problems.append((row, f"{row['where']}: {err}"))
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# writing DATA_DIR (meld_data_collect.py writes through these too)
+
+def manifest_columns(rows):
+    """MANIFEST_COLUMNS, then the optional columns these rows have."""
+    return MANIFEST_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in rows[0])
+
+
+def manifest_bytes(rows):
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    columns = manifest_columns(rows)
+    writer.writerow(columns)
+    writer.writerows([row[c] for c in columns] for row in rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def is_our_file(name):
+    return name in (MANIFEST, CLASSES_RECORD) or (
+        Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
+
+
+def remove_stale(data_dir, rows):
+    """Remove Audio/ and Text/ files named like an utterance that the manifest does not vouch for
+    (gone, or context only now), and temporary files of a killed run. -> the removed files."""
+    keep = {("Text", r["name"] + ".txt") for r in rows} | {("Audio", r["name"] + ".wav") for r in rows if r["label"]}
+    removed = []
+    for sub in ("Text", "Audio", "."):
+        folder = Path(data_dir) / sub
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            temp = TEMP_RE.match(f.name)
+            if temp and is_our_file(temp["target"]):
+                f.unlink()
+            elif sub != "." and is_our_file(f.name) and (sub, f.name) not in keep:
+                f.unlink()
+                removed.append(f"{sub}/{f.name}")
+    return removed
+
+
+def write_data_dir(data_dir, rows, read_row_audio, classes, about, progress=True):
+    """Text/ of every row, Audio/ of the labelled ones (read_row_audio(row) -> 16 kHz mono int16, or
+    AudioError: that row becomes context only), classes.json and, last, utterances.csv.
+    -> ([(row, problem)] of the audio that failed, [removed files])."""
+    data_dir = Path(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
+    problems = []
+    for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
+        write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
+        if row["label"]:
+            try:
+                samples = read_row_audio(row)
+            except AudioError as err:
+                problems.append((row, str(err)))
+                row["label"] = ""  # its text is still its neighbours' context
+                continue
+            write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
+    removed = remove_stale(data_dir, rows)
+    write_if_changed(data_dir / CLASSES_RECORD, classes_bytes(classes, **about))
+    write_if_changed(data_dir / MANIFEST, manifest_bytes(rows))
+    return problems, removed
+
+
+def count_table(rows, classes, by):
+    """Utterances per value of `by` (split, group, ...) and per class, as printed after a run."""
+    header = [by, "dialogues", "utterances"] + list(classes) + ["labelled", "context"]
+    lines = []
+    for value in sorted({r[by] for r in rows}, key=str) + ["all"]:
+        sel = [r for r in rows if value == "all" or r[by] == value]
+        labels = Counter(r["label"] for r in sel)
+        lines.append([str(value), str(len({(r['session'], r['dialog']) for r in sel})), str(len(sel))]
+                     + [str(labels[c]) for c in classes] + [str(len(sel) - labels[""]), str(labels[""])])
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in [header, *lines])
+
+
+def collect(csv_path, data_dir, classes=None, allow_missing=False, progress=True, out=sys.stdout):
+    """Read and check the CSV and its audio, then write DATA_DIR. -> the manifest rows."""
+    rows, classes = read_corpus_csv(csv_path, classes)
+    if Path(data_dir).resolve() == Path(csv_path).resolve().parent:
+        raise CorpusError(f"{data_dir}: DATA_DIR is the CSV's own folder; give the corpus a DATA_DIR of its own")
+    problems = check_audio(rows, progress)
+    if problems and not allow_missing:
+        raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                          + "; use --allow-missing to keep these rows as context only")
+    unusable = {id(r) for r, _ in problems}
+    for row in rows:
+        if id(row) in unusable:
+            row["label"] = ""
+    name_rows(rows)
+    _, removed = write_data_dir(data_dir, rows, read_segment, classes, {"corpus": str(Path(csv_path).name)}, progress)
+    print(count_table(rows, classes, "split" if "split" in rows[0] else "session"), file=out)
+    if problems:
+        print(f"--allow-missing: {len(problems)} labelled row(s) without usable audio, kept as context only:",
+              file=out)
+        for _, problem in problems:
+            print(f"  {problem}", file=out)
+    if removed:
+        print(f"removed {len(removed)} file(s) of an earlier run that this run does not vouch for: {few(removed)}",
+              file=out)
+    print(f"wrote {Path(data_dir) / MANIFEST} ({len(rows)} utterances, classes {', '.join(classes)})", file=out)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", help="the corpus's CSV (columns wav, text, label, ...)")
+    parser.add_argument("data_dir", help="output folder (created if needed)")
+    parser.add_argument("--classes", default=None,
+                        help="the label set in the model's output order, comma separated (default: the labels sorted)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="keep labelled rows whose audio is missing or unusable as context only, and list them")
+    args = parser.parse_args(argv)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        collect(args.csv, args.data_dir, classes, args.allow_missing, progress=sys.stderr.isatty())
+    except CorpusError as err:
+        print(f"csv_data_collect.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("csv_data_collect.py: interrupted: the files written so far are whole (utterances.csv is written "
+              "last); rerun the same command to finish", file=sys.stderr)
+        sys.exit(130)

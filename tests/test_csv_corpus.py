@@ -1,0 +1,193 @@
+"""A researcher's own corpus from a CSV: its checks, each naming the CSV line, and a 3-class corpus of its
+own labels through the whole pipeline (folds over its group column) and predict.py."""
+import contextlib
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import csv_data_collect
+import feature_extraction_main
+import main
+import predict
+import synthetic_iemocap
+from data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
+from mocap_data_collect import CorpusError
+from small_runs import SMALL, read_csv
+
+VOICE_OF = {"calm": "neu", "cross": "ang", "low": "sad"}  # the corpus's own labels, voiced as IEMOCAP's
+
+
+def write_corpus(folder, dialogues=6, per_dialogue=6, seed=0):
+    """A CSV corpus: wavs at 22.05 kHz stereo (resampled and mixed down by the collector), one
+    long recording cut by start/end, rows of each dialogue shuffled with an order column, a
+    context-only row per dialogue (empty label, no wav), two groups and splits. -> the CSV's path."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wavs").mkdir(exist_ok=True)
+    rows, long_parts = [], []
+    labels = list(VOICE_OF)
+    for d in range(dialogues):
+        dialog_rows = []
+        for u in range(per_dialogue):
+            label = "" if u == 2 else labels[(d + u) % 3]
+            code = VOICE_OF[label] if label else "neu"
+            text = synthetic_iemocap.make_transcript(rng, code)
+            voice = synthetic_iemocap.synth_voice(rng, code, "FM"[u % 2], int(0.6 * SAMPLE_RATE))
+            row = {"id": f"d{d}u{u}", "wav": "", "text": text, "label": label, "dialog": f"conv{d}", "order": u,
+                   "speaker": f"spk{d % 2}{u % 2}", "group": f"g{d % 2}", "split": ("train", "train", "dev",
+                                                                                   "test")[d % 4],
+                   "start": "", "end": ""}
+            if label and d == 0 and u < 2:  # both from one long recording, cut by start/end
+                row.update(wav="wavs/long.flac", start=f"{len(long_parts) * 0.6:.1f}",
+                           end=f"{len(long_parts) * 0.6 + 0.6:.1f}")
+                long_parts.append(voice)
+            elif label:
+                row["wav"] = f"wavs/{row['id']}.wav"
+                x = np.interp(np.arange(0, len(voice), SAMPLE_RATE / 22050), np.arange(len(voice)), voice) / 32768
+                sf.write(folder / row["wav"], np.stack([x, 0.5 * x], 1), 22050)
+            dialog_rows.append(row)
+        rows += [dialog_rows[i] for i in rng.permutation(per_dialogue)]  # order, not row order, counts
+    sf.write(folder / "wavs" / "long.flac", np.concatenate(long_parts) / 32768, SAMPLE_RATE)
+    path = folder / "corpus.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def collect(csv_path, data_dir, **kwargs):
+    printed = io.StringIO()
+    rows = csv_data_collect.collect(csv_path, data_dir, progress=False, out=printed, **kwargs)
+    return rows, printed.getvalue()
+
+
+def edited(csv_path, edit):
+    """The CSV with edit(rows) applied, written beside it; -> its path."""
+    rows = read_csv(csv_path)
+    columns = list(rows[0])
+    rows = edit(rows) or rows
+    out = csv_path.with_name("edited.csv")
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_the_label_set_is_recorded_beside_the_manifest_and_read_back(demo, tmp_path):
+    # IEMOCAP's collector records its four classes the same way; a DATA_DIR made before classes.json
+    # existed reads as IEMOCAP's, and its utterances.csv has no optional column.
+    assert json.loads((demo["data_dir"] / "classes.json").read_text())["classes"] == ["ang", "hap", "sad", "neu"]
+    assert (demo["data_dir"] / "utterances.csv").read_text().splitlines()[0].endswith(",dominance,transcript")
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "utterances.csv").write_bytes((demo["data_dir"] / "utterances.csv").read_bytes())
+    assert read_classes(older) == ["ang", "hap", "sad", "neu"] and len(read_manifest(older)) == 400
+    (older / "classes.json").write_text('{"classes": ["ang", "sad"]}')
+    with pytest.raises(DataError, match=r"utterances.csv:\d+: label 'hap' is not one of ang, sad"):
+        read_manifest(older)
+    (older / "classes.json").write_text('{"classes": ["ang"]}')
+    with pytest.raises(DataError, match="classes.json: 'classes' must list at least two"):
+        read_classes(older)
+
+
+def test_each_problem_of_a_csv_corpus_is_named_with_its_line(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", dialogues=3, per_dialogue=4)
+    data_dir = tmp_path / "data"
+
+    def broken(edit, message):
+        with pytest.raises(CorpusError, match=message):
+            collect(edited(corpus, edit), data_dir)
+        assert not (data_dir / "utterances.csv").exists()  # nothing written before the checks
+
+    first_labelled = next(i for i, r in enumerate(read_csv(corpus)) if r["label"])
+    line = first_labelled + 2  # the header is line 1
+    broken(lambda rows: [dict(r, dialogue="x") for r in rows], r"edited.csv:1: unknown column 'dialogue'")
+    broken(lambda rows: rows[first_labelled].update(wav="wavs/gone.wav"),
+           rf"edited.csv:{line}: .*gone.wav: no such audio file")
+    (corpus.parent / "wavs" / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    broken(lambda rows: rows[first_labelled].update(wav="wavs/broken.wav"), rf"edited.csv:{line}: .*unreadable audio")
+    broken(lambda rows: rows[first_labelled].update(label="bored"),
+           rf"edited.csv:{line}: label 'bored' appears once")
+    broken(lambda rows: rows[first_labelled + 1].update(id=rows[first_labelled]["id"]),
+           rf"edited.csv:{line + 1}: id '{read_csv(corpus)[first_labelled]['id']}' already on line {line}")
+    broken(lambda rows: rows[first_labelled].update(split="validation"),
+           rf"edited.csv:{line}: split 'validation' is not one of train, dev, test")
+    broken(lambda rows: [{k: v for k, v in r.items() if k != "label"} for r in rows], "missing label")
+
+    # --allow-missing keeps a row without usable audio as context only, and says so.
+    rows, printed = collect(edited(corpus, lambda rows: rows[first_labelled].update(wav="wavs/gone.wav")), data_dir,
+                            allow_missing=True)
+    gone = read_csv(corpus)[first_labelled]["id"]
+    assert [r["label"] for r in read_manifest(data_dir) if r["utterance_id"] == gone] == [""]
+    assert "1 labelled row(s) without usable audio" in printed and "gone.wav" in printed
+
+
+def test_a_csv_corpus_of_its_own_three_labels_through_the_pipeline_and_predict(demo, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", dialogues=8, per_dialogue=8)
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    rows, printed = collect(corpus, data_dir, classes=["calm", "cross", "low"])
+
+    # The manifest: dialogues in order of first appearance, each in its order column's order.
+    given = read_csv(corpus)
+    manifest = read_manifest(data_dir)
+    dialogs = list(dict.fromkeys(r["dialog"] for r in given))
+    expected = sorted(given, key=lambda r: (dialogs.index(r["dialog"]), int(r["order"])))
+    assert [(r["utterance_id"], r["transcript"], r["label"], r["speaker"], r["group"], r["split"])
+            for r in manifest] == [(r["id"], r["text"], r["label"], r["speaker"], r["group"], r["split"])
+                                   for r in expected]
+    assert read_classes(data_dir) == ["calm", "cross", "low"]
+    assert (data_dir / "utterances.csv").read_text().splitlines()[0].endswith(",transcript,split,group")
+    for r in manifest:  # 16 kHz mono for the labelled rows, nothing for the context-only ones
+        assert (data_dir / "Audio" / f"{r['name']}.wav").is_file() == bool(r["label"])
+    cut = next(r for r in manifest if r["utterance_id"] == "d0u1")
+    audio, rate = sf.read(data_dir / "Audio" / f"{cut['name']}.wav")
+    assert rate == SAMPLE_RATE and audio.ndim == 1 and len(audio) == int(0.6 * SAMPLE_RATE)
+    assert "calm" in printed.splitlines()[0]
+
+    # Features with the demo's tiny models, then folds over the group column, then predict.py.
+    reports = feature_extraction_main.extract_features(data_dir, demo["run_dir"] / "models", contexts=[1],
+                                                       progress=False)
+    assert all(r.ok for r in reports)
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = main.main([run_dir, data_dir, demo["run_dir"] / "models", *SMALL, "--protocol", "folds",
+                             "--fold-by", "group", "--val-fraction", "0.2"])
+    assert [f["test_group"] for f in results["folds"]] == [["g0"], ["g1"]]
+    for f in results["folds"]:  # a fold's test dialogues are not trained on
+        assert f["n_test"] == sum(1 for r in manifest if r["label"] and r["group"] == f["test_group"][0])
+    assert list(results["summary"]["pooled"]["per_class_recall"]) == ["calm", "cross", "low"]
+    assert "first_metric" not in results and "Weighted F1" not in (run_dir / "summary.md").read_text()
+    assert json.loads((run_dir / "config.json").read_text())["fold_by"] == "group"
+    assert list(read_csv(run_dir / "fold1" / "predictions.csv")[0])[3:] == ["p_calm", "p_cross", "p_low"]
+
+    # The corpus's own CSV is a valid request list: its context-only rows give context only.
+    out = tmp_path / "predicted.csv"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert predict.main([str(run_dir), "--list", str(corpus), "--output", str(out)]) == 0
+    predicted = read_csv(out)
+    assert list(predicted[0])[-5:] == ["prediction", "p_calm", "p_cross", "p_low", "note"]
+    assert {r["prediction"] for r in predicted if r["label"]} <= {"calm", "cross", "low"}
+    assert all(r["prediction"] == "" for r in predicted if not r["label"])
+
+
+def test_folds_over_a_column_keep_the_test_folds_dialogues_out_of_training():
+    # Two conversations between three speakers: holding out speaker b holds out both dialogues b speaks in.
+    utterances = [{"index": i, "session": 0, "dialog": d, "speaker": s, "label": i % 2, "group": d}
+                  for i, (d, s) in enumerate([("c1", "a"), ("c1", "b")] * 3 + [("c2", "b"), ("c2", "c")] * 3
+                                             + [("c3", "a"), ("c3", "c")] * 3)]
+    folds = main.make_folds(utterances, "folds", "stratified", 0.5, 0, fold_by="speaker")
+    assert [f["test_speaker"] for f in folds] == [["a"], ["b"], ["c"]]
+    held_out_b = folds[1]
+    assert {u["dialog"] for u in held_out_b["train"] + held_out_b["val"]} == {"c3"}
+    assert {u["speaker"] for u in held_out_b["test"]} == {"b"}
+    with pytest.raises(main.RunError, match="this corpus has none: use --protocol official"):
+        main.make_folds(utterances, "loso")
+    with pytest.raises(main.RunError, match="official needs the manifest's split column"):
+        main.make_folds(utterances, "official")
+    with pytest.raises(main.RunError, match="--fold-by sentiment: the manifest has no such column"):
+        main.make_folds(utterances, "folds", fold_by="sentiment")
