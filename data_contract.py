@@ -58,6 +58,9 @@ STEPS = {
     "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",)),
     "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",)),
     "context-{c}": Step("FullBertEmb{c}", "all", ()),
+    # A transformers speech encoder's (layers + 1, hidden) float32 layer means (speech_encoders.py),
+    # one folder per encoder: "speech-layers@<model_tag>".
+    "speech-layers": Step(None, "labelled", ("speech_encoder",), per_model="SpeechLayers-{model}"),
 }
 
 
@@ -94,9 +97,22 @@ def model_tag(model):
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
 
 
-def branch_steps(branch, context_window):
-    """The extraction steps `branch` needs, by name ("context-{c}" filled in)."""
+def branch_steps(branch, context_window, speech_model=None):
+    """The extraction steps `branch` needs, by name ("context-{c}" filled in); the speech branch's are
+    those of its speech model (speech_step)."""
+    if branch == "speech" and speech_model is not None:
+        return [speech_step(speech_model)]
     return [step.format(c=context_window) for step in BRANCHES[branch].steps]
+
+
+def speech_step(speech_model):
+    """The step whose folder the speech branch reads: the vq-wav2vec tokens for the original's fairseq
+    speech RoBERTa (a checkpoint file, or None for MODELS_DIR's; a missing *.pt is one too, to be
+    named as missing), else the layer means of that transformers encoder (a folder or hub name), in a
+    folder of its own."""
+    if speech_model is None or Path(speech_model).is_file() or str(speech_model).endswith(".pt"):
+        return "speech-tokens"
+    return qualified_step("speech-layers", model_tag(speech_model))
 
 
 # A step's instance name, which is also its key in features.json: "[<transcripts>/]<step>[@<model>]".
@@ -141,16 +157,16 @@ def feature_folder(data_dir, step):
     return Path(data_dir) / step_entry(step).folder
 
 
-def feature_path(data_dir, branch, name, context_window):
-    """The file of utterance `name` that `branch` loads."""
-    return feature_folder(data_dir, branch_steps(branch, context_window)[-1]) / f"{name}.npy"
+def feature_path(data_dir, branch, name, context_window, speech_model=None):
+    """The file of utterance `name` that `branch` loads (the speech branch: that of `speech_model`)."""
+    return feature_folder(data_dir, branch_steps(branch, context_window, speech_model)[-1]) / f"{name}.npy"
 
 
-def pretrained_roles(branch):
+def pretrained_roles(branch, speech_model=None):
     """The pretrained files a branch needs at inference: its encoder, and what made its features."""
     entry = BRANCHES[branch]
     roles = [entry.encoder] if entry.encoder else []
-    return roles + [role for step in entry.steps for role in STEPS[step].models]
+    return roles + [role for step in branch_steps(branch, 0, speech_model) for role in step_entry(step).models]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ CONTEXTS = (1, 2, 3)
 
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-                     contexts=CONTEXTS, overwrite=False, progress=True):
-    """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports."""
-    reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress)
+                     contexts=CONTEXTS, overwrite=False, progress=True, speech_model=None):
+    """Run speech tokens (or, with a transformers speech_model, its layer means), text tokens, sentence
+    embeddings, then context vectors; return the reports."""
+    reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
+                        speech_model=speech_model)
                for step in EXTRACTORS]
     return reports + write_context_vectors(data_dir, contexts, overwrite, progress)
 
@@ -43,7 +45,8 @@ def main(argv=None):
     set_threads(args.threads)
     # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
     reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                               args.device, args.context, args.overwrite, progress=sys.stderr.isatty())
+                               args.device, args.context, args.overwrite, progress=sys.stderr.isatty(),
+                               speech_model=args.speech_model)
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

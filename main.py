@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from data_contract import (BRANCHES, DataError, branch_steps, label_set, read_features_record, read_manifest,
-                           stale_features)
+                           speech_step, stale_features)
 from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
@@ -79,7 +79,7 @@ DEFAULTS = {
 # Settings that may differ when a run is resumed: they do not change the numbers.
 NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs")
 # Settings added since a run may have started: a config.json without them had these values.
-ADDED_SETTINGS = {"skip_missing": False, "left_out": []}
+ADDED_SETTINGS = {"skip_missing": False, "left_out": [], "gradient_checkpointing": False}
 
 log = logging.getLogger("main")
 
@@ -109,11 +109,13 @@ def parse_branches(text):
     return [b for b in BRANCHES if b in branches]
 
 
-def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True):
-    """All labelled utterances with the features `branches` need, read once per run."""
+def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True,
+                  speech_model=None, speech_waves=None):
+    """All labelled utterances with the features `branches` need, read once per run (the speech
+    branch's those of `speech_model`; speech_waves: see dataset_loader.load_utterances)."""
     import dataset_loader
     rows = read_manifest(data_dir)
-    steps = [step for branch in branches for step in branch_steps(branch, context_window)]
+    steps = [step for branch in branches for step in branch_steps(branch, context_window, speech_model)]
     stale = stale_features(data_dir, steps, rows)
     if stale:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'} lists other utterances than the {', '.join(stale)} "
@@ -123,7 +125,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     if len(classes) < 2:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
                        f"({', '.join(classes) or 'none'}); a classifier needs at least two")
-    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches)
+    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, speech_model)
     labelled = sum(1 for row in rows if row["label"])
     if missing and (not skip_missing or len(missing) == labelled):
         name, path = missing[0]
@@ -135,7 +137,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     left_out = [name for name, _ in missing]
     rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
-                                                progress, rows, classes)
+                                                progress, rows, classes, speech_model, speech_waves)
     width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
     return RunData(utterances, classes, left_out, width)
 
@@ -163,7 +165,9 @@ def model_paths(args):
         text_model = models_dir / "roberta-large" if (models_dir / "roberta-large").is_dir() else "roberta-large"
     if Path(text_model).exists():
         text_model = str(Path(text_model).resolve())
-    speech_model = Path(args.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt").resolve()
+    speech_model = args.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt"
+    if Path(speech_model).exists() or speech_step(speech_model) == "speech-tokens":
+        speech_model = Path(speech_model).resolve()  # a hub name of a transformers encoder stays a name
     return str(text_model), str(speech_model)
 
 
@@ -181,6 +185,7 @@ def option_settings(args, precision):
         "clip_norm": args.clip_norm, "class_weights": args.class_weights, "fusion_hidden": args.fusion_hidden,
         "finetune_text": not args.freeze_text, "finetune_speech": args.finetune_speech,
         "group_by_length": args.group_by_length, "seed": args.seed, "precision": precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }
 
 
@@ -208,7 +213,7 @@ def resolve_config(args, data, device, precision):
              "protocol", "val_split", "val_fraction", "val_split_description", "epochs", "batch_size",
              "eval_batch_size", "grad_accum", "lr_encoders", "lr_head", "weight_decay", "scheduler", "warmup",
              "clip_norm", "class_weights", "fusion_hidden", "finetune_text", "finetune_speech", "group_by_length",
-             "seed", "device", "precision", "world_size", "stop_after_epochs", "versions")
+             "seed", "device", "precision", "world_size", "stop_after_epochs", "versions", "gradient_checkpointing")
     return {key: config[key] for key in order}
 
 
@@ -216,21 +221,24 @@ def pretrained_files(data_dir, branches, text_model, speech_model):
     """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
     the encoders the model loads, and the extractors that made its features (as
     DATA_DIR/features.json recorded them). predict.py checks them all before it predicts."""
+    from speech_encoders import SPEECH_FILES
     record = read_features_record(data_dir)
-    models = {"text_model": (text_model, [WEIGHT_FILES]), "speech_model": (speech_model, [])}
+    fairseq_speech = speech_step(speech_model) == "speech-tokens"
+    models = {"text_model": (text_model, [WEIGHT_FILES]),
+              "speech_model": (speech_model, [] if fairseq_speech else [SPEECH_FILES])}
     pretrained = {}
     for branch in branches:
-        for step in BRANCHES[branch].steps:
+        for step in branch_steps(branch, 0, speech_model):
             if step in record:
                 pretrained.update(record[step])
-            elif "{c}" not in step:
+            elif not step.startswith("context-"):
                 log.warning(f"{Path(data_dir) / 'features.json'} does not say which models made the {step} "
                             f"features; predict.py will not be able to check them")
         role = BRANCHES[branch].encoder
         if role is None:
             continue
         path, patterns = models[role]
-        if role == "speech_model" and not Path(path).is_file():
+        if role == "speech_model" and fairseq_speech and not Path(path).is_file():
             raise RunError(f"{path}: not found; the speech branch's RoBERTa comes from bert_kmeans.tar, unpacked into "
                            f"MODELS_DIR (README, \"Pretrained files\"), or give {BRANCHES[branch].encoder_option}")
         try:
@@ -239,6 +247,26 @@ def pretrained_files(data_dir, branches, text_model, speech_model):
             raise RunError(f"{BRANCHES[branch].encoder_option.lstrip('-').replace('-', ' ')} "
                            f"({BRANCHES[branch].encoder_option}): {error}") from None
     return pretrained
+
+
+def speech_encoder_of(args, branches):
+    """(speech model, its SpeechModel when fine-tuning a transformers encoder, else None); None, None
+    without a speech branch. A model that is not a speech encoder is refused, saying what it is."""
+    import speech_encoders
+    if "speech" not in branches:
+        return None, None
+    speech_model = model_paths(args)[1]
+    if speech_step(speech_model) == "speech-tokens":
+        return speech_model, None
+    try:
+        kind = speech_encoders.speech_kind(speech_model)
+        if not args.finetune_speech:
+            return speech_model, None
+        if kind == "whisper":
+            raise speech_encoders.SpeechModelError(speech_encoders.WHISPER_FINETUNE)
+        return speech_model, speech_encoders.load_speech_model(speech_model)
+    except speech_encoders.SpeechModelError as error:
+        raise RunError(f"--speech-model: {error}") from None
 
 
 def describe_val_split(val_split, val_fraction):
@@ -413,9 +441,14 @@ def run_fold(config, fold, utterances, run_dir, env):
     result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
                   best_epoch=state["best_epoch"], val=state["best_val"], history=state["history"],
                   y_true=predictions["labels"].tolist(), y_pred=predictions["probs"].argmax(1).tolist())
+    if model.speech_layer_sum is not None:  # which layers carry emotion: saved and drawn per fold
+        result["speech_layer_weights"] = model.speech_layer_sum.layer_weights().tolist()
     if env["rank"] == 0:
         validation_function.write_fold_reports(fold_dir, predictions, test, state["history"], config["classes"],
                                                f"fold {fold['fold']}: test {fold_title(fold)}")
+        if "speech_layer_weights" in result:
+            validation_function.plot_layer_weights(result["speech_layer_weights"], fold_dir / "speech_layers.png",
+                                                   f"fold {fold['fold']}: {Path(config['speech_model']).name}")
         write_text_atomic(result_path, json.dumps(result, indent=1) + "\n")
         (fold_dir / "last.pt").unlink(missing_ok=True)
     if env["world_size"] > 1:
@@ -549,9 +582,10 @@ def train_and_test(args, run_dir_checked=False):
     # run together into one endless line, and the per-epoch lines say the same.
     env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
            "amp_dtype": torch.bfloat16 if precision == "bf16" else None}
+    speech_model, speech_waves = speech_encoder_of(args, branches)
     try:
         data = load_run_data(data_dir, branches, args.context_window, args.max_text_tokens, args.max_audio_tokens,
-                             args.skip_missing, env["progress"])
+                             args.skip_missing, env["progress"], speech_model, speech_waves)
         config = resolve_config(args, data, device, precision)
         return run(config, args.run_dir, data.utterances, env)
     except (DataError, TrainingError) as error:  # a user's file or setting, named in the message
@@ -618,7 +652,13 @@ def build_parser():
     p.add_argument("--text-model", default=None,
                    help="text RoBERTa folder or name (default: MODELS_DIR/roberta-large if present, else roberta-large)")
     p.add_argument("--speech-model", default=None,
-                   help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt)")
+                   help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt), or a transformers "
+                        "speech encoder (WavLM, HuBERT, wav2vec 2.0, data2vec-audio, Whisper; folder or hub name) "
+                        "whose layer means the extraction wrote (--demo: wavlm, hubert, wav2vec2, data2vec-audio or "
+                        "whisper, a tiny one)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="with --finetune-speech and a transformers speech encoder: recompute its activations in the "
+                        "backward pass: less memory, more time")
     p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"],
                    help="session5: train on sessions 1-4, test on 5; loso: 5 folds, one session each; "
                         "speaker: 10 folds, one speaker each")
