@@ -4,7 +4,9 @@
 
 Runs bench_vq.py (vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py
 (sentence-embedding and text-token throughput; peak memory of the extraction on 100 and 1000
-synthetic utterances) and bench_train.py (training MFU, the frozen-speech cache, data wait).
+synthetic utterances), bench_train.py (training MFU, the frozen-speech cache, data wait) and
+bench_speech.py (a WavLM-base's frozen extraction against the compute-bound limit, its peak memory
+on a 34-s utterance, an epoch on its cached layer means against one on vq-wav2vec tokens).
 The full run took 5.6 minutes on 2 idle cores of an AMD EPYC Zen 4 (bf16 rows included) and
 12-24 minutes on 2 cores of an Intel Xeon shared with other work (load average 3-5); a CPU without
 bf16 instructions leaves the bf16 rows out (utils.cpu_has_native_bf16), since it would emulate
@@ -16,6 +18,7 @@ with their targets:
   cache_epoch_speedup       epoch time without / with the frozen-speech cache, original settings >= 1.5
   data_wait_share           loader next() / (next() + train_step), the largest of all runs       < 0.05
   extraction_peak_mb        peak RSS of the whole extraction, {"100": ..., "1000": ...}
+  speech_limit_ratio        WavLM-base layer means, audio s per wall s / (peak / FLOPs per audio s)
 --quick runs every benchmark at a small size, 1-2 minutes on those busy 2 cores (a smoke run: its
 figures are not the targets', and it writes results.json only where --out says).
 """
@@ -33,16 +36,19 @@ TARGETS = {"vq_limit_ratio": (">=", 0.5), "train_mfu_fp32_text_base": (">=", 0.3
 # warm-up, one timed product per peak, one corpus size) and answers in about 2 minutes on 2 cores.
 FULL = {"vq": dict(seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34.0)),
         "extraction": dict(sentences=128, sizes=(100, 1000)),
-        "train": dict(steps=3, full_steps=2, warmup=1, text_sizes=("base", "large"))}
+        "train": dict(steps=3, full_steps=2, warmup=1, text_sizes=("base", "large")),
+        "speech": dict(seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40)}
 QUICK = {"vq": dict(seconds=2.0, repeat=1, memory_seconds=(1.0, 2.0), peak_seconds=0.0),
          "extraction": dict(sentences=16, sizes=(100,), layers=1, peak_seconds=0.0, fit_wavs=20),
          "train": dict(steps=1, full_steps=1, warmup=0, text_sizes=("base",), epoch_utterances=200, layers=1,
-                       peak_seconds=0.0)}
+                       peak_seconds=0.0),
+         "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0)}
 
 
 def run_all(device="cpu", quick=False):
     use_repo_modules()
     import bench_extraction
+    import bench_speech
     import bench_train
     import bench_vq
     settings = QUICK if quick else FULL
@@ -65,6 +71,11 @@ def run_all(device="cpu", quick=False):
     seconds["train"] = time.perf_counter() - start
     bench_train.print_train(train)
 
+    start = time.perf_counter()
+    speech = bench_speech.bench_speech(device, **settings["speech"])
+    seconds["speech"] = time.perf_counter() - start
+    bench_speech.print_speech(speech)
+
     machine["load_average_after"] = load_average()
     machine["run_all_seconds"] = round(time.perf_counter() - started, 1)
     headline = {
@@ -74,13 +85,14 @@ def run_all(device="cpu", quick=False):
         "data_wait_share": train["data_wait_share"],
         "extraction_peak_mb": extraction["extraction_peak_mb"],
         "bf16_skipped": train["bf16_skipped"],
+        "speech_limit_ratio": speech["speech_limit_ratio"],
     }
     met = {}
     for key, (op, target) in TARGETS.items():
         met[key] = {"value": headline[key], "target": f"{op} {target}",
                     "met": headline[key] >= target if op == ">=" else headline[key] < target}
     return {**headline, "targets": met, "quick": quick, "machine": machine, "seconds": seconds,
-            "vq": vq, "extraction": extraction, "train": train}
+            "vq": vq, "extraction": extraction, "train": train, "speech": speech}
 
 
 def main(argv=None):
@@ -101,6 +113,7 @@ def main(argv=None):
     for key, m in results["targets"].items():
         print(f"  {key:<26} {m['value']:.3g}  (target {m['target']}: {'met' if m['met'] else 'MISSED'})")
     print(f"  extraction_peak_mb         {results['extraction_peak_mb']}")
+    print(f"  speech_limit_ratio         {results['speech_limit_ratio']:.3g}  (WavLM-base layer means; no target)")
     if results["quick"]:
         print("--quick: a smoke run at small sizes; its figures are not the targets'")
     print(f"machine: {results['machine']}")
