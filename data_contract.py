@@ -9,6 +9,9 @@ spelling a folder name, a column or a label itself:
                                              qualified_step names one per model or transcript set
   BRANCHES                                   model branch -> the steps whose folders it reads, its
                                              utterance key, its encoder and the option naming it
+  speech_step(speech_model)                  the speech branch's step: the vq-wav2vec tokens for the
+                                             original's bert_kmeans.pt, else that transformers
+                                             encoder's layer means ("speech-layers@<model_tag>")
   read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
 A new branch, encoder family or extraction step is an entry in these tables plus the code that is
 really new (its extraction and its module); nothing else spells its folder or its files.

@@ -368,7 +368,8 @@ def make_tiny_speech_encoder(out_dir, family, seed=0):
                    "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
                    "data2vec-audio": (transformers.Data2VecAudioConfig, transformers.Data2VecAudioModel)}
         if family not in classes:
-            raise TinyModelsError(f"no tiny speech encoder of family {family!r}; one of {', '.join(TINY_SPEECH_FAMILIES)}")
+            raise TinyModelsError(f"no tiny speech encoder of family {family!r}; "
+                                  f"one of {', '.join(TINY_SPEECH_FAMILIES)}")
         config_class, model_class = classes[family]
         layer_norm = family != "wav2vec2"
         if family == "data2vec-audio":  # its positional convolutions: 5 of kernel 19, here narrower

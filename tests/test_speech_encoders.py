@@ -109,7 +109,8 @@ def test_whisper_s_layer_means_count_only_the_frames_over_audio_window_by_window
 def test_the_fine_tuning_path_frozen_and_in_eval_mode_gives_the_cached_vector(tmp_path):
     folder = tiny_models.make_tiny_speech_encoder(tmp_path / "wavlm", "wavlm")
     speech = speech_encoders.load_speech_model(folder)
-    utterances = [{"index": i, "name": str(i), "label": 0, "speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, w))}
+    utterances = [{"index": i, "name": str(i), "label": 0,
+                   "speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, w))}
                   for i, w in enumerate(wavs([3000, 8000, 5200]))]
     cached = torch.stack([torch.from_numpy(speech_encoders.layer_means(speech, w)) for w in wavs([3000, 8000, 5200])])
     branch = SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder.requires_grad_(False),
