@@ -130,9 +130,12 @@ def layer_means(speech, wav):
     """(layers + 1, hidden) float32 numpy: the mean over the frames of `wav` (16 kHz mono) of each hidden
     state, the embedding output first; `wav` alone, in fp32 and inference mode."""
     import torch
+
+    from fairseq_checkpoints import full_fp32_precision
     if frames(speech, len(wav)) < 1:
         raise ValueError(f"{len(wav)} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder")
-    with torch.inference_mode():
+    # fp32 on a GPU too: cuDNN's convolutions run in TF32 by default, which a cached feature would keep.
+    with torch.inference_mode(), full_fp32_precision():
         if speech.kind == "whisper":
             total, counted = _whisper_layer_sums(speech, wav)
             return (total / counted).cpu().numpy()
