@@ -1,12 +1,14 @@
 """Context vectors: each utterance's sentence embedding with its dialogue neighbours'.
 
-    python concatenate_embds.py DATA_DIR [--context 3] [--overwrite]
+    python concatenate_embds.py DATA_DIR [--context 3] [--overwrite] [--sentence-model M] [--sentence-pooling mean]
 
 Reads DATA_DIR/utterances.csv and DATA_DIR/BertEmb/<name>.npy (feature_ext.py, every utterance);
 writes DATA_DIR/FullBertEmb{c}/<name>.npy, float32 ((2c+1)*H,), for every utterance. Slot j
 (j = -c..c, laid out in that order) holds the embedding of utterance i+j of the same dialogue in
 corpus order, whatever its emotion, or zeros past the dialogue's edges; the utterance itself is
-the centre slot.
+the centre slot. The embeddings of another sentence model or pooling (SentenceEmb-<model>[+mean]/,
+--sentence-model, --sentence-pooling as given to feature_ext.py) give FullSentenceEmb{c}-<model>[+mean]/.
+With --asr-model M, the same from and into M's transcript set (ASR-<tag>/).
 
 --context takes one or more window sizes; this script writes c = 3 unless told otherwise
 (`--context 1 2 3` writes all three). feature_extraction_main.py writes c = 1, 2 and 3.
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_contract import DataError, feature_folder, read_manifest
+from data_contract import (SENTENCE_POOLINGS, DataError, feature_folder, qualified_step, read_manifest, sentence_tag,
+                           transcript_set)
 from feature_ext import StepReport, format_summary, stamp_manifest, valid_npy
 from utils import save_npy_atomic
 
@@ -49,16 +52,16 @@ def dialogues(keys):
     return list(groups.values())
 
 
-def _load_embeddings(data_dir, rows):
+def _load_embeddings(data_dir, rows, source="sentence-embeddings"):
     """Every sentence embedding that loads, by name; the width they share."""
     loaded, widths = {}, {}
     for row in rows:
-        path = feature_folder(data_dir, "sentence-embeddings") / f"{row['name']}.npy"
+        path = feature_folder(data_dir, source) / f"{row['name']}.npy"
         if valid_npy(path, np.float32):
             loaded[row["name"]] = np.load(path)
             widths[loaded[row["name"]].shape[0]] = widths.get(loaded[row["name"]].shape[0], 0) + 1
     if len(widths) > 1:
-        raise DataError(f"{feature_folder(data_dir, 'sentence-embeddings')}: embeddings of different widths "
+        raise DataError(f"{feature_folder(data_dir, source)}: embeddings of different widths "
                         f"{sorted(widths)}; rerun feature_ext.py sentence-embeddings --overwrite")
     return loaded, next(iter(widths), None)
 
@@ -68,21 +71,26 @@ def _holds(path, vector):
     return valid_npy(path, np.float32, shape=vector.shape) and np.array_equal(np.load(path), vector)
 
 
-def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, progress=True):
-    """Write FullBertEmb{c}/ for each c in `contexts`; returns one StepReport per c."""
+def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, progress=True, tag=None,
+                          transcripts=None):
+    """Write FullBertEmb{c}/ for each c in `contexts`; returns one StepReport per c. With `tag` (the
+    data_contract.sentence_tag of another sentence model or pooling), from SentenceEmb-<tag>/ into
+    FullSentenceEmb{c}-<tag>/; with `transcripts`, those of that transcript set (under ASR-<tag>/,
+    from its own embeddings)."""
     data_dir = Path(data_dir)
-    reports = [StepReport(f"context-{c}") for c in contexts]
+    source = qualified_step("sentence-embeddings", tag, transcripts)
+    reports = [StepReport(qualified_step(f"context-{c}", tag, transcripts)) for c in contexts]
     start = time.perf_counter()
     try:
         rows = read_manifest(data_dir)
-        embeddings, width = _load_embeddings(data_dir, rows)
+        embeddings, width = _load_embeddings(data_dir, rows, source)
     except DataError as e:
         for report in reports:
             report.error = str(e)
         return reports
     if width is None:  # one line, not a failure for every utterance of every window
         for report in reports:
-            report.error = (f"{feature_folder(data_dir, 'sentence-embeddings')}: no valid sentence embedding; "
+            report.error = (f"{feature_folder(data_dir, source)}: no valid sentence embedding; "
                             f"run the sentence-embeddings step first")
         return reports
     groups = dialogues([(row["session"], row["dialog"]) for row in rows])
@@ -98,7 +106,7 @@ def write_context_vectors(data_dir, contexts=DEFAULT_CONTEXT, overwrite=False, p
                 path = out_dir / f"{name}.npy"
                 needed = [n for n in names[max(0, i - c):i + c + 1] if n in missing]
                 if needed:
-                    embedding = feature_folder(data_dir, "sentence-embeddings") / f"{needed[0]}.npy"
+                    embedding = feature_folder(data_dir, source) / f"{needed[0]}.npy"
                     report.fail(name, f"no valid sentence embedding {embedding}"
                                       + (f" (and {len(needed) - 1} more in its window)" if len(needed) > 1 else ""))
                     continue
@@ -119,11 +127,21 @@ def main(argv=None):
     parser.add_argument("data_dir", help="DATA_DIR with utterances.csv and BertEmb/")
     parser.add_argument("--context", type=int, nargs="+", default=list(DEFAULT_CONTEXT), metavar="C",
                         help="window size(s) c: utterances on each side (default: %(default)s)")
+    parser.add_argument("--sentence-model", default=None,
+                        help="the sentence model whose embeddings to read, as given to feature_ext.py (default: "
+                             "bert-base-uncased's, BertEmb/)")
+    parser.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls",
+                        help="the pooling they were made with, as given to feature_ext.py")
     parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    parser.add_argument("--asr-model", default=None,
+                        help="the context vectors of this ASR model's transcript set (ASR-<model>/BertEmb -> "
+                             "ASR-<model>/FullBertEmb{c}), named as feature_ext.py transcripts was given it")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.context):
         parser.error("--context sizes must be at least 1")
-    reports = write_context_vectors(args.data_dir, args.context, args.overwrite, progress=sys.stderr.isatty())
+    tag = sentence_tag(args.sentence_model, args.sentence_pooling)
+    reports = write_context_vectors(args.data_dir, args.context, args.overwrite, progress=sys.stderr.isatty(), tag=tag,
+                                    transcripts=transcript_set(args.asr_model))
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

@@ -7,6 +7,7 @@ spelling a folder name, a column or a label itself:
   label_set(rows)                            the classes a manifest really has, in CLASSES order
   STEPS                                      extraction step -> its folder, rows and pretrained files;
                                              qualified_step names one per model or transcript set
+  transcript_set / TEXT_STEPS / WER_FILE      ASR transcript sets (ASR-<tag>/Text/) and what is made from them
   BRANCHES                                   model branch -> the steps whose folders it reads, its
                                              utterance key, its encoder and the option naming it
   speech_step(speech_model)                  the speech branch's step: the vq-wav2vec tokens for the
@@ -58,13 +59,36 @@ class Step:
 # The context step is one per window size c: "context-{c}" writes FullBertEmb{c}/.
 STEPS = {
     "speech-tokens": Step("vqw2vTokens", "labelled", ("vq_wav2vec", "speech_dictionary")),
-    "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",)),
-    "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",)),
-    "context-{c}": Step("FullBertEmb{c}", "all", ()),
+    "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",), per_model="TextTokens-{model}"),
+    "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",), per_model="SentenceEmb-{model}"),
+    "context-{c}": Step("FullBertEmb{c}", "all", (), per_model="FullSentenceEmb{c}-{model}"),
+    # Speech recognition: one transcript set per ASR model, ASR-<tag>/Text/<name>.txt (ASR_SET).
+    "transcripts": Step(None, "all", ("asr_model",), per_model="ASR-{model}/Text"),
     # A transformers speech encoder's (layers + 1, hidden) float32 layer means (speech_encoders.py),
     # one folder per encoder: "speech-layers@<model_tag>".
     "speech-layers": Step(None, "labelled", ("speech_encoder",), per_model="SpeechLayers-{model}"),
 }
+# The models whose outputs live in the original folders (GPT2Tokens/, BertEmb/ and FullBertEmb{c}/), by
+# model_tag: a local copy named as the download, or the hub name with or without its organisation.
+# Any other model, or another pooling of the sentence model, has folders of its own (instance_tag).
+DEFAULT_MODELS = {"text-tokens": ("roberta-large", "FacebookAI--roberta-large"),
+                  "sentence-embeddings": ("bert-base-uncased", "google-bert--bert-base-uncased")}
+# A step whose files are made from another step's follows that step's model: "context-3@tag" is made
+# from "sentence-embeddings@tag".
+MADE_FROM = {"context-{c}": "sentence-embeddings"}
+# How a sentence vector is read off the sentence model's last layer: the original's [CLS] vector, or
+# the mean over the real tokens (attention mask 1, special tokens included, as sentence-transformers).
+SENTENCE_POOLINGS = ("cls", "mean")
+# The transformers text encoders the text branch and the sentence model take, by config.model_type:
+# each is fine-tuned for classification on its first token's last hidden state (RoBERTa's <s>, BERT's,
+# ELECTRA's and DeBERTa's [CLS]; DeBERTa-v3 checkpoints are model_type "deberta-v2").
+TEXT_ENCODERS = {"roberta": "RoBERTa", "bert": "BERT", "deberta-v2": "DeBERTa-v2/v3", "electra": "ELECTRA"}
+# A transcript set is a folder of DATA_DIR holding its own Text/ (the reference set is DATA_DIR
+# itself); these steps read a set's Text/ and have an instance per set, under the set's folder.
+ASR_SET = "ASR-{model}"
+TEXT_STEPS = ("text-tokens", "sentence-embeddings", "context-{c}")
+# In an ASR set's folder: the step's word error rates against the reference transcripts.
+WER_FILE = "wer.json"
 
 
 @dataclass(frozen=True)
@@ -100,12 +124,62 @@ def model_tag(model):
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
 
 
-def branch_steps(branch, context_window, speech_model=None):
-    """The extraction steps `branch` needs, by name ("context-{c}" filled in); the speech branch's are
-    those of its speech model (speech_step)."""
-    if branch == "speech" and speech_model is not None:
-        return [speech_step(speech_model)]
-    return [step.format(c=context_window) for step in BRANCHES[branch].steps]
+def branch_steps(branch, context_window, models=None, transcripts=None):
+    """The extraction steps `branch` needs, by name ("context-{c}" filled in): `models` maps a step
+    (a STEPS key) to the instance_tag of the run's model for it, when that is not the default; those
+    made from text are the instances of the transcript set `transcripts` (None: the reference). The
+    speech branch reads a transformers encoder's layer means when `models` names one ("speech-layers")."""
+    models = models or {}
+    if branch == "speech" and "speech-layers" in models:  # a transformers speech encoder (speech_models)
+        return [qualified_step("speech-layers", models["speech-layers"])]
+    return [qualified_step(step.format(c=context_window), models.get(MADE_FROM.get(step, step)),
+                           transcripts if step in TEXT_STEPS else None)
+            for step in BRANCHES[branch].steps]
+
+
+def instance_tag(step, model, variant=None):
+    """The model tag under which `step`'s files made with `model` (and a non-default `variant` of the
+    step, e.g. "mean" pooling) live: None for the step's default model and variant (its original
+    folder), else model_tag(model) plus "+variant". None as model means the default model."""
+    tag = model_tag(model) if model is not None else DEFAULT_MODELS[step][0]
+    if variant is None and tag in DEFAULT_MODELS.get(step, ()):
+        return None
+    return tag if variant is None else f"{tag}+{variant}"
+
+
+def sentence_tag(sentence_model, pooling="cls"):
+    """instance_tag of the sentence embeddings (and the context vectors made from them)."""
+    return instance_tag("sentence-embeddings", sentence_model, None if pooling == "cls" else pooling)
+
+
+def text_models(text_model=None, sentence_model=None, pooling="cls"):
+    """branch_steps' `models` for a run's text model and sentence model (None: the defaults)."""
+    tags = {"text-tokens": instance_tag("text-tokens", text_model),
+            "sentence-embeddings": sentence_tag(sentence_model, pooling)}
+    return {step: tag for step, tag in tags.items() if tag is not None}
+
+
+def transcript_set(asr_model):
+    """The folder of DATA_DIR that holds the transcripts of ASR model `asr_model` and the features made
+    from them (None: the reference transcripts, DATA_DIR itself)."""
+    return None if asr_model is None else ASR_SET.format(model=model_tag(asr_model))
+
+
+def transcript_folder(data_dir, transcripts=None):
+    """Text/ of a transcript set (transcript_set): <name>.txt, one line, for every utterance."""
+    return Path(data_dir) / (transcripts or "") / "Text"
+
+
+def transcript_sets(data_dir):
+    """The ASR transcript sets DATA_DIR holds, by folder name."""
+    return sorted(p.parent.name for p in Path(data_dir).glob(ASR_SET.format(model="*") + "/Text") if p.is_dir())
+
+
+def speech_models(speech_model):
+    """branch_steps' `models` for the run's speech model: {} for the original's bert_kmeans.pt (the
+    vq-wav2vec tokens), else {"speech-layers": its model_tag}."""
+    step = speech_step(speech_model)
+    return {} if step == "speech-tokens" else {"speech-layers": split_step(step)[2]}
 
 
 def speech_step(speech_model):
@@ -142,7 +216,8 @@ def step_entry(name):
     (relative to DATA_DIR) of that instance."""
     transcripts, step, model = split_step(name)
     if step.startswith("context-"):
-        entry = Step(STEPS["context-{c}"].folder.format(c=step[len("context-"):]), "all", ())
+        c, context = step[len("context-"):], STEPS["context-{c}"]
+        entry = Step(context.folder.format(c=c), "all", (), context.per_model.format(c=c, model="{model}"))
     else:
         entry = STEPS[step]
     if model is not None:
@@ -160,16 +235,17 @@ def feature_folder(data_dir, step):
     return Path(data_dir) / step_entry(step).folder
 
 
-def feature_path(data_dir, branch, name, context_window, speech_model=None):
-    """The file of utterance `name` that `branch` loads (the speech branch: that of `speech_model`)."""
-    return feature_folder(data_dir, branch_steps(branch, context_window, speech_model)[-1]) / f"{name}.npy"
+def feature_path(data_dir, branch, name, context_window, models=None, transcripts=None):
+    """The file of utterance `name` that `branch` loads (models, transcripts: as branch_steps)."""
+    return feature_folder(data_dir, branch_steps(branch, context_window, models, transcripts)[-1]) / f"{name}.npy"
 
 
 def pretrained_roles(branch, speech_model=None):
     """The pretrained files a branch needs at inference: its encoder, and what made its features."""
     entry = BRANCHES[branch]
     roles = [entry.encoder] if entry.encoder else []
-    return roles + [role for step in branch_steps(branch, 0, speech_model) for role in step_entry(step).models]
+    return roles + [role for step in branch_steps(branch, 0, speech_models(speech_model))
+                    for role in step_entry(step).models]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,20 +19,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from data_contract import (BRANCHES, DataError, branch_steps, feature_folder, feature_path, label_set, read_manifest,
-                           speech_step)
+from data_contract import BRANCHES, DataError, branch_steps, feature_folder, feature_path, label_set, read_manifest
 from utils import length_sorted_batches
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
 
 
 def truncate_tokens(ids, max_tokens):
-    """Cut a `<s> ... </s>` sequence to at most max_tokens, keeping `</s>` as its last token."""
+    """Cut a `<s> ... </s>` sequence to at most max_tokens, keeping `</s>` as its last token (the
+    sequence's own last token: another text encoder's `[SEP]`)."""
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2 (<s> and </s>), got {max_tokens}")
     if len(ids) <= max_tokens:
         return ids
-    return np.concatenate([ids[: max_tokens - 1], [EOS]]).astype(ids.dtype)
+    return np.concatenate([ids[: max_tokens - 1], ids[-1:]]).astype(ids.dtype)
 
 
 def _load_npy(path, what):
@@ -72,12 +72,15 @@ def _speech_encoder_input(data_dir, name, path, speech_waves):
     return {"speech_layers": torch.from_numpy(layers.astype(np.float32))}
 
 
-def missing_features(data_dir, rows, context_window, branches, speech_model=None):
-    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named."""
+def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None):
+    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
+    (models: the run's non-default models; transcripts: the transcript set of its text features;
+    both as data_contract.branch_steps)."""
     missing = []
     for row in rows:
         if row["label"]:
-            paths = [feature_path(data_dir, branch, row["name"], context_window, speech_model) for branch in branches]
+            paths = [feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
+                     for branch in branches]
             absent = [p for p in paths if not p.is_file()]
             if absent:
                 missing.append((row["name"], absent[0]))
@@ -85,12 +88,14 @@ def missing_features(data_dir, rows, context_window, branches, speech_model=None
 
 
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
-                    progress=True, rows=None, classes=None, speech_model=None, speech_waves=None):
+                    progress=True, rows=None, classes=None, models=None, transcripts=None, speech_waves=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
-    branches need; labels are indices into `classes` (default: the classes the rows have). With a
-    transformers `speech_model`, the speech branch's input is its layer means ('speech_layers'), or,
-    given speech_waves (speech_encoders.SpeechModel, for fine-tuning), the utterance's waveform as its
-    feature extractor makes it ('speech_wave')."""
+    branches need; labels are indices into `classes` (default: the classes the rows have); models:
+    the run's non-default models, transcripts: the transcript set of the features made from text
+    (None: the reference), both as data_contract.branch_steps. With a transformers speech encoder
+    (models["speech-layers"]), the speech branch's input is its layer means ('speech_layers'), or, given
+    speech_waves (speech_encoders.SpeechModel, for fine-tuning), the utterance's waveform as its feature
+    extractor makes it ('speech_wave')."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
@@ -105,9 +110,9 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
         item = {"index": len(utterances), "name": row["name"], "session": row["session"],
                 "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
         for branch in branches:
-            path = feature_path(data_dir, branch, row["name"], context_window, speech_model)
+            path = feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
             key = BRANCHES[branch].key
-            if branch == "speech" and speech_step(speech_model) != "speech-tokens":
+            if branch == "speech" and "speech-layers" in (models or {}):
                 item.update(_speech_encoder_input(data_dir, row["name"], path, speech_waves))
             elif branch == "context":
                 vector = _load_npy(path, f"context vector (window {context_window})")
@@ -122,7 +127,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     if "context" in branches:
         widths = {item["context"].shape[1] for item in utterances}
         if len(widths) > 1:
-            folder = feature_folder(data_dir, branch_steps("context", context_window)[-1])
+            folder = feature_folder(data_dir, branch_steps("context", context_window, models, transcripts)[-1])
             raise DataError(f"{folder}: context vectors of different widths {sorted(widths)}")
     return utterances
 

@@ -1,6 +1,7 @@
 """Every feature extraction step, in order, over one DATA_DIR.
 
-    python feature_extraction_main.py DATA_DIR MODELS_DIR [--sentence-model M] [--text-model M]
+    python feature_extraction_main.py DATA_DIR MODELS_DIR [--sentence-model M] [--sentence-pooling cls|mean]
+                                      [--text-model M] [--asr-model M]
                                       [--device cpu|cuda] [--context 1 2 3] [--overwrite]
 
 Reads what mocap_data_collect.py wrote (utterances.csv, Audio/, Text/) and the pretrained models
@@ -9,6 +10,8 @@ in MODELS_DIR; writes, as feature_ext.py and concatenate_embds.py describe:
   GPT2Tokens/    text RoBERTa token ids (every utterance)
   BertEmb/       sentence embeddings (every utterance)
   FullBertEmb{c}/ context vectors, c = 1, 2, 3 by default
+With --asr-model M (or --transcripts asr, M's default), then also M's transcripts and the features made
+from them, in ASR-<tag>/ (Text/, GPT2Tokens/, BertEmb/, FullBertEmb{c}/: feature_ext.py transcripts).
 A rerun resumes: finished, valid files are skipped. A bad input is reported by name and the rest
 goes on; the summary at the end says what was written, skipped and failed, and the exit status
 is 1 when anything failed.
@@ -17,20 +20,32 @@ import argparse
 import sys
 
 from concatenate_embds import write_context_vectors
-from feature_ext import EXTRACTORS, add_model_arguments, check_folders, format_summary, run_step
+from data_contract import sentence_tag, transcript_set
+from feature_ext import EXTRACTORS, add_model_arguments, asr_model_name, check_folders, format_summary, resolve_model, run_step
 from utils import set_threads
 
 CONTEXTS = (1, 2, 3)
 
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-                     contexts=CONTEXTS, overwrite=False, progress=True, speech_model=None):
-    """Run speech tokens (or, with a transformers speech_model, its layer means), text tokens, sentence
-    embeddings, then context vectors; return the reports."""
+                     contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls", asr_model=None,
+                     speech_model=None):
+    """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports.
+    Another text or sentence model, or mean pooling, writes folders of its own (feature_ext.py).
+    With asr_model: then its transcripts, and the text features and context vectors of that set too.
+    With a transformers speech_model, its layer means instead of the speech tokens."""
     reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
-                        speech_model=speech_model)
-               for step in EXTRACTORS]
-    return reports + write_context_vectors(data_dir, contexts, overwrite, progress)
+                        sentence_pooling, speech_model=speech_model) for step in EXTRACTORS]
+    tag = sentence_tag(sentence_model or resolve_model(models_dir, "bert-base-uncased"), sentence_pooling)
+    reports += write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag)
+    if asr_model is None:
+        return reports
+    transcripts = transcript_set(asr_model)
+    reports.append(run_step("transcripts", data_dir, models_dir, device=device, overwrite=overwrite, progress=progress,
+                            asr_model=asr_model))
+    reports += [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
+                         sentence_pooling, transcripts) for step in ("text-tokens", "sentence-embeddings")]
+    return reports + write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag, transcripts=transcripts)
 
 
 def main(argv=None):
@@ -44,8 +59,11 @@ def main(argv=None):
     check_folders(args, parser)
     set_threads(args.threads)
     # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
+    # --transcripts asr (or an --asr-model given): the ASR set too, beside the reference one.
+    asr_model = asr_model_name(args.models_dir, args.asr_model) if args.asr_model or args.transcripts == "asr" else None
     reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                                args.device, args.context, args.overwrite, progress=sys.stderr.isatty(),
+                               sentence_pooling=args.sentence_pooling, asr_model=asr_model,
                                speech_model=args.speech_model)
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1

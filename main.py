@@ -42,8 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_contract import (BRANCHES, DataError, branch_steps, label_set, read_features_record, read_manifest,
-                           speech_step, stale_features)
+from data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FILE, DataError, branch_steps, feature_folder, label_set,
+                           qualified_step, read_features_record, read_manifest, speech_models, speech_step, split_step,
+                           stale_features,
+                           step_entry, text_models, transcript_set, transcript_sets)
 from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults: the original's settings where it had them; the command line overrides each --------
@@ -77,9 +79,11 @@ DEFAULTS = {
     "group_by_length": True,
 }
 # Settings that may differ when a run is resumed: they do not change the numbers.
-NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs")
+# (feature_folders follows from settings that are compared: the models, the pooling, the window.)
+NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs", "feature_folders")
 # Settings added since a run may have started: a config.json without them had these values.
-ADDED_SETTINGS = {"skip_missing": False, "left_out": [], "gradient_checkpointing": False}
+ADDED_SETTINGS = {"skip_missing": False, "left_out": [], "sentence_model": None, "sentence_pooling": "cls",
+                  "gradient_checkpointing": False}
 
 log = logging.getLogger("main")
 
@@ -110,12 +114,14 @@ def parse_branches(text):
 
 
 def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True,
-                  speech_model=None, speech_waves=None):
-    """All labelled utterances with the features `branches` need, read once per run (the speech
-    branch's those of `speech_model`; speech_waves: see dataset_loader.load_utterances)."""
+                  models=None, transcripts=None, speech_waves=None):
+    """All labelled utterances with the features `branches` need, read once per run (models: the run's
+    non-default text and sentence models, data_contract.text_models; transcripts: the transcript set
+    of the text features; a transformers speech encoder's under "speech-layers",
+    data_contract.speech_models; speech_waves: see dataset_loader.load_utterances)."""
     import dataset_loader
     rows = read_manifest(data_dir)
-    steps = [step for branch in branches for step in branch_steps(branch, context_window, speech_model)]
+    steps = [step for branch in branches for step in branch_steps(branch, context_window, models, transcripts)]
     stale = stale_features(data_dir, steps, rows)
     if stale:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'} lists other utterances than the {', '.join(stale)} "
@@ -125,7 +131,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     if len(classes) < 2:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
                        f"({', '.join(classes) or 'none'}); a classifier needs at least two")
-    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, speech_model)
+    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, models, transcripts)
     labelled = sum(1 for row in rows if row["label"])
     if missing and (not skip_missing or len(missing) == labelled):
         name, path = missing[0]
@@ -137,9 +143,26 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     left_out = [name for name, _ in missing]
     rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
-                                                progress, rows, classes, speech_model, speech_waves)
+                                                progress, rows, classes, models, transcripts, speech_waves)
     width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
     return RunData(utterances, classes, left_out, width)
+
+
+def features_of_test_transcripts(args, branches, data, sets, env, models=None):
+    """With --test-transcripts other than --transcripts: {name: the text features of the test set} for
+    every utterance the run has (run() predicts the test folds from them); None otherwise."""
+    text_branches = [b for b in branches if any(step in TEXT_STEPS for step in BRANCHES[b].steps)]
+    if sets["train"] == sets["test"] or not text_branches:
+        return None
+    test_data = load_run_data(Path(args.data_dir), branches, args.context_window, args.max_text_tokens,
+                              args.max_audio_tokens, args.skip_missing, env["progress"], models, sets["test"])
+    if [u["name"] for u in test_data.utterances] != [u["name"] for u in data.utterances]:
+        raise RunError(f"the {sets['test'] or 'reference'} transcripts' features leave out other utterances than the "
+                       f"{sets['train'] or 'reference'} ones' (--skip-missing); make both sets' features complete")
+    if test_data.context_width != data.context_width:
+        raise RunError(f"context vectors of width {test_data.context_width} in the test transcripts' set, "
+                       f"{data.context_width} in the training set's: make both with one sentence model")
+    return {u["name"]: {BRANCHES[b].key: u[BRANCHES[b].key] for b in text_branches} for u in test_data.utterances}
 
 
 def resolve_device(args):
@@ -171,6 +194,47 @@ def model_paths(args):
     return str(text_model), str(speech_model)
 
 
+def text_encoder_settings(args, branches):
+    """The run's text and sentence models -> data_contract.text_models (which folders the branches
+    read). The text encoder must be one the branch takes (one line saying what it is otherwise), and
+    MAX_TEXT_TOKENS is bounded by its positions; a per-model folder that is not there is refused with
+    one line naming it and the command that makes it."""
+    from feature_ext import FeatureError, text_encoder_config
+    from model_structure import text_token_limit
+    text_model = model_paths(args)[0]
+    if "text" in branches:
+        try:
+            limit = text_token_limit(text_encoder_config(text_model, "text model (--text-model)"))
+        except FeatureError as error:
+            raise RunError(str(error)) from None
+        if args.max_text_tokens > limit:
+            print(f"main.py: MAX_TEXT_TOKENS {args.max_text_tokens} is more than text model {text_model} takes: "
+                  f"using {limit}", file=sys.stderr)
+            args.max_text_tokens = limit
+    models = text_models(text_model, args.sentence_model, args.sentence_pooling)
+    for branch in branches:
+        for step in branch_steps(branch, args.context_window, models):
+            folder = feature_folder(args.data_dir, step)
+            if split_step(step)[2] is not None and not folder.is_dir():
+                raise RunError(f"{folder}: not found (the {step} features of this run's options); make it with: "
+                               f"{making_command(args, step, text_model)}")
+    return models
+
+
+def making_command(args, step, text_model):
+    """The command line that makes the per-model folder of `step` (README, stage 2)."""
+    sentence = [f"--sentence-model {args.sentence_model}"] if args.sentence_model else []
+    sentence += [f"--sentence-pooling {args.sentence_pooling}"] if args.sentence_pooling != "cls" else []
+    data_dir, models_dir = str(args.data_dir), str(args.models_dir)
+    concatenate = " ".join(["python concatenate_embds.py", data_dir, "--context", str(args.context_window), *sentence])
+    kind = split_step(step)[1]
+    if kind == "text-tokens":
+        return f"python feature_ext.py text-tokens {data_dir} {models_dir} --text-model {text_model}"
+    if kind == "sentence-embeddings":
+        return " ".join(["python feature_ext.py sentence-embeddings", data_dir, models_dir, *sentence, "&&", concatenate])
+    return concatenate
+
+
 def option_settings(args, precision):
     """The settings the options decide (everything but the files and what the data decides)."""
     return {
@@ -186,12 +250,14 @@ def option_settings(args, precision):
         "finetune_text": not args.freeze_text, "finetune_speech": args.finetune_speech,
         "group_by_length": args.group_by_length, "seed": args.seed, "precision": precision,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "sentence_pooling": args.sentence_pooling,
     }
 
 
-def resolve_config(args, data, device, precision):
+def resolve_config(args, data, device, precision, models=None, asr=None):
     """The complete settings of a run as plain JSON values, config.json exactly; nothing changes
-    them afterwards."""
+    them afterwards (models: the run's non-default text and sentence models, text_models; asr
+    (resolve_transcripts) adds which transcripts trained and tested it)."""
     import torch
     import transformers
     data_dir, models_dir = Path(args.data_dir).resolve(), Path(args.models_dir).resolve()
@@ -200,7 +266,12 @@ def resolve_config(args, data, device, precision):
     config = {
         "data_dir": str(data_dir), "models_dir": str(models_dir), "text_model": text_model,
         "speech_model": speech_model,
-        "pretrained": pretrained_files(data_dir, options["branches"], text_model, speech_model),
+        "pretrained": pretrained_files(data_dir, options["branches"], text_model, speech_model, models,
+                                       args.context_window, asr and (asr["sets"]["train"] or asr["sets"]["test"])),
+        "sentence_model": str(Path(args.sentence_model).resolve()) if args.sentence_model and
+        Path(args.sentence_model).exists() else args.sentence_model,
+        "feature_folders": {branch: step_entry(branch_steps(branch, args.context_window, models)[-1]).folder
+                            for branch in options["branches"]},
         "classes": list(data.classes), "context_width": data.context_width, "left_out": list(data.left_out),
         "device": device, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "stop_after_epochs": args.stop_after_epochs,
@@ -213,25 +284,68 @@ def resolve_config(args, data, device, precision):
              "protocol", "val_split", "val_fraction", "val_split_description", "epochs", "batch_size",
              "eval_batch_size", "grad_accum", "lr_encoders", "lr_head", "weight_decay", "scheduler", "warmup",
              "clip_norm", "class_weights", "fusion_hidden", "finetune_text", "finetune_speech", "group_by_length",
-             "seed", "device", "precision", "world_size", "stop_after_epochs", "versions", "gradient_checkpointing")
-    return {key: config[key] for key in order}
+             "seed", "device", "precision", "world_size", "stop_after_epochs", "versions",
+             # added since: at the end, so that the lines above still compare with older runs' files
+             "sentence_model", "sentence_pooling", "feature_folders", "gradient_checkpointing")
+    # Only where ASR transcripts are used: a run on the reference ones keeps the config.json it always had.
+    asr_settings = {} if asr is None else {"transcripts": asr["transcripts"], "asr_model": asr["asr_model"],
+                                           "asr_wer": asr["asr_wer"]}
+    return {**{key: config[key] for key in order}, **asr_settings}
 
 
-def pretrained_files(data_dir, branches, text_model, speech_model):
+def resolve_transcripts(args):
+    """Which transcripts the run trains and tests on (--transcripts, --test-transcripts, --asr-model):
+    None when both are the reference ones, else {"transcripts": {"train", "test"}, "sets": the folders
+    (None for the reference), "asr_model", "asr_wer" (overall, wer.json's)}."""
+    train, test = args.transcripts, args.test_transcripts or args.transcripts
+    if "asr" not in (train, test):
+        return None
+    data_dir = Path(args.data_dir)
+    sets = transcript_sets(data_dir)
+    if args.asr_model:
+        name = transcript_set(args.asr_model)
+        if name not in sets:
+            raise RunError(f"{data_dir / name / 'Text'}: not found; make {args.asr_model}'s transcripts and their "
+                           f"features first (feature_extraction_main.py DATA_DIR MODELS_DIR --asr-model "
+                           f"{args.asr_model}){'; transcript sets here: ' + ', '.join(sets) if sets else ''}")
+    elif len(sets) == 1:
+        name = sets[0]
+    elif not sets:
+        raise RunError(f"{data_dir}: no ASR transcript set (ASR-<model>/Text/); make one with "
+                       f"feature_extraction_main.py DATA_DIR MODELS_DIR --asr-model M")
+    else:
+        raise RunError(f"{data_dir}: several ASR transcript sets ({', '.join(sets)}); say which with --asr-model")
+    record = read_features_record(data_dir).get(qualified_step("transcripts", name[len("ASR-"):]), {})
+    asr_model = record.get("asr_model", {}).get("path", args.asr_model or name)
+    try:
+        asr_wer = json.loads((data_dir / name / WER_FILE).read_text(encoding="utf-8"))["overall"]["wer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        asr_wer = None
+        log.warning(f"{data_dir / name / WER_FILE}: no word error rate recorded; rerun feature_ext.py transcripts")
+    return {"transcripts": {"train": train, "test": test},
+            "sets": {"train": name if train == "asr" else None, "test": name if test == "asr" else None},
+            "asr_model": asr_model, "asr_wer": asr_wer}
+
+
+def pretrained_files(data_dir, branches, text_model, speech_model, step_models=None, context_window=CONTEXT_WINDOW,
+                     transcripts=None):
     """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
     the encoders the model loads, and the extractors that made its features (as
-    DATA_DIR/features.json recorded them). predict.py checks them all before it predicts."""
+    DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).
+    predict.py checks them all before it predicts."""
     from speech_encoders import SPEECH_FILES
     record = read_features_record(data_dir)
     fairseq_speech = speech_step(speech_model) == "speech-tokens"
     models = {"text_model": (text_model, [WEIGHT_FILES]),
               "speech_model": (speech_model, [] if fairseq_speech else [SPEECH_FILES])}
     pretrained = {}
+    if transcripts is not None:  # the ASR model, for predict.py to transcribe recordings given without text
+        pretrained.update(record.get(qualified_step("transcripts", transcripts[len("ASR-"):]), {}))
     for branch in branches:
-        for step in branch_steps(branch, 0, speech_model):
+        for step in branch_steps(branch, context_window, step_models, transcripts):
             if step in record:
                 pretrained.update(record[step])
-            elif not step.startswith("context-"):
+            elif step_entry(step).models:
                 log.warning(f"{Path(data_dir) / 'features.json'} does not say which models made the {step} "
                             f"features; predict.py will not be able to check them")
         role = BRANCHES[branch].encoder
@@ -420,9 +534,10 @@ def fold_title(fold):
     return "speaker " + ",".join(fold["test_speakers"])
 
 
-def run_fold(config, fold, utterances, run_dir, env):
+def run_fold(config, fold, utterances, run_dir, env, test_inputs=None):
     """One fold: trained (or resumed), its best checkpoint tested once, its files written; a fold
-    an earlier invocation finished is kept. -> the fold's result (fold_result.json)."""
+    an earlier invocation finished is kept. -> the fold's result (fold_result.json). test_inputs
+    (run) replaces the test utterances' text features."""
     import train_function
     import validation_function
     fold_dir = Path(run_dir) / f"fold{fold['fold']}"
@@ -434,7 +549,9 @@ def run_fold(config, fold, utterances, run_dir, env):
              f"validation {len(fold['val'])}, test {len(fold['test'])} utterances")
     model, state = train_function.train_fold(config, fold, utterances, fold_dir, env)
     # The test fold is seen once, with the checkpoint the validation set chose.
-    test, predictions, _ = validation_function.evaluate(model, fold["test"], config["eval_batch_size"], env["device"],
+    # The training set's utterances, speech vectors cached, with the other transcript set's text features.
+    tested = fold["test"] if test_inputs is None else [{**u, **test_inputs[u["name"]]} for u in fold["test"]]
+    test, predictions, _ = validation_function.evaluate(model, tested, config["eval_batch_size"], env["device"],
                                                         config["classes"], env["amp_dtype"], env["rank"],
                                                         env["world_size"])
     result = {k: fold[k] for k in ("fold", "test_sessions", "test_speakers") if k in fold}
@@ -497,6 +614,11 @@ def results_table(results, config):
                  f"{p['ua']:.4f} | {p['macro_f1']:.4f} | {p['weighted_f1']:.4f} |")
     recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
     lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(config['classes']):.2f}."]
+    if "transcripts" in config:
+        wer = "unknown" if config["asr_wer"] is None else f"{config['asr_wer']:.3f}"
+        lines += ["", f"Transcripts: trained on the {config['transcripts']['train']} transcripts, tested on the "
+                      f"{config['transcripts']['test']} ones; ASR model `{config['asr_model']}`, WER {wer} "
+                      f"(feature_ext.py's normalisation, all utterances)."]
     if results["left_out"]:
         lines += ["", f"Left out for missing features (--skip-missing): {len(results['left_out'])} labelled "
                       f"utterance(s), named in results.json."]
@@ -529,8 +651,10 @@ def process_group_backend(cuda):
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
-def run(config, run_dir, utterances, env):
-    """Train and evaluate every fold of config['protocol'] into run_dir; -> results dict (None when paused)."""
+def run(config, run_dir, utterances, env, test_inputs=None):
+    """Train and evaluate every fold of config['protocol'] into run_dir; -> results dict (None when paused).
+    test_inputs: {name: text features} of another transcript set, which the test utterances are
+    predicted from instead (--test-transcripts)."""
     from train_function import RunPaused
     run_dir, rank, world = Path(run_dir), env["rank"], env["world_size"]
     folds = make_folds(utterances, config["protocol"], config["val_split"], config["val_fraction"], config["seed"])
@@ -549,11 +673,13 @@ def run(config, run_dir, utterances, env):
         log.warning(f"--skip-missing: left out {len(config['left_out'])} labelled utterance(s) without features: "
                     f"{', '.join(config['left_out'][:10])}{', ...' if len(config['left_out']) > 10 else ''}")
     try:
-        fold_results = [run_fold(config, fold, utterances, run_dir, env) for fold in folds]
+        fold_results = [run_fold(config, fold, utterances, run_dir, env, test_inputs) for fold in folds]
     except RunPaused as pause:
         log.info(str(pause))
         return None
     results = summarize(config["protocol"], fold_results, config["classes"], config["val_split"], config["left_out"])
+    if "transcripts" in config:  # which transcripts, only where ASR ones are used (as config.json)
+        results.update({key: config[key] for key in ("transcripts", "asr_model", "asr_wer")})
     table = results_table(results, config)
     if rank == 0:
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -584,10 +710,14 @@ def train_and_test(args, run_dir_checked=False):
            "amp_dtype": torch.bfloat16 if precision == "bf16" else None}
     speech_model, speech_waves = speech_encoder_of(args, branches)
     try:
+        models = {**text_encoder_settings(args, branches), **speech_models(speech_model)}
+        asr = resolve_transcripts(args)
+        sets = asr["sets"] if asr else {"train": None, "test": None}
         data = load_run_data(data_dir, branches, args.context_window, args.max_text_tokens, args.max_audio_tokens,
-                             args.skip_missing, env["progress"], speech_model, speech_waves)
-        config = resolve_config(args, data, device, precision)
-        return run(config, args.run_dir, data.utterances, env)
+                             args.skip_missing, env["progress"], models, sets["train"], speech_waves)
+        config = resolve_config(args, data, device, precision, models, asr)
+        return run(config, args.run_dir, data.utterances, env,
+                   features_of_test_transcripts(args, branches, data, sets, env, models))
     except (DataError, TrainingError) as error:  # a user's file or setting, named in the message
         raise RunError(str(error)) from None
     except (RunError, KeyboardInterrupt):
@@ -650,7 +780,14 @@ def build_parser():
     p.add_argument("--freeze-text", action="store_true", default=d["freeze_text"],
                    help="keep the text RoBERTa frozen (fine-tuned otherwise)")
     p.add_argument("--text-model", default=None,
-                   help="text RoBERTa folder or name (default: MODELS_DIR/roberta-large if present, else roberta-large)")
+                   help="text encoder folder or hub name: RoBERTa, BERT, DeBERTa-v2/v3 or ELECTRA, its tokens made by "
+                        "feature_ext.py text-tokens with the same --text-model (default: MODELS_DIR/roberta-large if "
+                        "present, else roberta-large)")
+    p.add_argument("--sentence-model", default=None,
+                   help="the sentence model the context vectors were made with, as given to feature_ext.py (default: "
+                        "bert-base-uncased's, FullBertEmb{c}/)")
+    p.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls",
+                   help="the pooling the context vectors' sentence embeddings were made with (feature_ext.py)")
     p.add_argument("--speech-model", default=None,
                    help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt), or a transformers "
                         "speech encoder (WavLM, HuBERT, wav2vec 2.0, data2vec-audio, Whisper; folder or hub name) "
@@ -659,6 +796,17 @@ def build_parser():
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="with --finetune-speech and a transformers speech encoder: recompute its activations in the "
                         "backward pass: less memory, more time")
+    p.add_argument("--transcripts", choices=("reference", "asr"), default="reference",
+                   help="the transcripts the text and context features come from: the corpus's (reference) or "
+                        "speech recognition's (asr: DATA_DIR/ASR-<model>/, made by feature_extraction_main.py "
+                        "--asr-model)")
+    p.add_argument("--test-transcripts", choices=("reference", "asr"), default=None,
+                   help="the transcripts the test folds are predicted from (default: --transcripts); "
+                        "--transcripts reference --test-transcripts asr trains on the corpus's and tests on "
+                        "speech recognition's")
+    p.add_argument("--asr-model", default=None,
+                   help="which ASR model's transcripts (as given to feature_extraction_main.py --asr-model; "
+                        "default: the one set DATA_DIR holds)")
     p.add_argument("--protocol", choices=("session5", "loso", "speaker"), default=d["protocol"],
                    help="session5: train on sessions 1-4, test on 5; loso: 5 folds, one session each; "
                         "speaker: 10 folds, one speaker each")

@@ -1,7 +1,7 @@
 """Extract IEMOCAP's utterances into DATA_DIR: the manifest, the transcripts, the target audio.
 
     python mocap_data_collect.py IEMOCAP_ROOT DATA_DIR [--emotions ang,hap,exc,sad,neu]
-                                 [--allow-missing] [--expect-full | --no-expect-full]
+                                 [--allow-missing] [--expect-full | --no-expect-full] [--all-audio]
 
 Reads (never writes) an IEMOCAP_full_release tree:
     IEMOCAP_ROOT/Session{1..5}/dialog/EmoEvaluation/<dialog>.txt    labels, times, V/A/D
@@ -11,6 +11,7 @@ Writes, as the data contract says:
     DATA_DIR/utterances.csv      one row per utterance in corpus order (MANIFEST_COLUMNS)
     DATA_DIR/Text/<name>.txt     the transcript of every utterance, one line, no line break
     DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the utterances of the target emotions
+                                 (every utterance with --all-audio, for speech recognition)
     DATA_DIR/labels_train_t.txt  "<name>.txt<TAB><code>" per target utterance (the seed's codes)
 where name = "{index}_s_{session}_{emotion}" and index is the row's position in the manifest.
 
@@ -254,11 +255,12 @@ def wav_path(iemocap_root, row):
             / f"{row['utterance_id']}.wav")
 
 
-def check_audio(iemocap_root, rows, progress=True):
-    """[(row, problem)] for every target utterance whose wav is missing, cut off or not 16 kHz mono."""
+def check_audio(iemocap_root, rows, progress=True, all_audio=False):
+    """[(row, problem)] for every target utterance (every utterance with all_audio) whose wav is
+    missing, cut off or not 16 kHz mono."""
     problems = []
     for row in tqdm(rows, desc="checking audio", unit="utt", disable=not progress):
-        if not row["label"]:
+        if not (row["label"] or all_audio):
             continue
         path = wav_path(iemocap_root, row)
         if not path.is_file():
@@ -341,17 +343,17 @@ def is_our_file(name):
         Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
 
 
-def remove_stale(data_dir, rows, skip_audio=()):
+def remove_stale(data_dir, rows, skip_audio=(), all_audio=False):
     """Remove the Audio/ and Text/ files named like an utterance that this run does not vouch
     for, and temporary files a killed run (one that could not clean up) left beside ours.
 
-    Vouched for: the Text/ of every row, the Audio/ of every target row but those in skip_audio
+    Vouched for: the Text/ of every row, the Audio/ of every target row (every row with all_audio) but those in skip_audio
     (whose wav --allow-missing let through: an earlier run's copy would be read as theirs).
     Only names this script itself gives are touched, so a user's own files survive.
     Returns the removed files (not the temporary ones) as "Audio/<name>.wav", ...
     """
     keep = {("Text", r["name"] + ".txt") for r in rows}
-    keep |= {("Audio", r["name"] + ".wav") for r in rows if r["label"] and r["name"] not in skip_audio}
+    keep |= {("Audio", r["name"] + ".wav") for r in rows if (r["label"] or all_audio) and r["name"] not in skip_audio}
     removed = []
     for sub in ("Text", "Audio", "."):
         folder = Path(data_dir) / sub
@@ -367,16 +369,16 @@ def remove_stale(data_dir, rows, skip_audio=()):
     return removed
 
 
-def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True):
+def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True, all_audio=False):
     """Write Text/, Audio/, labels_train_t.txt and, last, utterances.csv; return what
     remove_stale removed."""
     data_dir = Path(data_dir)
     for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
         write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
-        if row["label"] and row["name"] not in skip_audio:
+        if (row["label"] or all_audio) and row["name"] not in skip_audio:
             samples, _ = read_audio(wav_path(iemocap_root, row), dtype="int16")
             write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    removed = remove_stale(data_dir, rows, skip_audio)
+    removed = remove_stale(data_dir, rows, skip_audio, all_audio)
     labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
     write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))
     write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
@@ -390,11 +392,12 @@ def few(items, n=3):
 
 
 def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=False,
-            expect_full=None, progress=True, out=sys.stdout):
+            expect_full=None, progress=True, out=sys.stdout, all_audio=False):
     """Read the corpus, verify it, write DATA_DIR. Returns the manifest rows.
 
     expect_full: True checks the full release's counts, False never does, None checks when
-    the corpus looks like the full release (see looks_like_full_corpus).
+    the corpus looks like the full release (see looks_like_full_corpus). all_audio: Audio/ for every
+    utterance, not only the target emotions' (speech recognition transcribes the context too).
     """
     unknown = [e for e in emotions if e not in LABEL_OF_EMOTION]
     if unknown or not emotions:
@@ -407,7 +410,7 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
     rows, notes = read_corpus(iemocap_root, emotions, allow_missing)
     if expect_full or (expect_full is None and looks_like_full_corpus(rows)):
         verify_full_corpus(rows, iemocap_root)
-    problems = check_audio(iemocap_root, rows, progress)
+    problems = check_audio(iemocap_root, rows, progress, all_audio)
     if problems and not allow_missing:
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
                                             len(problems) > 1 else "")
@@ -417,7 +420,7 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
     except OSError as err:  # a file of that name, a folder where nothing can be made
         raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
     removed = write_data_dir(iemocap_root, data_dir, rows,
-                             skip_audio={r["name"] for r, _ in problems}, progress=progress)
+                             skip_audio={r["name"] for r, _ in problems}, progress=progress, all_audio=all_audio)
     print(summary_table(rows), file=out)
     if notes["empty_transcript"]:
         print(f"{len(notes['empty_transcript'])} utterance(s) with an empty transcript line, kept "
@@ -450,11 +453,14 @@ def main(argv=None):
     parser.add_argument("--expect-full", action=argparse.BooleanOptionalAction, default=None,
                         help="check the full release's published counts (default: when the "
                              "corpus has at least half of them)")
+    parser.add_argument("--all-audio", action="store_true",
+                        help="write Audio/ for every utterance, not only the target emotions' (for "
+                             "feature_ext.py transcripts: speech recognition of the context utterances too)")
     args = parser.parse_args(argv)
     emotions = tuple(e.strip() for e in args.emotions.split(",") if e.strip())
     try:
         collect(args.iemocap_root, args.data_dir, emotions, args.allow_missing, args.expect_full,
-                progress=sys.stderr.isatty())
+                progress=sys.stderr.isatty(), all_audio=args.all_audio)
     except CorpusError as err:
         print(f"mocap_data_collect.py: error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The fused emotion classifier: text RoBERTa + speech RoBERTa + Time-Asynchronous Branch.
 
 Reads the pretrained encoders (nothing is written):
-  text:   a transformers RoBERTa folder or hub name (MODELS_DIR/roberta-large by default)
+  text:   a transformers RoBERTa folder or hub name (MODELS_DIR/roberta-large by default), or another
+          text encoder (BERT, DeBERTa-v2/v3, ELECTRA), each pooled at its first token
   speech: MODELS_DIR/bert_kmeans/bert_kmeans.pt, through fairseq_checkpoints.load_fairseq_roberta
 
   text ids    -> text RoBERTa   -> last layer at <s>  (fine-tuned by default)   -> Ht
@@ -174,12 +175,30 @@ class EmotionClassifier(nn.Module):
 
 
 def load_text_encoder(name_or_path):
-    """The text RoBERTa from a local folder (or, outside tests, a hub name), without its pooler."""
-    from transformers import RobertaModel
+    """The text encoder from a local folder (or, outside tests, a hub name), without its pooler: the
+    RoBERTa of the original, or any of data_contract.TEXT_ENCODERS (AutoModel; a pooler that comes
+    with it is dropped by EmotionClassifier, which takes the first token's last hidden state)."""
+    from transformers import AutoConfig, AutoModel, RobertaModel
+
+    from data_contract import TEXT_ENCODERS
     # The checkpoint's pooler / lm_head weights are not wanted here; a load report listing them
     # as unexpected would only alarm the reader.
     with quiet_transformers():
-        return RobertaModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
+        model_type = AutoConfig.from_pretrained(str(name_or_path)).model_type
+        if model_type == "roberta":
+            return RobertaModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
+        if model_type not in TEXT_ENCODERS:
+            raise ValueError(f"{name_or_path}: a {model_type!r} model, not one of the text encoders "
+                             f"{', '.join(TEXT_ENCODERS)}")
+        return AutoModel.from_pretrained(str(name_or_path))
+
+
+def text_token_limit(config):
+    """The most tokens the text encoder of this transformers config takes: its positions (RoBERTa's
+    first pad_token_id + 1 position embeddings are never used, as fairseq numbers positions)."""
+    if config.model_type == "roberta":
+        return config.max_position_embeddings - config.pad_token_id - 1
+    return config.max_position_embeddings
 
 
 def load_speech_encoder(path):

@@ -2,6 +2,7 @@
 
     python predict.py RUN_DIR --wav FILE --text "..." [--output OUT.csv] [--fold K]
     python predict.py RUN_DIR --text "..."           (a run trained without the speech branch)
+    python predict.py RUN_DIR --wav FILE [--asr-model M]  (no text: transcribed by the run's ASR model or M)
     python predict.py RUN_DIR --list FILE.csv [--output OUT.csv] [--fold K] [--device cpu|cuda]
                       [--models-dir DIR] [--threads N]
 
@@ -17,13 +18,21 @@ the tool says so of each. A list is a CSV with the columns `wav` and `text` and 
 dialogue, in the order given, are each other's context exactly as in training; a row without a
 dialogue is a conversation of its own (zeros around it). A row with text but no wav gives context
 and no prediction, so a whole dialogue, its unlabelled utterances included, can be given in order.
-Branches the run was trained without are not computed: a speech-only run needs no text, and a run
+The run's own text encoder and tokenizer, sentence model and pooling (config.json) make the features,
+whichever of the supported text encoders they are. Branches the run was trained without are not computed: a speech-only run needs no text, and a run
 without the speech branch needs no audio (every row with text is predicted, and a wav given is not
 read).
 
 Output per utterance: the predicted emotion and one probability per class of the run, as a table
 on screen and, with --output, as CSV (the input's columns, then prediction, p_<class>... and note,
-the reason a row asked for got no prediction). A cross-validation run predicts with the mean of all
+the reason a row asked for got no prediction). A recording given without text, in a run with a text
+or context branch, is transcribed with Whisper (feature_ext.transcribe: English, greedy, 30-s windows)
+by --asr-model, or by the ASR model whose transcripts the run was trained on (checked against its
+sha256); its transcript is shown beside the prediction and written to --output's asr_transcript
+column. Text given is used as it is. An empty transcript (silence) is a transcript all the same: the
+utterance is predicted and is context, as an empty transcript was in training; a row whose text is
+empty and that cannot be transcribed (no ASR model) is, as before, context for no one and not
+predicted. A cross-validation run predicts with the mean of all
 folds' probabilities, or with one fold's model (--fold K). A run whose MODELS_DIR moved reads its
 files from --models-dir, each still checked against the sha256 it recorded.
 """
@@ -187,11 +196,15 @@ def featurize(rows, config, extractors, notes):
     from feature_ext import sentence_embeddings
     branches = config["branches"]
     needs_text = "text" in branches or "context" in branches
-    texts = [(row.get("text") or "").strip() for row in rows]
+    # A recording given without text has its ASR transcript (transcribe_rows); an empty one is a
+    # transcript all the same (silence): predicted and context, as an empty transcript in training.
+    texts = [(row.get("text") or "").strip() or row.get("_asr_transcript") or "" for row in rows]
+    has_text = [bool(text) or row.get("_asr_transcript") is not None for text, row in zip(texts, rows)]
     usable = []
     for i in rows_to_predict(rows, branches):
-        if needs_text and not texts[i]:
-            notes[i] = "no text: the run's text/context branch needs the transcript"
+        if needs_text and not has_text[i]:
+            notes[i] = ("no text: the run's text/context branch needs the transcript (or an ASR model to make it: "
+                        "--asr-model)")
         else:
             usable.append(i)
 
@@ -199,11 +212,11 @@ def featurize(rows, config, extractors, notes):
     if "context" in branches:
         c = config["context_window"]
         for group in dialogues([(row.get("dialog") or "").strip() or None for row in rows]):
-            group = [i for i in group if texts[i]]  # an utterance without text is no context either
+            group = [i for i in group if has_text[i]]  # an utterance without text is no context either
             if not group:
                 continue
             embeddings = sentence_embeddings([texts[i] for i in group], extractors["sentence_tokenizer"],
-                                             extractors["sentence_model"])
+                                             extractors["sentence_model"], pooling=config.get("sentence_pooling", "cls"))
             for i, vector in zip(group, context_vectors(embeddings, c)):
                 contexts[i] = torch.from_numpy(vector.reshape(2 * c + 1, -1))
 
@@ -271,8 +284,58 @@ def load_fold_checkpoint(path):
         raise PredictError(str(e)) from None
 
 
-def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_dir=None):
-    """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes)."""
+def run_asr_model(config, asr_model=None, models_dir=None):
+    """The Whisper checkpoint that transcribes recordings given without text: --asr-model, else the one
+    whose transcripts the run was trained on (config.json's pretrained asr_model, checked against its
+    sha256), else None."""
+    if asr_model:
+        return str(asr_model)
+    entry = config.get("pretrained", {}).get("asr_model")
+    if entry is None:
+        return None
+    path = moved(entry["path"], config.get("models_dir"), models_dir)
+    try:
+        now = fingerprint(path, *([entry["files"]] if "files" in entry else []))
+    except FileNotFoundError:
+        raise PredictError(f"asr_model: {path} is missing (if MODELS_DIR moved, give its new place with --models-dir; "
+                           f"or give another Whisper with --asr-model)") from None
+    if now["sha256"] != entry["sha256"]:
+        raise PredictError(f"asr_model: {path} has changed since training (sha256 {entry['sha256'][:12]}... then, "
+                           f"{now['sha256'][:12]}... now); give the Whisper to use with --asr-model")
+    return path
+
+
+def transcribe_rows(rows, config, asr_model, device):
+    """Each row with a recording and no text that the run's text or context branch needs gets
+    row["_asr_transcript"]: Whisper's transcript (feature_ext.transcribe), "" for silent or too short
+    audio. Without an ASR model nothing is transcribed (featurize then says the text is missing)."""
+    from feature_ext import FeatureError, load_asr, transcribe
+    if not ({"text", "context"} & set(config["branches"])) or asr_model is None:
+        return
+    wanted, wavs = [], []
+    for i, row in enumerate(rows):
+        if row["_wav_path"] is not None and not (row.get("text") or "").strip():
+            try:
+                wavs.append(read_recording(row["_wav_path"])[0])
+                wanted.append(i)
+            except PredictError:  # the speech branch, or featurize, names the file
+                continue
+    if not wanted:
+        return
+    try:
+        asr = load_asr(asr_model, device)
+    except FeatureError as e:
+        raise PredictError(str(e)) from None
+    texts, empty = transcribe(wavs, asr)
+    for k, (i, text) in enumerate(zip(wanted, texts)):
+        rows[i]["_asr_transcript"] = text
+        if k in empty:
+            print(f"{rows[i]['_wav_path']}: {empty[k]} for speech recognition: an empty transcript", file=sys.stderr)
+
+
+def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_dir=None, asr_model=None):
+    """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes).
+    Rows with a recording and no text are transcribed first (transcribe_rows; --asr-model or the run's)."""
     import torch
 
     import model_structure
@@ -281,9 +344,11 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_d
     paths = check_pretrained(config, models_dir)
     device = torch.device(device)
     notes = {}
-    if "speech" not in config["branches"] and any(row["_wav_path"] is not None for row in rows):
+    if "speech" not in config["branches"] and any(row["_wav_path"] is not None and (row.get("text") or "").strip()
+                                                  for row in rows):  # a recording without text is transcribed
         print(f"{run_dir} was trained without the speech branch: its predictions do not read the audio",
               file=sys.stderr)
+    transcribe_rows(rows, config, run_asr_model(config, asr_model, models_dir), device)
     extractors = load_extractors(config, paths, device)
     items = featurize(rows, config, extractors, notes)
     classes = config["classes"]
@@ -312,6 +377,8 @@ def results_table(rows, probs, notes, classes):
     lines = [header]
     for i, row in enumerate(rows):
         text = (row.get("text") or "").strip()
+        if not text and row.get("_asr_transcript") is not None:  # shown beside its prediction, marked as heard
+            text = f"(ASR) {row['_asr_transcript']}"
         text = text if len(text) <= 32 else text[:31] + "…"
         start = f"{i:>3}  {(row.get('dialog') or '')[:13]:<14}{text:<34}"
         if not np.isnan(probs[i, 0]):
@@ -323,13 +390,16 @@ def results_table(rows, probs, notes, classes):
 
 def write_output(path, rows, columns, probs, classes, notes):
     """The input's columns, then prediction and one probability per class, or, for a row without a
-    prediction, the reason (`note`: empty for a row given as context only)."""
+    prediction, the reason (`note`: empty for a row given as context only). When a recording was
+    transcribed, an asr_transcript column (after the input's) holds what the ASR model heard."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(columns + ["prediction"] + [f"p_{c}" for c in classes] + ["note"])
+    asr = any(row.get("_asr_transcript") is not None for row in rows)
+    writer.writerow(columns + (["asr_transcript"] if asr else []) + ["prediction"] + [f"p_{c}" for c in classes]
+                    + ["note"])
     for i, (row, p) in enumerate(zip(rows, probs)):
         made = not np.isnan(p[0])
-        writer.writerow([row.get(c, "") for c in columns] +
+        writer.writerow([row.get(c, "") for c in columns] + ([row.get("_asr_transcript") or ""] if asr else []) +
                         ([classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p] if made else [""] * (1 + len(classes)))
                         + [notes.get(i, "")])
     write_text_atomic(path, buffer.getvalue())
@@ -346,6 +416,8 @@ def main(argv=None):
     parser.add_argument("--fold", type=int, help="predict with this fold's model (default: mean of all folds)")
     parser.add_argument("--models-dir", help="where the run's MODELS_DIR is now, if it moved (the files are still "
                                              "checked against the sha256 the run recorded)")
+    parser.add_argument("--asr-model", help="the Whisper checkpoint (name or folder) that transcribes a recording given "
+                                            "without text (default: the one the run's ASR transcripts came from)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's, one per core; 1 on a shared machine)")
@@ -367,15 +439,18 @@ def main(argv=None):
     columns = ["wav", "text"]
     try:
         if not args.list:  # one recording: what the run's branches need must be given
-            branches = load_run(args.run_dir, args.fold)[0]["branches"]
+            config = load_run(args.run_dir, args.fold)[0]
+            branches = config["branches"]
             if not args.wav and "speech" in branches:
                 parser.error(f"{args.run_dir} has a speech branch: give the recording with --wav")
-            if not args.text and ("text" in branches or "context" in branches):
+            can_transcribe = args.wav and (args.asr_model or "asr_model" in config.get("pretrained", {}))
+            if not args.text and ("text" in branches or "context" in branches) and not can_transcribe:
                 parser.error(f"{args.run_dir} has a {'text' if 'text' in branches else 'context'} branch: give the "
-                             f"transcript with --text")
+                             f"transcript with --text, or an ASR model to make it from --wav with --asr-model")
         if args.list:
             rows, columns = read_requests(args.list)
-        probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device, models_dir=args.models_dir)
+        probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device, models_dir=args.models_dir,
+                                             asr_model=args.asr_model)
     except PredictError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2

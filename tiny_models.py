@@ -20,6 +20,9 @@ accept in place of the real one:
   MODELS_DIR/TINY_MODELS.txt           says these are stand-ins; a MODELS_DIR with model files and
                                        without it (the real downloads, perhaps) is never overwritten,
                                        nor is a DATA_DIR (a folder with utterances.csv)
+make_tiny_text_encoder(folder, model_type, texts) writes, for the tests and for trying --text-model
+and --sentence-model without a download, a tiny BERT, ELECTRA, DeBERTa-v2/v3 or RoBERTa folder with a
+tokenizer trained on the texts.
 The weights are random (seeded), "pretrained" on the given corpus only in the cheapest ways: the
 codebook is fitted on its audio, and the last layer norm of the sentence model and of the speech
 RoBERTa is set so that their output vectors are standardized over its utterances. Random small
@@ -113,14 +116,10 @@ class _atomic_dir:
         return False
 
 
-def make_tiny_bert(out_dir, texts, seed=0):
-    """Tiny BertModel + lower-casing WordPiece tokenizer trained on `texts`, via save_pretrained;
-    its [CLS] vector (the sentence embedding feature_ext takes) is standardized over `texts`."""
-    import torch
+def _wordpiece_tokenizer(texts, fast_class):
+    """A lower-casing WordPiece tokenizer ([CLS] ... [SEP]) trained on `texts`, as BERT's and ELECTRA's:
+    -> (the transformers tokenizer of `fast_class`, its vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    # The *Fast names: transformers 4.x builds a tokenizer from a `tokenizers` object only in its fast
-    # classes, and 5.x keeps them as aliases of its (only, fast) BertTokenizer.
-    from transformers import BertConfig, BertModel, BertTokenizerFast
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     # tokenizers' WordPieceTrainer numbers (and, on ties, picks) its "##" pieces in hash order, so
@@ -137,9 +136,81 @@ def make_tiny_bert(out_dir, texts, seed=0):
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tokenizer.decoder = decoders.WordPiece()
-    hf_tokenizer = BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=True, unk_token="[UNK]",
-                                     sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-                                     mask_token="[MASK]", model_max_length=TEXT_POSITIONS)
+    return fast_class(tokenizer_object=tokenizer, do_lower_case=True, unk_token="[UNK]", sep_token="[SEP]",
+                      pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
+                      model_max_length=TEXT_POSITIONS), vocab
+
+
+def _unigram_tokenizer(texts):
+    """A SentencePiece-style unigram tokenizer ("▁" word starts, [CLS] ... [SEP]) trained on `texts`,
+    as DeBERTa-v3's: -> (the transformers DebertaV2TokenizerFast, its vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import DebertaV2TokenizerFast
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]  # DeBERTa-v3's ids 0-3, then its [MASK]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=1000, special_tokens=specials, unk_token="[UNK]", show_progress=False))
+    vocab = tokenizer.get_vocab()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return DebertaV2TokenizerFast(tokenizer_object=tokenizer, bos_token="[CLS]", eos_token="[SEP]",
+                                  unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                                  mask_token="[MASK]", model_max_length=TEXT_POSITIONS), vocab
+
+
+# The text encoder families make_tiny_text_encoder writes besides RoBERTa and BERT (their own
+# functions): transformers config class, model class, tokenizer, and the config's family-specific
+# settings (DeBERTa-v3's relative attention, without absolute positions).
+def _tiny_text_families():
+    from transformers import DebertaV2Config, DebertaV2Model, ElectraConfig, ElectraModel, ElectraTokenizerFast
+    return {"deberta-v2": (DebertaV2Config, DebertaV2Model, _unigram_tokenizer,
+                           dict(relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+                                norm_rel_ebd="layer_norm", share_att_key=True, position_buckets=32,
+                                max_relative_positions=-1, type_vocab_size=0)),
+            "electra": (ElectraConfig, ElectraModel, lambda texts: _wordpiece_tokenizer(texts, ElectraTokenizerFast),
+                        dict(embedding_size=TEXT_WIDTH))}
+
+
+def make_tiny_text_encoder(out_dir, model_type, texts, seed=0):
+    """A tiny random text encoder of the family `model_type` (data_contract.TEXT_ENCODERS: "roberta",
+    "bert", "deberta-v2", "electra") with a tokenizer trained on `texts`, via save_pretrained; its
+    first-token vector is standardized over `texts`, as the tiny BERT's, so it serves as a sentence
+    model too. For the tests and for trying --text-model / --sentence-model without a download."""
+    import torch
+    if model_type == "bert":
+        return make_tiny_bert(out_dir, texts, seed)
+    if model_type == "roberta":
+        return make_tiny_roberta(out_dir, texts, seed)
+    families = _tiny_text_families()
+    if model_type not in families:
+        raise TinyModelsError(f"no tiny text encoder of type {model_type!r}; one of roberta, bert, "
+                              f"{', '.join(families)}")
+    config_class, model_class, make_tokenizer, settings = families[model_type]
+    hf_tokenizer, vocab = make_tokenizer(texts)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class(config_class(
+            vocab_size=len(vocab), hidden_size=TEXT_WIDTH, num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=TEXT_HEADS, intermediate_size=TEXT_FFN, max_position_embeddings=TEXT_POSITIONS,
+            pad_token_id=vocab["[PAD]"], **settings)).eval()
+    standardize_layer_norm(model.encoder.layer[-1].output.LayerNorm, sentence_embeddings(texts, hf_tokenizer, model))
+    with _atomic_dir(out_dir) as tmp:
+        hf_tokenizer.save_pretrained(tmp, legacy_format=False)
+        model.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def make_tiny_bert(out_dir, texts, seed=0):
+    """Tiny BertModel + lower-casing WordPiece tokenizer trained on `texts`, via save_pretrained;
+    its [CLS] vector (the sentence embedding feature_ext takes) is standardized over `texts`."""
+    import torch
+    # The *Fast names: transformers 4.x builds a tokenizer from a `tokenizers` object only in its fast
+    # classes, and 5.x keeps them as aliases of its (only, fast) BertTokenizer.
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    hf_tokenizer, vocab = _wordpiece_tokenizer(texts, BertTokenizerFast)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = BertModel(BertConfig(
@@ -334,6 +405,82 @@ def make_tiny_speech_roberta(out_dir, code_lines, seed=0):
     checkpoint["model"][key + "bias"] = last_norm.bias.detach().clone()
     _save_checkpoint(out_dir / "bert_kmeans.pt", checkpoint)
     return out_dir / "bert_kmeans.pt", out_dir / "dict.txt"
+
+
+# A Whisper of the real layout at a tiny size: 30-s windows of 80 log-mel bins (Whisper small's),
+# one encoder and one decoder layer. max_target_positions bounds a random model's transcript, which
+# rarely ends on its own: 24 tokens, 4 of them the prompt (<|startoftranscript|><|en|><|transcribe|>
+# <|notimestamps|>).
+WHISPER_WIDTH, WHISPER_HEADS, WHISPER_FFN, WHISPER_MELS, WHISPER_TARGET_POSITIONS = 32, 2, 64, 80, 24
+
+
+# Weights drawn wider than transformers' 0.02: at 0.02 the tiny model writes the same token whatever it hears.
+WHISPER_INIT_STD = 1.0
+WHISPER_TEXTS = ("I told you not to do that!", "Oh, that is wonderful news.", "I don't know what to say.",
+                 "Why would you leave without telling me?", "We can talk about it tomorrow.")
+
+
+def _whisper_tokenizer_object(texts):
+    """Whisper's tokenizer in miniature: byte-level BPE trained on `texts`, then Whisper's special
+    tokens in Whisper's order (<|endoftext|>, <|startoftranscript|>, one per language, <|translate|>,
+    <|transcribe|>, <|startoflm|>, <|startofprev|>, <|nocaptions|>, <|notimestamps|>); the 1501
+    timestamp tokens are left out, since this tool never asks for timestamps."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Only the characters of `texts` (no byte alphabet): a random model's pieces then decode to words,
+    # not to stray bytes.
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES]
+                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                   "<|notimestamps|>"])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return tokenizer, specials
+
+
+def write_tiny_whisper(out_dir, texts=WHISPER_TEXTS, seed=0):
+    """A tiny random Whisper for speech recognition (feature_ext.py's transcripts step, predict.py):
+    WhisperForConditionalGeneration, its feature extractor and a tokenizer with Whisper's special
+    tokens, via save_pretrained, with a generation config that transformers' generate() takes with
+    language="en", task="transcribe". Seconds to build; its transcripts are random words of `texts`."""
+    import torch
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizerFast)
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+    texts = [t for t in texts if t and t.strip()] or list(WHISPER_TEXTS)
+    tokenizer_object, specials = _whisper_tokenizer_object(texts)
+    tokenizer = WhisperTokenizerFast(tokenizer_object=tokenizer_object, unk_token="<|endoftext|>",
+                                     bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                     pad_token="<|endoftext|>", model_max_length=WHISPER_TARGET_POSITIONS)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=WHISPER_MELS, d_model=WHISPER_WIDTH, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=WHISPER_HEADS, decoder_attention_heads=WHISPER_HEADS,
+        encoder_ffn_dim=WHISPER_FFN, decoder_ffn_dim=WHISPER_FFN, max_source_positions=1500,
+        max_target_positions=WHISPER_TARGET_POSITIONS, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+        decoder_start_token_id=sot, init_std=WHISPER_INIT_STD)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = WhisperForConditionalGeneration(config).eval()
+    # The fields of a real Whisper's generation_config.json that generate() reads for language,
+    # task and timestamps (e.g. openai/whisper-small's).
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        max_length=WHISPER_TARGET_POSITIONS, is_multilingual=True,
+        lang_to_id={f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES},
+        task_to_id={"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+        begin_suppress_tokens=[eot], suppress_tokens=[], max_initial_timestamp_index=50, return_timestamps=False)
+    # Saved one by one, not as a WhisperProcessor: transformers 4.x's takes only the slow tokenizer.
+    with _atomic_dir(out_dir) as tmp:
+        WhisperFeatureExtractor(feature_size=WHISPER_MELS).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp, legacy_format=False)  # tokenizer.json alone, as in make_tiny_bert
+        model.save_pretrained(tmp)
+    return Path(out_dir)
 
 
 # Tiny transformers speech encoders, one per family speech_encoders.py takes: the real feature

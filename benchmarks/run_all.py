@@ -4,8 +4,9 @@
 
 Runs bench_vq.py (vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py
 (sentence-embedding and text-token throughput; peak memory of the extraction on 100 and 1000
-synthetic utterances), bench_train.py (training MFU, the frozen-speech cache, data wait) and
-bench_speech.py (a WavLM-base's frozen extraction against the compute-bound limit, its peak memory
+synthetic utterances), bench_train.py (training MFU, the frozen-speech cache, data wait),
+bench_asr.py (speech recognition with a Whisper-small-sized model: audio s per wall s, peak memory)
+and bench_speech.py (a WavLM-base's frozen extraction against the compute-bound limit, its peak memory
 on a 34-s utterance, an epoch on its cached layer means against one on vq-wav2vec tokens).
 The full run took 5.6 minutes on 2 idle cores of an AMD EPYC Zen 4 (bf16 rows included) and
 12-24 minutes on 2 cores of an Intel Xeon shared with other work (load average 3-5); a CPU without
@@ -18,6 +19,8 @@ with their targets:
   cache_epoch_speedup       epoch time without / with the frozen-speech cache, original settings >= 1.5
   data_wait_share           loader next() / (next() + train_step), the largest of all runs       < 0.05
   extraction_peak_mb        peak RSS of the whole extraction, {"100": ..., "1000": ...}
+  asr_audio_s_per_wall_s    Whisper-small-sized transcription, audio s per wall s (no target: measured)
+  asr_peak_mb               its resident set with the model loaded plus the peak growth while transcribing
   speech_limit_ratio        WavLM-base layer means, audio s per wall s / (peak / FLOPs per audio s)
 --quick runs every benchmark at a small size, 1-2 minutes on those busy 2 cores (a smoke run: its
 figures are not the targets', and it writes results.json only where --out says).
@@ -37,16 +40,19 @@ TARGETS = {"vq_limit_ratio": (">=", 0.5), "train_mfu_fp32_text_base": (">=", 0.3
 FULL = {"vq": dict(seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34.0)),
         "extraction": dict(sentences=128, sizes=(100, 1000)),
         "train": dict(steps=3, full_steps=2, warmup=1, text_sizes=("base", "large")),
+        "asr": dict(utterances=8, seconds=5.0, tokens=24),
         "speech": dict(seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40)}
 QUICK = {"vq": dict(seconds=2.0, repeat=1, memory_seconds=(1.0, 2.0), peak_seconds=0.0),
          "extraction": dict(sentences=16, sizes=(100,), layers=1, peak_seconds=0.0, fit_wavs=20),
          "train": dict(steps=1, full_steps=1, warmup=0, text_sizes=("base",), epoch_utterances=200, layers=1,
                        peak_seconds=0.0),
+         "asr": dict(utterances=2, seconds=2.0, tokens=4, layers=1),
          "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0)}
 
 
 def run_all(device="cpu", quick=False):
     use_repo_modules()
+    import bench_asr
     import bench_extraction
     import bench_speech
     import bench_train
@@ -72,6 +78,11 @@ def run_all(device="cpu", quick=False):
     bench_train.print_train(train)
 
     start = time.perf_counter()
+    asr = bench_asr.bench_asr(device, **settings["asr"])
+    seconds["asr"] = time.perf_counter() - start
+    bench_asr.print_asr(asr)
+
+    start = time.perf_counter()
     speech = bench_speech.bench_speech(device, **settings["speech"])
     seconds["speech"] = time.perf_counter() - start
     bench_speech.print_speech(speech)
@@ -85,6 +96,8 @@ def run_all(device="cpu", quick=False):
         "data_wait_share": train["data_wait_share"],
         "extraction_peak_mb": extraction["extraction_peak_mb"],
         "bf16_skipped": train["bf16_skipped"],
+        "asr_audio_s_per_wall_s": asr["audio_s_per_wall_s"],
+        "asr_peak_mb": asr["rss_model_loaded_mb"] + asr["peak_growth_mb"],
         "speech_limit_ratio": speech["speech_limit_ratio"],
     }
     met = {}
@@ -92,7 +105,8 @@ def run_all(device="cpu", quick=False):
         met[key] = {"value": headline[key], "target": f"{op} {target}",
                     "met": headline[key] >= target if op == ">=" else headline[key] < target}
     return {**headline, "targets": met, "quick": quick, "machine": machine, "seconds": seconds,
-            "vq": vq, "extraction": extraction, "train": train, "speech": speech}
+            "vq": vq, "extraction": extraction, "train": train, "asr": asr,
+            "speech": speech}
 
 
 def main(argv=None):
@@ -113,6 +127,7 @@ def main(argv=None):
     for key, m in results["targets"].items():
         print(f"  {key:<26} {m['value']:.3g}  (target {m['target']}: {'met' if m['met'] else 'MISSED'})")
     print(f"  extraction_peak_mb         {results['extraction_peak_mb']}")
+    print(f"  asr_audio_s_per_wall_s     {results['asr_audio_s_per_wall_s']:.3g}  (peak {results['asr_peak_mb']:.0f} MB)")
     print(f"  speech_limit_ratio         {results['speech_limit_ratio']:.3g}  (WavLM-base layer means; no target)")
     if results["quick"]:
         print("--quick: a smoke run at small sizes; its figures are not the targets'")

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import bench_asr  # noqa: E402
 import bench_extraction  # noqa: E402
 import bench_speech  # noqa: E402
 import bench_train  # noqa: E402
@@ -205,7 +206,8 @@ def test_native_bf16_without_proc_cpuinfo_asks_torch_and_a_capped_onednn_has_non
 @pytest.mark.parametrize("settings", [run_all.QUICK, run_all.FULL], ids=["quick", "full"])
 def test_run_all_settings_are_the_benchmarks_own_arguments(settings):
     for name, function in (("vq", bench_vq.bench_vq), ("extraction", bench_extraction.bench_extraction),
-                           ("train", bench_train.bench_train), ("speech", bench_speech.bench_speech)):
+                           ("train", bench_train.bench_train), ("asr", bench_asr.bench_asr),
+                           ("speech", bench_speech.bench_speech)):
         inspect.signature(function).bind("cpu", **settings[name])  # raises on a misspelt or missing argument
 
 

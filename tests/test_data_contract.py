@@ -81,3 +81,24 @@ def test_qualified_step_instances_have_folders_of_their_own(tmp_path, monkeypatc
         feature_folder(tmp_path, "layers")
     with pytest.raises(ValueError, match="no per-model folders"):
         feature_folder(tmp_path, "speech-tokens@other")
+
+
+def test_other_text_and_sentence_models_and_mean_pooling_have_folders_of_their_own(tmp_path):
+    from data_contract import feature_folder, instance_tag, sentence_tag, text_models
+    local = tmp_path / "roberta-large"
+    local.mkdir()
+    # The original models keep the original folders, however they are named.
+    for name in (None, "roberta-large", "FacebookAI/roberta-large", str(local)):
+        assert instance_tag("text-tokens", name) is None
+    assert sentence_tag("google-bert/bert-base-uncased") is None and text_models() == {}
+    models = text_models("microsoft/deberta-v3-large", None, "mean")
+    assert models == {"text-tokens": "microsoft--deberta-v3-large", "sentence-embeddings": "bert-base-uncased+mean"}
+    assert feature_path("D", "text", "0_s_1_neu", 2, models).as_posix() == \
+        "D/TextTokens-microsoft--deberta-v3-large/0_s_1_neu.npy"
+    assert branch_steps("context", 2, models) == ["sentence-embeddings@bert-base-uncased+mean",
+                                                  "context-2@bert-base-uncased+mean"]
+    assert [feature_folder("D", step).as_posix() for step in branch_steps("context", 2, models)] == \
+        ["D/SentenceEmb-bert-base-uncased+mean", "D/FullSentenceEmb2-bert-base-uncased+mean"]
+    (tmp_path / "bert-base-uncased").mkdir()
+    local_bert = text_models(sentence_model=str(tmp_path / "bert-base-uncased"))
+    assert feature_path("D", "context", "0_s_1_neu", 2, local_bert).as_posix() == "D/FullBertEmb2/0_s_1_neu.npy"

@@ -333,9 +333,11 @@ def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp
     assert set(record[data_contract.MANIFEST_KEY]) == set(feature_ext.EXTRACTORS) | {"context-1", "context-2", "context-3"}
     assert record["speech-tokens"]["vq_wav2vec"]["path"] == str(Path(models["vq_wav2vec"]).resolve())
     assert record["sentence-embeddings"]["sentence_model"]["sha256"] == fingerprint(models["sentence_model"])["sha256"]
-    # Another sentence model: the existing embeddings came from the old one, so nothing is
-    # skipped silently; --overwrite recomputes them all and the record follows.
-    other = make_tiny_bert(tmp_path / "other-bert", [r["transcript"] for r in extracted["rows"]], seed=1)
+    # Another sentence model under the default's name (so its folder is BertEmb/ too): the existing
+    # embeddings came from the old one, so nothing is skipped silently; --overwrite recomputes them
+    # all and the record follows.
+    other = make_tiny_bert(tmp_path / "other" / "bert-base-uncased", [r["transcript"] for r in extracted["rows"]],
+                           seed=1)
     report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, progress=False)
     assert not report.ok and "other pretrained files" in report.error and "--overwrite" in report.error
     report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, overwrite=True, progress=False)

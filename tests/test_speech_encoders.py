@@ -38,12 +38,15 @@ def wavs(lengths, seed=0):
 
 
 def test_the_speech_branch_reads_one_folder_per_encoder_and_names_its_files():
-    assert data_contract.branch_steps("speech", 2, "/elsewhere/my-wavlm") == ["speech-layers@my-wavlm"]
-    assert data_contract.feature_path("D", "speech", "7_s_1_neu", 2, "microsoft/wavlm-large").as_posix() == \
+    models = data_contract.speech_models("/elsewhere/my-wavlm")
+    assert data_contract.branch_steps("speech", 2, models) == ["speech-layers@my-wavlm"]
+    hub = data_contract.speech_models("microsoft/wavlm-large")
+    assert data_contract.feature_path("D", "speech", "7_s_1_neu", 2, hub).as_posix() == \
         "D/SpeechLayers-microsoft--wavlm-large/7_s_1_neu.npy"
     assert data_contract.pretrained_roles("speech", "microsoft/wavlm-large") == ["speech_model", "speech_encoder"]
     # the original route keeps its names, a bert_kmeans.pt given or not
-    assert data_contract.branch_steps("speech", 2, "models/bert_kmeans/bert_kmeans.pt") == ["speech-tokens"]
+    assert data_contract.speech_models("models/bert_kmeans/bert_kmeans.pt") == {}
+    assert data_contract.branch_steps("speech", 2, data_contract.speech_models(None)) == ["speech-tokens"]
     assert data_contract.pretrained_roles("speech") == ["speech_model", "vq_wav2vec", "speech_dictionary"]
 
 
