@@ -286,11 +286,13 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
              "clip_norm", "class_weights", "fusion_hidden", "finetune_text", "finetune_speech", "group_by_length",
              "seed", "device", "precision", "world_size", "stop_after_epochs", "versions",
              # added since: at the end, so that the lines above still compare with older runs' files
-             "sentence_model", "sentence_pooling", "feature_folders", "gradient_checkpointing")
+             "sentence_model", "sentence_pooling", "feature_folders")
     # Only where ASR transcripts are used: a run on the reference ones keeps the config.json it always had.
     asr_settings = {} if asr is None else {"transcripts": asr["transcripts"], "asr_model": asr["asr_model"],
                                            "asr_wer": asr["asr_wer"]}
-    return {**{key: config[key] for key in order}, **asr_settings}
+    # Likewise only when asked for (ADDED_SETTINGS gives the default to a run's config.json without it).
+    checkpointing = {"gradient_checkpointing": True} if config["gradient_checkpointing"] else {}
+    return {**{key: config[key] for key in order}, **asr_settings, **checkpointing}
 
 
 def resolve_transcripts(args):
