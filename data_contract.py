@@ -12,6 +12,9 @@ spelling a folder name, a column or a label itself:
   transcript_set / TEXT_STEPS / WER_FILE      ASR transcript sets (ASR-<tag>/Text/) and what is made from them
   BRANCHES                                   model branch -> the steps whose folders it reads, its
                                              utterance key, its encoder and the option naming it
+  speech_step(speech_model)                  the speech branch's step: the vq-wav2vec tokens for the
+                                             original's bert_kmeans.pt, else that transformers
+                                             encoder's layer means ("speech-layers@<model_tag>")
   read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
 A new branch, encoder family or extraction step is an entry in these tables plus the code that is
 really new (its extraction and its module); nothing else spells its folder or its files.
@@ -71,6 +74,9 @@ STEPS = {
     "context-{c}": Step("FullBertEmb{c}", "all", (), per_model="FullSentenceEmb{c}-{model}"),
     # Speech recognition: one transcript set per ASR model, ASR-<tag>/Text/<name>.txt (ASR_SET).
     "transcripts": Step(None, "all", ("asr_model",), per_model="ASR-{model}/Text"),
+    # A transformers speech encoder's (layers + 1, hidden) float32 layer means (speech_encoders.py),
+    # one folder per encoder: "speech-layers@<model_tag>".
+    "speech-layers": Step(None, "labelled", ("speech_encoder",), per_model="SpeechLayers-{model}"),
 }
 # The models whose outputs live in the original folders (GPT2Tokens/, BertEmb/ and FullBertEmb{c}/), by
 # model_tag: a local copy named as the download, or the hub name with or without its organisation.
@@ -131,8 +137,11 @@ def model_tag(model):
 def branch_steps(branch, context_window, models=None, transcripts=None):
     """The extraction steps `branch` needs, by name ("context-{c}" filled in): `models` maps a step
     (a STEPS key) to the instance_tag of the run's model for it, when that is not the default; those
-    made from text are the instances of the transcript set `transcripts` (None: the reference)."""
+    made from text are the instances of the transcript set `transcripts` (None: the reference). The
+    speech branch reads a transformers encoder's layer means when `models` names one ("speech-layers")."""
     models = models or {}
+    if branch == "speech" and "speech-layers" in models:  # a transformers speech encoder (speech_models)
+        return [qualified_step("speech-layers", models["speech-layers"])]
     return [qualified_step(step.format(c=context_window), models.get(MADE_FROM.get(step, step)),
                            transcripts if step in TEXT_STEPS else None)
             for step in BRANCHES[branch].steps]
@@ -174,6 +183,23 @@ def transcript_folder(data_dir, transcripts=None):
 def transcript_sets(data_dir):
     """The ASR transcript sets DATA_DIR holds, by folder name."""
     return sorted(p.parent.name for p in Path(data_dir).glob(ASR_SET.format(model="*") + "/Text") if p.is_dir())
+
+
+def speech_models(speech_model):
+    """branch_steps' `models` for the run's speech model: {} for the original's bert_kmeans.pt (the
+    vq-wav2vec tokens), else {"speech-layers": its model_tag}."""
+    step = speech_step(speech_model)
+    return {} if step == "speech-tokens" else {"speech-layers": split_step(step)[2]}
+
+
+def speech_step(speech_model):
+    """The step whose folder the speech branch reads: the vq-wav2vec tokens for the original's fairseq
+    speech RoBERTa (a checkpoint file, or None for MODELS_DIR's; a missing *.pt is one too, to be
+    named as missing), else the layer means of that transformers encoder (a folder or hub name), in a
+    folder of its own."""
+    if speech_model is None or Path(speech_model).is_file() or str(speech_model).endswith(".pt"):
+        return "speech-tokens"
+    return qualified_step("speech-layers", model_tag(speech_model))
 
 
 # A step's instance name, which is also its key in features.json: "[<transcripts>/]<step>[@<model>]".
@@ -224,11 +250,12 @@ def feature_path(data_dir, branch, name, context_window, models=None, transcript
     return feature_folder(data_dir, branch_steps(branch, context_window, models, transcripts)[-1]) / f"{name}.npy"
 
 
-def pretrained_roles(branch):
+def pretrained_roles(branch, speech_model=None):
     """The pretrained files a branch needs at inference: its encoder, and what made its features."""
     entry = BRANCHES[branch]
     roles = [entry.encoder] if entry.encoder else []
-    return roles + [role for step in entry.steps for role in STEPS[step].models]
+    return roles + [role for step in branch_steps(branch, 0, speech_models(speech_model))
+                    for role in step_entry(step).models]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,6 +51,29 @@ def _load_npy(path, what):
     return array
 
 
+def _speech_encoder_input(data_dir, name, path, speech_waves):
+    """A transformers speech encoder's input: {"speech_layers": (layers + 1, hidden)} from its folder, or
+    {"speech_wave": samples} from Audio/ when fine-tuning."""
+    if speech_waves is not None:
+        import speech_encoders
+        from utils import AudioError, read_audio
+        try:
+            wav, _ = read_audio(Path(data_dir) / "Audio" / f"{name}.wav")
+        except AudioError as error:
+            raise DataError(str(error)) from None
+        return {"speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech_waves, wav).astype(np.float32))}
+    try:
+        layers = np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing speech layer means; run the feature extraction stage first") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npy file ({error})") from None
+    if layers.ndim != 2 or not np.isfinite(layers).all():
+        raise DataError(f"{path}: expected finite (layers + 1, hidden) layer means, got shape {layers.shape}; "
+                        f"recompute it (--overwrite)")
+    return {"speech_layers": torch.from_numpy(layers.astype(np.float32))}
+
+
 def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None):
     """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
     (models: the run's non-default models; transcripts: the transcript set of its text features;
@@ -67,12 +90,15 @@ def missing_features(data_dir, rows, context_window, branches, models=None, tran
 
 
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
-                    progress=True, rows=None, classes=None, models=None, transcripts=None):
+                    progress=True, rows=None, classes=None, models=None, transcripts=None, speech_waves=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
     branches need; labels are indices into `classes` (default: the classes the rows have, in the
     order of DATA_DIR's label set); models: the run's non-default models, transcripts: the
     transcript set of the features made from text (None: the reference), both as
-    data_contract.branch_steps."""
+    data_contract.branch_steps. With a transformers speech encoder (models["speech-layers"]), the
+    speech branch's input is its layer means ('speech_layers'), or, given speech_waves
+    (speech_encoders.SpeechModel, for fine-tuning), the utterance's waveform as its feature
+    extractor makes it ('speech_wave')."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
@@ -90,7 +116,9 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
         for branch in branches:
             path = feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
             key = BRANCHES[branch].key
-            if branch == "context":
+            if branch == "speech" and "speech-layers" in (models or {}):
+                item.update(_speech_encoder_input(data_dir, row["name"], path, speech_waves))
+            elif branch == "context":
                 vector = _load_npy(path, f"context vector (window {context_window})")
                 if vector.size % slices:
                     raise DataError(f"{path}: length {vector.size} is not a multiple of 2*{context_window}+1 = "
@@ -136,6 +164,13 @@ def collate_utterances(items):
         batch["speech_ids"], batch["speech_mask"] = pad_tokens([it["speech_ids"] for it in items])
     if "context" in items[0]:
         batch["context"] = torch.stack([it["context"] for it in items])
+    if "speech_layers" in items[0]:  # a transformers speech encoder's cached layer means
+        batch["speech_layers"] = torch.stack([it["speech_layers"] for it in items])
+    elif "speech_wave" in items[0]:  # zero-padded (the feature extractors' padding value), 1 on real samples
+        waves = [it["speech_wave"] for it in items]
+        batch["speech_wave"] = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+        batch["speech_wave_mask"] = (torch.arange(batch["speech_wave"].shape[1])[None] <
+                                     torch.tensor([len(w) for w in waves])[:, None]).long()
     return batch
 
 
@@ -144,6 +179,8 @@ def utterance_length(item):
     n = len(item["text_ids"]) if "text_ids" in item else 0
     if "speech_ids" in item and "speech_vector" not in item:
         n += len(item["speech_ids"])
+    if "speech_wave" in item:  # a speech encoder's frames: one per 320 samples
+        n += len(item["speech_wave"]) // 320
     return n
 
 
@@ -208,7 +245,8 @@ def evaluation_loader(utterances, batch_size, rank=0, world_size=1):
     return DataLoader(batches, batch_size=None, collate_fn=collate_utterances)
 
 
-MODEL_INPUTS = ("text_ids", "text_mask", "speech_ids", "speech_mask", "speech_vectors", "context")
+MODEL_INPUTS = ("text_ids", "text_mask", "speech_ids", "speech_mask", "speech_vectors", "context", "speech_layers",
+                "speech_wave", "speech_wave_mask")
 
 
 def model_inputs(batch, device):

@@ -2,6 +2,10 @@
 
     python main.py --demo [RUN_DIR] [main.py's options]      (RUN_DIR defaults to demo_run/)
 
+With --speech-model wavlm (or hubert, wav2vec2, data2vec-audio, whisper) the speech branch runs over a
+tiny random transformers encoder of that family (RUN_DIR/models/tiny-<family>, tiny_models.py) instead
+of the vq-wav2vec tokens.
+
 Writes RUN_DIR/corpus (an IEMOCAP_full_release-shaped tree, synthetic_iemocap.py), RUN_DIR/data
 (DATA_DIR: mocap_data_collect.py, then feature_extraction_main.py), RUN_DIR/models (tiny models in
 the real files' formats, tiny_models.py), then the run's own outputs in RUN_DIR as for any run of
@@ -64,10 +68,15 @@ def run_demo(args):
     if not all((models_dir / name).exists() for name in wanted):
         wavs = [p for p in (data_dir / "Audio" / f"{row['name']}.wav" for row in rows) if p.is_file()]
         tiny_models.make_tiny_models(models_dir, [row["transcript"] for row in rows], wavs, seed=DEMO_CORPUS_SEED)
+    if args.speech_model in tiny_models.TINY_SPEECH_FAMILIES:  # --speech-model wavlm: a tiny one of that family
+        family_dir = models_dir / f"tiny-{args.speech_model}"
+        if not family_dir.is_dir():
+            tiny_models.make_tiny_speech_encoder(family_dir, args.speech_model, seed=DEMO_CORPUS_SEED)
+        args.speech_model = str(family_dir)
     print("[4/5] features: speech tokens, text tokens, sentence embeddings, "
           f"context vectors c={args.context_window} (feature_extraction_main)")
     reports = feature_extraction_main.extract_features(data_dir, models_dir, contexts=[args.context_window],
-                                                       progress=False)
+                                                       progress=False, speech_model=args.speech_model)
     print(format_summary(reports))
     if not all(report.ok for report in reports):
         raise main.RunError("feature extraction failed for the demo corpus (see above)")

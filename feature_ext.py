@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from data_contract import (FEATURES_RECORD, MANIFEST_KEY, SAMPLE_RATE, SENTENCE_POOLINGS, TEXT_ENCODERS, WER_FILE,
                            DataError, feature_folder, instance_tag, manifest_fingerprint, model_tag, qualified_step,
-                           read_features_record, read_manifest, sentence_tag, step_entry, transcript_folder,
+                           read_features_record, read_manifest, sentence_tag, speech_step, step_entry, transcript_folder,
                            transcript_set)
 from utils import (TOKENIZER_FILES, VOCABULARY_FILES, AudioError, audio_windows, check_device, fingerprint, length_sorted_batches, quiet_transformers,
                    read_audio, save_npy_atomic, set_threads, write_text_atomic)
@@ -396,6 +396,49 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
     return _run_step(report, work)
 
 
+def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False, progress=True):
+    """SpeechLayers-<model>/<name>.npy: float32 (layers + 1, hidden), the mean over the utterance's frames
+    of every hidden state of a transformers speech encoder (speech_encoders.layer_means), for every
+    target utterance, each alone, in fp32 and inference mode. One folder per encoder, so the features
+    of different encoders sit side by side."""
+    import speech_encoders
+    data_dir = Path(data_dir)
+    step = qualified_step("speech-layers", model_tag(speech_model))
+    out_dir, report = feature_folder(data_dir, step), StepReport(step)
+
+    def work():
+        manifest = read_manifest(data_dir)
+        try:
+            speech = speech_encoders.load_speech_model(speech_model, check_device(device))
+        except (speech_encoders.SpeechModelError, OSError) as e:
+            raise FeatureError(str(e)) from None
+        record_models(data_dir, step, {"speech_encoder": fingerprint(speech_model, speech_encoders.SPEECH_FILES)},
+                      overwrite, manifest, report)
+        shape = (speech.layers, speech.hidden_size)
+
+        def valid(path):
+            try:
+                array = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError):
+                return False
+            return array.dtype == np.float32 and array.shape == shape and bool(np.isfinite(array).all())
+
+        todo = _pending(_rows_of(step, manifest), out_dir, valid, overwrite, report)
+        bar = tqdm(todo, desc=step, unit="utt", disable=not progress)
+        for row in bar:
+            wav_path = data_dir / "Audio" / f"{row['name']}.wav"
+            try:
+                wav, _ = read_audio(wav_path)
+                means = speech_encoders.layer_means(speech, wav)
+            except (AudioError, ValueError) as e:  # unreadable, cut off, or shorter than one frame
+                report.fail(row["name"], e if isinstance(e, AudioError) else f"{wav_path}: {e}", bar)
+                continue
+            save_npy_atomic(out_dir / f"{row['name']}.npy", means.astype(np.float32))
+            report.written += 1
+
+    return _run_step(report, work)
+
+
 # ---------------------------------------------------------------------------------------------
 # Speech recognition: a transcript set of its own per ASR model, and its word error rate
 
@@ -584,10 +627,16 @@ EXTRACTORS = {"speech-tokens": extract_speech_tokens, "text-tokens": extract_tex
 
 
 def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-             overwrite=False, progress=True, sentence_pooling="cls", transcripts=None, asr_model=None):
+             overwrite=False, progress=True, sentence_pooling="cls", transcripts=None, asr_model=None,
+             speech_model=None):
     """Run one of EXTRACTORS' steps, or "transcripts" (speech recognition with `asr_model`), by name;
     the text steps read the transcript set `transcripts` (data_contract.transcript_set; None: the
-    reference). Returns its StepReport."""
+    reference). Returns its StepReport. With a transformers --speech-model, "speech-tokens" (or
+    "speech-layers") makes that encoder's layer means instead."""
+    if step in ("speech-tokens", "speech-layers") and speech_step(speech_model) != "speech-tokens":
+        return extract_speech_layers(data_dir, speech_model, device, overwrite, progress)
+    if step == "speech-layers":
+        raise ValueError("the speech-layers step needs a transformers --speech-model (a folder or hub name)")
     if step == "speech-tokens":
         return extract_speech_tokens(data_dir, models_dir, device, overwrite, progress)
     if step == "text-tokens":
@@ -621,6 +670,10 @@ def add_model_arguments(parser):
     parser.add_argument("--transcripts", choices=("reference", "asr"), default="reference",
                         help="which transcripts the text features (tokens, sentence embeddings, context vectors) "
                              "are made from: the corpus's Text/, or --asr-model's ASR-<model>/Text/")
+    parser.add_argument("--speech-model", default=None,
+                        help="a transformers speech encoder (WavLM, HuBERT, wav2vec 2.0, data2vec-audio, Whisper; "
+                             "folder or hub name): its layer means (SpeechLayers-<model>/) replace the vq-wav2vec "
+                             "tokens (default: the original's vq-wav2vec tokens)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice, all cores; on a machine "
@@ -649,16 +702,19 @@ def check_folders(args, parser):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=list(EXTRACTORS) + ["transcripts"],
+    parser.add_argument("step", choices=list(EXTRACTORS) + ["transcripts", "speech-layers"],
                         help="which features to extract (transcripts: speech recognition with --asr-model)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_folders(args, parser)
     set_threads(args.threads)
     # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
+    if args.step == "speech-layers" and speech_step(args.speech_model) == "speech-tokens":
+        parser.error("speech-layers needs --speech-model: a transformers speech encoder's folder or hub name")
     report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                       args.device, args.overwrite, progress=sys.stderr.isatty(), sentence_pooling=args.sentence_pooling,
-                      transcripts=asr_transcripts(args), asr_model=asr_model_name(args.models_dir, args.asr_model))
+                      transcripts=asr_transcripts(args), asr_model=asr_model_name(args.models_dir, args.asr_model),
+                      speech_model=args.speech_model)
     print(format_summary([report]))
     return 0 if report.ok else 1
 

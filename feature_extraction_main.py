@@ -28,12 +28,14 @@ CONTEXTS = (1, 2, 3)
 
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-                     contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls", asr_model=None):
+                     contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls", asr_model=None,
+                     speech_model=None):
     """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports.
     Another text or sentence model, or mean pooling, writes folders of its own (feature_ext.py).
-    With asr_model: then its transcripts, and the text features and context vectors of that set too."""
+    With asr_model: then its transcripts, and the text features and context vectors of that set too.
+    With a transformers speech_model, its layer means instead of the speech tokens."""
     reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
-                        sentence_pooling) for step in EXTRACTORS]
+                        sentence_pooling, speech_model=speech_model) for step in EXTRACTORS]
     tag = sentence_tag(sentence_model or resolve_model(models_dir, "bert-base-uncased"), sentence_pooling)
     reports += write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag)
     if asr_model is None:
@@ -61,7 +63,8 @@ def main(argv=None):
     asr_model = asr_model_name(args.models_dir, args.asr_model) if args.asr_model or args.transcripts == "asr" else None
     reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                                args.device, args.context, args.overwrite, progress=sys.stderr.isatty(),
-                               sentence_pooling=args.sentence_pooling, asr_model=asr_model)
+                               sentence_pooling=args.sentence_pooling, asr_model=asr_model,
+                               speech_model=args.speech_model)
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

@@ -55,7 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FILE, DataError, branch_steps, feature_folder, label_set,
-                           qualified_step, read_classes, read_features_record, read_manifest, split_step, stale_features,
+                           qualified_step, read_classes, read_features_record, read_manifest, speech_models,
+                           speech_step, split_step, stale_features,
                            step_entry, text_models, transcript_set, transcript_sets)
 from recipes import RECIPES
 from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
@@ -109,7 +110,7 @@ DEFAULTS = {
 NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs", "code", "val_split_description", "feature_folders")
 # Settings added since a run may have started: a config.json without them had these values.
 ADDED_SETTINGS = {"skip_missing": False, "left_out": [], "sentence_model": None, "sentence_pooling": "cls",
-                  "recipe": None, "recipe_overridden": [], "seeds": None,
+                  "recipe": None, "recipe_overridden": [], "seeds": None, "gradient_checkpointing": False,
                   **{k: DEFAULTS[k] for k in ("loss", "head", "head_dropout", "adam_betas", "adam_eps", "select_by",
                                               "patience", "one_vs_rest")}}
 
@@ -145,10 +146,11 @@ def parse_branches(text):
 
 
 def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True,
-                  models=None, transcripts=None):
+                  models=None, transcripts=None, speech_waves=None):
     """All labelled utterances with the features `branches` need, read once per run (models: the run's
     non-default text and sentence models, data_contract.text_models; transcripts: the transcript set
-    of the text features)."""
+    of the text features; a transformers speech encoder's under "speech-layers",
+    data_contract.speech_models; speech_waves: see dataset_loader.load_utterances)."""
     import dataset_loader
     rows = read_manifest(data_dir)
     steps = [step for branch in branches for step in branch_steps(branch, context_window, models, transcripts)]
@@ -173,7 +175,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     left_out = [name for name, _ in missing]
     rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
-                                                progress, rows, classes, models, transcripts)
+                                                progress, rows, classes, models, transcripts, speech_waves)
     width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
     return RunData(utterances, classes, left_out, width, read_first_metric(data_dir))
 
@@ -227,7 +229,9 @@ def model_paths(args):
         text_model = models_dir / "roberta-large" if (models_dir / "roberta-large").is_dir() else "roberta-large"
     if Path(text_model).exists():
         text_model = str(Path(text_model).resolve())
-    speech_model = Path(args.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt").resolve()
+    speech_model = args.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt"
+    if Path(speech_model).exists() or speech_step(speech_model) == "speech-tokens":
+        speech_model = Path(speech_model).resolve()  # a hub name of a transformers encoder stays a name
     return str(text_model), str(speech_model)
 
 
@@ -286,6 +290,7 @@ def option_settings(args, precision):
         "clip_norm": args.clip_norm, "class_weights": args.class_weights, "fusion_hidden": args.fusion_hidden,
         "finetune_text": not args.freeze_text, "finetune_speech": args.finetune_speech,
         "group_by_length": args.group_by_length, "seed": args.seed, "precision": precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "sentence_pooling": args.sentence_pooling,
         "loss": args.loss, "head": args.head, "head_dropout": args.head_dropout, "adam_betas": list(args.adam_betas),
         "adam_eps": args.adam_eps, "select_by": args.select_by, "patience": args.patience,
@@ -390,7 +395,9 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
     # Only where ASR transcripts are used: a run on the reference ones keeps the config.json it always had.
     asr_settings = {} if asr is None else {"transcripts": asr["transcripts"], "asr_model": asr["asr_model"],
                                            "asr_wer": asr["asr_wer"]}
-    return {**{key: config[key] for key in order}, **asr_settings,
+    # Likewise only when asked for (ADDED_SETTINGS gives the default to a run's config.json without it).
+    checkpointing = {"gradient_checkpointing": True} if config["gradient_checkpointing"] else {}
+    return {**{key: config[key] for key in order}, **asr_settings, **checkpointing,
             **{k: v for k, v in extra.items() if v is not None}}
 
 
@@ -448,8 +455,11 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
     the encoders the model loads, and the extractors that made its features (as
     DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).
     predict.py checks them all before it predicts."""
+    from speech_encoders import SPEECH_FILES
     record = read_features_record(data_dir)
-    models = {"text_model": (text_model, [WEIGHT_FILES]), "speech_model": (speech_model, [])}
+    fairseq_speech = speech_step(speech_model) == "speech-tokens"
+    models = {"text_model": (text_model, [WEIGHT_FILES]),
+              "speech_model": (speech_model, [] if fairseq_speech else [SPEECH_FILES])}
     pretrained = {}
     if transcripts is not None:  # the ASR model, for predict.py to transcribe recordings given without text
         pretrained.update(record.get(qualified_step("transcripts", transcripts[len("ASR-"):]), {}))
@@ -464,7 +474,7 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
         if role is None:
             continue
         path, patterns = models[role]
-        if role == "speech_model" and not Path(path).is_file():
+        if role == "speech_model" and fairseq_speech and not Path(path).is_file():
             raise RunError(f"{path}: not found; the speech branch's RoBERTa comes from bert_kmeans.tar, unpacked into "
                            f"MODELS_DIR (README, \"Pretrained files\"), or give {BRANCHES[branch].encoder_option}")
         try:
@@ -478,6 +488,26 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
 def val_split(args):
     """--val-split, except under the official protocol, where the corpus's dev split validates."""
     return "dev" if args.protocol == "official" else args.val_split
+
+
+def speech_encoder_of(args, branches):
+    """(speech model, its SpeechModel when fine-tuning a transformers encoder, else None); None, None
+    without a speech branch. A model that is not a speech encoder is refused, saying what it is."""
+    import speech_encoders
+    if "speech" not in branches:
+        return None, None
+    speech_model = model_paths(args)[1]
+    if speech_step(speech_model) == "speech-tokens":
+        return speech_model, None
+    try:
+        kind = speech_encoders.speech_kind(speech_model)
+        if not args.finetune_speech:
+            return speech_model, None
+        if kind == "whisper":
+            raise speech_encoders.SpeechModelError(speech_encoders.WHISPER_FINETUNE)
+        return speech_model, speech_encoders.load_speech_model(speech_model)
+    except speech_encoders.SpeechModelError as error:
+        raise RunError(f"--speech-model: {error}") from None
 
 
 def describe_val_split(val_split, val_fraction):
@@ -709,12 +739,17 @@ def run_fold(config, fold, utterances, run_dir, env, test_inputs=None):
     result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
                   best_epoch=state["best_epoch"], val=state["best_val"], history=state["history"],
                   y_true=predictions["labels"].tolist(), y_pred=predictions["probs"].argmax(1).tolist())
+    if model.speech_layer_sum is not None:  # which layers carry emotion: saved and drawn per fold
+        result["speech_layer_weights"] = model.speech_layer_sum.layer_weights().tolist()
     if env["rank"] == 0:
         validation_function.write_fold_reports(fold_dir, predictions, test, state["history"], config["classes"],
                                                f"fold {fold['fold']}: test {fold_title(fold)}", state["best_epoch"])
         if predictions["attention"] is not None:
             result["attention"] = validation_function.attention_means(predictions["attention"], predictions["labels"],
                                                                       len(config["classes"]))
+        if "speech_layer_weights" in result:
+            validation_function.plot_layer_weights(result["speech_layer_weights"], fold_dir / "speech_layers.png",
+                                                   f"fold {fold['fold']}: {Path(config['speech_model']).name}")
         write_text_atomic(result_path, json.dumps(result, indent=1) + "\n")
         (fold_dir / "last.pt").unlink(missing_ok=True)
     if env["world_size"] > 1:
@@ -962,12 +997,13 @@ def train_and_test(args, run_dir_checked=False):
     # run together into one endless line, and the per-epoch lines say the same.
     env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
            "amp_dtype": torch.bfloat16 if precision == "bf16" else None, "notes": notes}
+    speech_model, speech_waves = speech_encoder_of(args, branches)
     try:
-        models = text_encoder_settings(args, branches)
+        models = {**text_encoder_settings(args, branches), **speech_models(speech_model)}
         asr = resolve_transcripts(args)
         sets = asr["sets"] if asr else {"train": None, "test": None}
         data = load_run_data(data_dir, branches, args.context_window, args.max_text_tokens, args.max_audio_tokens,
-                             args.skip_missing, env["progress"], models, sets["train"])
+                             args.skip_missing, env["progress"], models, sets["train"], speech_waves)
         config = resolve_config(args, data, device, precision, models, asr)
         return run(config, args.run_dir, data.utterances, env,
                    features_of_test_transcripts(args, branches, data, sets, env, models))
@@ -1065,7 +1101,13 @@ def build_parser():
     p.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls",
                    help="the pooling the context vectors' sentence embeddings were made with (feature_ext.py)")
     p.add_argument("--speech-model", default=None,
-                   help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt)")
+                   help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt), or a transformers "
+                        "speech encoder (WavLM, HuBERT, wav2vec 2.0, data2vec-audio, Whisper; folder or hub name) "
+                        "whose layer means the extraction wrote (--demo: wavlm, hubert, wav2vec2, data2vec-audio or "
+                        "whisper, a tiny one)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="with --finetune-speech and a transformers speech encoder: recompute its activations in the "
+                        "backward pass: less memory, more time")
     p.add_argument("--transcripts", choices=("reference", "asr"), default="reference",
                    help="the transcripts the text and context features come from: the corpus's (reference) or "
                         "speech recognition's (asr: DATA_DIR/ASR-<model>/, made by feature_extraction_main.py "

@@ -53,12 +53,34 @@ class TimeAsynchronousBranch(nn.Module):
         return self.dropout(attention @ h).flatten(1), attention
 
 
+class SpeechLayerSum(nn.Module):
+    """The speech branch over a transformers speech encoder: SUPERB's softmax-weighted sum of the
+    (layers + 1) layer means, the weights starting equal. Frozen (default), it reads the cached layer
+    means and holds no encoder; with --finetune-speech it runs `encoder` on the waveform batch (its
+    convolutional feature encoder frozen) and mean-pools every hidden state over the real frames."""
+
+    def __init__(self, layers, hidden_size, encoder=None, takes_attention_mask=False):
+        super().__init__()
+        self.layer_logits = nn.Parameter(torch.zeros(layers))
+        self.hidden_size, self.encoder, self.takes_attention_mask = hidden_size, encoder, takes_attention_mask
+
+    def layer_weights(self):
+        return torch.softmax(self.layer_logits.float(), dim=0)
+
+    def forward(self, layers=None, wave=None, wave_mask=None):
+        """layers (B, layers + 1, hidden), or wave and wave_mask (B, samples) -> (B, hidden)."""
+        if layers is None:
+            import speech_encoders
+            layers = speech_encoders.pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask)
+        return (self.layer_weights()[None, :, None] * layers.float()).sum(1)
+
+
 class EmotionClassifier(nn.Module):
     """Late fusion of any subset of the three branches; the absent ones are not built at all."""
 
     def __init__(self, text_encoder=None, speech_encoder=None, context_window=None, context_width=None,
                  finetune_text=True, finetune_speech=False, fusion_hidden=256, num_classes=4, head="mlp",
-                 head_dropout=0.0):
+                 head_dropout=0.0, speech_layer_sum=None):
         super().__init__()
         self.text_encoder, self.speech_encoder = text_encoder, speech_encoder
         self.finetune_text, self.finetune_speech = finetune_text, finetune_speech
@@ -74,6 +96,10 @@ class EmotionClassifier(nn.Module):
                     encoder.pooler = None
                 encoder.requires_grad_(finetune)
                 sizes.append(encoder.config.hidden_size)
+        # The speech branch over a transformers encoder's layers (instead of the speech RoBERTa).
+        self.speech_layer_sum = speech_layer_sum
+        if speech_layer_sum is not None:
+            sizes.append(speech_layer_sum.hidden_size)
         if self.context_branch is not None:
             sizes.append(self.context_branch.out_features)
         if not sizes:
@@ -91,7 +117,7 @@ class EmotionClassifier(nn.Module):
 
     @property
     def branches(self):
-        present = (self.text_encoder, self.speech_encoder, self.context_branch)
+        present = (self.text_encoder, self.speech_encoder or self.speech_layer_sum, self.context_branch)
         return tuple(b for b, module in zip(("text", "speech", "context"), present) if module is not None)
 
     def train(self, mode=True):
@@ -109,10 +135,12 @@ class EmotionClassifier(nn.Module):
             return self.speech_encoder(input_ids=speech_ids, attention_mask=speech_mask).last_hidden_state[:, 0]
 
     def forward(self, text_ids=None, text_mask=None, speech_ids=None, speech_mask=None,
-                speech_vectors=None, context=None):
+                speech_vectors=None, context=None, speech_layers=None, speech_wave=None, speech_wave_mask=None):
         """-> (logits (B, classes), context attention (B, heads, slots) or None).
 
-        speech_vectors, when given, replace running the (frozen) speech encoder on speech_ids.
+        speech_vectors, when given, replace running the (frozen) speech encoder on speech_ids. A
+        transformers speech encoder's branch takes its cached layer means (speech_layers) or, when
+        fine-tuned, the waveforms (speech_wave, speech_wave_mask).
         """
         parts, attention = [], None
         if self.text_encoder is not None:
@@ -122,6 +150,8 @@ class EmotionClassifier(nn.Module):
             if speech_vectors is None:
                 speech_vectors = self.encode_speech(speech_ids, speech_mask)
             parts.append(speech_vectors)
+        if self.speech_layer_sum is not None:
+            parts.append(self.speech_layer_sum(speech_layers, speech_wave, speech_wave_mask))
         if self.context_branch is not None:
             vector, attention = self.context_branch(context)
             parts.append(vector)
@@ -189,16 +219,44 @@ def load_speech_encoder(path):
     return load_fairseq_roberta(path)
 
 
+def load_speech_layer_sum(speech_model, finetune=False, gradient_checkpointing=False):
+    """The weighted layer sum over a transformers speech encoder: without the encoder when frozen
+    (its layer means are cached), with it, its feature encoder frozen, when fine-tuned."""
+    import speech_encoders
+    if not finetune:
+        from transformers import AutoConfig
+        speech_encoders.speech_kind(speech_model)  # refuses what is not a speech encoder, saying what it is
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(str(speech_model))
+        return SpeechLayerSum(config.num_hidden_layers + 1, config.hidden_size)
+    speech = speech_encoders.load_speech_model(speech_model)
+    if speech.kind == "whisper":
+        raise speech_encoders.SpeechModelError(speech_encoders.WHISPER_FINETUNE)
+    speech.encoder.freeze_feature_encoder()  # as fine-tuning recipes do: the CNN stays as pre-trained
+    # LayerDrop skips layers at random in training, and a skipped layer returns no hidden state, so
+    # the weighted sum would not know which layer is which.
+    speech.encoder.config.layerdrop = 0.0
+    if gradient_checkpointing:
+        speech.encoder.gradient_checkpointing_enable()
+    return SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder, speech.takes_attention_mask)
+
+
 def build_model(config):
     """The classifier a run's config.json describes, with pretrained encoders and fresh new layers.
 
     Needs config keys: branches, text_model, speech_model, context_window, context_width,
     finetune_text, finetune_speech, fusion_hidden, classes.
     """
+    from data_contract import speech_step
     branches = config["branches"]
+    fairseq_speech = speech_step(config["speech_model"]) == "speech-tokens"
+    layer_sum = None
+    if "speech" in branches and not fairseq_speech:
+        layer_sum = load_speech_layer_sum(config["speech_model"], config.get("finetune_speech", False),
+                                          config.get("gradient_checkpointing", False))
     return EmotionClassifier(
         text_encoder=load_text_encoder(config["text_model"]) if "text" in branches else None,
-        speech_encoder=load_speech_encoder(config["speech_model"]) if "speech" in branches else None,
+        speech_encoder=load_speech_encoder(config["speech_model"]) if "speech" in branches and fairseq_speech else None,
         context_window=config["context_window"] if "context" in branches else None,
         context_width=config.get("context_width"),
         finetune_text=config.get("finetune_text", True),
@@ -207,6 +265,7 @@ def build_model(config):
         num_classes=len(config["classes"]),
         head=config.get("head", "mlp"),
         head_dropout=config.get("head_dropout", 0.0),
+        speech_layer_sum=layer_sum,
     )
 
 

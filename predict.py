@@ -102,7 +102,7 @@ def check_pretrained(config, models_dir=None):
     recorded = {role: {**entry, "path": moved(entry["path"], config.get("models_dir"), models_dir)}
                 for role, entry in recorded.items()}
     problems = []
-    for role in [r for b in config["branches"] for r in pretrained_roles(b)]:
+    for role in [r for b in config["branches"] for r in pretrained_roles(b, config.get("speech_model"))]:
         if role not in recorded:
             problems.append(f"{role}: not recorded (was its feature folder made before features.json existed?)")
             continue
@@ -165,7 +165,10 @@ def load_extractors(config, paths, device):
     with quiet_transformers():
         if "text" in branches:
             extractors["text_tokenizer"] = AutoTokenizer.from_pretrained(paths["text_tokenizer"])
-        if "speech" in branches:
+        if "speech" in branches and "speech_encoder" in paths:  # a transformers speech encoder
+            import speech_encoders
+            extractors["speech_encoder"] = speech_encoders.load_speech_model(paths["speech_encoder"], device)
+        elif "speech" in branches:
             extractors["vq_wav2vec"] = load_vq_wav2vec(paths["vq_wav2vec"]).to(device)
             extractors["speech_dictionary"] = load_speech_dictionary(paths["speech_dictionary"])
         if "context" in branches:
@@ -228,16 +231,23 @@ def featurize(rows, config, extractors, notes):
                 continue
             if note:
                 print(note, file=sys.stderr)
-            quantizer = extractors["vq_wav2vec"]
-            if len(wav) < quantizer.min_samples:
-                notes[i] = (f"{rows[i]['_wav_path']}: too short for one vq-wav2vec frame "
-                            f"({len(wav)} samples at 16 kHz, at least {quantizer.min_samples} needed)")
-                continue
-            if np.abs(wav).max() < SILENCE_PEAK:
-                notes[i] = f"{rows[i]['_wav_path']}: silent (peak below -60 dBFS), nothing to classify"
-                continue
-            ids = extractors["speech_dictionary"].encode_line(codes_to_string(quantizer.codes(wav))).numpy()
-            item["speech_ids"] = torch.from_numpy(truncate_tokens(ids, config["max_audio_tokens"]).astype(np.int64))
+            if "speech_encoder" in extractors:  # a transformers speech encoder: its layer means or waveform
+                encoder_input = speech_encoder_input(wav, rows[i]["_wav_path"], extractors["speech_encoder"], config)
+                if isinstance(encoder_input, str):
+                    notes[i] = encoder_input
+                    continue
+                item.update(encoder_input)
+            else:
+                quantizer = extractors["vq_wav2vec"]
+                if len(wav) < quantizer.min_samples:
+                    notes[i] = (f"{rows[i]['_wav_path']}: too short for one vq-wav2vec frame "
+                                f"({len(wav)} samples at 16 kHz, at least {quantizer.min_samples} needed)")
+                    continue
+                if np.abs(wav).max() < SILENCE_PEAK:
+                    notes[i] = f"{rows[i]['_wav_path']}: silent (peak below -60 dBFS), nothing to classify"
+                    continue
+                ids = extractors["speech_dictionary"].encode_line(codes_to_string(quantizer.codes(wav))).numpy()
+                item["speech_ids"] = torch.from_numpy(truncate_tokens(ids, config["max_audio_tokens"]).astype(np.int64))
         if "text" in branches:
             ids = np.asarray(extractors["text_tokenizer"](texts[i])["input_ids"])
             item["text_ids"] = torch.from_numpy(truncate_tokens(ids, config["max_text_tokens"]).astype(np.int64))
@@ -245,6 +255,21 @@ def featurize(rows, config, extractors, notes):
             item["context"] = contexts[i]
         items.append(item)
     return items
+
+
+def speech_encoder_input(wav, path, speech, config):
+    """A transformers speech encoder's input for one recording, as training had it: its layer means
+    (frozen) or its waveform (fine-tuned); or a note saying why there is none."""
+    import torch
+
+    import speech_encoders
+    if speech_encoders.frames(speech, len(wav)) < 1:
+        return f"{path}: too short for one frame of the speech encoder ({len(wav)} samples at 16 kHz)"
+    if np.abs(wav).max() < SILENCE_PEAK:
+        return f"{path}: silent (peak below -60 dBFS), nothing to classify"
+    if config.get("finetune_speech"):
+        return {"speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, wav).astype(np.float32))}
+    return {"speech_layers": torch.from_numpy(speech_encoders.layer_means(speech, wav))}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Tiny stand-ins for the pretrained models, written in the layouts of the real downloads.
 
-    python tiny_models.py MODELS_DIR DATA_DIR [--seed 0]
+    python tiny_models.py MODELS_DIR DATA_DIR [--seed 0] [--speech-encoders]
 
 Reads the transcripts (and, for the speech quantizer, the target audio) of a DATA_DIR written by
 mocap_data_collect.py, and writes a MODELS_DIR that feature_extraction_main.py and main.py
@@ -14,6 +14,9 @@ accept in place of the real one:
   MODELS_DIR/bert_kmeans/bert_kmeans.pt, dict.txt
                                        tiny speech RoBERTa in fairseq's key layout and the codes seen
                                        in the audio with their counts
+  MODELS_DIR/tiny-{wavlm,hubert,wav2vec2,data2vec-audio,whisper}/   (--speech-encoders)
+                                       tiny random transformers speech encoders with their feature
+                                       extractors (save_pretrained), for --speech-model
   MODELS_DIR/TINY_MODELS.txt           says these are stand-ins; a MODELS_DIR with model files and
                                        without it (the real downloads, perhaps) is never overwritten,
                                        nor is a DATA_DIR (a folder with utterances.csv)
@@ -42,7 +45,7 @@ import numpy as np
 
 from data_contract import SAMPLE_RATE, DataError, read_manifest
 from feature_ext import sentence_embeddings
-from utils import AudioError, atomic_path, length_sorted_batches, read_audio, write_text_atomic
+from utils import AudioError, atomic_path, length_sorted_batches, quiet_transformers, read_audio, write_text_atomic
 
 TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS, TEXT_FFN, TEXT_POSITIONS = 32, 2, 2, 64, 128
 CONV_WIDTH = 32
@@ -480,6 +483,58 @@ def write_tiny_whisper(out_dir, texts=WHISPER_TEXTS, seed=0):
     return Path(out_dir)
 
 
+# Tiny transformers speech encoders, one per family speech_encoders.py takes: the real feature
+# encoders' strides (320 samples a frame; Whisper its 80-mel, 30-s input), narrow and shallow.
+SPEECH_ENCODER_WIDTH, SPEECH_ENCODER_LAYERS = 32, 2
+_CONV = {"conv_dim": (32,) * 7, "conv_stride": (5, 2, 2, 2, 2, 2, 2), "conv_kernel": (10, 3, 3, 3, 3, 2, 2)}
+TINY_SPEECH_FAMILIES = ("wavlm", "hubert", "wav2vec2", "data2vec-audio", "whisper")
+
+
+def make_tiny_speech_encoder(out_dir, family, seed=0):
+    """A tiny random transformers speech encoder of `family` (TINY_SPEECH_FAMILIES) with its feature
+    extractor, via save_pretrained, as the hub's folders hold them. WavLM, HuBERT and data2vec-audio
+    have the large models' layer-norm feature encoder (normalised input, attention masks); wav2vec 2.0
+    the base model's group norm (no attention mask). Whisper is a whole WhisperModel (encoder and
+    decoder, as openai/whisper-* folders are); the speech branch uses its encoder only."""
+    import torch
+    import transformers
+    width, layers = SPEECH_ENCODER_WIDTH, SPEECH_ENCODER_LAYERS
+    common = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": 2,
+              "intermediate_size": 2 * width, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4,
+              **_CONV}
+    if family == "whisper":
+        config = transformers.WhisperConfig(
+            d_model=width, encoder_layers=layers, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width, vocab_size=64,
+            num_mel_bins=80, max_source_positions=1500, max_target_positions=64, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+        model_class, extractor = transformers.WhisperModel, transformers.WhisperFeatureExtractor()
+    else:
+        classes = {"wavlm": (transformers.WavLMConfig, transformers.WavLMModel),
+                   "hubert": (transformers.HubertConfig, transformers.HubertModel),
+                   "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
+                   "data2vec-audio": (transformers.Data2VecAudioConfig, transformers.Data2VecAudioModel)}
+        if family not in classes:
+            raise TinyModelsError(f"no tiny speech encoder of family {family!r}; "
+                                  f"one of {', '.join(TINY_SPEECH_FAMILIES)}")
+        config_class, model_class = classes[family]
+        layer_norm = family != "wav2vec2"
+        if family == "data2vec-audio":  # its positional convolutions: 5 of kernel 19, here narrower
+            common = {**common, "conv_pos_kernel_size": 5, "num_conv_pos_embeddings": 2}
+        if family != "data2vec-audio":
+            common["feat_extract_norm"] = "layer" if layer_norm else "group"
+        config = config_class(**common)
+        extractor = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                                          do_normalize=layer_norm, return_attention_mask=layer_norm)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+    with _atomic_dir(out_dir) as tmp, quiet_transformers():
+        model.save_pretrained(tmp)
+        extractor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
 # What make_tiny_models writes into MODELS_DIR, and the file that says they are its stand-ins: a
 # MODELS_DIR holding these names without it may be the real downloads, which it never overwrites.
 MODEL_NAMES = ("bert-base-uncased", "roberta-large", "vq-wav2vec_kmeans.pt", "bert_kmeans")
@@ -542,10 +597,16 @@ def main(argv=None):
     parser.add_argument("models_dir", help="folder to write the tiny models into")
     parser.add_argument("data_dir", help="DATA_DIR written by mocap_data_collect.py (texts and audio)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speech-encoders", action="store_true",
+                        help="also write tiny random WavLM, HuBERT, wav2vec 2.0, data2vec-audio and Whisper folders "
+                             "(MODELS_DIR/tiny-<family>), for --speech-model")
     args = parser.parse_args(argv)
     try:
         texts, wavs = read_data_dir(args.data_dir)
         paths = make_tiny_models(args.models_dir, texts, wavs, args.seed)
+        if args.speech_encoders:
+            for family in TINY_SPEECH_FAMILIES:
+                paths[family] = make_tiny_speech_encoder(Path(args.models_dir) / f"tiny-{family}", family, args.seed)
     except TinyModelsError as e:
         print(f"tiny_models.py: error: {e}", file=sys.stderr)
         return 2

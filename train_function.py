@@ -70,7 +70,7 @@ def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01, betas=(0
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "encoders" if name.startswith(("text_encoder.", "speech_encoder.")) else "head"
+        part = "encoders" if name.startswith(("text_encoder.", "speech_encoder.", "speech_layer_sum.encoder.")) else "head"
         decay = param.dim() >= 2
         group = groups.setdefault((part, decay), {
             "name": f"{part}{'' if decay else ' (no decay)'}", "params": [],

@@ -207,6 +207,18 @@ def _plot_attention_means(means, path, title, classes):
     _save_figure(fig, path)
 
 
+def plot_layer_weights(weights, path, title):
+    """The speech branch's learned softmax weights over the encoder's layers (0: the embedding output),
+    against the equal weights it started from: which layers carry emotion."""
+    fig = _figure(figsize=(max(4.0, 0.3 * len(weights) + 2), 3))
+    ax = fig.subplots()
+    ax.bar(range(len(weights)), weights, color="tab:blue")
+    ax.axhline(1 / len(weights), color="grey", linestyle=":", label="start (equal)")
+    ax.set(xlabel="layer (0: embedding output)", ylabel="weight", title=title)
+    ax.legend()
+    _save_figure(fig, path)
+
+
 def write_fold_reports(fold_dir, predictions, test, history, classes, title, chosen_epoch=None):
     """A fold's test predictions and figures: predictions.csv, confusion_matrix.png,
     training_curves.png (chosen_epoch marked), and attention.png when the context branch is there."""

@@ -4,8 +4,10 @@
 
 Runs bench_vq.py (vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py
 (sentence-embedding and text-token throughput; peak memory of the extraction on 100 and 1000
-synthetic utterances), bench_train.py (training MFU, the frozen-speech cache, data wait) and
-bench_asr.py (speech recognition with a Whisper-small-sized model: audio s per wall s, peak memory).
+synthetic utterances), bench_train.py (training MFU, the frozen-speech cache, data wait),
+bench_asr.py (speech recognition with a Whisper-small-sized model: audio s per wall s, peak memory)
+and bench_speech.py (a WavLM-base's frozen extraction against the compute-bound limit, its peak memory
+on a 34-s utterance, an epoch on its cached layer means against one on vq-wav2vec tokens).
 The full run took 5.6 minutes on 2 idle cores of an AMD EPYC Zen 4 (bf16 rows included) and
 12-24 minutes on 2 cores of an Intel Xeon shared with other work (load average 3-5); a CPU without
 bf16 instructions leaves the bf16 rows out (utils.cpu_has_native_bf16), since it would emulate
@@ -19,6 +21,7 @@ with their targets:
   extraction_peak_mb        peak RSS of the whole extraction, {"100": ..., "1000": ...}
   asr_audio_s_per_wall_s    Whisper-small-sized transcription, audio s per wall s (no target: measured)
   asr_peak_mb               its resident set with the model loaded plus the peak growth while transcribing
+  speech_limit_ratio        WavLM-base layer means, audio s per wall s / (peak / FLOPs per audio s)
 --quick runs every benchmark at a small size, 1-2 minutes on those busy 2 cores (a smoke run: its
 figures are not the targets', and it writes results.json only where --out says).
 """
@@ -37,18 +40,21 @@ TARGETS = {"vq_limit_ratio": (">=", 0.5), "train_mfu_fp32_text_base": (">=", 0.3
 FULL = {"vq": dict(seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34.0)),
         "extraction": dict(sentences=128, sizes=(100, 1000)),
         "train": dict(steps=3, full_steps=2, warmup=1, text_sizes=("base", "large")),
-        "asr": dict(utterances=8, seconds=5.0, tokens=24)}
+        "asr": dict(utterances=8, seconds=5.0, tokens=24),
+        "speech": dict(seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40)}
 QUICK = {"vq": dict(seconds=2.0, repeat=1, memory_seconds=(1.0, 2.0), peak_seconds=0.0),
          "extraction": dict(sentences=16, sizes=(100,), layers=1, peak_seconds=0.0, fit_wavs=20),
          "train": dict(steps=1, full_steps=1, warmup=0, text_sizes=("base",), epoch_utterances=200, layers=1,
                        peak_seconds=0.0),
-         "asr": dict(utterances=2, seconds=2.0, tokens=4, layers=1)}
+         "asr": dict(utterances=2, seconds=2.0, tokens=4, layers=1),
+         "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0)}
 
 
 def run_all(device="cpu", quick=False):
     use_repo_modules()
     import bench_asr
     import bench_extraction
+    import bench_speech
     import bench_train
     import bench_vq
     settings = QUICK if quick else FULL
@@ -76,6 +82,11 @@ def run_all(device="cpu", quick=False):
     seconds["asr"] = time.perf_counter() - start
     bench_asr.print_asr(asr)
 
+    start = time.perf_counter()
+    speech = bench_speech.bench_speech(device, **settings["speech"])
+    seconds["speech"] = time.perf_counter() - start
+    bench_speech.print_speech(speech)
+
     machine["load_average_after"] = load_average()
     machine["run_all_seconds"] = round(time.perf_counter() - started, 1)
     headline = {
@@ -87,13 +98,15 @@ def run_all(device="cpu", quick=False):
         "bf16_skipped": train["bf16_skipped"],
         "asr_audio_s_per_wall_s": asr["audio_s_per_wall_s"],
         "asr_peak_mb": asr["rss_model_loaded_mb"] + asr["peak_growth_mb"],
+        "speech_limit_ratio": speech["speech_limit_ratio"],
     }
     met = {}
     for key, (op, target) in TARGETS.items():
         met[key] = {"value": headline[key], "target": f"{op} {target}",
                     "met": headline[key] >= target if op == ">=" else headline[key] < target}
     return {**headline, "targets": met, "quick": quick, "machine": machine, "seconds": seconds,
-            "vq": vq, "extraction": extraction, "train": train, "asr": asr}
+            "vq": vq, "extraction": extraction, "train": train, "asr": asr,
+            "speech": speech}
 
 
 def main(argv=None):
@@ -115,6 +128,7 @@ def main(argv=None):
         print(f"  {key:<26} {m['value']:.3g}  (target {m['target']}: {'met' if m['met'] else 'MISSED'})")
     print(f"  extraction_peak_mb         {results['extraction_peak_mb']}")
     print(f"  asr_audio_s_per_wall_s     {results['asr_audio_s_per_wall_s']:.3g}  (peak {results['asr_peak_mb']:.0f} MB)")
+    print(f"  speech_limit_ratio         {results['speech_limit_ratio']:.3g}  (WavLM-base layer means; no target)")
     if results["quick"]:
         print("--quick: a smoke run at small sizes; its figures are not the targets'")
     print(f"machine: {results['machine']}")

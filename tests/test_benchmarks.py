@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_asr  # noqa: E402
 import bench_extraction  # noqa: E402
+import bench_speech  # noqa: E402
 import bench_train  # noqa: E402
 import bench_vq  # noqa: E402
 import common  # noqa: E402
@@ -205,7 +206,8 @@ def test_native_bf16_without_proc_cpuinfo_asks_torch_and_a_capped_onednn_has_non
 @pytest.mark.parametrize("settings", [run_all.QUICK, run_all.FULL], ids=["quick", "full"])
 def test_run_all_settings_are_the_benchmarks_own_arguments(settings):
     for name, function in (("vq", bench_vq.bench_vq), ("extraction", bench_extraction.bench_extraction),
-                           ("train", bench_train.bench_train), ("asr", bench_asr.bench_asr)):
+                           ("train", bench_train.bench_train), ("asr", bench_asr.bench_asr),
+                           ("speech", bench_speech.bench_speech)):
         inspect.signature(function).bind("cpu", **settings[name])  # raises on a misspelt or missing argument
 
 
@@ -222,3 +224,15 @@ def test_table_prints_aligned_columns(capsys):
     common.print_table("t", [{"a": 1.23456, "b": "x"}, {"a": 2e6, "b": None}])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split() == ["a", "b"] and lines[4].split() == ["1.23", "x"]
+
+
+def test_speech_encoder_flops_count_the_conv_stack_as_bench_vq_and_each_layer_once():
+    from transformers import WavLMConfig
+    base, deeper = WavLMConfig(), WavLMConfig(num_hidden_layers=13)
+    stack = list(zip(base.conv_dim, base.conv_kernel, base.conv_stride))
+    frames = 49  # 1 s at 320 samples a frame, less the receptive field
+    conv = bench_vq.conv_flops_per_audio_second(stack)
+    per_frame = 2 * 512 * 768 + 2 * 768 * 48 * 128  # feature projection, positional convolution
+    layer = 2 * (4 * 768 ** 2 + 2 * 768 * 3072) * frames + 4 * 768 * frames ** 2
+    assert bench_speech.speech_flops_per_audio_second(base, 1.0) == conv + per_frame * frames + 12 * layer
+    assert bench_speech.speech_flops_per_audio_second(deeper, 1.0) == conv + per_frame * frames + 13 * layer

@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 import feature_ext
 import main
+import speech_encoders
+import tiny_models
 import train_function
 from fairseq_checkpoints import load_vq_wav2vec
 from test_fairseq_loading import CASES, REF, VQ_FILES
@@ -70,3 +72,26 @@ def test_cpu_side_collectives_work_beside_nccl(tmp_path):
         assert loss.item() == 2.0 and torch.equal(shares[0][7], torch.ones(3)) and on_gpu.sum().item() == 2.0
     finally:
         dist.destroy_process_group()
+
+
+def test_speech_encoder_layer_means_on_cuda_are_the_cpu_s_and_fine_tuning_runs_under_bf16(tmp_path, precision_settings):
+    """Layer means in fp32 on the GPU (TF32 switched on for the rest of the process, as transformers'
+    enable_tf32 sets it) equal the CPU's; the fine-tuning path trains a step under bf16 autocast."""
+    from dataset_loader import collate_utterances
+    from model_structure import load_speech_layer_sum
+    torch.backends.fp32_precision = "tf32"
+    wav = (0.1 * np.random.default_rng(0).standard_normal(40000)).astype(np.float32)
+    for family in ("wavlm", "whisper"):
+        folder = tiny_models.make_tiny_speech_encoder(tmp_path / family, family)
+        on_cpu = speech_encoders.layer_means(speech_encoders.load_speech_model(folder), wav)
+        on_gpu = speech_encoders.layer_means(speech_encoders.load_speech_model(folder, "cuda"), wav)
+        np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-4, rtol=0)
+    branch = load_speech_layer_sum(tmp_path / "wavlm", finetune=True, gradient_checkpointing=True).to("cuda").train()
+    speech = speech_encoders.load_speech_model(tmp_path / "wavlm")
+    batch = collate_utterances([{"index": i, "name": str(i), "label": 0,
+                                 "speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, wav[:n]))}
+                                for i, n in enumerate((16000, 40000))])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        vectors = branch(wave=batch["speech_wave"].cuda(), wave_mask=batch["speech_wave_mask"].cuda())
+    vectors.float().pow(2).mean().backward()
+    assert vectors.shape == (2, 32) and torch.isfinite(branch.layer_logits.grad).all()

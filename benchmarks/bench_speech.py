@@ -1,0 +1,187 @@
+"""A transformers speech encoder's frozen extraction at WavLM-base size, and training on its cached layers.
+
+    python benchmarks/bench_speech.py [--device cpu|cuda] [--seconds 10] [--repeat 3] [--memory-seconds 34]
+                                      [--steps 40] [--layers N]
+
+Reads and writes nothing. The encoder is transformers' WavLMModel at WavLMConfig's defaults (WavLM-base:
+the 512-wide 7-layer convolutional feature encoder, 12 transformer layers of 768, 3072 feed-forward),
+with random weights, which cost what the pretrained ones do, run through speech_encoders.layer_means
+as the speech-layers extraction step runs it (fp32, inference mode, one utterance at a time).
+
+Compute-bound limit: the model's FLOPs per audio second on an utterance of --seconds, from its config,
+    conv     sum over conv layers of 2 * C_in * C_out * kernel * frames_out
+    frames   T = the feature encoder's output length (50 a second)
+    per frame: feature projection 2 * C_last * H, positional convolution 2 * H * (H / groups) * K,
+               per transformer layer 2 * (4 H^2 + 2 H F) + 4 * H * T (Q K^T and A V)
+(WavLM's gated relative position bias is a few multiply-adds per frame pair and head, not counted)
+against the FLOP/s of a dense fp32 matmul measured in the same run: limit = peak / FLOPs per audio
+second; speech_limit_ratio = measured audio seconds per wall second / limit.
+Peak memory: the resident set's growth while one utterance of --memory-seconds (IEMOCAP's longest is
+34 s) is encoded (torch.cuda.max_memory_allocated on a GPU).
+Training: one epoch of the speech branch alone at the original's settings (242 batches of 16), by
+train_function.train_step as main.py trains: on the cached (13, 768) layer means (the weighted layer
+sum and the fusion head), against the original route on vq-wav2vec tokens (a RoBERTa-base-shaped
+speech encoder, frozen, its <s> vectors cached once per run, as main.py does by default). Each
+route's one-time cost over IEMOCAP's 5531 utterances is given beside it: the extraction of the layer
+means (at the measured audio s per wall s, 4.5 s of speech per utterance on average) and the
+vq-wav2vec route's speech-vector cache (bench_train.time_speech_cache; its tokenization, measured by
+bench_vq.py, is not included).
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import (device_arg, machine_info, measure_peak_flops, peak_rss_mb, print_table, reset_peak_rss,
+                    rss_mb, set_threads, synchronize, timed, use_repo_modules)
+
+SAMPLE_RATE = 16000
+MEAN_UTTERANCE_S, RUN_UTTERANCES, EPOCH_BATCHES = 4.5, 5531, 242
+
+
+def wavlm_base(layers=None, seed=0, device="cpu"):
+    """speech_encoders.SpeechModel over a random WavLM-base (layers: fewer transformer layers, --quick)."""
+    use_repo_modules()
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
+
+    import speech_encoders
+    torch.manual_seed(seed)
+    config = WavLMConfig(**({"num_hidden_layers": layers} if layers else {}))
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    return speech_encoders.SpeechModel(WavLMModel(config).to(device).eval(), extractor, "wavlm")
+
+
+def speech_flops_per_audio_second(config, seconds):
+    """The encoder's forward FLOPs on one utterance of `seconds`, per audio second (module docstring)."""
+    flops, length, channels_in = 0, int(seconds * SAMPLE_RATE), 1
+    for channels, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
+        length = (length - kernel) // stride + 1
+        flops += 2 * channels_in * channels * kernel * length
+        channels_in = channels
+    h, f, t = config.hidden_size, config.intermediate_size, length
+    flops += 2 * channels_in * h * t
+    flops += 2 * h * (h // config.num_conv_pos_embedding_groups) * config.num_conv_pos_embeddings * t
+    flops += config.num_hidden_layers * (2 * (4 * h * h + 2 * h * f) * t + 4 * h * t * t)
+    return flops / seconds
+
+
+def _peak_memory(speech, wav, device):
+    import speech_encoders
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        speech_encoders.layer_means(speech, wav)
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    reset_peak_rss()
+    before = rss_mb()
+    speech_encoders.layer_means(speech, wav)
+    return peak_rss_mb() - before
+
+
+def layer_utterances(n, layers, hidden, seed=0):
+    """Utterance dicts as dataset_loader gives a frozen transformers speech branch: cached layer means."""
+    rng = np.random.default_rng(seed)
+    return [{"index": i, "name": f"bench_{i:05d}", "session": 1, "speaker": "Ses01F", "dialog": "bench",
+             "label": int(rng.integers(4)),
+             "speech_layers": torch.from_numpy(rng.standard_normal((layers, hidden)).astype(np.float32))}
+            for i in range(n)]
+
+
+def bench_epochs(device="cpu", steps=40, warmup=2, layers=None, seed=0):
+    """Epoch seconds of the speech branch alone: on cached layer means, and on vq-wav2vec tokens (cached)."""
+    use_repo_modules()
+    import bench_train
+    from model_structure import EmotionClassifier, SpeechLayerSum
+    n_layers = (layers or 12) + 1
+    torch.manual_seed(seed)
+    model = EmotionClassifier(speech_layer_sum=SpeechLayerSum(n_layers, 768))
+    on_layers = bench_train.train_steps(model, layer_utterances(16 * (steps + warmup) * 2, n_layers, 768, seed),
+                                        device, steps=steps, warmup=warmup)
+    tokens_model = bench_train.build_classifier(text_size=None, speech=True, seed=seed, layers=layers)
+    utterances = bench_train.synthetic_utterances(16 * (steps + warmup) * 2, ("speech",), seed)
+    on_tokens = bench_train.train_steps(tokens_model, utterances, device, group_by_length=True, cache_speech=True,
+                                        steps=steps, warmup=warmup)
+    return {"layers_step_s": on_layers["mean_step_s"], "tokens_step_s": on_tokens["mean_step_s"],
+            "layers_epoch_s": on_layers["mean_step_s"] * EPOCH_BATCHES,
+            "tokens_epoch_s": on_tokens["mean_step_s"] * EPOCH_BATCHES,
+            "tokens_cache_once_s": on_tokens["cache_s_per_utterance"] * RUN_UTTERANCES}
+
+
+def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40, layers=None, seed=0,
+                 peak_seconds=1.5):
+    """-> dict of figures (see the module docstring)."""
+    set_threads()
+    use_repo_modules()
+    import speech_encoders
+    rng = np.random.default_rng(seed)
+    speech = wavlm_base(layers, seed, device)
+    wav = (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+    peak_before = measure_peak_flops(device, seconds=peak_seconds)
+    times = timed(lambda: speech_encoders.layer_means(speech, wav), device, repeat)
+    peak_after = measure_peak_flops(device, seconds=peak_seconds)
+    peak = max(peak_before, peak_after)
+    flops = speech_flops_per_audio_second(speech.encoder.config, seconds)
+    throughput = seconds / min(times)
+    limit = peak / flops
+    memory = []
+    for length in memory_seconds:
+        long_wav = (0.1 * rng.standard_normal(int(length * SAMPLE_RATE))).astype(np.float32)
+        start = time.perf_counter()
+        grown = _peak_memory(speech, long_wav, device)
+        memory.append({"audio_s": length, "peak_growth_mb": round(grown, 1),
+                       "wall_s": round(time.perf_counter() - start, 2)})
+    del speech
+    epochs = bench_epochs(device, steps, layers=layers, seed=seed)
+    extraction_once = RUN_UTTERANCES * MEAN_UTTERANCE_S / throughput
+    return {
+        "device": str(device), "layers": layers or 12, "utterance_s": seconds, "repeat": repeat,
+        "wall_s": [round(t, 3) for t in times],
+        "audio_s_per_wall_s": throughput,
+        "gflop_per_audio_s": flops / 1e9,
+        "peak_gflops_fp32": peak / 1e9,
+        "peak_gflops_fp32_before_after": [round(peak_before / 1e9, 2), round(peak_after / 1e9, 2)],
+        "limit_audio_s_per_wall_s": limit,
+        "speech_limit_ratio": throughput / limit,
+        "peak_memory_by_length": memory,
+        **epochs,
+        "layers_extraction_once_s": extraction_once,
+    }
+
+
+def print_speech(result):
+    print_table(f"WavLM-base frozen extraction (random weights, {result['layers']} layers), " + result["device"], [
+        {"measure": "audio s per wall s (layer_means)", "value": result["audio_s_per_wall_s"]},
+        {"measure": "compute-bound limit, audio s per wall s", "value": result["limit_audio_s_per_wall_s"]},
+        {"measure": "speech_limit_ratio (measured / limit)", "value": result["speech_limit_ratio"]},
+        {"measure": "GFLOP per audio s", "value": result["gflop_per_audio_s"]},
+        {"measure": "dense fp32 matmul peak GFLOP/s", "value": result["peak_gflops_fp32"]},
+    ], ["measure", "value"])
+    print_table("WavLM-base peak memory growth per utterance", result["peak_memory_by_length"])
+    print_table("speech branch alone, one epoch (242 batches of 16)", [
+        {"route": "cached layer means (weighted sum)", "epoch_s": result["layers_epoch_s"],
+         "once_s": result["layers_extraction_once_s"]},
+        {"route": "vq-wav2vec tokens, frozen speech RoBERTa (cached)", "epoch_s": result["tokens_epoch_s"],
+         "once_s": result["tokens_cache_once_s"]},
+    ], ["route", "epoch_s", "once_s"])
+
+
+def main(argv=None):
+    parser = device_arg(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the timed utterance")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory-seconds", type=float, nargs="+", default=[34.0],
+                        help="utterance lengths whose peak memory is measured (IEMOCAP's longest is 34 s)")
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps per route")
+    parser.add_argument("--layers", type=int, default=None, help="fewer transformer layers (a smoke run)")
+    args = parser.parse_args(argv)
+    result = bench_speech(args.device, args.seconds, args.repeat, args.memory_seconds, args.steps, args.layers)
+    print(machine_info(args.device))
+    print_speech(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

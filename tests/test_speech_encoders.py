@@ -1,0 +1,133 @@
+"""Today's speech encoders (speech_encoders.py) as the speech branch: a tiny WavLM folder made elsewhere
+goes through extraction, training with the speech branch alone and predict.py; every family's layer
+means are transformers' own hidden states, averaged; the fine-tuning path gives the cached vector."""
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import data_contract
+import feature_ext
+import main
+import speech_encoders
+import tiny_models
+from dataset_loader import collate_utterances
+from model_structure import SpeechLayerSum
+from small_runs import fold_result, run_like_the_demo
+from test_predict import assert_session5_predictions_equal_the_evaluation
+
+
+def own_hidden_state_means(folder, wav):
+    """What transformers itself gives for one utterance: every hidden state, averaged over the frames."""
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(folder)
+    with torch.no_grad():
+        inputs = extractor(wav, sampling_rate=16000, return_tensors="pt")
+        states = model(**inputs, output_hidden_states=True).hidden_states
+    return np.stack([h[0].mean(0).numpy() for h in states])
+
+
+def wavs(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+
+
+def test_the_speech_branch_reads_one_folder_per_encoder_and_names_its_files():
+    models = data_contract.speech_models("/elsewhere/my-wavlm")
+    assert data_contract.branch_steps("speech", 2, models) == ["speech-layers@my-wavlm"]
+    hub = data_contract.speech_models("microsoft/wavlm-large")
+    assert data_contract.feature_path("D", "speech", "7_s_1_neu", 2, hub).as_posix() == \
+        "D/SpeechLayers-microsoft--wavlm-large/7_s_1_neu.npy"
+    assert data_contract.pretrained_roles("speech", "microsoft/wavlm-large") == ["speech_model", "speech_encoder"]
+    # the original route keeps its names, a bert_kmeans.pt given or not
+    assert data_contract.speech_models("models/bert_kmeans/bert_kmeans.pt") == {}
+    assert data_contract.branch_steps("speech", 2, data_contract.speech_models(None)) == ["speech-tokens"]
+    assert data_contract.pretrained_roles("speech") == ["speech_model", "vq_wav2vec", "speech_dictionary"]
+
+
+def test_a_wavlm_folder_made_elsewhere_goes_through_extraction_training_and_predict(demo, tmp_path):
+    folder = tiny_models.make_tiny_speech_encoder(tmp_path / "elsewhere" / "my-wavlm", "wavlm", seed=0)
+    data_dir = tmp_path / "data"  # the demo's corpus, without its features
+    data_dir.mkdir()
+    shutil.copy(demo["data_dir"] / "utterances.csv", data_dir)
+    shutil.copytree(demo["data_dir"] / "Audio", data_dir / "Audio")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert feature_ext.main(["speech-layers", str(data_dir), str(demo["run_dir"] / "models"),
+                                 "--speech-model", str(folder)]) == 0
+    out = data_dir / "SpeechLayers-my-wavlm"
+    written = sorted(out.glob("*.npy"))
+    assert len(written) == len(list((data_dir / "Audio").glob("*.wav")))
+    from utils import read_audio
+    for path in written[:3]:
+        cached = np.load(path)
+        assert cached.dtype == np.float32 and cached.shape == (3, 32)
+        expected = own_hidden_state_means(folder, read_audio(data_dir / "Audio" / f"{path.stem}.wav")[0])
+        np.testing.assert_allclose(cached, expected, rtol=0, atol=1e-5)
+    record = json.loads((data_dir / "features.json").read_text())["speech-layers@my-wavlm"]["speech_encoder"]
+    assert record["path"] == str(folder.resolve()) and len(record["sha256"]) == 64
+
+    run_dir = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = main.main([run_dir, data_dir, demo["run_dir"] / "models", 2, 64, 310, "--epochs", 15,
+                             "--batch-size", 16, "--lr-head", 2e-3, "--seed", 0, "--device", "cpu",
+                             "--branches", "speech", "--speech-model", folder])
+    assert results["summary"]["ua_mean"] > 0.35  # chance 0.25
+    weights = fold_result(run_dir)["speech_layer_weights"]
+    assert len(weights) == 3 and sum(weights) == pytest.approx(1) and weights != [1 / 3] * 3
+    assert (run_dir / "fold1" / "speech_layers.png").stat().st_size > 0
+    assert_session5_predictions_equal_the_evaluation(run_dir, data_dir, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["hubert", "wav2vec2", "data2vec-audio"])
+def test_every_family_s_layer_means_are_transformers_own_hidden_states_means(family, tmp_path):
+    folder = tiny_models.make_tiny_speech_encoder(tmp_path / family, family)
+    speech = speech_encoders.load_speech_model(folder)
+    assert speech.kind == family and speech.takes_attention_mask == (family != "wav2vec2")
+    for wav in wavs([4000, 9000]):
+        np.testing.assert_allclose(speech_encoders.layer_means(speech, wav), own_hidden_state_means(folder, wav),
+                                   rtol=0, atol=1e-5)
+
+
+def test_whisper_s_layer_means_count_only_the_frames_over_audio_window_by_window(tmp_path):
+    folder = tiny_models.make_tiny_speech_encoder(tmp_path / "whisper", "whisper")
+    speech = speech_encoders.load_speech_model(folder)  # a whole WhisperModel folder: its encoder only
+    assert speech.kind == "whisper" and type(speech.encoder).__name__ == "WhisperEncoder"
+    wav = wavs([31 * 16000 + 100])[0]  # two windows: 30 s, then 1.00625 s (ceil(16100 / 320) = 51 frames)
+    encoder = transformers.WhisperModel.from_pretrained(folder).encoder.eval()
+    extractor = transformers.WhisperFeatureExtractor.from_pretrained(folder)
+    frames = []
+    with torch.no_grad():
+        for window, n in ((wav[:480000], 1500), (wav[480000:], 51)):
+            features = extractor(window, sampling_rate=16000, return_tensors="pt").input_features
+            frames.append(torch.stack(encoder(features, output_hidden_states=True).hidden_states)[:, 0, :n])
+    expected = torch.cat(frames, dim=1).mean(1).numpy()
+    np.testing.assert_allclose(speech_encoders.layer_means(speech, wav), expected, rtol=0, atol=1e-5)
+
+
+def test_the_fine_tuning_path_frozen_and_in_eval_mode_gives_the_cached_vector(tmp_path):
+    folder = tiny_models.make_tiny_speech_encoder(tmp_path / "wavlm", "wavlm")
+    speech = speech_encoders.load_speech_model(folder)
+    utterances = [{"index": i, "name": str(i), "label": 0,
+                   "speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, w))}
+                  for i, w in enumerate(wavs([3000, 8000, 5200]))]
+    cached = torch.stack([torch.from_numpy(speech_encoders.layer_means(speech, w)) for w in wavs([3000, 8000, 5200])])
+    branch = SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder.requires_grad_(False),
+                            speech.takes_attention_mask).eval()
+    with torch.no_grad():
+        branch.layer_logits.copy_(torch.tensor([0.3, -1.0, 0.5]))
+        batch = collate_utterances(utterances)  # zero-padded to 8000 samples, with the mask
+        pooled = branch(wave=batch["speech_wave"], wave_mask=batch["speech_wave_mask"])
+        assert torch.allclose(pooled, branch(layers=cached), atol=1e-4, rtol=0)
+
+
+def test_a_model_that_is_not_a_speech_encoder_is_refused_saying_what_it_is(demo, tmp_path):
+    bert = demo["run_dir"] / "models" / "bert-base-uncased"
+    with pytest.raises(speech_encoders.SpeechModelError, match="model_type 'bert'"):
+        speech_encoders.speech_kind(bert)
+    with pytest.raises(SystemExit, match="--speech-model: .*model_type 'bert'"):
+        run_like_the_demo(demo["run_dir"], tmp_path / "run", "--branches", "speech", "--speech-model", bert)
