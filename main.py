@@ -500,11 +500,9 @@ def speech_encoder_of(args, branches):
     if speech_step(speech_model) == "speech-tokens":
         return speech_model, None
     try:
-        kind = speech_encoders.speech_kind(speech_model)
+        speech_encoders.speech_kind(speech_model)  # refuses what is not a speech encoder, saying what it is
         if not args.finetune_speech:
             return speech_model, None
-        if kind == "whisper":
-            raise speech_encoders.SpeechModelError(speech_encoders.WHISPER_FINETUNE)
         return speech_model, speech_encoders.load_speech_model(speech_model)
     except speech_encoders.SpeechModelError as error:
         raise RunError(f"--speech-model: {error}") from None

@@ -59,10 +59,11 @@ class SpeechLayerSum(nn.Module):
     means and holds no encoder; with --finetune-speech it runs `encoder` on the waveform batch (its
     convolutional feature encoder frozen) and mean-pools every hidden state over the real frames."""
 
-    def __init__(self, layers, hidden_size, encoder=None, takes_attention_mask=False):
+    def __init__(self, layers, hidden_size, encoder=None, takes_attention_mask=False, whisper_features=None):
         super().__init__()
         self.layer_logits = nn.Parameter(torch.zeros(layers))
         self.hidden_size, self.encoder, self.takes_attention_mask = hidden_size, encoder, takes_attention_mask
+        self.whisper_features = whisper_features  # Whisper's feature extractor: log-mel windows per batch
 
     def layer_weights(self):
         return torch.softmax(self.layer_logits.float(), dim=0)
@@ -71,7 +72,8 @@ class SpeechLayerSum(nn.Module):
         """layers (B, layers + 1, hidden), or wave and wave_mask (B, samples) -> (B, hidden)."""
         if layers is None:
             import speech_encoders
-            layers = speech_encoders.pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask)
+            layers = speech_encoders.pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask,
+                                                   self.whisper_features)
         return (self.layer_weights()[None, :, None] * layers.float()).sum(1)
 
 
@@ -230,15 +232,21 @@ def load_speech_layer_sum(speech_model, finetune=False, gradient_checkpointing=F
             config = AutoConfig.from_pretrained(str(speech_model))
         return SpeechLayerSum(config.num_hidden_layers + 1, config.hidden_size)
     speech = speech_encoders.load_speech_model(speech_model)
+    # As fine-tuning recipes do: the convolutional front end stays as pre-trained.
     if speech.kind == "whisper":
-        raise speech_encoders.SpeechModelError(speech_encoders.WHISPER_FINETUNE)
-    speech.encoder.freeze_feature_encoder()  # as fine-tuning recipes do: the CNN stays as pre-trained
+        speech.encoder.conv1.requires_grad_(False)
+        speech.encoder.conv2.requires_grad_(False)
+    else:
+        speech.encoder.freeze_feature_encoder()
     # LayerDrop skips layers at random in training, and a skipped layer returns no hidden state, so
-    # the weighted sum would not know which layer is which.
+    # the weighted sum would not know which layer is which (Whisper's encoder reads its own copy).
     speech.encoder.config.layerdrop = 0.0
+    if speech.kind == "whisper":
+        speech.encoder.layerdrop = 0.0
     if gradient_checkpointing:
         speech.encoder.gradient_checkpointing_enable()
-    return SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder, speech.takes_attention_mask)
+    return SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder, speech.takes_attention_mask,
+                          speech.feature_extractor if speech.kind == "whisper" else None)
 
 
 def build_model(config):

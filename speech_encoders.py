@@ -14,13 +14,17 @@ normalisation of the waveform and the attention mask follow the checkpoint.
                                  the utterance alone, in inference mode. Whisper reads 30-s windows
                                  (utils.audio_windows) and only the frames that cover audio count: the
                                  first ceil(samples / 320) of each window.
-  pooled_layers(...)             the same over a padded batch, with gradients (--finetune-speech)
+  pooled_layers(...)             the same over a padded batch, with gradients (--finetune-speech;
+                                 Whisper: every utterance's windows in one encoder batch)
 The frozen route (SUPERB's) stores layer_means per labelled utterance (feature_ext.py's speech-layers
 step); the model learns a softmax-weighted sum over the layers (model_structure.SpeechLayerSum).
 torch and transformers are imported by the functions that use them.
 """
 import math
 from dataclasses import dataclass
+
+import numpy as np
+
 from data_contract import SAMPLE_RATE, speech_step
 from utils import audio_windows, quiet_transformers
 
@@ -33,9 +37,6 @@ SPEECH_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "pyt
 # Whisper: 100 mel frames a second, halved by its second convolution: one encoder frame per 320 samples.
 WHISPER_SAMPLES_PER_FRAME = 320
 
-
-WHISPER_FINETUNE = ("--finetune-speech with a Whisper encoder is not supported yet (its 30-s windows are not "
-                    "batched for training); its frozen layer means are: leave out --finetune-speech")
 
 
 class SpeechModelError(ValueError):
@@ -112,17 +113,26 @@ def frames(speech, samples):
     return int(speech.encoder._get_feat_extract_output_lengths(torch.tensor(samples)))
 
 
-def _whisper_layer_sums(speech, wav):
-    """Whisper: (sum over counted frames of every hidden state (layers + 1, hidden), frames counted)."""
+def _whisper_window_sums(encoder, feature_extractor, windows):
+    """Whisper over 30-s windows (numpy, each padded to 30 s by its feature extractor): per window, the
+    sum over the frames that cover audio (the first ceil(samples / 320)) of every hidden state,
+    (windows, layers + 1, hidden), and those frame counts. With gradients where the caller allows them."""
     import torch
-    device = next(speech.encoder.parameters()).device
+    device = next(encoder.parameters()).device
+    features = feature_extractor(list(windows), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    states = torch.stack(encoder(features.to(device), output_hidden_states=True).hidden_states, 1)
+    counts = torch.tensor([math.ceil(len(w) / WHISPER_SAMPLES_PER_FRAME) for w in windows], device=device)
+    real = (torch.arange(states.shape[2], device=device)[None] < counts[:, None]).to(states.dtype)
+    return (states * real[:, None, :, None]).sum(2), counts
+
+
+def _whisper_layer_sums(speech, wav):
+    """Whisper: (sum over counted frames of every hidden state (layers + 1, hidden), frames counted),
+    one window at a time."""
     total, counted = 0.0, 0
     for window in audio_windows(wav):
-        features = speech.feature_extractor(window, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        states = speech.encoder(features.to(device), output_hidden_states=True).hidden_states
-        n = frames(speech, len(window))
-        total = total + torch.stack(states)[:, 0, :n].float().sum(1)
-        counted += n
+        sums, counts = _whisper_window_sums(speech.encoder, speech.feature_extractor, [window])
+        total, counted = total + sums[0].float(), counted + int(counts[0])
     return total, counted
 
 
@@ -148,17 +158,29 @@ def layer_means(speech, wav):
 
 def waveform_input(speech, wav):
     """One utterance's encoder input as the feature extractor makes it (normalised over the utterance
-    when the checkpoint says so), 1-D float32 numpy; zero-padded into batches (its padding value)."""
+    when the checkpoint says so), 1-D float32 numpy; zero-padded into batches (its padding value).
+    Whisper's are the samples themselves: its log-mel windows are made as the batch runs (pooled_layers)."""
     if speech.kind == "whisper":
-        raise SpeechModelError(WHISPER_FINETUNE)
+        return np.asarray(wav, dtype=np.float32)
     return speech.feature_extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
 
 
-def pooled_layers(encoder, wave, wave_mask, takes_attention_mask):
+def pooled_layers(encoder, wave, wave_mask, takes_attention_mask, whisper_features=None):
     """(B, layers + 1, hidden): for a zero-padded batch of waveform_input's (wave (B, samples), wave_mask
     (B, samples) 1 on real samples), the mean over each utterance's real frames of every hidden state.
-    With gradients where the caller allows them (fine-tuning)."""
+    With gradients where the caller allows them (fine-tuning). Whisper (whisper_features: its feature
+    extractor): every utterance's 30-s windows in one encoder batch, each counting the frames over
+    audio, as layer_means does."""
     import torch
+    if whisper_features is not None:
+        samples = wave_mask.sum(-1).long().tolist()
+        per_utterance = [audio_windows(wave[b, :n].detach().float().cpu().numpy()) for b, n in enumerate(samples)]
+        sums, counts = _whisper_window_sums(encoder, whisper_features, [w for ws in per_utterance for w in ws])
+        owner = torch.repeat_interleave(torch.arange(len(samples), device=sums.device),
+                                        torch.tensor([len(ws) for ws in per_utterance], device=sums.device))
+        total = torch.zeros(len(samples), *sums.shape[1:], dtype=sums.dtype, device=sums.device).index_add(0, owner, sums)
+        counted = torch.zeros(len(samples), dtype=sums.dtype, device=sums.device).index_add(0, owner, counts.to(sums.dtype))
+        return total / counted.clamp(min=1)[:, None, None]
     out = encoder(wave, attention_mask=wave_mask if takes_attention_mask else None, output_hidden_states=True)
     states = torch.stack(out.hidden_states, 1)  # (B, layers + 1, frames, hidden)
     lengths = encoder._get_feat_extract_output_lengths(wave_mask.sum(-1)).clamp(min=1)

@@ -14,10 +14,10 @@ import transformers
 import data_contract
 import feature_ext
 import main
+import model_structure
 import speech_encoders
 import tiny_models
 from dataset_loader import collate_utterances
-from model_structure import SpeechLayerSum
 from small_runs import fold_result, run_like_the_demo
 from test_predict import assert_session5_predictions_equal_the_evaluation
 
@@ -109,18 +109,20 @@ def test_whisper_s_layer_means_count_only_the_frames_over_audio_window_by_window
     np.testing.assert_allclose(speech_encoders.layer_means(speech, wav), expected, rtol=0, atol=1e-5)
 
 
-def test_the_fine_tuning_path_frozen_and_in_eval_mode_gives_the_cached_vector(tmp_path):
-    folder = tiny_models.make_tiny_speech_encoder(tmp_path / "wavlm", "wavlm")
+@pytest.mark.parametrize("family, lengths", [("wavlm", [3000, 8000, 5200]),
+                                             ("whisper", [3000, 30 * 16000 + 4000, 5200])])  # 2 windows
+def test_the_fine_tuning_path_frozen_and_in_eval_mode_gives_the_cached_vector(family, lengths, tmp_path):
+    folder = tiny_models.make_tiny_speech_encoder(tmp_path / family, family)
+    branch = model_structure.load_speech_layer_sum(folder, finetune=True)  # the path --finetune-speech takes
     speech = speech_encoders.load_speech_model(folder)
     utterances = [{"index": i, "name": str(i), "label": 0,
                    "speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, w))}
-                  for i, w in enumerate(wavs([3000, 8000, 5200]))]
-    cached = torch.stack([torch.from_numpy(speech_encoders.layer_means(speech, w)) for w in wavs([3000, 8000, 5200])])
-    branch = SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder.requires_grad_(False),
-                            speech.takes_attention_mask).eval()
+                  for i, w in enumerate(wavs(lengths))]
+    cached = torch.stack([torch.from_numpy(speech_encoders.layer_means(speech, w)) for w in wavs(lengths)])
+    branch = branch.eval().requires_grad_(False)
     with torch.no_grad():
         branch.layer_logits.copy_(torch.tensor([0.3, -1.0, 0.5]))
-        batch = collate_utterances(utterances)  # zero-padded to 8000 samples, with the mask
+        batch = collate_utterances(utterances)  # zero-padded to the longest, with the mask
         pooled = branch(wave=batch["speech_wave"], wave_mask=batch["speech_wave_mask"])
         assert torch.allclose(pooled, branch(layers=cached), atol=1e-4, rtol=0)
 
