@@ -48,7 +48,7 @@ from data_contract import (FEATURES_RECORD, MANIFEST_KEY, SAMPLE_RATE, SENTENCE_
                            DataError, feature_folder, instance_tag, manifest_fingerprint, model_tag, qualified_step,
                            read_features_record, read_manifest, sentence_tag, speech_step, step_entry, transcript_folder,
                            transcript_set)
-from utils import (TOKENIZER_FILES, VOCABULARY_FILES, AudioError, audio_windows, check_device, fingerprint, length_sorted_batches, quiet_transformers,
+from utils import (SILENCE_PEAK, TOKENIZER_FILES, VOCABULARY_FILES, AudioError, audio_windows, check_device, fingerprint, length_sorted_batches, quiet_transformers,
                    read_audio, save_npy_atomic, set_threads, write_text_atomic)
 
 SENTENCE_BATCH_SIZE = 32
@@ -447,7 +447,6 @@ ASR_BATCH_SIZE = 8  # 30-s windows per generate() call
 # Whisper hears nothing in these, and on silence it makes words up ("Thank you."): such a window is
 # not transcribed, and an utterance with no other window gets an empty transcript.
 ASR_MIN_SECONDS = 0.1
-ASR_SILENCE_PEAK = 1e-3  # a peak below -60 dBFS, as predict.py's silence
 WER_NORMALISATION = ("IEMOCAP's bracketed tags ([LAUGHTER], [BREATHING], [GARBAGE], ...) removed, lower case, "
                      "punctuation removed (apostrophes and hyphens too: don't -> dont), runs of spaces made one; "
                      "the same for the reference and the ASR transcript")
@@ -482,7 +481,7 @@ def transcribe(wavs, asr, batch_size=ASR_BATCH_SIZE, progress_bar=None):
     windows, empty = [], {}
     for i, wav in enumerate(wavs):
         usable = [w for w in audio_windows(np.asarray(wav, dtype=np.float32))
-                  if len(w) >= ASR_MIN_SECONDS * SAMPLE_RATE and np.abs(w).max() >= ASR_SILENCE_PEAK]
+                  if len(w) >= ASR_MIN_SECONDS * SAMPLE_RATE and np.abs(w).max() >= SILENCE_PEAK]
         windows += [(i, w) for w in usable]
         if not usable:
             empty[i] = ("too short" if len(wav) < ASR_MIN_SECONDS * SAMPLE_RATE else "silent") + \

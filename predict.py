@@ -47,9 +47,8 @@ import numpy as np
 
 from concatenate_embds import context_vectors, dialogues
 from data_contract import pretrained_roles
-from utils import AudioError, check_device, fingerprint, quiet_transformers, read_audio, set_threads, write_text_atomic
+from utils import SILENCE_PEAK, AudioError, check_device, fingerprint, quiet_transformers, read_audio, set_threads, write_text_atomic
 
-SILENCE_PEAK = 1e-3  # a peak below -60 dBFS is no speech to classify
 
 
 class PredictError(Exception):

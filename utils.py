@@ -116,6 +116,11 @@ def read_audio(path, convert=False, dtype="float32"):
     return wav, notes
 
 
+# A recording whose peak is below -60 dBFS holds no speech: predict.py does not classify it, and
+# speech recognition gives it an empty transcript (Whisper makes words up on silence).
+SILENCE_PEAK = 1e-3
+
+
 # Whisper reads 30 s at a time: its encoder (layer means) and its decoder (transcripts) both take a
 # longer utterance as consecutive windows of this length, the last one shorter.
 WHISPER_WINDOW_SECONDS = 30
