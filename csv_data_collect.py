@@ -45,14 +45,13 @@ from tqdm import tqdm
 
 from data_contract import (CLASSES_RECORD, MANIFEST, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, SAMPLE_RATE, SPLITS,
                            classes_bytes)
-from mocap_data_collect import CorpusError, few, normalise_transcript, write_if_changed
+from mocap_data_collect import CorpusError, few, normalise_transcript, remove_stale, write_if_changed
 from utils import AudioError, read_audio, wav_bytes
 
 REQUIRED = ("wav", "text", "label")
 OPTIONAL = ("id", "dialog", "order", "speaker", "split", "group", "start", "end")
 # The names this script and meld_data_collect.py give: only these are ever removed from DATA_DIR.
 NAME_RE = re.compile(r"^\d+_s_\d+_[A-Za-z0-9-]+$")
-TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp\.[a-z]+$")
 
 
 def file_safe(label):
@@ -221,25 +220,6 @@ def is_our_file(name):
         Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
 
 
-def remove_stale(data_dir, rows):
-    """Remove Audio/ and Text/ files named like an utterance that the manifest does not vouch for
-    (gone, or context only now), and temporary files of a killed run. -> the removed files."""
-    keep = {("Text", r["name"] + ".txt") for r in rows} | {("Audio", r["name"] + ".wav") for r in rows if r["label"]}
-    removed = []
-    for sub in ("Text", "Audio", "."):
-        folder = Path(data_dir) / sub
-        if not folder.is_dir():
-            continue
-        for f in sorted(folder.iterdir()):
-            temp = TEMP_RE.match(f.name)
-            if temp and is_our_file(temp["target"]):
-                f.unlink()
-            elif sub != "." and is_our_file(f.name) and (sub, f.name) not in keep:
-                f.unlink()
-                removed.append(f"{sub}/{f.name}")
-    return removed
-
-
 def write_data_dir(data_dir, rows, read_row_audio, classes, about, progress=True):
     """Text/ of every row, Audio/ of the labelled ones (read_row_audio(row) -> 16 kHz mono int16, or
     AudioError: that row becomes context only), classes.json and, last, utterances.csv.
@@ -260,7 +240,7 @@ def write_data_dir(data_dir, rows, read_row_audio, classes, about, progress=True
                 row["label"] = ""  # its text is still its neighbours' context
                 continue
             write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    removed = remove_stale(data_dir, rows)
+    removed = remove_stale(data_dir, rows, is_ours=is_our_file)
     write_if_changed(data_dir / CLASSES_RECORD, classes_bytes(classes, **about))
     write_if_changed(data_dir / MANIFEST, manifest_bytes(rows))
     return problems, removed

@@ -344,13 +344,14 @@ def is_our_file(name):
         Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
 
 
-def remove_stale(data_dir, rows, skip_audio=(), all_audio=False):
+def remove_stale(data_dir, rows, skip_audio=(), all_audio=False, is_ours=is_our_file):
     """Remove the Audio/ and Text/ files named like an utterance that this run does not vouch
     for, and temporary files a killed run (one that could not clean up) left beside ours.
 
     Vouched for: the Text/ of every row, the Audio/ of every target row (every row with all_audio) but those in skip_audio
     (whose wav --allow-missing let through: an earlier run's copy would be read as theirs).
-    Only names this script itself gives are touched, so a user's own files survive.
+    Only names this script itself gives are touched (is_ours: another collector's names), so a user's
+    own files survive.
     Returns the removed files (not the temporary ones) as "Audio/<name>.wav", ...
     """
     keep = {("Text", r["name"] + ".txt") for r in rows}
@@ -362,9 +363,9 @@ def remove_stale(data_dir, rows, skip_audio=(), all_audio=False):
             continue
         for f in sorted(folder.iterdir()):
             temp = TEMP_RE.match(f.name)
-            if temp and is_our_file(temp["target"]):
+            if temp and is_ours(temp["target"]):
                 f.unlink()
-            elif sub != "." and is_our_file(f.name) and (sub, f.name) not in keep:
+            elif sub != "." and is_ours(f.name) and (sub, f.name) not in keep:
                 f.unlink()
                 removed.append(f"{sub}/{f.name}")
     return removed
