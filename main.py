@@ -237,21 +237,16 @@ def model_paths(args):
 
 def text_encoder_settings(args, branches):
     """The run's text and sentence models -> data_contract.text_models (which folders the branches
-    read). The text encoder must be one the branch takes (one line saying what it is otherwise), and
-    MAX_TEXT_TOKENS is bounded by its positions; a per-model folder that is not there is refused with
-    one line naming it and the command that makes it."""
+    read). The text encoder must be one the branch takes (one line saying what it is otherwise; its
+    positions bound MAX_TEXT_TOKENS in resolve_token_limits); a per-model folder that is not there is
+    refused with one line naming it and the command that makes it."""
     from feature_ext import FeatureError, text_encoder_config
-    from model_structure import text_token_limit
     text_model = model_paths(args)[0]
     if "text" in branches:
         try:
-            limit = text_token_limit(text_encoder_config(text_model, "text model (--text-model)"))
+            text_encoder_config(text_model, "text model (--text-model)")
         except FeatureError as error:
             raise RunError(str(error)) from None
-        if args.max_text_tokens > limit:
-            print(f"main.py: MAX_TEXT_TOKENS {args.max_text_tokens} is more than text model {text_model} takes: "
-                  f"using {limit}", file=sys.stderr)
-            args.max_text_tokens = limit
     models = text_models(text_model, args.sentence_model, args.sentence_pooling)
     for branch in branches:
         for step in branch_steps(branch, args.context_window, models):
@@ -313,8 +308,8 @@ def parse_seeds(text):
 
 
 def resolve_token_limits(args, branches):
-    """MAX_TEXT_TOKENS / MAX_AUDIO_TOKENS left unset take main.py's default or the recipe's, lowered to
-    what the encoder's learned positions hold; a limit given is kept (and checked when training starts).
+    """MAX_TEXT_TOKENS / MAX_AUDIO_TOKENS: the one given, else main.py's default or the recipe's, lowered
+    to what the encoder's learned positions hold (a sequence beyond them has no position to take).
     -> the log's notes on what was lowered."""
     from recipes import recipe_settings
     recipe = recipe_settings(args.recipe) if args.recipe else {}
@@ -322,9 +317,8 @@ def resolve_token_limits(args, branches):
     notes = []
     for key, branch, default in (("max_text_tokens", "text", MAX_TEXT_TOKENS),
                                  ("max_audio_tokens", "speech", MAX_AUDIO_TOKENS)):
-        if getattr(args, key) is not None:
-            continue
-        wanted = recipe.get(key, default)
+        wanted = getattr(args, key)
+        wanted = recipe.get(key, default) if wanted is None else wanted
         positions = encoder_positions(branch, text_model if branch == "text" else speech_model) \
             if branch in branches else None
         if positions is not None and positions < wanted:
@@ -349,7 +343,8 @@ def encoder_positions(branch, model):
             config = load_fairseq_roberta(model).config
     except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
         return None
-    return text_token_limit(config)
+    # A model without learned positions is no encoder of this branch: text_encoder_settings says so.
+    return text_token_limit(config) if hasattr(config, "max_position_embeddings") else None
 
 
 def resolve_config(args, data, device, precision, models=None, asr=None):
@@ -371,7 +366,8 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
                                        args.context_window, asr and (asr["sets"]["train"] or asr["sets"]["test"])),
         "sentence_model": str(Path(args.sentence_model).resolve()) if args.sentence_model and
         Path(args.sentence_model).exists() else args.sentence_model,
-        "feature_folders": {branch: step_entry(branch_steps(branch, args.context_window, models)[-1]).folder
+        "feature_folders": {branch: step_entry(branch_steps(branch, args.context_window, models,
+                                                            asr and asr["sets"]["train"])[-1]).folder
                             for branch in options["branches"]},
         "classes": list(data.classes), "context_width": data.context_width, "left_out": list(data.left_out),
         "device": device, "world_size": int(os.environ.get("WORLD_SIZE", 1)),

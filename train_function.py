@@ -275,20 +275,22 @@ def set_rng_state(states, rank, device):
 
 
 def check_lengths(model, utterances):
-    """RoBERTa's learned positions stop at max_position_embeddings - 2 (fairseq's padding offset),
-    and its ids at its vocabulary's size (ids beyond it: features of another tokenizer)."""
-    from data_contract import BRANCHES, STEPS
+    """An encoder's learned positions stop at model_structure.text_token_limit (RoBERTa's at
+    max_position_embeddings - 2, fairseq's padding offset), and its ids at its vocabulary's size
+    (ids beyond it: features of another tokenizer)."""
+    from data_contract import BRANCHES
+    from model_structure import text_token_limit
     for branch in ("text", "speech"):
         encoder, key = getattr(model, f"{branch}_encoder"), BRANCHES[branch].key
         if encoder is None:
             continue
         largest = max(int(u[key].max()) for u in utterances)
         if largest >= encoder.config.vocab_size:
-            folder = STEPS[BRANCHES[branch].steps[-1]].folder
-            raise TrainingError(f"{folder}/ holds ids up to {largest}, but the {branch} encoder's vocabulary has "
+            raise TrainingError(f"the {branch} token files (config.json's feature_folders: {branch}) hold ids up to {largest}, "
+                                f"but the {branch} encoder's vocabulary has "
                                 f"{encoder.config.vocab_size}: its features were made for another model "
                                 f"(features.json says which); extract them again with this one")
-        limit = encoder.config.max_position_embeddings - 2
+        limit = text_token_limit(encoder.config)
         longest = max(len(u[key]) for u in utterances)
         if longest > limit:
             raise TrainingError(f"{branch} sequences of up to {longest} tokens, but the {branch} encoder has "
