@@ -823,6 +823,7 @@ def results_table(results, config):
     test predictions; with --seeds, a row per seed too."""
     metrics = list(METRIC_NAMES)
     select = {"val_ua": "checkpoint chosen by validation UA", "val_loss": "checkpoint chosen by validation loss",
+              "val_weighted_f1": "checkpoint chosen by validation weighted F1",
               "last": "the last epoch's weights tested"}[config.get("select_by", "val_ua")]
     recipe = f"; recipe `{config['recipe']}`" if config.get("recipe") else ""
     early = (f" at most (a fold stops after {config['patience']} without a lower validation loss)"
@@ -1068,8 +1069,9 @@ def build_parser():
     p.add_argument("--adam-eps", type=float, default=d["adam_eps"], help="AdamW's epsilon")
     p.add_argument("--loss", choices=("cross_entropy", "multi_margin"), default=d["loss"],
                    help="multi_margin: torch's MultiMarginLoss(p=1, margin=0.4), the original's")
-    p.add_argument("--select-by", choices=("val_ua", "val_loss", "last"), default=d["select_by"],
-                   help="which epoch's weights are tested: best validation UA, lowest validation loss, or the last")
+    p.add_argument("--select-by", choices=("val_ua", "val_weighted_f1", "val_loss", "last"), default=d["select_by"],
+                   help="which epoch's weights are tested: best validation UA, best validation weighted F1 (what "
+                        "MELD's papers choose on), lowest validation loss, or the last")
     p.add_argument("--patience", type=int, default=d["patience"],
                    help="stop a fold after this many epochs without a lower validation loss (0: never)")
     p.add_argument("--one-vs-rest", action=argparse.BooleanOptionalAction, default=d["one_vs_rest"],

@@ -324,7 +324,7 @@ class TensorBoard:
     def epoch(self, entry, step, utterances_per_s):
         """entry: the epoch's line of the fold's history (train_loss, val_loss, val_wa, val_ua, ...), at
         the global step that ends the epoch (one x axis for both kinds of curve)."""
-        for key in ("train_loss", "val_loss", "val_wa", "val_ua", "val_macro_f1"):
+        for key in ("train_loss", "val_loss", "val_wa", "val_ua", "val_macro_f1", "val_weighted_f1"):
             if key in entry:
                 self.writer.add_scalar(f"epoch/{key}", entry[key], step)
         self.writer.add_scalar("epoch/utterances_per_s", utterances_per_s, step)
@@ -402,10 +402,12 @@ def end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env
                                                     config["classes"], amp, rank, world, loss_fn=loss_fn)
     lr = max(g["lr"] for g in optimizer.param_groups)
     state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                             "val_wa": val["wa"], "val_ua": val["ua"], "val_macro_f1": val["macro_f1"], "lr": lr})
+                             "val_wa": val["wa"], "val_ua": val["ua"], "val_macro_f1": val["macro_f1"], "lr": lr,
+                             "val_weighted_f1": val["weighted_f1"]})
     # The tested checkpoint: best validation UA (default), lowest validation loss, or the last epoch.
     select_by = config.get("select_by", "val_ua")
-    score = {"val_ua": val["ua"], "val_loss": -val_loss, "last": epoch + 1}[select_by]
+    score = {"val_ua": val["ua"], "val_weighted_f1": val["weighted_f1"], "val_loss": -val_loss,
+             "last": epoch + 1}[select_by]
     improved = score > state["best_score"]
     # Early stopping on the validation loss, as the original's main.py (--patience; 0: never).
     if state.get("lowest_val_loss") is None or val_loss < state["lowest_val_loss"]:

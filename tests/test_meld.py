@@ -96,14 +96,17 @@ def test_synthetic_meld_through_the_pipeline_with_the_official_protocol(demo, tm
                                                        progress=False)
     assert all(r.ok for r in reports)
     with contextlib.redirect_stdout(io.StringIO()):
-        results = main.main([run_dir, data_dir, demo["run_dir"] / "models", *SMALL, "--protocol", "official"])
+        results = main.main([run_dir, data_dir, demo["run_dir"] / "models", *SMALL, "--protocol", "official",
+                                "--select-by", "val_weighted_f1"])
     fold = results["folds"][0]
     labelled = Counter(r["split"] for r in manifest if r["label"])
     assert (fold["n_train"], fold["n_val"], fold["n_test"]) == (labelled["train"], labelled["dev"], labelled["test"])
     assert results["first_metric"] == "weighted_f1" and 0 <= results["summary"]["pooled"]["weighted_f1"] <= 1
     summary = (run_dir / "summary.md").read_text()
     assert summary.splitlines()[2].startswith(f"**Weighted F1 {results['summary']['pooled']['weighted_f1']:.4f}**")
-    assert "official dev split" in summary
+    assert "official dev split" in summary and "checkpoint chosen by validation weighted F1" in summary
+    history = json.loads((run_dir / "fold1" / "fold_result.json").read_text())["history"]
+    assert fold["best_epoch"] == max(history, key=lambda h: h["val_weighted_f1"])["epoch"]  # the first best
     predictions = read_csv(run_dir / "fold1" / "predictions.csv")
     assert list(predictions[0])[3:] == [f"p_{c}" for c in meld_data_collect.TARGETS["emotion"]]
     assert [p["name"] for p in predictions] == [r["name"] for r in manifest if r["split"] == "test" and r["label"]]
