@@ -18,10 +18,10 @@ the tool says so of each. A list is a CSV with the columns `wav` and `text` and 
 dialogue, in the order given, are each other's context exactly as in training; a row without a
 dialogue is a conversation of its own (zeros around it). A row with text but no wav gives context
 and no prediction, so a whole dialogue, its unlabelled utterances included, can be given in order.
-The run's own text encoder and tokenizer, sentence model and pooling (config.json) make the features,
-whichever of the supported text encoders they are. Branches the run was trained without are not computed: a speech-only run needs no text, and a run
-without the speech branch needs no audio (every row with text is predicted, and a wav given is not
-read).
+The run's own encoders (config.json: its text encoder and tokenizer, sentence model and pooling,
+vq-wav2vec or transformers speech encoder) make the features, as in training. Branches the run was
+trained without are not computed: a speech-only run needs no text, and a run without the speech
+branch needs no audio (every row with text is predicted, and a wav given is not read).
 
 Output per utterance: the predicted emotion and one probability per class of the run, as a table
 on screen and, with --output, as CSV (the input's columns, then prediction, p_<class>... and note,
