@@ -945,12 +945,21 @@ def run(config, run_dir, utterances, env, test_inputs=None):
                 if rank == 0:  # each seed's folder is a run folder of its own, e.g. for predict.py
                     seed_dir.mkdir(parents=True, exist_ok=True)
                     write_config(seed_dir, {**config, "seed": seed, "seeds": None})
-            for fold in folds[seed]:
-                result = run_fold({**config, "seed": seed}, fold, utterances, seed_dir, env, test_inputs)
-                fold_results.append({"seed": seed, **result} if seeds else result)
+            seed_results = [run_fold({**config, "seed": seed}, fold, utterances, seed_dir, env, test_inputs)
+                            for fold in folds[seed]]
+            if seeds:  # the seed's own results.json and summary.md: its folder is a finished run too
+                write_results({**config, "seed": seed, "seeds": None}, seed_results, seed_dir, rank, show=False)
+            fold_results += [{"seed": seed, **result} for result in seed_results] if seeds else seed_results
     except RunPaused as pause:
         log.info(str(pause))
         return None
+    return write_results(config, fold_results, run_dir, rank)
+
+
+def write_results(config, fold_results, run_dir, rank, show=True):
+    """results.json, summary.md and the context attention pooled over the folds, in run_dir (by rank
+    0); the table goes to the log when `show`. -> results."""
+    seeds = config.get("seeds")
     results = summarize(config["protocol"], fold_results, config["classes"], config["val_split"], config["left_out"],
                         seeds)
     if "transcripts" in config:  # which transcripts, only where ASR ones are used (as config.json)
@@ -967,7 +976,8 @@ def run(config, run_dir, utterances, env, test_inputs=None):
                                                       config["classes"])
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         write_text_atomic(run_dir / "summary.md", table)
-        log.info("\n" + table)
+        if show:
+            log.info("\n" + table)
         log.info(f"wrote {run_dir / 'results.json'} and {run_dir / 'summary.md'}")
     return results
 

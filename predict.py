@@ -33,7 +33,8 @@ column. Text given is used as it is. An empty transcript (silence) is a transcri
 utterance is predicted and is context, as an empty transcript was in training; a row whose text is
 empty and that cannot be transcribed (no ASR model) is, as before, context for no one and not
 predicted. A cross-validation run predicts with the mean of all
-folds' probabilities, or with one fold's model (--fold K). A run whose MODELS_DIR moved reads its
+folds' probabilities (of every seed, for a --seeds run), or with one fold's model (--fold K; of
+every seed). A run whose MODELS_DIR moved reads its
 files from --models-dir, each still checked against the sha256 it recorded.
 """
 import argparse
@@ -59,7 +60,8 @@ class PredictError(Exception):
 # the trained run
 
 def load_run(run_dir, fold=None):
-    """-> (config, [checkpoint paths]): all folds' best models, or fold `fold`'s."""
+    """-> (config, [checkpoint paths]): all folds' best models, or fold `fold`'s; of every seed of a
+    --seeds run (its seed{n}/ folders), so that its prediction is the mean over seeds and folds."""
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
     if not path.is_file():
@@ -68,17 +70,23 @@ def load_run(run_dir, fold=None):
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PredictError(f"{path}: not a readable config.json ({e})") from None
-    checkpoints = {int(p.parent.name[4:]): p for p in run_dir.glob("fold*/best.pt") if p.parent.name[4:].isdigit()}
+    folders = [run_dir / f"seed{seed}" for seed in config["seeds"]] if config.get("seeds") else [run_dir]
+    checkpoints = {}  # fold -> its best.pt in each seed's folder
+    for folder in folders:
+        for p in sorted(folder.glob("fold*/best.pt")):
+            if p.parent.name[4:].isdigit():
+                checkpoints.setdefault(int(p.parent.name[4:]), []).append(p)
+    where = "seed*/fold*/best.pt" if config.get("seeds") else "fold*/best.pt"
     if not checkpoints:
-        raise PredictError(f"{run_dir}: no fold*/best.pt; has the run finished a fold?")
+        raise PredictError(f"{run_dir}: no {where}; has the run finished a fold?")
     if fold is not None:
         if fold not in checkpoints:
             raise PredictError(f"{run_dir}: no fold{fold}/best.pt (folds: {', '.join(map(str, sorted(checkpoints)))})")
-        return config, [checkpoints[fold]]
+        return config, checkpoints[fold]
     if not (run_dir / "results.json").is_file():
         raise PredictError(f"{run_dir}: the run has not finished every fold (no results.json); "
                            f"finish it, or pick a finished fold with --fold")
-    return config, [checkpoints[k] for k in sorted(checkpoints)]
+    return config, [p for k in sorted(checkpoints) for p in checkpoints[k]]
 
 
 def moved(path, old_models_dir, models_dir):
