@@ -197,7 +197,7 @@ def make_tiny_text_encoder(out_dir, model_type, texts, seed=0):
             num_attention_heads=TEXT_HEADS, intermediate_size=TEXT_FFN, max_position_embeddings=TEXT_POSITIONS,
             pad_token_id=vocab["[PAD]"], **settings)).eval()
     standardize_layer_norm(model.encoder.layer[-1].output.LayerNorm, sentence_embeddings(texts, hf_tokenizer, model))
-    with _atomic_dir(out_dir) as tmp:
+    with _atomic_dir(out_dir) as tmp, quiet_transformers():
         hf_tokenizer.save_pretrained(tmp, legacy_format=False)
         model.save_pretrained(tmp)
     return Path(out_dir)
@@ -219,7 +219,7 @@ def make_tiny_bert(out_dir, texts, seed=0):
             max_position_embeddings=TEXT_POSITIONS, pad_token_id=vocab["[PAD]"])).eval()
     standardize_layer_norm(model.encoder.layer[-1].output.LayerNorm,
                            sentence_embeddings(texts, hf_tokenizer, model))
-    with _atomic_dir(out_dir) as tmp:
+    with _atomic_dir(out_dir) as tmp, quiet_transformers():
         # tokenizer.json alone, as transformers 5 writes it; 4.x would add the slow tokenizer's
         # vocabulary files, which it falls back on when tokenizer.json is missing.
         hf_tokenizer.save_pretrained(tmp, legacy_format=False)
@@ -252,7 +252,7 @@ def make_tiny_roberta(out_dir, texts, seed=0):
             num_attention_heads=TEXT_HEADS, intermediate_size=TEXT_FFN,
             max_position_embeddings=TEXT_POSITIONS + 2, type_vocab_size=1, layer_norm_eps=1e-5,
             pad_token_id=1, bos_token_id=0, eos_token_id=2))
-    with _atomic_dir(out_dir) as tmp:
+    with _atomic_dir(out_dir) as tmp, quiet_transformers():
         hf_tokenizer.save_pretrained(tmp, legacy_format=False)  # tokenizer.json alone, as in make_tiny_bert
         model.save_pretrained(tmp)
     return Path(out_dir)
@@ -476,7 +476,7 @@ def write_tiny_whisper(out_dir, texts=WHISPER_TEXTS, seed=0):
         no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
         begin_suppress_tokens=[eot], suppress_tokens=[], max_initial_timestamp_index=50, return_timestamps=False)
     # Saved one by one, not as a WhisperProcessor: transformers 4.x's takes only the slow tokenizer.
-    with _atomic_dir(out_dir) as tmp:
+    with _atomic_dir(out_dir) as tmp, quiet_transformers():
         WhisperFeatureExtractor(feature_size=WHISPER_MELS).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp, legacy_format=False)  # tokenizer.json alone, as in make_tiny_bert
         model.save_pretrained(tmp)
