@@ -328,7 +328,10 @@ def _roberta_args(vocab_size):
         arch="roberta_base", task="masked_lm", criterion="masked_lm", tokens_per_sample=SPEECH_MAX_TOKENS,
         max_positions=SPEECH_MAX_TOKENS, encoder_layers=SPEECH_LAYERS, encoder_embed_dim=SPEECH_WIDTH,
         encoder_ffn_embed_dim=SPEECH_FFN, encoder_attention_heads=SPEECH_HEADS, activation_fn="gelu",
-        pooler_activation_fn="tanh", dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
+        # No dropout: standardize_layer_norm gives this random stand-in LayerNorm gains in the hundreds,
+        # which blow dropout's noise up when it is fine-tuned (--finetune-speech, siriwardhana2020's
+        # recipe: vectors of norm ~3000 against ~4 in eval mode); frozen, it runs in eval mode anyway.
+        pooler_activation_fn="tanh", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
         pooler_dropout=0.0, encoder_learned_pos=True, layernorm_embedding=True,
         no_scale_embedding=True, encoder_normalize_before=False, untie_weights_roberta=False)
 
