@@ -74,14 +74,16 @@ def _speech_encoder_input(data_dir, name, path, speech_waves):
     return {"speech_layers": torch.from_numpy(layers.astype(np.float32))}
 
 
-def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None):
+def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None, speech_audio=False):
     """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
     (models: the run's non-default models; transcripts: the transcript set of its text features;
-    both as data_contract.branch_steps)."""
+    both as data_contract.branch_steps; speech_audio: the speech branch reads Audio/, fine-tuning
+    a transformers speech encoder on the waveforms)."""
     missing = []
     for row in rows:
         if row["label"]:
-            paths = [feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
+            paths = [Path(data_dir) / "Audio" / f"{row['name']}.wav" if branch == "speech" and speech_audio else
+                     feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
                      for branch in branches]
             absent = [p for p in paths if not p.is_file()]
             if absent:

@@ -163,7 +163,8 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     if len(classes) < 2:
         raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
                        f"({', '.join(classes) or 'none'}); a classifier needs at least two")
-    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, models, transcripts)
+    missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, models, transcripts,
+                                              speech_audio=speech_waves is not None)
     labelled = sum(1 for row in rows if row["label"])
     if missing and (not skip_missing or len(missing) == labelled):
         name, path = missing[0]
@@ -195,7 +196,7 @@ def features_of_test_transcripts(args, branches, data, sets, env, models=None):
     text_branches = [b for b in branches if any(step in TEXT_STEPS for step in BRANCHES[b].steps)]
     if sets["train"] == sets["test"] or not text_branches:
         return None
-    test_data = load_run_data(Path(args.data_dir), branches, args.context_window, args.max_text_tokens,
+    test_data = load_run_data(Path(args.data_dir), text_branches, args.context_window, args.max_text_tokens,
                               args.max_audio_tokens, args.skip_missing, env["progress"], models, sets["test"])
     if [u["name"] for u in test_data.utterances] != [u["name"] for u in data.utterances]:
         raise RunError(f"the {sets['test'] or 'reference'} transcripts' features leave out other utterances than the "
@@ -363,7 +364,8 @@ def resolve_config(args, data, device, precision, models=None, asr=None):
         "data_dir": str(data_dir), "models_dir": str(models_dir), "text_model": text_model,
         "speech_model": speech_model,
         "pretrained": pretrained_files(data_dir, options["branches"], text_model, speech_model, models,
-                                       args.context_window, asr and (asr["sets"]["train"] or asr["sets"]["test"])),
+                                       args.context_window, asr and (asr["sets"]["train"] or asr["sets"]["test"]),
+                                       args.finetune_speech),
         "sentence_model": str(Path(args.sentence_model).resolve()) if args.sentence_model and
         Path(args.sentence_model).exists() else args.sentence_model,
         "feature_folders": {branch: step_entry(branch_steps(branch, args.context_window, models,
@@ -446,11 +448,12 @@ def code_version():
 
 
 def pretrained_files(data_dir, branches, text_model, speech_model, step_models=None, context_window=CONTEXT_WINDOW,
-                     transcripts=None):
+                     transcripts=None, finetune_speech=False):
     """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
     the encoders the model loads, and the extractors that made its features (as
     DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).
-    predict.py checks them all before it predicts."""
+    A fine-tuned transformers speech encoder reads waveforms, not cached layer means: it is its own
+    extractor. predict.py checks them all before it predicts."""
     from speech_encoders import SPEECH_FILES
     record = read_features_record(data_dir)
     fairseq_speech = speech_step(speech_model) == "speech-tokens"
@@ -463,6 +466,8 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
         for step in branch_steps(branch, context_window, step_models, transcripts):
             if step in record:
                 pretrained.update(record[step])
+            elif finetune_speech and split_step(step)[1] == "speech-layers":
+                continue  # not read: the encoder's own files (below) make its input
             elif step_entry(step).models:
                 log.warning(f"{Path(data_dir) / 'features.json'} does not say which models made the {step} "
                             f"features; predict.py will not be able to check them")
@@ -478,6 +483,8 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
         except FileNotFoundError as error:
             raise RunError(f"{BRANCHES[branch].encoder_option.lstrip('-').replace('-', ' ')} "
                            f"({BRANCHES[branch].encoder_option}): {error}") from None
+        if role == "speech_model" and finetune_speech and not fairseq_speech:
+            pretrained["speech_encoder"] = pretrained[role]  # predict.py makes the waveform input with it
     return pretrained
 
 

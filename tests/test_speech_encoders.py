@@ -82,6 +82,18 @@ def test_a_wavlm_folder_made_elsewhere_goes_through_extraction_training_and_pred
     assert (run_dir / "fold1" / "speech_layers.png").stat().st_size > 0
     assert_session5_predictions_equal_the_evaluation(run_dir, data_dir, tmp_path)
 
+    # Fine-tuned, the encoder reads the waveforms: no layer means need extracting first.
+    shutil.rmtree(out)
+    (data_dir / "features.json").unlink()
+    finetuned = tmp_path / "finetuned"
+    with contextlib.redirect_stdout(io.StringIO()):
+        main.main([finetuned, data_dir, demo["run_dir"] / "models", 2, 64, 310, "--epochs", 1, "--batch-size", 16,
+                   "--seed", 0, "--device", "cpu", "--branches", "speech", "--speech-model", folder,
+                   "--finetune-speech"])
+    config = json.loads((finetuned / "config.json").read_text())
+    assert config["pretrained"]["speech_encoder"] == config["pretrained"]["speech_model"]
+    assert_session5_predictions_equal_the_evaluation(finetuned, data_dir, tmp_path)
+
 
 @pytest.mark.parametrize("family", ["hubert", "wav2vec2", "data2vec-audio"])
 def test_every_family_s_layer_means_are_transformers_own_hidden_states_means(family, tmp_path):
