@@ -62,30 +62,19 @@ def run_all(device="cpu", quick=False):
     started = time.perf_counter()
     seconds = {}
 
-    start = time.perf_counter()
-    vq = bench_vq.bench_vq(device, **settings["vq"])
-    seconds["vq"] = time.perf_counter() - start
-    bench_vq.print_vq(vq)
-
-    start = time.perf_counter()
-    extraction = bench_extraction.bench_extraction(device, **settings["extraction"])
-    seconds["extraction"] = time.perf_counter() - start
-    bench_extraction.print_extraction(extraction)
-
-    start = time.perf_counter()
-    train = bench_train.bench_train(device, **settings["train"])
-    seconds["train"] = time.perf_counter() - start
-    bench_train.print_train(train)
-
-    start = time.perf_counter()
-    asr = bench_asr.bench_asr(device, **settings["asr"])
-    seconds["asr"] = time.perf_counter() - start
-    bench_asr.print_asr(asr)
-
-    start = time.perf_counter()
-    speech = bench_speech.bench_speech(device, **settings["speech"])
-    seconds["speech"] = time.perf_counter() - start
-    bench_speech.print_speech(speech)
+    # Each benchmark in turn: its figures, its printed table, the seconds it took.
+    benches = {"vq": (bench_vq.bench_vq, bench_vq.print_vq),
+               "extraction": (bench_extraction.bench_extraction, bench_extraction.print_extraction),
+               "train": (bench_train.bench_train, bench_train.print_train),
+               "asr": (bench_asr.bench_asr, bench_asr.print_asr),
+               "speech": (bench_speech.bench_speech, bench_speech.print_speech)}
+    figures = {}
+    for name, (bench, show) in benches.items():
+        start = time.perf_counter()
+        figures[name] = bench(device, **settings[name])
+        seconds[name] = time.perf_counter() - start
+        show(figures[name])
+    vq, extraction, train, asr, speech = (figures[name] for name in benches)
 
     machine["load_average_after"] = load_average()
     machine["run_all_seconds"] = round(time.perf_counter() - started, 1)
