@@ -37,15 +37,16 @@ def truncate_tokens(ids, max_tokens):
     return np.concatenate([ids[: max_tokens - 1], ids[-1:]]).astype(ids.dtype)
 
 
-def _load_npy(path, what):
+def _load_npy(path, what, ndim=1):
+    """A feature file as a non-empty, finite `ndim`-D array; DataError naming the file otherwise."""
     try:
         array = np.load(path)
     except FileNotFoundError:
         raise DataError(f"{path}: missing {what}; run the feature extraction stage first") from None
     except (OSError, ValueError, EOFError) as error:
         raise DataError(f"{path}: not a readable .npy file ({error})") from None
-    if array.ndim != 1 or array.size == 0:
-        raise DataError(f"{path}: expected a non-empty 1-D array for {what}, got shape {array.shape}")
+    if array.ndim != ndim or array.size == 0:
+        raise DataError(f"{path}: expected a non-empty {ndim}-D array for {what}, got shape {array.shape}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise DataError(f"{path}: {what} holds NaN or infinite values; recompute it (--overwrite)")
     return array
@@ -62,15 +63,7 @@ def _speech_encoder_input(data_dir, name, path, speech_waves):
         except AudioError as error:
             raise DataError(str(error)) from None
         return {"speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech_waves, wav).astype(np.float32))}
-    try:
-        layers = np.load(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing speech layer means; run the feature extraction stage first") from None
-    except (OSError, ValueError, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npy file ({error})") from None
-    if layers.ndim != 2 or not np.isfinite(layers).all():
-        raise DataError(f"{path}: expected finite (layers + 1, hidden) layer means, got shape {layers.shape}; "
-                        f"recompute it (--overwrite)")
+    layers = _load_npy(path, "speech layer means (layers + 1, hidden)", ndim=2)
     return {"speech_layers": torch.from_numpy(layers.astype(np.float32))}
 
 

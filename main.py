@@ -331,10 +331,12 @@ def resolve_token_limits(args, branches):
 
 def encoder_positions(branch, model):
     """The longest sequence an encoder's learned positions hold (model_structure.text_token_limit:
-    RoBERTa's start after its padding index); None when the model cannot be read here (its own
-    error then comes where it is loaded)."""
-    import pickle
+    RoBERTa's start after its padding index); None for a transformers speech encoder (its layer means
+    have no token limit) and for a model that cannot be read here (a missing file, CheckpointError:
+    its own error then comes where it is loaded)."""
     from model_structure import text_token_limit
+    if branch == "speech" and speech_step(model) != "speech-tokens":
+        return None
     try:
         if branch == "text":
             from transformers import AutoConfig
@@ -342,7 +344,7 @@ def encoder_positions(branch, model):
         else:
             from fairseq_checkpoints import load_fairseq_roberta
             config = load_fairseq_roberta(model).config
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
+    except (OSError, ValueError):  # no such file or folder; not a config or checkpoint (CheckpointError)
         return None
     # A model without learned positions is no encoder of this branch: text_encoder_settings says so.
     return text_token_limit(config) if hasattr(config, "max_position_embeddings") else None
