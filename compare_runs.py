@@ -198,7 +198,7 @@ def bar_chart(comparison, path):
     """Each metric's mean per run, error bars one standard deviation (none where a run has no spread)."""
     import numpy as np
     from matplotlib.figure import Figure
-    from utils import atomic_path
+    from mmser.utils import atomic_path
     metrics, rows = comparison["metrics"], comparison["rows"]
     fig = Figure(figsize=(max(5, 1.4 * len(metrics) * max(1, len(rows)) / 2 + 2), 3.8))
     ax = fig.subplots()
@@ -222,7 +222,7 @@ def bar_chart(comparison, path):
 
 def write_comparison(run_dirs, output):
     """Compare the runs and write comparison.md, .tex and .png into output; -> the Markdown table."""
-    from utils import write_text_atomic
+    from mmser.utils import write_text_atomic
     runs = [load_run(d) for d in run_dirs]
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):  # two folders of one name: their paths tell them apart

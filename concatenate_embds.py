@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_contract import (SENTENCE_POOLINGS, DataError, feature_folder, qualified_step, read_manifest, sentence_tag,
+from mmser.data_contract import (SENTENCE_POOLINGS, DataError, feature_folder, qualified_step, read_manifest, sentence_tag,
                            transcript_set)
 from feature_ext import StepReport, format_summary, stamp_manifest, valid_npy
-from utils import save_npy_atomic
+from mmser.utils import save_npy_atomic
 
 DEFAULT_CONTEXT = (3,)
 

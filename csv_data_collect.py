@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_contract import (CLASSES_RECORD, MANIFEST, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, SAMPLE_RATE, SPLITS,
+from mmser.data_contract import (CLASSES_RECORD, MANIFEST, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, SAMPLE_RATE, SPLITS,
                            classes_bytes)
 from mocap_data_collect import CorpusError, few, normalise_transcript, remove_stale, write_if_changed
-from utils import AudioError, read_audio, wav_bytes
+from mmser.utils import AudioError, read_audio, wav_bytes
 
 REQUIRED = ("wav", "text", "label")
 OPTIONAL = ("id", "dialog", "order", "speaker", "split", "group", "start", "end")

@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_contract import (FEATURES_RECORD, MANIFEST_KEY, SAMPLE_RATE, SENTENCE_POOLINGS, TEXT_ENCODERS, WER_FILE,
+from mmser.data_contract import (FEATURES_RECORD, MANIFEST_KEY, SAMPLE_RATE, SENTENCE_POOLINGS, TEXT_ENCODERS, WER_FILE,
                            DataError, feature_folder, instance_tag, manifest_fingerprint, model_tag, qualified_step,
                            read_features_record, read_manifest, sentence_tag, speech_step, step_entry, transcript_folder,
                            transcript_set)
-from utils import (SILENCE_PEAK, TOKENIZER_FILES, VOCABULARY_FILES, AudioError, audio_windows, check_device, fingerprint, length_sorted_batches, quiet_transformers,
+from mmser.utils import (SILENCE_PEAK, TOKENIZER_FILES, VOCABULARY_FILES, AudioError, audio_windows, check_device, fingerprint, length_sorted_batches, quiet_transformers,
                    read_audio, save_npy_atomic, set_threads, write_text_atomic)
 
 SENTENCE_BATCH_SIZE = 32
@@ -257,7 +257,7 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
     out_dir, report = feature_folder(data_dir, step), StepReport(step)
 
     def work():
-        from fairseq_checkpoints import CheckpointError, codes_to_string, load_speech_dictionary, load_vq_wav2vec
+        from mmser.fairseq_checkpoints import CheckpointError, codes_to_string, load_speech_dictionary, load_vq_wav2vec
         manifest = read_manifest(data_dir)
         paths = speech_model_files(models_dir)
         try:
@@ -401,7 +401,7 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
     of every hidden state of a transformers speech encoder (speech_encoders.layer_means), for every
     target utterance, each alone, in fp32 and inference mode. One folder per encoder, so the features
     of different encoders sit side by side."""
-    import speech_encoders
+    from mmser import speech_encoders
     data_dir = Path(data_dir)
     step = qualified_step("speech-layers", model_tag(speech_model))
     out_dir, report = feature_folder(data_dir, step), StepReport(step)

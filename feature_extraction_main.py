@@ -20,9 +20,9 @@ import argparse
 import sys
 
 from concatenate_embds import write_context_vectors
-from data_contract import sentence_tag, transcript_set
+from mmser.data_contract import sentence_tag, transcript_set
 from feature_ext import EXTRACTORS, add_model_arguments, asr_model_name, check_folders, format_summary, resolve_model, run_step
-from utils import set_threads
+from mmser.utils import set_threads
 
 CONTEXTS = (1, 2, 3)
 

@@ -54,12 +54,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FILE, DataError, branch_steps, feature_folder, label_set,
+from mmser.data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FILE, DataError, branch_steps, feature_folder, label_set,
                            qualified_step, read_classes, read_features_record, read_manifest, speech_models,
                            speech_step, split_step, stale_features,
                            step_entry, text_models, transcript_set, transcript_sets)
-from recipes import RECIPES
-from utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
+from mmser.recipes import RECIPES
+from mmser.utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults; the command line (and --recipe, recipes.py) overrides each -------------------------
 # Shares of IEMOCAP's labelled utterances cut by a limit, from the per-utterance token counts of
@@ -151,7 +151,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     non-default text and sentence models, data_contract.text_models; transcripts: the transcript set
     of the text features; a transformers speech encoder's under "speech-layers",
     data_contract.speech_models; speech_waves: see dataset_loader.load_utterances)."""
-    import dataset_loader
+    from mmser import dataset_loader
     rows = read_manifest(data_dir)
     steps = [step for branch in branches for step in branch_steps(branch, context_window, models, transcripts)]
     stale = stale_features(data_dir, steps, rows)
@@ -312,7 +312,7 @@ def resolve_token_limits(args, branches):
     """MAX_TEXT_TOKENS / MAX_AUDIO_TOKENS: the one given, else main.py's default or the recipe's, lowered
     to what the encoder's learned positions hold (a sequence beyond them has no position to take).
     -> the log's notes on what was lowered."""
-    from recipes import recipe_settings
+    from mmser.recipes import recipe_settings
     recipe = recipe_settings(args.recipe) if args.recipe else {}
     text_model, speech_model = model_paths(args)
     notes = []
@@ -334,7 +334,7 @@ def encoder_positions(branch, model):
     RoBERTa's start after its padding index); None for a transformers speech encoder (its layer means
     have no token limit) and for a model that cannot be read here (a missing file, CheckpointError:
     its own error then comes where it is loaded)."""
-    from model_structure import text_token_limit
+    from mmser.model_structure import text_token_limit
     if branch == "speech" and speech_step(model) != "speech-tokens":
         return None
     try:
@@ -342,7 +342,7 @@ def encoder_positions(branch, model):
             from transformers import AutoConfig
             config = AutoConfig.from_pretrained(model)
         else:
-            from fairseq_checkpoints import load_fairseq_roberta
+            from mmser.fairseq_checkpoints import load_fairseq_roberta
             config = load_fairseq_roberta(model).config
     except (OSError, ValueError):  # no such file or folder; not a config or checkpoint (CheckpointError)
         return None
@@ -456,7 +456,7 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
     DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).
     A fine-tuned transformers speech encoder reads waveforms, not cached layer means: it is its own
     extractor. predict.py checks them all before it predicts."""
-    from speech_encoders import SPEECH_FILES
+    from mmser.speech_encoders import SPEECH_FILES
     record = read_features_record(data_dir)
     fairseq_speech = speech_step(speech_model) == "speech-tokens"
     models = {"text_model": (text_model, [WEIGHT_FILES]),
@@ -498,7 +498,7 @@ def val_split(args):
 def speech_encoder_of(args, branches):
     """(speech model, its SpeechModel when fine-tuning a transformers encoder, else None); None, None
     without a speech branch. A model that is not a speech encoder is refused, saying what it is."""
-    import speech_encoders
+    from mmser import speech_encoders
     if "speech" not in branches:
         return None, None
     speech_model = model_paths(args)[1]
@@ -719,8 +719,8 @@ def run_fold(config, fold, utterances, run_dir, env, test_inputs=None):
     """One fold: trained (or resumed), its best checkpoint tested once, its files written; a fold
     an earlier invocation finished is kept. -> the fold's result (fold_result.json). test_inputs
     (run) replaces the test utterances' text features."""
-    import train_function
-    import validation_function
+    from mmser import train_function
+    from mmser import validation_function
     fold_dir = Path(run_dir) / f"fold{fold['fold']}"
     result_path = fold_dir / "fold_result.json"
     if result_path.exists():
@@ -790,7 +790,7 @@ def summarize(protocol, fold_results, classes, val_split="stratified", left_out=
     sample std over seeds of each seed's fold mean, and over all fold x seed results, are added.
     val_split says how checkpoints were chosen ("original": by the test session's other speaker);
     left_out names the labelled utterances that --skip-missing left out for lack of features."""
-    from validation_function import compute_metrics
+    from mmser.validation_function import compute_metrics
     # what the fold held out (test_sessions, test_speakers, test_group, ...), then its figures
     folds = [{k: r[k] for k in ("seed", "fold", *[k for k in r if k.startswith("test_")], "n_train", "n_val",
                                  "n_test", "test", "best_epoch", "val") if k in r} for r in fold_results]
@@ -922,7 +922,7 @@ def run(config, run_dir, utterances, env, test_inputs=None):
     """Train and evaluate every fold of config['protocol'] into run_dir; -> results dict (None when paused).
     test_inputs: {name: text features} of another transcript set, which the test utterances are
     predicted from instead (--test-transcripts)."""
-    from train_function import RunPaused
+    from mmser.train_function import RunPaused
     run_dir, rank, world = Path(run_dir), env["rank"], env["world_size"]
     seeds = config.get("seeds")
     # One pass of the protocol per seed (--seeds), each in its own subfolder, or one with --seed.
@@ -977,7 +977,7 @@ def write_results(config, fold_results, run_dir, rank, show=True):
         results["first_metric"] = config["first_metric"]
     table = results_table(results, config)
     if rank == 0:
-        import validation_function
+        from mmser import validation_function
         attention = [r["attention"] for r in fold_results if r.get("attention")]
         if attention:  # the context branch's attention over every fold (and seed) at once
             validation_function.plot_pooled_attention(attention, run_dir / "attention_pooled.png",
@@ -995,7 +995,7 @@ def train_and_test(args, run_dir_checked=False):
     """Everything after the options are checked: load the data, resolve the settings once, run.
     (The demo checks its RUN_DIR itself, before it writes its corpus there: run_dir_checked.)"""
     import torch
-    from train_function import TrainingError
+    from mmser.train_function import TrainingError
     data_dir = Path(args.data_dir)
     if not (data_dir / "utterances.csv").is_file():
         raise RunError(f"{data_dir / 'utterances.csv'}: not found; DATA_DIR is the folder mocap_data_collect.py "
@@ -1044,7 +1044,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    from demo import DEMO
+    from fixtures.demo import DEMO
     d = DEFAULTS
     positional = ("context_window", "max_text_tokens", "max_audio_tokens")
     demo = ", ".join(f"{k.upper() if k in positional else '--' + k.replace('_', '-')} {v}" for k, v in DEMO.items())
@@ -1171,14 +1171,14 @@ def parse_args(argv=None, parser=None):
     parser = parser or build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if "--demo" in argv:  # the demo's own defaults; options given still override them
-        from demo import DEMO
+        from fixtures.demo import DEMO
         parser.set_defaults(**DEMO)
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--recipe", choices=sorted(RECIPES))
     name = recipe.parse_known_args(argv)[0].recipe
     settings = {}
     if name:  # the recipe's settings over main.py's (and the demo's); options given still override them
-        from recipes import recipe_settings
+        from mmser.recipes import recipe_settings
         settings = recipe_settings(name)
         # Token limits stay unset here, so that the recipe's are bounded by the encoders' positions.
         parser.set_defaults(**{k: v for k, v in settings.items() if k not in TOKEN_LIMITS},
@@ -1234,7 +1234,7 @@ def main(argv=None):
         parser.error("RUN_DIR, DATA_DIR and MODELS_DIR are required (or --demo)")
     try:
         if args.demo:
-            import demo
+            from fixtures import demo
             return demo.run_demo(args)
         return train_and_test(args)
     except RunError as error:

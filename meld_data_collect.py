@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 
 from csv_data_collect import count_table, name_rows, write_data_dir
-from data_contract import MANIFEST, SAMPLE_RATE, SPLITS
+from mmser.data_contract import MANIFEST, SAMPLE_RATE, SPLITS
 from mocap_data_collect import CorpusError, few, normalise_transcript
-from utils import AudioError
+from mmser.utils import AudioError
 
 CSV_NAMES = {split: f"{split}_sent_emo.csv" for split in SPLITS}
 CLIP_FOLDERS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}

@@ -63,8 +63,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_contract import CLASSES, CLASSES_RECORD, MANIFEST_COLUMNS, SAMPLE_RATE, classes_bytes
-from utils import AudioError, read_audio, wav_bytes, write_bytes_atomic
+from mmser.data_contract import CLASSES, CLASSES_RECORD, MANIFEST_COLUMNS, SAMPLE_RATE, classes_bytes
+from mmser.utils import AudioError, read_audio, wav_bytes, write_bytes_atomic
 
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
 SEED_CODES = {"ang": 0, "hap": 1, "exc": 2, "sad": 3, "neu": 4}

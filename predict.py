@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from concatenate_embds import context_vectors, dialogues
-from data_contract import pretrained_roles
-from utils import SILENCE_PEAK, AudioError, check_device, fingerprint, quiet_transformers, read_audio, set_threads, write_text_atomic
+from mmser.data_contract import pretrained_roles
+from mmser.utils import SILENCE_PEAK, AudioError, check_device, fingerprint, quiet_transformers, read_audio, set_threads, write_text_atomic
 
 
 
@@ -167,13 +167,13 @@ def load_extractors(config, paths, device):
     """The pretrained parts that turn a recording and its text into the run's features."""
     from transformers import AutoModel, AutoTokenizer
 
-    from fairseq_checkpoints import load_speech_dictionary, load_vq_wav2vec
+    from mmser.fairseq_checkpoints import load_speech_dictionary, load_vq_wav2vec
     branches, extractors = config["branches"], {}
     with quiet_transformers():
         if "text" in branches:
             extractors["text_tokenizer"] = AutoTokenizer.from_pretrained(paths["text_tokenizer"])
         if "speech" in branches and "speech_encoder" in paths:  # a transformers speech encoder
-            import speech_encoders
+            from mmser import speech_encoders
             extractors["speech_encoder"] = speech_encoders.load_speech_model(paths["speech_encoder"], device)
         elif "speech" in branches:
             extractors["vq_wav2vec"] = load_vq_wav2vec(paths["vq_wav2vec"]).to(device)
@@ -198,8 +198,8 @@ def featurize(rows, config, extractors, notes):
     """
     import torch
 
-    from dataset_loader import truncate_tokens
-    from fairseq_checkpoints import codes_to_string
+    from mmser.dataset_loader import truncate_tokens
+    from mmser.fairseq_checkpoints import codes_to_string
     from feature_ext import sentence_embeddings
     branches = config["branches"]
     needs_text = "text" in branches or "context" in branches
@@ -269,7 +269,7 @@ def speech_encoder_input(wav, path, speech, config):
     (frozen) or its waveform (fine-tuned); or a note saying why there is none."""
     import torch
 
-    import speech_encoders
+    from mmser import speech_encoders
     if speech_encoders.frames(speech, len(wav)) < 1:
         return f"{path}: too short for one frame of the speech encoder ({len(wav)} samples at 16 kHz)"
     if np.abs(wav).max() < SILENCE_PEAK:
@@ -284,7 +284,7 @@ def speech_encoder_input(wav, path, speech, config):
 
 def load_fold_checkpoint(path):
     """A fold's best.pt weights; a damaged file is named, whole."""
-    from train_function import TrainingError, load_checkpoint
+    from mmser.train_function import TrainingError, load_checkpoint
     try:
         return load_checkpoint(path, "retrain the fold (delete its folder and rerun main.py)")["model"]
     except TrainingError as e:
@@ -345,8 +345,8 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_d
     Rows with a recording and no text are transcribed first (transcribe_rows; --asr-model or the run's)."""
     import torch
 
-    import model_structure
-    from validation_function import predict
+    from mmser import model_structure
+    from mmser.validation_function import predict
     config, checkpoints = load_run(run_dir, fold)
     paths = check_pretrained(config, models_dir)
     device = torch.device(device)

@@ -51,7 +51,7 @@ def whisper_small(work_dir, tokens, layers=12, device="cpu", seed=0):
     use_repo_modules()
     from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperConfig, WhisperForConditionalGeneration
 
-    from tiny_models import write_tiny_whisper
+    from fixtures.tiny_models import write_tiny_whisper
     tiny = write_tiny_whisper(f"{work_dir}/tiny-whisper")
     extractor, tokenizer = AutoFeatureExtractor.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
     tiny_model = WhisperForConditionalGeneration.from_pretrained(tiny)

@@ -53,9 +53,9 @@ def corpus_shape(n):
 def make_data_dir(work_dir, n_utterances, seed=0):
     """A synthetic corpus of about n_utterances and its DATA_DIR; -> (data_dir, rows, audio seconds)."""
     use_repo_modules()
-    from data_contract import read_manifest
+    from mmser.data_contract import read_manifest
     from mocap_data_collect import collect
-    from synthetic_iemocap import make_corpus
+    from fixtures.synthetic_iemocap import make_corpus
     root, data_dir = Path(work_dir) / f"corpus{n_utterances}", Path(work_dir) / f"data{n_utterances}"
     if not (data_dir / "utterances.csv").is_file():
         dialogues, per_dialogue = corpus_shape(n_utterances)
@@ -69,7 +69,7 @@ def make_models_dir(work_dir, data_dir, rows, vq_size="tiny", seed=0, fit_wavs=6
     """tiny_models' MODELS_DIR, its codebook fitted on `fit_wavs` recordings; with vq_size='real'
     its vq-wav2vec is replaced by the real-size one."""
     use_repo_modules()
-    from tiny_models import make_tiny_models
+    from fixtures.tiny_models import make_tiny_models
     models_dir = Path(work_dir) / f"models_{vq_size}"
     if not (models_dir / "vq-wav2vec_kmeans.pt").is_file():
         wavs = [p for p in (Path(data_dir) / "Audio" / f"{r['name']}.wav" for r in rows) if p.is_file()][:fit_wavs]
@@ -137,8 +137,8 @@ def _memory_child(data_dir, models_dir, device):
     import transformers  # noqa: F401  (imported before the baseline is measured: the steps import it)
 
     import feature_extraction_main
-    from data_contract import read_manifest
-    from utils import read_audio
+    from mmser.data_contract import read_manifest
+    from mmser.utils import read_audio
     rows = read_manifest(data_dir)
     seconds = [len(read_audio(p)[0]) / 16000 for p in (Path(data_dir) / "Audio" / f"{r['name']}.wav" for r in rows)
                if p.is_file()]

@@ -45,7 +45,7 @@ def wavlm_base(layers=None, seed=0, device="cpu"):
     use_repo_modules()
     from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 
-    import speech_encoders
+    from mmser import speech_encoders
     torch.manual_seed(seed)
     config = WavLMConfig(**({"num_hidden_layers": layers} if layers else {}))
     extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
@@ -67,7 +67,7 @@ def speech_flops_per_audio_second(config, seconds):
 
 
 def _peak_memory(speech, wav, device):
-    import speech_encoders
+    from mmser import speech_encoders
     if torch.device(device).type == "cuda":
         synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -94,7 +94,7 @@ def bench_epochs(device="cpu", steps=40, warmup=2, layers=None, seed=0):
     """Epoch seconds of the speech branch alone: on cached layer means, and on vq-wav2vec tokens (cached)."""
     use_repo_modules()
     import bench_train
-    from model_structure import EmotionClassifier, SpeechLayerSum
+    from mmser.model_structure import EmotionClassifier, SpeechLayerSum
     n_layers = (layers or 12) + 1
     torch.manual_seed(seed)
     model = EmotionClassifier(speech_layer_sum=SpeechLayerSum(n_layers, 768))
@@ -115,7 +115,7 @@ def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), s
     """-> dict of figures (see the module docstring)."""
     set_threads()
     use_repo_modules()
-    import speech_encoders
+    from mmser import speech_encoders
     rng = np.random.default_rng(seed)
     speech = wavlm_base(layers, seed, device)
     wav = (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)

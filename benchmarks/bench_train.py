@@ -70,7 +70,7 @@ def roberta(size, vocab_size, dropout=0.1, layers=None):
 def build_classifier(text_size="base", speech=False, context=False, seed=0, layers=None):
     """The project's fused model with real-size random encoders; speech frozen, text fine-tuned."""
     use_repo_modules()
-    from model_structure import EmotionClassifier
+    from mmser.model_structure import EmotionClassifier
     torch.manual_seed(seed)
     return EmotionClassifier(
         text_encoder=roberta(text_size, TEXT_VOCAB, layers=layers) if text_size else None,
@@ -82,7 +82,7 @@ def build_classifier(text_size="base", speech=False, context=False, seed=0, laye
 def synthetic_utterances(n, branches=("text", "speech", "context"), seed=0):
     """Utterance dicts shaped as dataset_loader.load_utterances makes them, with IEMOCAP-like lengths."""
     use_repo_modules()
-    from dataset_loader import truncate_tokens
+    from mmser.dataset_loader import truncate_tokens
     rng = np.random.default_rng(seed)
     seconds = np.clip(rng.lognormal(math.log(3.6), 0.6, n), 0.6, 34.0)
     words = np.maximum(1, np.round(seconds * 2.5 * rng.lognormal(0.0, 0.3, n))).astype(int)
@@ -153,7 +153,7 @@ def time_speech_cache(model, utterances, device="cpu", amp_dtype=None, sample=32
     length: the encoder's cost is close to linear in the tokens at <= 310 of them.
     """
     use_repo_modules()
-    import train_function
+    from mmser import train_function
     by_length = sorted(utterances, key=lambda u: len(u["speech_ids"]))
     middle = len(by_length) // 2
     chosen = [dict(u) for u in by_length[max(0, middle - sample // 2):middle + sample - sample // 2]]
@@ -181,8 +181,8 @@ def train_steps(model, utterances, device="cpu", amp_dtype=None, group_by_length
     with cache_speech, the measured seconds per utterance of the one-time speech cache.
     """
     use_repo_modules()
-    import dataset_loader
-    import train_function
+    from mmser import dataset_loader
+    from mmser import train_function
     utterances = [dict(u) for u in utterances]  # the cache writes into the dicts
     cache_s_per_utterance = None
     if cache_speech:
@@ -235,7 +235,7 @@ def bf16_unavailable(device):
     rows, which measure a precision nobody should train in on that CPU.
     """
     use_repo_modules()
-    import utils
+    from mmser import utils
     if torch.device(device).type == "cpu" and not utils.cpu_has_native_bf16():
         return "this CPU has no bf16 instructions (avx512_bf16, amx_bf16): emulated bf16 runs slower than fp32"
     # Asked, not probed with a product: a probe's RuntimeError could as well be the GPU out of memory.

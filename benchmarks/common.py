@@ -138,7 +138,7 @@ def machine_info(device="cpu"):
     import numpy
     import transformers
     use_repo_modules()
-    from utils import cpu_has_native_bf16
+    from mmser.utils import cpu_has_native_bf16
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),

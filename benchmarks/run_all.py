@@ -110,7 +110,7 @@ def main(argv=None):
     results = run_all(args.device, args.quick)
     if out:
         use_repo_modules()
-        from utils import write_text_atomic
+        from mmser.utils import write_text_atomic
         write_text_atomic(Path(out), json.dumps(results, indent=2, default=str) + "\n")
     print("\ntargets")
     for key, m in results["targets"].items():

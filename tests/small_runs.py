@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 import main
-from data_contract import CLASSES, MANIFEST_COLUMNS
-from model_structure import EmotionClassifier, load_speech_encoder, load_text_encoder
+from mmser.data_contract import CLASSES, MANIFEST_COLUMNS
+from mmser.model_structure import EmotionClassifier, load_speech_encoder, load_text_encoder
 
 SPEECH_CHECKPOINT = Path(__file__).parent / "data" / "fairseq_reference" / "bert_kmeans"
 TEXT_VOCAB = 64

@@ -19,12 +19,12 @@ import feature_ext
 import main
 import mocap_data_collect
 import predict
-import synthetic_iemocap
-from data_contract import SAMPLE_RATE, read_features_record, read_manifest, transcript_set
+from fixtures import synthetic_iemocap
+from mmser.data_contract import SAMPLE_RATE, read_features_record, read_manifest, transcript_set
 from feature_ext import normalise_for_wer, read_transcript, transcribe, word_errors
 from small_runs import SMALL, read_csv
-from tiny_models import make_tiny_bert, make_tiny_roberta, write_tiny_whisper
-from utils import write_text_atomic
+from fixtures.tiny_models import make_tiny_bert, make_tiny_roberta, write_tiny_whisper
+from mmser.utils import write_text_atomic
 
 SILENT = 3  # the manifest row whose audio the fixture replaces with silence
 

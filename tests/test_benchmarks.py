@@ -23,7 +23,7 @@ import bench_train  # noqa: E402
 import bench_vq  # noqa: E402
 import common  # noqa: E402
 import run_all  # noqa: E402
-import utils  # noqa: E402
+from mmser import utils  # noqa: E402
 
 TOY_CONV = [(16, 10, 5), (16, 8, 4)] + [(16, 4, 2)] * 3 + [(16, 1, 1)] * 3
 TOY_ROBERTA = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}

@@ -13,8 +13,8 @@ import csv_data_collect
 import feature_extraction_main
 import main
 import predict
-import synthetic_iemocap
-from data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
+from fixtures import synthetic_iemocap
+from mmser.data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
 from mocap_data_collect import CorpusError
 from small_runs import SMALL, read_csv
 

@@ -11,10 +11,10 @@ import torch.distributed as dist
 
 import feature_ext
 import main
-import speech_encoders
-import tiny_models
-import train_function
-from fairseq_checkpoints import load_vq_wav2vec
+from mmser import speech_encoders
+from fixtures import tiny_models
+from mmser import train_function
+from mmser.fairseq_checkpoints import load_vq_wav2vec
 from test_fairseq_loading import CASES, REF, VQ_FILES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -77,8 +77,8 @@ def test_cpu_side_collectives_work_beside_nccl(tmp_path):
 def test_speech_encoder_layer_means_on_cuda_are_the_cpu_s_and_fine_tuning_runs_under_bf16(tmp_path, precision_settings):
     """Layer means in fp32 on the GPU (TF32 switched on for the rest of the process, as transformers'
     enable_tf32 sets it) equal the CPU's; the fine-tuning path trains a step under bf16 autocast."""
-    from dataset_loader import collate_utterances
-    from model_structure import load_speech_layer_sum
+    from mmser.dataset_loader import collate_utterances
+    from mmser.model_structure import load_speech_layer_sum
     torch.backends.fp32_precision = "tf32"
     wav = (0.1 * np.random.default_rng(0).standard_normal(40000)).astype(np.float32)
     for family in ("wavlm", "whisper"):

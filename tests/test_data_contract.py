@@ -1,9 +1,9 @@
 """The data contract's tables and readers: one place that every stage asks."""
 import pytest
 
-import data_contract
+from mmser import data_contract
 from concatenate_embds import dialogues
-from data_contract import (BRANCHES, CLASSES, MANIFEST_COLUMNS, STEPS, DataError, branch_steps, feature_path,
+from mmser.data_contract import (BRANCHES, CLASSES, MANIFEST_COLUMNS, STEPS, DataError, branch_steps, feature_path,
                            label_set, pretrained_roles, read_manifest)
 
 
@@ -57,7 +57,7 @@ def test_dialogues_group_equal_keys_in_order_and_leave_others_alone():
 
 
 def test_model_tag_names_one_folder_per_model(tmp_path):
-    from data_contract import model_tag
+    from mmser.data_contract import model_tag
     assert model_tag("microsoft/wavlm-large") == "microsoft--wavlm-large"
     assert model_tag("roberta-large") == "roberta-large"
     local = tmp_path / "my wavlm"
@@ -68,7 +68,7 @@ def test_model_tag_names_one_folder_per_model(tmp_path):
 
 
 def test_qualified_step_instances_have_folders_of_their_own(tmp_path, monkeypatch):
-    from data_contract import Step, feature_folder, qualified_step, split_step
+    from mmser.data_contract import Step, feature_folder, qualified_step, split_step
     monkeypatch.setitem(STEPS, "layers", Step(None, "labelled", ("encoder",), per_model="Layers-{model}"))
     name = qualified_step("layers", "wavlm-large", "ASR-whisper")
     assert name == "ASR-whisper/layers@wavlm-large"
@@ -84,7 +84,7 @@ def test_qualified_step_instances_have_folders_of_their_own(tmp_path, monkeypatc
 
 
 def test_other_text_and_sentence_models_and_mean_pooling_have_folders_of_their_own(tmp_path):
-    from data_contract import feature_folder, instance_tag, sentence_tag, text_models
+    from mmser.data_contract import feature_folder, instance_tag, sentence_tag, text_models
     local = tmp_path / "roberta-large"
     local.mkdir()
     # The original models keep the original folders, however they are named.

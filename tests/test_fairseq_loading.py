@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import fairseq_checkpoints
-from fairseq_checkpoints import (codes_to_string, load_fairseq_roberta, load_speech_dictionary,
+from mmser import fairseq_checkpoints
+from mmser.fairseq_checkpoints import (codes_to_string, load_fairseq_roberta, load_speech_dictionary,
                          load_vq_wav2vec, parse_conv_spec, safe_torch_load)
 
 REF = Path(__file__).parent / "data" / "fairseq_reference"

@@ -13,17 +13,17 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import concatenate_embds
-import data_contract
+from mmser import data_contract
 import feature_ext
 import feature_extraction_main
 import main
 import mocap_data_collect
-import synthetic_iemocap
+from fixtures import synthetic_iemocap
 from concatenate_embds import context_vectors
-from fairseq_checkpoints import codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec
+from mmser.fairseq_checkpoints import codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec
 from feature_ext import resolve_model, sentence_embeddings
-from tiny_models import make_tiny_bert, make_tiny_models
-from utils import fingerprint
+from fixtures.tiny_models import make_tiny_bert, make_tiny_models
+from mmser.utils import fingerprint
 
 CONTEXTS = (1, 2, 3)
 
@@ -346,7 +346,7 @@ def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp
 
 
 def test_audio_windows_cut_long_audio_into_consecutive_30_s_windows():
-    from utils import audio_windows
+    from mmser.utils import audio_windows
     samples = np.arange(16000 * 65)
     windows = audio_windows(samples)
     assert [len(w) for w in windows] == [480000, 480000, 80000]

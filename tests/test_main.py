@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import main
-import train_function
+from mmser import train_function
 from small_runs import (SMALL, checkpoint_weights, fold_result, manifest, read_csv, run_like_the_demo,
                         run_main)
 

@@ -13,8 +13,8 @@ import feature_extraction_main
 import main
 import meld_data_collect
 import predict
-import synthetic_meld
-from data_contract import read_classes, read_manifest
+from fixtures import synthetic_meld
+from mmser.data_contract import read_classes, read_manifest
 from mocap_data_collect import CorpusError, normalise_transcript
 from small_runs import SMALL, read_csv
 

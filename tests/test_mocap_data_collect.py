@@ -11,12 +11,12 @@ import pytest
 import soundfile as sf
 
 import mocap_data_collect as mdc
-from data_contract import CLASSES, MANIFEST_COLUMNS, read_manifest
+from mmser.data_contract import CLASSES, MANIFEST_COLUMNS, read_manifest
 from mocap_data_collect import LABEL_OF_EMOTION, SEED_CODES, CorpusError, collect
-from synthetic_iemocap import make_corpus
-import utils
+from fixtures.synthetic_iemocap import make_corpus
+from mmser import utils
 from small_runs import interrupting
-from utils import cut_off_wav
+from mmser.utils import cut_off_wav
 
 
 def run(root, data_dir, **kwargs):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import RobertaConfig, RobertaModel
 
-from dataset_loader import collate_utterances, load_utterances
-from model_structure import EmotionClassifier, TimeAsynchronousBranch, build_model, load_trained_model
+from mmser.dataset_loader import collate_utterances, load_utterances
+from mmser.model_structure import EmotionClassifier, TimeAsynchronousBranch, build_model, load_trained_model
 from small_runs import tiny_model
-from dataset_loader import model_inputs
+from mmser.dataset_loader import model_inputs
 
 
 

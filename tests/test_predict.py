@@ -13,7 +13,7 @@ from scipy.signal import resample_poly
 
 import feature_ext
 import predict
-from model_structure import load_speech_encoder
+from mmser.model_structure import load_speech_encoder
 from small_runs import checkpoint_weights, manifest, read_csv, run_like_the_demo
 
 

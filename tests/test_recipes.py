@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import main
-import recipes
-import validation_function
-
+from mmser import recipes
+from mmser import validation_function
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import transformers
 
-import data_contract
+from mmser import data_contract
 import feature_ext
 import main
-import model_structure
-import speech_encoders
-import tiny_models
-from dataset_loader import collate_utterances
+from mmser import model_structure
+from mmser import speech_encoders
+from fixtures import tiny_models
+from mmser.dataset_loader import collate_utterances
 from small_runs import fold_result, run_like_the_demo
 from test_predict import assert_session5_predictions_equal_the_evaluation
 
@@ -62,7 +62,7 @@ def test_a_wavlm_folder_made_elsewhere_goes_through_extraction_training_and_pred
     out = data_dir / "SpeechLayers-my-wavlm"
     written = sorted(out.glob("*.npy"))
     assert len(written) == len(list((data_dir / "Audio").glob("*.wav")))
-    from utils import read_audio
+    from mmser.utils import read_audio
     for path in written[:3]:
         cached = np.load(path)
         assert cached.dtype == np.float32 and cached.shape == (3, 32)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import synthetic_iemocap
-from synthetic_iemocap import EMOTION_CODES, TRUTH_FILE, load_truth, main, make_corpus
+from fixtures import synthetic_iemocap
+from fixtures.synthetic_iemocap import EMOTION_CODES, TRUTH_FILE, load_truth, main, make_corpus
 
 TARGETS = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
 
@@ -251,7 +251,7 @@ def test_cli_says_in_one_line_when_the_folder_cannot_be_made(tmp_path, capsys):
 
 
 def test_an_interrupted_corpus_is_replaced_by_the_rerun(tmp_path, monkeypatch):
-    import synthetic_iemocap
+    from fixtures import synthetic_iemocap
     from small_runs import interrupting
 
     at_the_3rd_file = interrupting(synthetic_iemocap.write_text_atomic, at_call=3)

@@ -14,14 +14,14 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import concatenate_embds
-import data_contract
+from mmser import data_contract
 import feature_ext
 import main
 import predict
-from dataset_loader import pad_tokens
-from model_structure import EmotionClassifier, load_text_encoder
+from mmser.dataset_loader import pad_tokens
+from mmser.model_structure import EmotionClassifier, load_text_encoder
 from small_runs import SMALL, read_csv, write_feature_dir
-from tiny_models import make_tiny_text_encoder
+from fixtures.tiny_models import make_tiny_text_encoder
 
 FAMILIES = ("bert", "electra", "deberta-v2")
 

@@ -7,9 +7,9 @@ import pytest
 import soundfile as sf
 
 from mocap_data_collect import collect
-from synthetic_iemocap import make_corpus
-import tiny_models
-from tiny_models import MARKER, MODEL_NAMES, main, make_tiny_models
+from fixtures.synthetic_iemocap import make_corpus
+from fixtures import tiny_models
+from fixtures.tiny_models import MARKER, MODEL_NAMES, main, make_tiny_models
 
 
 @pytest.fixture(scope="module")

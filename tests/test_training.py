@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import dataset_loader
-import train_function
-import validation_function
-from dataset_loader import EOS, PAD, collate_utterances, load_utterances, pad_tokens, truncate_tokens
-from data_contract import CLASSES, DataError
+from mmser import dataset_loader
+from mmser import train_function
+from mmser import validation_function
+from mmser.dataset_loader import EOS, PAD, collate_utterances, load_utterances, pad_tokens, truncate_tokens
+from mmser.data_contract import CLASSES, DataError
 from small_runs import tiny_model, write_feature_dir
 
 

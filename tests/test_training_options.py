@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from data_contract import CLASSES
+from mmser.data_contract import CLASSES
 from small_runs import checkpoint_weights, fold_result, manifest, read_csv, run_main, write_feature_dir
 
 # Settings under which validation UA improves after the first epoch, then stalls: newbob gives

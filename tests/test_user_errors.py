@@ -13,11 +13,11 @@ from sklearn.metrics import f1_score
 
 import feature_ext
 import feature_extraction_main
-import fairseq_checkpoints
+from mmser import fairseq_checkpoints
 import main
 import predict
-import train_function
-from data_contract import MANIFEST_COLUMNS, read_manifest
+from mmser import train_function
+from mmser.data_contract import MANIFEST_COLUMNS, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_OPTIONS = ["--demo", "--branches", "text,context", "--epochs", "2", "--device", "cpu"]
@@ -167,12 +167,14 @@ def test_a_moved_models_folder_is_found_with_models_dir_and_still_checked(demo, 
 
 
 @pytest.mark.parametrize("script", ["main.py", "predict.py", "feature_ext.py", "feature_extraction_main.py",
-                                    "concatenate_embds.py", "mocap_data_collect.py", "synthetic_iemocap.py",
-                                    "tiny_models.py"])
+                                    "concatenate_embds.py", "mocap_data_collect.py", "fixtures.synthetic_iemocap",
+                                    "fixtures.tiny_models"])
 def test_help_answers_without_loading_torch(script):
     """--help and argument errors come before torch, transformers and scikit-learn load (seconds)."""
+    run = (f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')" if script.endswith(".py") else
+           f"runpy.run_module({script!r}, run_name='__main__')")  # a fixture: python -m fixtures.NAME
     code = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
-            f"try:\n    runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n"
+            f"try:\n    {run}\n"
             f"except SystemExit:\n    pass\n"
             f"print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_contract import SAMPLE_RATE
+from mmser.data_contract import SAMPLE_RATE
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; put it straight back

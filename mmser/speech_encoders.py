@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_contract import SAMPLE_RATE, speech_step
-from utils import audio_windows, quiet_transformers
+from mmser.data_contract import SAMPLE_RATE, speech_step
+from mmser.utils import audio_windows, quiet_transformers
 
 # model_type -> the family's name, as a user reads it
 FAMILIES = {"wavlm": "WavLM", "hubert": "HuBERT", "wav2vec2": "wav2vec 2.0", "data2vec-audio": "data2vec-audio",
@@ -141,7 +141,7 @@ def layer_means(speech, wav):
     state, the embedding output first; `wav` alone, in fp32 and inference mode."""
     import torch
 
-    from fairseq_checkpoints import full_fp32_precision
+    from mmser.fairseq_checkpoints import full_fp32_precision
     if frames(speech, len(wav)) < 1:
         raise ValueError(f"{len(wav)} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder")
     # fp32 on a GPU too: cuDNN's convolutions run in TF32 by default, which a cached feature would keep.

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fairseq_checkpoints import load_fairseq_roberta
-from utils import quiet_transformers
+from mmser.fairseq_checkpoints import load_fairseq_roberta
+from mmser.utils import quiet_transformers
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -71,7 +71,7 @@ class SpeechLayerSum(nn.Module):
     def forward(self, layers=None, wave=None, wave_mask=None):
         """layers (B, layers + 1, hidden), or wave and wave_mask (B, samples) -> (B, hidden)."""
         if layers is None:
-            import speech_encoders
+            from mmser import speech_encoders
             layers = speech_encoders.pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask,
                                                    self.whisper_features)
         return (self.layer_weights()[None, :, None] * layers.float()).sum(1)
@@ -192,7 +192,7 @@ def load_text_encoder(name_or_path):
     with it is dropped by EmotionClassifier, which takes the first token's last hidden state)."""
     from transformers import AutoConfig, AutoModel, RobertaModel
 
-    from data_contract import TEXT_ENCODERS
+    from mmser.data_contract import TEXT_ENCODERS
     # The checkpoint's pooler / lm_head weights are not wanted here; a load report listing them
     # as unexpected would only alarm the reader.
     with quiet_transformers():
@@ -224,7 +224,7 @@ def load_speech_encoder(path):
 def load_speech_layer_sum(speech_model, finetune=False, gradient_checkpointing=False):
     """The weighted layer sum over a transformers speech encoder: without the encoder when frozen
     (its layer means are cached), with it, its feature encoder frozen, when fine-tuned."""
-    import speech_encoders
+    from mmser import speech_encoders
     if not finetune:
         from transformers import AutoConfig
         speech_encoders.speech_kind(speech_model)  # refuses what is not a speech encoder, saying what it is
@@ -255,7 +255,7 @@ def build_model(config):
     Needs config keys: branches, text_model, speech_model, context_window, context_width,
     finetune_text, finetune_speech, fusion_hidden, classes.
     """
-    from data_contract import speech_step
+    from mmser.data_contract import speech_step
     branches = config["branches"]
     fairseq_speech = speech_step(config["speech_model"]) == "speech-tokens"
     layer_sum = None

@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path, label_set,
+from mmser.data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path, label_set,
                            read_classes, read_manifest)
-from utils import length_sorted_batches
+from mmser.utils import length_sorted_batches
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
 
@@ -56,8 +56,8 @@ def _speech_encoder_input(data_dir, name, path, speech_waves):
     """A transformers speech encoder's input: {"speech_layers": (layers + 1, hidden)} from its folder, or
     {"speech_wave": samples} from Audio/ when fine-tuning."""
     if speech_waves is not None:
-        import speech_encoders
-        from utils import AudioError, read_audio
+        from mmser import speech_encoders
+        from mmser.utils import AudioError, read_audio
         try:
             wav, _ = read_audio(Path(data_dir) / "Audio" / f"{name}.wav")
         except AudioError as error:

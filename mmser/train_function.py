@@ -23,10 +23,10 @@ from tqdm import tqdm
 from transformers import (get_constant_schedule, get_linear_schedule_with_warmup,
                           get_polynomial_decay_schedule_with_warmup)
 
-import model_structure
-import validation_function
-from dataset_loader import gather_from_ranks, map_utterances, model_inputs, training_loader
-from utils import atomic_path
+from mmser import model_structure
+from mmser import validation_function
+from mmser.dataset_loader import gather_from_ranks, map_utterances, model_inputs, training_loader
+from mmser.utils import atomic_path
 
 log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log), set up by main.py
 
@@ -278,8 +278,8 @@ def check_lengths(model, utterances):
     """An encoder's learned positions stop at model_structure.text_token_limit (RoBERTa's at
     max_position_embeddings - 2, fairseq's padding offset), and its ids at its vocabulary's size
     (ids beyond it: features of another tokenizer)."""
-    from data_contract import BRANCHES
-    from model_structure import text_token_limit
+    from mmser.data_contract import BRANCHES
+    from mmser.model_structure import text_token_limit
     for branch in ("text", "speech"):
         encoder, key = getattr(model, f"{branch}_encoder"), BRANCHES[branch].key
         if encoder is None:

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, confusion_matrix, f1_score,
                              recall_score)
 
-from data_contract import CLASSES
-from dataset_loader import map_utterances, model_inputs
-from utils import atomic_path
+from mmser.data_contract import CLASSES
+from mmser.dataset_loader import map_utterances, model_inputs
+from mmser.utils import atomic_path
 
 
 def compute_metrics(y_true, y_pred, classes=CLASSES):
