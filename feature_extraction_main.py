@@ -19,33 +19,11 @@ is 1 when anything failed.
 import argparse
 import sys
 
-from concatenate_embds import write_context_vectors
-from mmser.data_contract import sentence_tag, transcript_set
-from feature_ext import EXTRACTORS, add_model_arguments, asr_model_name, check_folders, format_summary, resolve_model, run_step
+from mmser.asr import asr_model_name
+from mmser.extraction import format_summary
+from mmser.options import add_model_arguments, check_folders
+from mmser.steps import CONTEXTS, extract_features
 from mmser.utils import set_threads
-
-CONTEXTS = (1, 2, 3)
-
-
-def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-                     contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls", asr_model=None,
-                     speech_model=None):
-    """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports.
-    Another text or sentence model, or mean pooling, writes folders of its own (feature_ext.py).
-    With asr_model: then its transcripts, and the text features and context vectors of that set too.
-    With a transformers speech_model, its layer means instead of the speech tokens."""
-    reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
-                        sentence_pooling, speech_model=speech_model) for step in EXTRACTORS]
-    tag = sentence_tag(sentence_model or resolve_model(models_dir, "bert-base-uncased"), sentence_pooling)
-    reports += write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag)
-    if asr_model is None:
-        return reports
-    transcripts = transcript_set(asr_model)
-    reports.append(run_step("transcripts", data_dir, models_dir, device=device, overwrite=overwrite, progress=progress,
-                            asr_model=asr_model))
-    reports += [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
-                         sentence_pooling, transcripts) for step in ("text-tokens", "sentence-embeddings")]
-    return reports + write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag, transcripts=transcripts)
 
 
 def main(argv=None):

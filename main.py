@@ -241,7 +241,7 @@ def text_encoder_settings(args, branches):
     read). The text encoder must be one the branch takes (one line saying what it is otherwise; its
     positions bound MAX_TEXT_TOKENS in resolve_token_limits); a per-model folder that is not there is
     refused with one line naming it and the command that makes it."""
-    from feature_ext import FeatureError, text_encoder_config
+    from mmser.extraction import FeatureError, text_encoder_config
     text_model = model_paths(args)[0]
     if "text" in branches:
         try:

@@ -7,7 +7,7 @@ Writes only into a temporary folder (tiny_models.write_tiny_whisper's tokenizer,
 and generation config). The model is WhisperForConditionalGeneration at openai/whisper-small's sizes
 (d_model 768, 12 encoder and 12 decoder layers, 12 heads, FFN 3072, 80 mel bins, a 51865-token
 vocabulary: 242M parameters) with random weights, which cost what trained ones cost, run through
-feature_ext.transcribe exactly as the transcripts step runs it (English, transcribe, greedy, no
+asr.transcribe exactly as the transcripts step runs it (English, transcribe, greedy, no
 timestamps, 30-s windows, --batch-size windows per generate call).
 
 A random model never ends a transcript by itself, so each window decodes exactly --tokens tokens
@@ -71,7 +71,7 @@ def whisper_small(work_dir, tokens, layers=12, device="cpu", seed=0):
 
 def bench_asr(device="cpu", utterances=8, seconds=5.0, tokens=24, batch_size=8, layers=12):
     use_repo_modules()
-    from feature_ext import transcribe
+    from mmser.asr import transcribe
     set_threads()
     wavs = synthetic_utterances(utterances, seconds)
     with tempfile.TemporaryDirectory() as work_dir:

@@ -7,13 +7,13 @@ Writes only into a temporary folder (or --work-dir): synthetic corpora made by
 synthetic_iemocap.make_corpus, their DATA_DIRs by mocap_data_collect.collect, and a MODELS_DIR by
 tiny_models.make_tiny_models.
 
-Throughput: feature_ext.sentence_embeddings (the batched, length-sorted step) with a randomly
+Throughput: text_features.sentence_embeddings (the batched, length-sorted step) with a randomly
 initialised BERT-base-sized model (12 layers, 768 wide) on the corpus's transcripts, in
 utterances per second and GFLOP/s (forward FLOPs 2*N*T + 4*L*d*T^2 per sequence on its real
 tokens, N the transformer-layer parameters) against a dense fp32 matmul measured in the same run;
-and feature_ext.extract_text_tokens (tokenizer, files written atomically) in utterances per second.
+and text_features.extract_text_tokens (tokenizer, files written atomically) in utterances per second.
 
-Peak memory: each corpus size runs feature_extraction_main.extract_features (every step: speech
+Peak memory: each corpus size runs steps.extract_features (every step: speech
 tokens, text tokens, sentence embeddings, context vectors) in a fresh Python process, which
 reports its resident set before the steps and its peak during them. The steps work one
 utterance (or one batch) at a time, so the peak should follow the longest utterance, not the
@@ -91,9 +91,9 @@ def bert_base(vocab_size=30522, seed=0, layers=None):
 
 
 def bench_sentence_embeddings(texts, tokenizer, device="cpu", repeat=2, layers=None, peak_seconds=1.5):
-    """Utterances/s and GFLOP/s of feature_ext.sentence_embeddings with a BERT-base-sized model."""
+    """Utterances/s and GFLOP/s of text_features.sentence_embeddings with a BERT-base-sized model."""
     use_repo_modules()
-    from feature_ext import sentence_embeddings
+    from mmser.text_features import sentence_embeddings
     model = bert_base(layers=layers).to(device)
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     n = sum(p.numel() for p in model.encoder.parameters())
@@ -117,7 +117,7 @@ def bench_sentence_embeddings(texts, tokenizer, device="cpu", repeat=2, layers=N
 def bench_text_tokens(data_dir, models_dir):
     """Utterances/s of the real text-token step (tokenize, write one .npy per utterance)."""
     use_repo_modules()
-    from feature_ext import extract_text_tokens
+    from mmser.text_features import extract_text_tokens
     start = time.perf_counter()
     report = extract_text_tokens(data_dir, models_dir, overwrite=True, progress=False)
     elapsed = time.perf_counter() - start
@@ -135,8 +135,7 @@ def _memory_child(data_dir, models_dir, device):
     torch.set_num_threads(1)
     use_repo_modules()
     import transformers  # noqa: F401  (imported before the baseline is measured: the steps import it)
-
-    import feature_extraction_main
+    from mmser import steps
     from mmser.data_contract import read_manifest
     from mmser.utils import read_audio
     rows = read_manifest(data_dir)
@@ -146,7 +145,7 @@ def _memory_child(data_dir, models_dir, device):
     before = rss_mb()
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        reports = feature_extraction_main.extract_features(data_dir, models_dir, device=device, overwrite=True,
+        reports = steps.extract_features(data_dir, models_dir, device=device, overwrite=True,
                                                            progress=False)
     failed = [f"{r.step}: {r.error or r.failed[:2]}" for r in reports if not r.ok]
     print(json.dumps({"utterances": len(rows), "with_audio": len(seconds), "audio_s_total": sum(seconds),

@@ -21,10 +21,12 @@ import mocap_data_collect
 import predict
 from fixtures import synthetic_iemocap
 from mmser.data_contract import SAMPLE_RATE, read_features_record, read_manifest, transcript_set
-from feature_ext import normalise_for_wer, read_transcript, transcribe, word_errors
+from mmser.asr import normalise_for_wer, transcribe, word_errors
+from mmser.extraction import read_transcript
 from small_runs import SMALL, read_csv
 from fixtures.tiny_models import make_tiny_bert, make_tiny_roberta, write_tiny_whisper
 from mmser.utils import write_text_atomic
+from mmser import asr as asr_module, extraction
 
 SILENT = 3  # the manifest row whose audio the fixture replaces with silence
 
@@ -91,7 +93,7 @@ def test_each_transcript_is_whispers_own_greedy_generate(asr):
 
 def test_a_long_recording_is_transcribed_in_30_s_windows_and_silence_is_empty(asr):
     whisper = asr["whisper"]
-    asr_parts = feature_ext.load_asr(str(whisper))
+    asr_parts = asr_module.load_asr(str(whisper))
     rng = np.random.default_rng(0)
     long = (0.1 * rng.standard_normal(65 * SAMPLE_RATE)).astype(np.float32)
     windows = [long[:30 * SAMPLE_RATE], long[30 * SAMPLE_RATE:60 * SAMPLE_RATE], long[60 * SAMPLE_RATE:]]
@@ -136,8 +138,8 @@ def test_wer_of_transcripts_with_known_errors(asr, tmp_path):
     words = normalise_for_wer(first["transcript"]).split()
     write_text_atomic(tmp_path / "ASR-known" / "Text" / f"{first['name']}.txt", " ".join(words[1:]))
     write_text_atomic(tmp_path / "ASR-known" / "Text" / f"{second['name']}.txt", "")
-    report = feature_ext.StepReport("transcripts@known")
-    wer = feature_ext.write_wer(tmp_path, rows, "known", report)
+    report = extraction.StepReport("transcripts@known")
+    wer = asr_module.write_wer(tmp_path, rows, "known", report)
     session_words = sum(len(normalise_for_wer(r["transcript"]).split()) for r in rows if r["session"] == 2)
     missed = 1 + len(normalise_for_wer(second["transcript"]).split())
     assert wer["sessions"]["2"]["deletions"] == missed and wer["sessions"]["2"]["wer"] == missed / session_words

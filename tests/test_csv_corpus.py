@@ -10,13 +10,13 @@ import pytest
 import soundfile as sf
 
 import csv_data_collect
-import feature_extraction_main
 import main
 import predict
 from fixtures import synthetic_iemocap
 from mmser.data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
 from mocap_data_collect import CorpusError
 from small_runs import SMALL, read_csv
+from mmser import steps
 
 VOICE_OF = {"calm": "neu", "cross": "ang", "low": "sad"}  # the corpus's own labels, voiced as IEMOCAP's
 
@@ -151,7 +151,7 @@ def test_a_csv_corpus_of_its_own_three_labels_through_the_pipeline_and_predict(d
     assert "calm" in printed.splitlines()[0]
 
     # Features with the demo's tiny models, then folds over the group column, then predict.py.
-    reports = feature_extraction_main.extract_features(data_dir, demo["run_dir"] / "models", contexts=[1],
+    reports = steps.extract_features(data_dir, demo["run_dir"] / "models", contexts=[1],
                                                        progress=False)
     assert all(r.ok for r in reports)
     with contextlib.redirect_stdout(io.StringIO()):

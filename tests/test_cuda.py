@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
-import feature_ext
 import main
 from mmser import speech_encoders
 from fixtures import tiny_models
 from mmser import train_function
 from mmser.fairseq_checkpoints import load_vq_wav2vec
 from test_fairseq_loading import CASES, REF, VQ_FILES
+from mmser import extraction, steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -36,9 +35,9 @@ def test_extraction_and_bf16_training_on_cuda(demo_run, tmp_path):
     run_dir = demo_run[0]
     data_dir = tmp_path / "data"
     shutil.copytree(run_dir / "data", data_dir)
-    for step in feature_ext.EXTRACTORS:
-        report = feature_ext.run_step(step, data_dir, run_dir / "models", device="cuda", overwrite=True, progress=False)
-        assert report.ok, feature_ext.format_summary([report])
+    for step in steps.EXTRACTORS:
+        report = steps.run_step(step, data_dir, run_dir / "models", device="cuda", overwrite=True, progress=False)
+        assert report.ok, extraction.format_summary([report])
     for name in sorted((run_dir / "data" / "vqw2vTokens").glob("*.npy"))[:50]:
         assert np.array_equal(np.load(name), np.load(data_dir / "vqw2vTokens" / name.name)), name.name
     for name in sorted((run_dir / "data" / "BertEmb").glob("*.npy"))[:50]:

@@ -2,7 +2,7 @@
 import pytest
 
 from mmser import data_contract
-from concatenate_embds import dialogues
+from mmser.context import dialogues
 from mmser.data_contract import (BRANCHES, CLASSES, MANIFEST_COLUMNS, STEPS, DataError, branch_steps, feature_path,
                            label_set, pretrained_roles, read_manifest)
 

@@ -19,18 +19,20 @@ import feature_extraction_main
 import main
 import mocap_data_collect
 from fixtures import synthetic_iemocap
-from concatenate_embds import context_vectors
+from mmser.context import context_vectors
 from mmser.fairseq_checkpoints import codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec
-from feature_ext import resolve_model, sentence_embeddings
+from mmser.extraction import resolve_model
+from mmser.text_features import sentence_embeddings
 from fixtures.tiny_models import make_tiny_bert, make_tiny_models
 from mmser.utils import fingerprint
+from mmser import context, extraction, speech_features, steps, text_features
 
 CONTEXTS = (1, 2, 3)
 
 
 def dialogues_of(rows):
     """The manifest's rows by dialogue, as concatenate_embds groups them."""
-    return [[rows[i] for i in group] for group in concatenate_embds.dialogues([(r["session"], r["dialog"]) for r in rows])]
+    return [[rows[i] for i in group] for group in context.dialogues([(r["session"], r["dialog"]) for r in rows])]
 
 
 
@@ -44,7 +46,7 @@ def extracted(tmp_path_factory):
     # Some of the audio is enough to fit the tiny codebook; codes it never saw become <unk>.
     wavs = sorted((data_dir / "Audio").glob("*.wav"))[:30]
     models = make_tiny_models(root / "models", [r["transcript"] for r in rows], wavs, seed=0)
-    reports = feature_extraction_main.extract_features(data_dir, root / "models", progress=False)
+    reports = steps.extract_features(data_dir, root / "models", progress=False)
     return {"root": root, "data_dir": data_dir, "models_dir": root / "models", "models": models,
             "rows": rows, "wavs": wavs, "reports": reports}
 
@@ -55,7 +57,7 @@ def _copy_data_dir(extracted, tmp_path):
 
 def test_every_step_writes_what_the_contract_says(extracted):
     data_dir, rows = extracted["data_dir"], extracted["rows"]
-    assert all(r.ok for r in extracted["reports"]), feature_ext.format_summary(extracted["reports"])
+    assert all(r.ok for r in extracted["reports"]), extraction.format_summary(extracted["reports"])
     labelled = [r["name"] for r in rows if r["label"]]
     assert 0 < len(labelled) < len(rows)
     width = AutoModel.from_pretrained(extracted["models"]["sentence_model"]).config.hidden_size
@@ -144,7 +146,7 @@ def test_rerun_skips_valid_outputs_and_redoes_corrupted_ones(extracted, tmp_path
     (data_dir / "FullBertEmb2" / f"{other}.npy").unlink()
     before = np.load(extracted["data_dir"] / "vqw2vTokens" / f"{labelled}.npy")
 
-    reports = {r.step: r for r in feature_extraction_main.extract_features(
+    reports = {r.step: r for r in steps.extract_features(
         data_dir, extracted["models_dir"], progress=False)}
     assert all(r.ok for r in reports.values())
     n_rows, n_labelled = len(extracted["rows"]), sum(1 for r in extracted["rows"] if r["label"])
@@ -162,7 +164,7 @@ def test_recomputed_sentence_embeddings_leave_no_stale_context_vector(extracted,
     changed = dialogue[3]["name"]  # as if another sentence model had made it
     embedding = np.load(data_dir / "BertEmb" / f"{changed}.npy")
     np.save(data_dir / "BertEmb" / f"{changed}.npy", embedding + 1)
-    (report,) = concatenate_embds.write_context_vectors(data_dir, [2], progress=False)
+    (report,) = context.write_context_vectors(data_dir, [2], progress=False)
     assert (report.written, report.skipped) == (5, len(rows) - 5)  # the windows that hold it: 1..5
     slots = np.load(data_dir / "FullBertEmb2" / f"{changed}.npy").reshape(5, -1)
     assert np.array_equal(slots[2], embedding + 1)
@@ -217,16 +219,16 @@ def test_bad_inputs_are_named_and_the_rest_is_written(extracted, tmp_path, capsy
 def test_without_sentence_embeddings_the_context_step_says_so_once(extracted, tmp_path):
     data_dir = _copy_data_dir(extracted, tmp_path)
     shutil.rmtree(data_dir / "BertEmb")
-    (report,) = concatenate_embds.write_context_vectors(data_dir, [1], progress=False)
+    (report,) = context.write_context_vectors(data_dir, [1], progress=False)
     assert "no valid sentence embedding; run the sentence-embeddings step first" in report.error
     assert not report.failed and report.written == 0
 
 
 def test_the_summary_lists_the_first_failures_and_counts_the_rest():
-    report = feature_ext.StepReport("text-tokens")
-    report.failed = [(f"{i}_s_1_neu", "empty transcript") for i in range(feature_ext.SHOWN_FAILURES + 5)]
-    summary = feature_ext.format_summary([report])
-    assert summary.count(": failed ") == feature_ext.SHOWN_FAILURES and "... and 5 more failures" in summary
+    report = extraction.StepReport("text-tokens")
+    report.failed = [(f"{i}_s_1_neu", "empty transcript") for i in range(extraction.SHOWN_FAILURES + 5)]
+    summary = extraction.format_summary([report])
+    assert summary.count(": failed ") == extraction.SHOWN_FAILURES and "... and 5 more failures" in summary
 
 
 def test_each_step_runs_alone_from_its_own_script(extracted, tmp_path, capsys):
@@ -244,9 +246,9 @@ def test_each_step_runs_alone_from_its_own_script(extracted, tmp_path, capsys):
 def test_a_missing_model_stops_that_step_only(extracted, tmp_path):
     data_dir = _copy_data_dir(extracted, tmp_path)
     shutil.rmtree(data_dir / "vqw2vTokens")
-    report = feature_ext.extract_speech_tokens(data_dir, tmp_path / "no_models", progress=False)
+    report = speech_features.extract_speech_tokens(data_dir, tmp_path / "no_models", progress=False)
     assert not report.ok and "dict.txt" in report.error
-    assert feature_ext.extract_text_tokens(data_dir, extracted["models_dir"], progress=False).ok
+    assert text_features.extract_text_tokens(data_dir, extracted["models_dir"], progress=False).ok
 
 
 def test_models_resolve_to_local_copies_first(extracted, tmp_path):
@@ -299,12 +301,12 @@ def test_features_made_for_another_manifest_are_recomputed_not_kept(extracted, t
     (data_dir / "Text" / f"{rows[0]['name']}.txt").write_text("Another utterance now.", encoding="utf-8")
     with pytest.raises(SystemExit, match="lists other utterances than the text-tokens features were made for"):
         main.main([str(tmp_path / "run"), str(data_dir), str(extracted["models_dir"]), "2", "--branches", "text"])
-    reports = {r.step: r for r in feature_extraction_main.extract_features(data_dir, extracted["models_dir"],
+    reports = {r.step: r for r in steps.extract_features(data_dir, extracted["models_dir"],
                                                                            contexts=[2], progress=False)}
     for step in ("text-tokens", "sentence-embeddings", "context-2"):
         assert reports[step].written == len(rows) and any("lists other utterances" in n for n in reports[step].notes)
     assert reports["speech-tokens"].written == sum(1 for r in rows if r["label"])
-    assert data_contract.stale_features(data_dir, list(feature_ext.EXTRACTORS) + ["context-2"], changed) == []
+    assert data_contract.stale_features(data_dir, list(steps.EXTRACTORS) + ["context-2"], changed) == []
 
 
 def test_tiny_models_never_overwrite_what_may_be_the_real_ones(extracted, tmp_path):
@@ -322,15 +324,15 @@ def test_a_model_folder_without_its_vocabulary_is_refused_not_used(extracted, tm
     shutil.copytree(extracted["models"]["text_model"], broken)
     (broken / "tokenizer.json").unlink()  # transformers would build a tokenizer of special tokens only
     data_dir = _copy_data_dir(extracted, tmp_path)
-    report = feature_ext.extract_text_tokens(data_dir, text_model=broken, overwrite=True, progress=False)
+    report = text_features.extract_text_tokens(data_dir, text_model=broken, overwrite=True, progress=False)
     assert not report.ok and "tokenizer knows only its" in report.error and "tokenizer.json" in report.error
 
 
 def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp_path):
     data_dir, models = _copy_data_dir(extracted, tmp_path), extracted["models"]
     record = data_contract.read_features_record(data_dir)
-    assert set(record) == set(feature_ext.EXTRACTORS) | {data_contract.MANIFEST_KEY}
-    assert set(record[data_contract.MANIFEST_KEY]) == set(feature_ext.EXTRACTORS) | {"context-1", "context-2", "context-3"}
+    assert set(record) == set(steps.EXTRACTORS) | {data_contract.MANIFEST_KEY}
+    assert set(record[data_contract.MANIFEST_KEY]) == set(steps.EXTRACTORS) | {"context-1", "context-2", "context-3"}
     assert record["speech-tokens"]["vq_wav2vec"]["path"] == str(Path(models["vq_wav2vec"]).resolve())
     assert record["sentence-embeddings"]["sentence_model"]["sha256"] == fingerprint(models["sentence_model"])["sha256"]
     # Another sentence model under the default's name (so its folder is BertEmb/ too): the existing
@@ -338,9 +340,9 @@ def test_the_models_behind_each_step_are_recorded_and_never_mixed(extracted, tmp
     # all and the record follows.
     other = make_tiny_bert(tmp_path / "other" / "bert-base-uncased", [r["transcript"] for r in extracted["rows"]],
                            seed=1)
-    report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, progress=False)
+    report = text_features.extract_sentence_embeddings(data_dir, sentence_model=other, progress=False)
     assert not report.ok and "other pretrained files" in report.error and "--overwrite" in report.error
-    report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=other, overwrite=True, progress=False)
+    report = text_features.extract_sentence_embeddings(data_dir, sentence_model=other, overwrite=True, progress=False)
     assert report.ok and report.written == len(extracted["rows"])
     assert data_contract.read_features_record(data_dir)["sentence-embeddings"]["sentence_model"]["path"] == str(Path(other).resolve())
 

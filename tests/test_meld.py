@@ -8,8 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-import feature_extraction_main
 import main
 import meld_data_collect
 import predict
@@ -17,6 +15,7 @@ from fixtures import synthetic_meld
 from mmser.data_contract import read_classes, read_manifest
 from mocap_data_collect import CorpusError, normalise_transcript
 from small_runs import SMALL, read_csv
+from mmser import steps
 
 REAL_CSVS = Path(__file__).parent / "data" / "meld"
 
@@ -92,7 +91,7 @@ def test_synthetic_meld_through_the_pipeline_with_the_official_protocol(demo, tm
     assert len(rows) == len(manifest) and not (data_dir / "labels_train_t.txt").exists()
 
     # The rest of the pipeline trains on it: train on train, checkpoint on dev, test on test.
-    reports = feature_extraction_main.extract_features(data_dir, demo["run_dir"] / "models", contexts=[1],
+    reports = steps.extract_features(data_dir, demo["run_dir"] / "models", contexts=[1],
                                                        progress=False)
     assert all(r.ok for r in reports)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -10,11 +10,11 @@ import pytest
 import soundfile as sf
 import torch
 from scipy.signal import resample_poly
-
-import feature_ext
 import predict
+from mmser import predictor
 from mmser.model_structure import load_speech_encoder
 from small_runs import checkpoint_weights, manifest, read_csv, run_like_the_demo
+from mmser import text_features
 
 
 def dialogues_as_list(data_dir, sessions, path):
@@ -201,11 +201,11 @@ def test_a_damaged_checkpoint_or_config_is_named(demo, tmp_path):
     shutil.copytree(demo["run_dir"], run_dir, ignore=shutil.ignore_patterns("corpus", "data", "models"))
     rows = [{"wav": "x.wav", "text": "hi", "_wav_path": next((demo["data_dir"] / "Audio").glob("*.wav"))}]
     (run_dir / "fold1" / "best.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(predict.PredictError, match="best.pt: unreadable checkpoint .*damaged"):
-        predict.predict_rows(run_dir, rows)
+    with pytest.raises(predictor.PredictError, match="best.pt: unreadable checkpoint .*damaged"):
+        predictor.predict_rows(run_dir, rows)
     (run_dir / "config.json").write_text("{")
-    with pytest.raises(predict.PredictError, match="config.json: not a readable config.json"):
-        predict.predict_rows(run_dir, rows)
+    with pytest.raises(predictor.PredictError, match="config.json: not a readable config.json"):
+        predictor.predict_rows(run_dir, rows)
 
 
 def test_a_changed_or_missing_pretrained_file_is_refused(demo, tmp_path):
@@ -215,28 +215,28 @@ def test_a_changed_or_missing_pretrained_file_is_refused(demo, tmp_path):
     old_models = str((demo["run_dir"] / "models").resolve())
     text = json.dumps(config).replace(old_models, str((run_dir / "models").resolve()))
     (run_dir / "config.json").write_text(text)
-    predict.check_pretrained(json.loads(text))  # the copy is the same files: accepted
+    predictor.check_pretrained(json.loads(text))  # the copy is the same files: accepted
     with open(run_dir / "models" / "bert_kmeans" / "dict.txt", "a") as f:
         f.write("999-999 1\n")
-    with pytest.raises(predict.PredictError, match="speech_dictionary: .*dict.txt has changed since training"):
-        predict.predict_rows(run_dir, [{"wav": "x.wav", "text": "hi", "_wav_path": tmp_path / "x.wav"}])
+    with pytest.raises(predictor.PredictError, match="speech_dictionary: .*dict.txt has changed since training"):
+        predictor.predict_rows(run_dir, [{"wav": "x.wav", "text": "hi", "_wav_path": tmp_path / "x.wav"}])
     (run_dir / "models" / "vq-wav2vec_kmeans.pt").unlink()
-    with pytest.raises(predict.PredictError, match="vq_wav2vec: .*vq-wav2vec_kmeans.pt is missing"):
-        predict.check_pretrained(json.loads(text))
+    with pytest.raises(predictor.PredictError, match="vq_wav2vec: .*vq-wav2vec_kmeans.pt is missing"):
+        predictor.check_pretrained(json.loads(text))
 
 
 def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(demo):
     config = demo["config"]
-    paths = predict.check_pretrained(config)
-    extractors = predict.load_extractors(config, paths, torch.device("cpu"))
+    paths = predictor.check_pretrained(config)
+    extractors = predictor.load_extractors(config, paths, torch.device("cpu"))
     texts = ["I can't believe you did that!", "Calm down, please.", "No, I will not calm down.", "Goodbye."]
     rows = [{"wav": "", "text": t, "dialog": "call", "_wav_path": None} for t in texts[:3]]
     rows.append({"wav": "", "text": texts[3], "dialog": "", "_wav_path": None})
     for row in (rows[1], rows[3]):
         row["_wav_path"] = demo["data_dir"] / "Audio" / next(p.name for p in (demo["data_dir"] / "Audio").glob("*.wav"))
-    items = predict.featurize(rows, config, extractors, notes={})
+    items = predictor.featurize(rows, config, extractors, notes={})
     assert [item["index"] for item in items] == [1, 3]
-    embeddings = feature_ext.sentence_embeddings(texts, extractors["sentence_tokenizer"], extractors["sentence_model"])
+    embeddings = text_features.sentence_embeddings(texts, extractors["sentence_tokenizer"], extractors["sentence_model"])
     c = config["context_window"]
     middle, lone = items[0]["context"].numpy(), items[1]["context"].numpy()
     assert middle.shape == lone.shape == (2 * c + 1, embeddings.shape[1])
@@ -248,8 +248,8 @@ def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(dem
 
 def test_branches_the_run_lacks_are_not_computed(demo):
     config = dict(demo["config"], branches=["speech"])
-    extractors = predict.load_extractors(config, predict.check_pretrained(config), torch.device("cpu"))
+    extractors = predictor.load_extractors(config, predictor.check_pretrained(config), torch.device("cpu"))
     assert set(extractors) == {"vq_wav2vec", "speech_dictionary"}
     wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
-    (item,) = predict.featurize([{"wav": str(wav), "text": "", "_wav_path": wav}], config, extractors, notes={})
+    (item,) = predictor.featurize([{"wav": str(wav), "text": "", "_wav_path": wav}], config, extractors, notes={})
     assert set(item) == {"index", "name", "label", "speech_ids"}

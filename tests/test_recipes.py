@@ -152,13 +152,13 @@ def test_config_records_the_code_and_library_versions(seeds_run):
 
 
 def test_predict_serves_a_seeds_run_with_every_seed_s_folds(seeds_run):
-    import predict
+    from mmser import predictor
     run_dir = seeds_run[0]
     seed_folds = [run_dir / "seed0" / "fold1" / "best.pt", run_dir / "seed1" / "fold1" / "best.pt"]
-    assert predict.load_run(run_dir)[1] == seed_folds  # predict_rows takes the mean over these
-    assert predict.load_run(run_dir, fold=1)[1] == seed_folds
-    assert predict.load_run(run_dir / "seed1")[1] == seed_folds[1:]  # one seed's folder alone, a finished run
+    assert predictor.load_run(run_dir)[1] == seed_folds  # predict_rows takes the mean over these
+    assert predictor.load_run(run_dir, fold=1)[1] == seed_folds
+    assert predictor.load_run(run_dir / "seed1")[1] == seed_folds[1:]  # one seed's folder alone, a finished run
     seed1 = json.loads((run_dir / "seed1" / "results.json").read_text())
     assert seed1["folds"][0]["test"] == seeds_run[1]["folds"][1]["test"] and "seeds" not in seed1
-    with pytest.raises(predict.PredictError, match="no fold2/best.pt"):
-        predict.load_run(run_dir, fold=2)
+    with pytest.raises(predictor.PredictError, match="no fold2/best.pt"):
+        predictor.load_run(run_dir, fold=2)

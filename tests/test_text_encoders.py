@@ -13,15 +13,14 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-import concatenate_embds
 from mmser import data_contract
-import feature_ext
 import main
 import predict
 from mmser.dataset_loader import pad_tokens
 from mmser.model_structure import EmotionClassifier, load_text_encoder
 from small_runs import SMALL, read_csv, write_feature_dir
 from fixtures.tiny_models import make_tiny_text_encoder
+from mmser import context, text_features
 
 FAMILIES = ("bert", "electra", "deberta-v2")
 
@@ -48,7 +47,7 @@ def test_each_family_writes_its_own_tokenizers_ids_into_its_own_folder_and_runs_
     data_dir = shutil.copytree(text_data["data_dir"], tmp_path / "data")
     original = {p.name: p.read_bytes() for p in (data_dir / "GPT2Tokens").iterdir()}
     for family, folder in text_data["encoders"].items():
-        report = feature_ext.extract_text_tokens(data_dir, text_model=folder, progress=False)
+        report = text_features.extract_text_tokens(data_dir, text_model=folder, progress=False)
         assert report.ok and report.step == f"text-tokens@tiny-{family}", report.error
         out = data_dir / f"TextTokens-tiny-{family}"
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -73,7 +72,7 @@ def test_mean_pooling_is_the_mean_over_real_tokens_and_never_shares_a_folder_wit
     data_dir = shutil.copytree(text_data["data_dir"], tmp_path / "data")
     folder = text_data["encoders"]["electra"]
     for pooling in ("cls", "mean"):
-        report = feature_ext.extract_sentence_embeddings(data_dir, sentence_model=folder, pooling=pooling,
+        report = text_features.extract_sentence_embeddings(data_dir, sentence_model=folder, pooling=pooling,
                                                          progress=False)
         assert report.ok, report.error
     assert (data_dir / "SentenceEmb-tiny-electra").is_dir() and not (data_dir / "BertEmb").exists()
@@ -85,7 +84,7 @@ def test_mean_pooling_is_the_mean_over_real_tokens_and_never_shares_a_folder_wit
     np.testing.assert_allclose(np.load(data_dir / "SentenceEmb-tiny-electra+mean" / f"{name}.npy"),
                                hidden.sum(0) / len(hidden), atol=1e-5)
     np.testing.assert_allclose(np.load(data_dir / "SentenceEmb-tiny-electra" / f"{name}.npy"), hidden[0], atol=1e-5)
-    reports = concatenate_embds.write_context_vectors(data_dir, [1], progress=False, tag="tiny-electra+mean")
+    reports = context.write_context_vectors(data_dir, [1], progress=False, tag="tiny-electra+mean")
     assert reports[0].ok and reports[0].step == "context-1@tiny-electra+mean"
     vector = np.load(data_dir / "FullSentenceEmb1-tiny-electra+mean" / f"{name}.npy")
     np.testing.assert_allclose(vector[len(hidden[0]):2 * len(hidden[0])], hidden.mean(0), atol=1e-5)
@@ -101,12 +100,12 @@ def test_a_deberta_text_run_with_mean_pooled_context_trains_and_predict_gives_it
     # Each folder this run's options need is named, with the command that makes it.
     with pytest.raises(SystemExit, match=r"TextTokens-tiny-deberta-v2: not found .*feature_ext.py text-tokens"):
         main.main([run_dir, data_dir, models_dir, *SMALL, *options])
-    assert feature_ext.extract_text_tokens(data_dir, text_model=deberta, progress=False).ok
+    assert text_features.extract_text_tokens(data_dir, text_model=deberta, progress=False).ok
     with pytest.raises(SystemExit, match=r"SentenceEmb-tiny-electra\+mean: not found .*sentence-embeddings .*"
                                          r"--sentence-pooling mean && python concatenate_embds.py"):
         main.main([run_dir, data_dir, models_dir, *SMALL, *options])
-    assert feature_ext.extract_sentence_embeddings(data_dir, sentence_model=electra, pooling="mean", progress=False).ok
-    assert concatenate_embds.write_context_vectors(data_dir, [1], progress=False, tag="tiny-electra+mean")[0].ok
+    assert text_features.extract_sentence_embeddings(data_dir, sentence_model=electra, pooling="mean", progress=False).ok
+    assert context.write_context_vectors(data_dir, [1], progress=False, tag="tiny-electra+mean")[0].ok
     # MAX_TEXT_TOKENS 500 is more than the tiny DeBERTa's 128 positions: bounded by them.
     results = main.main([run_dir, data_dir, models_dir, "1", "500", "64", *SMALL[3:], *options])
     assert results["folds"][0]["test"]["ua"] >= 0
@@ -137,7 +136,7 @@ def test_a_model_of_another_kind_is_refused_in_one_line_saying_what_it_is(text_d
     folder = tmp_path / "a-wavlm"
     WavLMConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(folder)
     data_dir = shutil.copytree(text_data["data_dir"], tmp_path / "data")
-    report = feature_ext.extract_text_tokens(data_dir, text_model=folder, progress=False)
+    report = text_features.extract_text_tokens(data_dir, text_model=folder, progress=False)
     assert "is a 'wavlm' model" in report.error and "DeBERTa-v2/v3" in report.error
     with pytest.raises(SystemExit, match="is a 'wavlm' model") as stop:
         main.main([tmp_path / "run", data_dir, models_dir, *SMALL, "--branches", "text", "--text-model", folder])

@@ -16,8 +16,10 @@ import feature_extraction_main
 from mmser import fairseq_checkpoints
 import main
 import predict
+from mmser import predictor
 from mmser import train_function
 from mmser.data_contract import MANIFEST_COLUMNS, read_manifest
+from mmser import speech_features
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_OPTIONS = ["--demo", "--branches", "text,context", "--epochs", "2", "--device", "cpu"]
@@ -98,7 +100,7 @@ def test_missing_folders_and_fairseq_files_are_named_with_where_to_get_them(demo
     shutil.copytree(demo["run_dir"] / "models", models)
     (models / "bert_kmeans" / "dict.txt").unlink()
     (models / "vq-wav2vec_kmeans.pt").unlink()
-    report = feature_ext.extract_speech_tokens(copy_data(demo, tmp_path), models, progress=False)
+    report = speech_features.extract_speech_tokens(copy_data(demo, tmp_path), models, progress=False)
     assert "vq-wav2vec_kmeans.pt and " in report.error and "dict.txt: not found" in report.error
     assert "README" in report.error
 
@@ -109,7 +111,7 @@ def test_an_unexpected_error_is_never_a_failed_utterance(demo, tmp_path, monkeyp
 
     monkeypatch.setattr(fairseq_checkpoints.VqWav2Vec, "codes", broken)
     with pytest.raises(RuntimeError, match="pretend"):
-        feature_ext.extract_speech_tokens(copy_data(demo, tmp_path), demo["run_dir"] / "models", overwrite=True,
+        speech_features.extract_speech_tokens(copy_data(demo, tmp_path), demo["run_dir"] / "models", overwrite=True,
                                           progress=False)
 
 
@@ -185,7 +187,7 @@ def test_speech_tokens_of_audio_that_collection_removed_are_removed_too(demo, tm
     data_dir = copy_data(demo, tmp_path)
     name = next(p.stem for p in (data_dir / "vqw2vTokens").glob("*.npy"))
     (data_dir / "Audio" / f"{name}.wav").unlink()  # as a rerun of collection does with a now unusable wav
-    report = feature_ext.extract_speech_tokens(data_dir, demo["run_dir"] / "models", progress=False)
+    report = speech_features.extract_speech_tokens(data_dir, demo["run_dir"] / "models", progress=False)
     assert [n for n, _ in report.failed] == [name] and not (data_dir / "vqw2vTokens" / f"{name}.npy").exists()
 
 
@@ -214,5 +216,5 @@ def test_a_checkpoint_of_another_model_is_named(demo, tmp_path):
     torch.save(best, run_dir / "fold1" / "best.pt")  # a 7-class head where the run has 4
     wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
     rows = [{"wav": str(wav), "text": "hi", "_wav_path": wav}]
-    with pytest.raises(predict.PredictError, match=r"(?s)best.pt: not a checkpoint of this run's model .*size mismatch"):
-        predict.predict_rows(run_dir, rows)
+    with pytest.raises(predictor.PredictError, match=r"(?s)best.pt: not a checkpoint of this run's model .*size mismatch"):
+        predictor.predict_rows(run_dir, rows)

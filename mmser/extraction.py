@@ -1,0 +1,202 @@
+"""The machinery every extraction step shares: its report, its record of the models that made its
+files (DATA_DIR/features.json), what is left to do, and the loading of a transformers model that
+names the model a step wanted when it fails.
+
+A step writes one file per utterance into the folder data_contract.STEPS names; a rerun skips
+outputs that exist and are valid. A user's problem that stops a whole step (a model missing, a
+manifest that does not read) is a FeatureError or DataError recorded in its StepReport, and the
+next step runs; anything else (a bug, CUDA out of memory) keeps its traceback.
+"""
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mmser.data_contract import (FEATURES_RECORD, MANIFEST_KEY, TEXT_ENCODERS, DataError, feature_folder,
+                                 manifest_fingerprint, read_features_record, step_entry, transcript_folder)
+from mmser.utils import VOCABULARY_FILES, quiet_transformers, write_text_atomic
+
+SHOWN_FAILURES = 20  # per step in the summary; a broken input folder would otherwise bury the table
+
+
+class FeatureError(Exception):
+    """A user's input a step cannot use (a model, a file); the message names it."""
+
+
+@dataclass
+class StepReport:
+    """What one step did: counts, the utterances that failed (name, reason), remarks, time."""
+
+    step: str
+    written: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    error: str = ""  # the whole step could not run (a model missing, ...)
+    seconds: float = 0.0
+
+    @property
+    def ok(self):
+        return not self.failed and not self.error
+
+    def fail(self, name, reason, progress_bar=None):
+        self.failed.append((name, str(reason)))
+        (progress_bar or tqdm).write(f"{self.step}: FAILED {name}: {reason}", file=sys.stderr)
+
+
+def format_summary(reports):
+    """A table of written/skipped/failed/seconds per step, then every failure by name."""
+    width = max([22] + [len(r.step) + 2 for r in reports])  # qualified names: "ASR-<model>/text-tokens@<model>"
+    lines = [f"{'step':<{width}}{'written':>9}{'skipped':>9}{'failed':>8}{'seconds':>9}"]
+    for r in reports:
+        failed = "ERROR" if r.error else len(r.failed)
+        lines.append(f"{r.step:<{width}}{r.written:>9}{r.skipped:>9}{failed:>8}{r.seconds:>9.1f}")
+    for r in reports:
+        if r.error:
+            lines.append(f"{r.step}: could not run: {r.error}")
+        lines += [f"{r.step}: {note}" for note in r.notes]
+        lines += [f"{r.step}: failed {name}: {reason}" for name, reason in r.failed[:SHOWN_FAILURES]]
+        if len(r.failed) > SHOWN_FAILURES:
+            lines.append(f"{r.step}: ... and {len(r.failed) - SHOWN_FAILURES} more failures (each printed as it happened)")
+    n_failed, n_broken = sum(len(r.failed) for r in reports), sum(bool(r.error) for r in reports)
+    if not n_failed and not n_broken:
+        lines.append("all done")
+    else:
+        problems = ([f"{n_failed} utterance(s) failed"] if n_failed else []) + \
+                   ([f"{n_broken} step(s) could not run"] if n_broken else [])
+        lines.append(", ".join(problems) + "; fix and rerun: finished files are kept and skipped")
+    return "\n".join(lines)
+
+
+def resolve_model(models_dir, name):
+    """MODELS_DIR/<name> when that local copy exists, else `name` itself (a hub name or a folder)."""
+    local = Path(models_dir) / name if models_dir is not None else None
+    return str(local) if local is not None and local.is_dir() else str(name)
+
+
+def valid_npy(path, dtype, shape=None, bos_eos=None):
+    """True when `path` loads as a finite array of `dtype` and `shape` (1-D when shape is None),
+    starting and ending with `bos_eos` ids when given."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    if array.dtype != dtype or array.ndim != 1 or array.size == 0 or (shape is not None and array.shape != shape):
+        return False
+    if bos_eos is not None and (len(array) < 2 or (array[0], array[-1]) != bos_eos):
+        return False
+    return bool(np.isfinite(array).all()) if array.dtype.kind == "f" else True
+
+
+def read_transcript(data_dir, name, transcripts=None):
+    """Text/<name>.txt (of the transcript set `transcripts`, data_contract.transcript_set), stripped;
+    an empty transcript is a valid one (IEMOCAP has one; an ASR model writes one for silence)."""
+    path = transcript_folder(data_dir, transcripts) / f"{name}.txt"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FeatureError(f"{path}: unreadable transcript ({e})") from None
+
+
+def from_pretrained(loader, name, role):
+    """transformers' loaders say what went wrong but not which model the step wanted."""
+    try:
+        with quiet_transformers():
+            return loader.from_pretrained(name)
+    except (OSError, ValueError) as e:  # no such folder, not in the cache and no network, no model_type
+        raise FeatureError(f"{role} {name!r} (a local folder, or a hub name in the cache or online): {e}") from None
+
+
+def load_tokenizer(name, role):
+    """A tokenizer with a vocabulary: without its vocabulary files, transformers 5 builds one of
+    special tokens only, which turns every transcript into <s> </s> without a word of warning,
+    and 4.x fails saying that protobuf is not installed."""
+    from transformers import AutoTokenizer
+    path = Path(name)
+    if path.is_dir() and not any(any(path.glob(pattern)) for pattern in VOCABULARY_FILES):
+        raise FeatureError(f"{role} {name!r}: without tokenizer.json (or vocab.json and merges.txt, or vocab.txt) "
+                           f"in it, its tokenizer knows only its special tokens")
+    tokenizer = from_pretrained(AutoTokenizer, name, role)
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise FeatureError(f"{role} {name!r}: its tokenizer knows only its {len(tokenizer)} special tokens; is "
+                           f"tokenizer.json (or vocab.json and merges.txt, or vocab.txt) missing from it?")
+    return tokenizer
+
+
+def text_encoder_config(name, role):
+    """The transformers config of a text encoder the text branch or the sentence model takes
+    (data_contract.TEXT_ENCODERS); any other model is refused with one line saying what it is."""
+    from transformers import AutoConfig
+    config = from_pretrained(AutoConfig, name, role)
+    if config.model_type not in TEXT_ENCODERS:
+        what = ", ".join(getattr(config, "architectures", None) or []) or "no architecture recorded"
+        raise FeatureError(f"{role} {name!r} is a {config.model_type!r} model ({what}), not a text encoder this "
+                           f"pipeline takes: {', '.join(f'{v} ({k})' for k, v in TEXT_ENCODERS.items())}")
+    return config
+
+
+def stamp_manifest(data_dir, step, rows, out_dir, report, pattern="*.npy"):
+    """Record in features.json which manifest `step`'s files are made for. Files made for another
+    manifest are named by positions in it, so they are removed (and recomputed) first."""
+    record = read_features_record(data_dir)
+    made_for = record.get(MANIFEST_KEY, {}).get(step)
+    now = manifest_fingerprint(rows)
+    if made_for is not None and made_for != now and any(Path(out_dir).glob(pattern)):
+        report.notes.append(f"{Path(data_dir) / 'utterances.csv'} lists other utterances than when {out_dir} was "
+                            f"made (its files are named by position): recomputing all of it")
+        for path in Path(out_dir).glob(pattern):
+            path.unlink()
+    if made_for != now:
+        record.setdefault(MANIFEST_KEY, {})[step] = now
+        write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def record_models(data_dir, step, current, overwrite, rows, report, pattern="*.npy"):
+    """Record in DATA_DIR/features.json which pretrained files this step's outputs come from
+    (current: {role: utils.fingerprint(...)}), and which manifest (stamp_manifest).
+
+    Outputs of different models must not mix: when the record names other files than `current`
+    and outputs exist, stop, unless --overwrite is about to recompute them all.
+    """
+    out_dir = feature_folder(data_dir, step)
+    stamp_manifest(data_dir, step, rows, out_dir, report, pattern)
+    record = read_features_record(data_dir)
+    old = record.get(step, {})
+    changed = [role for role in current if role in old and old[role]["sha256"] != current[role]["sha256"]]
+    if changed and not overwrite and any(out_dir.glob(pattern)):
+        details = "; ".join(f"{role}: {old[role]['path']} -> {current[role]['path']}" for role in changed)
+        raise FeatureError(f"{out_dir} was computed with other pretrained files ({details}); "
+                           f"rerun with --overwrite to recompute it with the new ones")
+    if record.get(step) != current:
+        record[step] = current
+        write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def rows_of(step, manifest):
+    return [row for row in manifest if row["label"]] if step_entry(step).rows == "labelled" else manifest
+
+
+def pending(rows, out_dir, is_valid, overwrite, report):
+    todo = []
+    for row in rows:
+        if not overwrite and is_valid(out_dir / f"{row['name']}.npy"):
+            report.skipped += 1
+        else:
+            todo.append(row)
+    return todo
+
+
+def run_reported(report, work):
+    """Run a step's body. A user's problem that stops the whole step (a model missing, a manifest
+    that does not read) is recorded, and the next step runs; anything else is raised."""
+    start = time.perf_counter()
+    try:
+        work()
+    except (FeatureError, DataError) as e:
+        report.error = str(e)
+    report.seconds = time.perf_counter() - start
+    return report
