@@ -35,7 +35,6 @@ files of an earlier run that this one does not vouch for.
 """
 import argparse
 import csv
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -43,20 +42,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mmser.data_contract import (CLASSES_RECORD, MANIFEST, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, SAMPLE_RATE, SPLITS,
-                           classes_bytes)
-from mocap_data_collect import CorpusError, few, normalise_transcript, remove_stale, write_if_changed
-from mmser.utils import AudioError, read_audio, wav_bytes
+from mmser.data_contract import MANIFEST, SAMPLE_RATE, SPLITS
+from mmser.data_dir_writer import CorpusError, count_table, few, name_rows, normalise_transcript, write_data_dir
+from mmser.utils import AudioError, read_audio
 
 REQUIRED = ("wav", "text", "label")
 OPTIONAL = ("id", "dialog", "order", "speaker", "split", "group", "start", "end")
-# The names this script and meld_data_collect.py give: only these are ever removed from DATA_DIR.
-NAME_RE = re.compile(r"^\d+_s_\d+_[A-Za-z0-9-]+$")
-
-
-def file_safe(label):
-    """A label as the last part of a file name: letters, digits and '-' kept, the rest '-'."""
-    return re.sub(r"[^A-Za-z0-9-]", "-", label) or "xxx"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,11 +155,6 @@ def read_corpus_csv(csv_path, classes=None):
     return rows, list(classes)
 
 
-def name_rows(rows):
-    """name = "{index}_s_{session}_{emotion}", as the data contract gives IEMOCAP's."""
-    for index, row in enumerate(rows):
-        row["name"] = f"{index}_s_{row['session']}_{file_safe(row['emotion']) if row['emotion'] else 'xxx'}"
-    return rows
 
 
 def read_segment(row):
@@ -197,66 +183,6 @@ def check_audio(rows, progress=True):
     return problems
 
 
-# ------------------------------------------------------------------------------------------------
-# writing DATA_DIR (meld_data_collect.py writes through these too)
-
-def manifest_columns(rows):
-    """MANIFEST_COLUMNS, then the optional columns these rows have."""
-    return MANIFEST_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in rows[0])
-
-
-def manifest_bytes(rows):
-    import io
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    columns = manifest_columns(rows)
-    writer.writerow(columns)
-    writer.writerows([row[c] for c in columns] for row in rows)
-    return buf.getvalue().encode("utf-8")
-
-
-def is_our_file(name):
-    return name in (MANIFEST, CLASSES_RECORD) or (
-        Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
-
-
-def write_data_dir(data_dir, rows, read_row_audio, classes, about, progress=True):
-    """Text/ of every row, Audio/ of the labelled ones (read_row_audio(row) -> 16 kHz mono int16, or
-    AudioError: that row becomes context only), classes.json and, last, utterances.csv.
-    -> ([(row, problem)] of the audio that failed, [removed files])."""
-    data_dir = Path(data_dir)
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
-    problems = []
-    for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
-        write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
-        if row["label"]:
-            try:
-                samples = read_row_audio(row)
-            except AudioError as err:
-                problems.append((row, str(err)))
-                row["label"] = ""  # its text is still its neighbours' context
-                continue
-            write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    removed = remove_stale(data_dir, rows, is_ours=is_our_file)
-    write_if_changed(data_dir / CLASSES_RECORD, classes_bytes(classes, **about))
-    write_if_changed(data_dir / MANIFEST, manifest_bytes(rows))
-    return problems, removed
-
-
-def count_table(rows, classes, by):
-    """Utterances per value of `by` (split, group, ...) and per class, as printed after a run."""
-    header = [by, "dialogues", "utterances"] + list(classes) + ["labelled", "context"]
-    lines = []
-    for value in sorted({r[by] for r in rows}, key=str) + ["all"]:
-        sel = [r for r in rows if value == "all" or r[by] == value]
-        labels = Counter(r["label"] for r in sel)
-        lines.append([str(value), str(len({(r['session'], r['dialog']) for r in sel})), str(len(sel))]
-                     + [str(labels[c]) for c in classes] + [str(len(sel) - labels[""]), str(labels[""])])
-    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in [header, *lines])
 
 
 def collect(csv_path, data_dir, classes=None, allow_missing=False, progress=True, out=sys.stdout):

@@ -45,9 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from csv_data_collect import count_table, name_rows, write_data_dir
 from mmser.data_contract import MANIFEST, SAMPLE_RATE, SPLITS
-from mocap_data_collect import CorpusError, few, normalise_transcript
+from mmser.data_dir_writer import CorpusError, count_table, few, name_rows, normalise_transcript, write_data_dir
 from mmser.utils import AudioError
 
 CSV_NAMES = {split: f"{split}_sent_emo.csv" for split in SPLITS}

@@ -64,7 +64,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mmser.data_contract import CLASSES, CLASSES_RECORD, MANIFEST_COLUMNS, SAMPLE_RATE, classes_bytes
-from mmser.utils import AudioError, read_audio, wav_bytes, write_bytes_atomic
+from mmser.data_dir_writer import TEMP_RE, CorpusError, few, normalise_transcript, write_if_changed
+from mmser.utils import AudioError, read_audio, wav_bytes
 
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
 SEED_CODES = {"ang": 0, "hap": 1, "exc": 2, "sad": 3, "neu": 4}
@@ -88,15 +89,7 @@ SUMMARY_RE = re.compile(
     r"\[\s*(?P<valence>\d+(?:\.\d*)?)\s*,\s*(?P<activation>\d+(?:\.\d*)?)\s*,"
     r"\s*(?P<dominance>\d+(?:\.\d*)?)\s*\]\s*$")
 TRANSCRIPT_RE = re.compile(r"^(?P<utterance_id>\S+)\s+\[[^\]]*\]:(?P<text>.*)$")
-# TAB, CR and the other characters str.splitlines() breaks on: none may survive inside a text.
-INNER_BREAK_RE = re.compile(r"[\t\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 NAME_RE = re.compile(r"^\d+_s_[1-5]_[a-z]{3}$")
-# utils.atomic_path's temporary names: ".<target>.<random>.tmp<suffix>"
-TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp\.[a-z]+$")
-
-
-class CorpusError(ValueError):
-    """The corpus (or a manifest) is not what this script can read; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,10 +107,6 @@ def read_lines(path):
     except UnicodeDecodeError:
         text = data.decode("latin-1")  # every byte decodes; the release is ASCII in practice
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-
-
-def normalise_transcript(text):
-    return INNER_BREAK_RE.sub(" ", text).strip()
 
 
 def parse_emo_evaluation(path):
@@ -323,14 +312,6 @@ def summary_table(rows):
 # ---------------------------------------------------------------------------------------------
 # writing DATA_DIR
 
-def write_if_changed(path, data):
-    """Atomically write bytes, leaving the file (and its mtime) alone when it already holds them."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    write_bytes_atomic(path, data)
-
-
 def manifest_bytes(rows):
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -388,12 +369,6 @@ def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True, a
     write_if_changed(data_dir / CLASSES_RECORD, classes_bytes([c for c in CLASSES if c in targets], corpus="IEMOCAP"))
     write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
     return removed
-
-
-def few(items, n=3):
-    """The first n items and how many more, for a summary line."""
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(map(str, items[:n])) + more
 
 
 def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=False,
