@@ -169,8 +169,8 @@ def time_speech_cache(model, utterances, device="cpu", amp_dtype=None, sample=32
 def project_default_grouping():
     """main.py's default batching (length-grouped or random), which the headline figures use."""
     use_repo_modules()
-    import main
-    return main.DEFAULTS["group_by_length"]
+    from mmser.settings import DEFAULTS
+    return DEFAULTS.group_by_length
 
 
 def train_steps(model, utterances, device="cpu", amp_dtype=None, group_by_length=False, cache_speech=False,

@@ -1,7 +1,7 @@
 """Training recipes: every training setting of a named source at once, each value with its source.
 
     python main.py RUN_DIR DATA_DIR MODELS_DIR --recipe siriwardhana2020   (options given still override)
-    python recipes.py                     prints README's recipe table (Markdown) from the table below
+    python -m mmser.recipes               prints README's recipe table (Markdown) from the table below
 
 A recipe is a dict of main.py's settings (the keys of its config.json). `default` is main.py's own
 defaults; `original` is the code this project rebuilds (github nataschalemos/UCL-MSC-Project-Code
@@ -137,18 +137,18 @@ def markdown_table(defaults):
 def _show(value):
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, list):
-        return "/".join(map(str, value))
+    if isinstance(value, list):  # the branches as --branches takes them, Adam's betas as BETA1/BETA2
+        return ",".join(value) if all(isinstance(v, str) for v in value) else "/".join(map(str, value))
     return "-" if value is None else str(value)
 
 
 def main():
     import argparse
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
-    import main as training
-    defaults = {**training.DEFAULTS, "max_text_tokens": training.MAX_TEXT_TOKENS,
-                "max_audio_tokens": training.MAX_AUDIO_TOKENS, "finetune_text": not training.DEFAULTS["freeze_text"]}
-    print(markdown_table(defaults), end="")
+    import dataclasses
+
+    from mmser.settings import DEFAULTS
+    print(markdown_table(dataclasses.asdict(DEFAULTS)), end="")
 
 
 if __name__ == "__main__":

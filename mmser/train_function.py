@@ -26,6 +26,7 @@ from transformers import (get_constant_schedule, get_linear_schedule_with_warmup
 from mmser import model_structure
 from mmser import validation_function
 from mmser.dataset_loader import gather_from_ranks, map_utterances, model_inputs, training_loader
+from mmser.reporting import METRICS, selection_score
 from mmser.utils import atomic_path
 
 log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log), set up by main.py
@@ -41,6 +42,20 @@ class NonFiniteLossError(TrainingError):
 
 class RunPaused(Exception):
     """--stop-after-epochs was reached; the run resumes from RUN_DIR."""
+
+
+class EpochBudget:
+    """--stop-after-epochs: the epochs this invocation may run, over all its folds and seeds (0: no limit)."""
+
+    def __init__(self, epochs):
+        self.left = epochs or None
+
+    def spend(self):
+        """One epoch finished; -> True when that was the last one this invocation may run."""
+        if self.left is None:
+            return False
+        self.left -= 1
+        return self.left <= 0
 
 
 def balanced_class_weights(labels, num_classes):
@@ -346,32 +361,32 @@ class FoldTraining:
     loader: object
 
 
-def prepare_training(config, fold, utterances, env):
+def prepare_training(settings, fold, utterances, env):
     """A fresh model with the pretrained encoders, its optimizer, schedule and batches for `fold`."""
-    device, rank, world = env["device"], env["rank"], env["world_size"]
-    torch.manual_seed(config["seed"] + fold["fold"])
-    model = model_structure.build_model(config)
+    device, rank, world = env.device, env.rank, env.world_size
+    torch.manual_seed(settings.seed + fold["fold"])
+    model = model_structure.build_model(settings.to_json())
     if rank:  # the same initial weights on every rank, but each rank its own dropout draws (as nanoGPT)
-        torch.manual_seed(config["seed"] + fold["fold"] + 1_000_003 * rank)
+        torch.manual_seed(settings.seed + fold["fold"] + 1_000_003 * rank)
     check_lengths(model, utterances)
     model.to(device)
     if model.speech_encoder is not None and not model.finetune_speech and "speech_vector" not in utterances[0]:
         log.info("computing the frozen speech encoder's vectors once for the whole run")
-        cache_speech_vectors(model, utterances, config["eval_batch_size"], device, env["amp_dtype"], rank, world,
-                             progress=env["progress"])
+        cache_speech_vectors(model, utterances, settings.eval_batch_size, device, env.amp_dtype, rank, world,
+                             progress=env.progress)
     trained = model
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     weights = None
-    if config["class_weights"] == "balanced":
-        weights = balanced_class_weights([u["label"] for u in fold["train"]], len(config["classes"])).to(device)
-    optimizer = configure_optimizer(model, config["lr_encoders"], config["lr_head"], config["weight_decay"],
-                                    config.get("adam_betas", (0.9, 0.999)), config.get("adam_eps", 1e-8))
-    loader = training_loader(fold["train"], config["batch_size"], config["seed"], config["group_by_length"], rank, world)
-    steps_per_epoch = math.ceil(len(loader) / config["grad_accum"])
-    scheduler = make_scheduler(optimizer, config["scheduler"], steps_per_epoch * config["epochs"], config["warmup"])
-    return FoldTraining(model, trained, make_criterion(weights, config.get("loss", "cross_entropy")), optimizer,
+    if settings.class_weights == "balanced":
+        weights = balanced_class_weights([u["label"] for u in fold["train"]], len(settings.classes)).to(device)
+    optimizer = configure_optimizer(model, settings.lr_encoders, settings.lr_head, settings.weight_decay,
+                                    settings.adam_betas, settings.adam_eps)
+    loader = training_loader(fold["train"], settings.batch_size, settings.seed, settings.group_by_length, rank, world)
+    steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
+    scheduler = make_scheduler(optimizer, settings.scheduler, steps_per_epoch * settings.epochs, settings.warmup)
+    return FoldTraining(model, trained, make_criterion(weights, settings.loss), optimizer,
                         scheduler, loader)
 
 
@@ -385,46 +400,43 @@ def resume(training, last_path, env, fold_number):
         training.optimizer.load_state_dict(checkpoint["optimizer"])
         training.scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
-        set_rng_state(checkpoint["rng"], env["rank"], env["device"])
+        set_rng_state(checkpoint["rng"], env.rank, env.device)
         log.info(f"fold {fold_number}: resuming after epoch {state['epoch']} from {last_path}")
     return state
 
 
-def end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env):
+def end_of_epoch(settings, fold, training, state, epoch, train_loss, fold_dir, env):
     """Validate, keep the best weights (best.pt), step newbob, save last.pt; -> the log line's notes."""
-    device, amp, rank, world = env["device"], env["amp_dtype"], env["rank"], env["world_size"]
+    device, amp, rank, world = env.device, env.amp_dtype, env.rank, env.world_size
     model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
     # The validation loss is the training loss's kind (cross-entropy unless a recipe says otherwise).
     loss_fn = None
-    if config.get("loss", "cross_entropy") != "cross_entropy":
+    if settings.loss != "cross_entropy":
         loss_fn = copy.deepcopy(training.criterion).cpu()
-    val, _, val_loss = validation_function.evaluate(model, fold["val"], config["eval_batch_size"], device,
-                                                    config["classes"], amp, rank, world, loss_fn=loss_fn)
+    val, _, val_loss = validation_function.evaluate(model, fold["val"], settings.eval_batch_size, device,
+                                                    settings.classes, amp, rank, world, loss_fn=loss_fn)
     lr = max(g["lr"] for g in optimizer.param_groups)
     state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                             "val_wa": val["wa"], "val_ua": val["ua"], "val_macro_f1": val["macro_f1"], "lr": lr,
-                             "val_weighted_f1": val["weighted_f1"]})
+                             **{f"val_{metric}": val[metric] for metric in METRICS}, "lr": lr})
     # The tested checkpoint: best validation UA (default), lowest validation loss, or the last epoch.
-    select_by = config.get("select_by", "val_ua")
-    score = {"val_ua": val["ua"], "val_weighted_f1": val["weighted_f1"], "val_loss": -val_loss,
-             "last": epoch + 1}[select_by]
+    score = selection_score(settings.select_by, val, val_loss, epoch + 1)
     improved = score > state["best_score"]
     # Early stopping on the validation loss, as the original's main.py (--patience; 0: never).
     if state.get("lowest_val_loss") is None or val_loss < state["lowest_val_loss"]:
         state["lowest_val_loss"], state["epochs_without_lower_loss"] = val_loss, 0
     else:
         state["epochs_without_lower_loss"] = state.get("epochs_without_lower_loss", 0) + 1
-    if config.get("patience") and state["epochs_without_lower_loss"] >= config["patience"]:
+    if settings.patience and state["epochs_without_lower_loss"] >= settings.patience:
         state["stopped_early"] = epoch + 1
     if improved:
         state.update(best_score=score, best_epoch=epoch + 1, best_val=dict(val, loss=val_loss))
         if rank == 0:
             save_checkpoint(fold_dir / "best.pt", {"model": model.trained_state_dict(), "epoch": epoch + 1,
-                                                   "fold": fold["fold"], "classes": list(config["classes"]), "val": val})
+                                                   "fold": fold["fold"], "classes": list(settings.classes), "val": val})
     note = f"val loss {val_loss:.4f}  val WA {val['wa']:.4f}  UA {val['ua']:.4f}{' *' if improved else ''}  lr {lr:.2e}"
     if state.get("stopped_early"):
-        note += f"  early stop: no lower validation loss for {config['patience']} epochs"
-    if config["scheduler"] == "newbob" and scheduler.step_epoch(val["ua"], model):
+        note += f"  early stop: no lower validation loss for {settings.patience} epochs"
+    if settings.scheduler == "newbob" and scheduler.step_epoch(val["ua"], model):
         note += f"  newbob: lr halved, back to epoch {state['best_epoch']}'s weights"
     state["epoch"] = epoch + 1
     rng = rng_states(device, world)
@@ -436,25 +448,25 @@ def end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env
     return note
 
 
-def train_fold(config, fold, utterances, fold_dir, env):
+def train_fold(settings, fold, utterances, fold_dir, env, budget=None):
     """Train one fold from its first epoch or from where an interrupted run stopped; -> (the model
     with the best epoch's weights loaded, the fold's state: history, best epoch, its validation)."""
-    training = prepare_training(config, fold, utterances, env)
+    training = prepare_training(settings, fold, utterances, env)
     state = resume(training, fold_dir / "last.pt", env, fold["fold"])
-    world = env["world_size"]
-    steps_per_epoch = math.ceil(len(training.loader) / config["grad_accum"])
-    board = TensorBoard(fold_dir / "tensorboard", state["epoch"] * steps_per_epoch) if env["rank"] == 0 else None
-    for epoch in range(state["epoch"], config["epochs"]):
+    world = env.world_size
+    steps_per_epoch = math.ceil(len(training.loader) / settings.grad_accum)
+    board = TensorBoard(fold_dir / "tensorboard", state["epoch"] * steps_per_epoch) if env.rank == 0 else None
+    for epoch in range(state["epoch"], settings.epochs):
         if state.get("stopped_early"):
             break
         start = time.time()
         training.loader.batch_sampler.set_epoch(epoch)
-        desc = f"fold {fold['fold']} epoch {epoch + 1}/{config['epochs']}"
+        desc = f"fold {fold['fold']} epoch {epoch + 1}/{settings.epochs}"
         try:
             train_loss = train_epoch(
-                training.trained, training.loader, training.criterion, training.optimizer, env["device"],
-                training.scheduler if config["scheduler"] != "newbob" else None, config["grad_accum"],
-                config["clip_norm"], env["amp_dtype"], distributed=world > 1, desc=desc, progress=env["progress"],
+                training.trained, training.loader, training.criterion, training.optimizer, env.device,
+                training.scheduler if settings.scheduler != "newbob" else None, settings.grad_accum,
+                settings.clip_norm, env.amp_dtype, distributed=world > 1, desc=desc, progress=env.progress,
                 on_step=board.step_callback(training.optimizer) if board else None)
         except NonFiniteLossError as error:
             if board:
@@ -466,14 +478,13 @@ def train_fold(config, fold, utterances, fold_dir, env):
                                      f"with lower learning rates or --clip-norm") from None
         if world > 1:
             train_loss = sum(gather_from_ranks(train_loss, world)) / world
-        note = end_of_epoch(config, fold, training, state, epoch, train_loss, fold_dir, env)
+        note = end_of_epoch(settings, fold, training, state, epoch, train_loss, fold_dir, env)
         seconds = time.time() - start
         if board:
             board.epoch(state["history"][-1], (epoch + 1) * steps_per_epoch, len(fold["train"]) / seconds)
         log.info(f"{desc}: train loss {train_loss:.4f}  {note}  {seconds:.1f}s "
                  f"({len(fold['train']) / seconds:.1f} utt/s)")
-        env["epochs_run"] = env.get("epochs_run", 0) + 1
-        if config["stop_after_epochs"] and env["epochs_run"] >= config["stop_after_epochs"]:
+        if budget is not None and budget.spend():
             if board:
                 board.close()
             raise RunPaused(f"stopped after epoch {epoch + 1} of fold {fold['fold']} (--stop-after-epochs); "

@@ -17,6 +17,8 @@ from mmser.data_contract import SAMPLE_RATE, DataError, read_classes, read_manif
 from mocap_data_collect import CorpusError
 from small_runs import SMALL, read_csv
 from mmser import steps
+from mmser.protocols import make_folds
+from mmser.settings import RunError
 
 VOICE_OF = {"calm": "neu", "cross": "ang", "low": "sad"}  # the corpus's own labels, voiced as IEMOCAP's
 
@@ -180,14 +182,14 @@ def test_folds_over_a_column_keep_the_test_folds_dialogues_out_of_training():
     utterances = [{"index": i, "session": 0, "dialog": d, "speaker": s, "label": i % 2, "group": d}
                   for i, (d, s) in enumerate([("c1", "a"), ("c1", "b")] * 3 + [("c2", "b"), ("c2", "c")] * 3
                                              + [("c3", "a"), ("c3", "c")] * 3)]
-    folds = main.make_folds(utterances, "folds", "stratified", 0.5, 0, fold_by="speaker")
+    folds = make_folds(utterances, "folds", "stratified", 0.5, 0, fold_by="speaker")
     assert [f["test_speaker"] for f in folds] == [["a"], ["b"], ["c"]]
     held_out_b = folds[1]
     assert {u["dialog"] for u in held_out_b["train"] + held_out_b["val"]} == {"c3"}
     assert {u["speaker"] for u in held_out_b["test"]} == {"b"}
-    with pytest.raises(main.RunError, match="this corpus has none: use --protocol official"):
-        main.make_folds(utterances, "loso")
-    with pytest.raises(main.RunError, match="official needs the manifest's split column"):
-        main.make_folds(utterances, "official")
-    with pytest.raises(main.RunError, match="--fold-by sentiment: the manifest has no such column"):
-        main.make_folds(utterances, "folds", fold_by="sentiment")
+    with pytest.raises(RunError, match="this corpus has none: use --protocol official"):
+        make_folds(utterances, "loso")
+    with pytest.raises(RunError, match="official needs the manifest's split column"):
+        make_folds(utterances, "official")
+    with pytest.raises(RunError, match="--fold-by sentiment: the manifest has no such column"):
+        make_folds(utterances, "folds", fold_by="sentiment")

@@ -15,6 +15,7 @@ from mmser import train_function
 from mmser.fairseq_checkpoints import load_vq_wav2vec
 from test_fairseq_loading import CASES, REF, VQ_FILES
 from mmser import extraction, steps
+from mmser import runner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,7 +47,7 @@ def test_extraction_and_bf16_training_on_cuda(demo_run, tmp_path):
         np.testing.assert_allclose(np.load(name), np.load(data_dir / "BertEmb" / name.name), atol=1e-3)
     args = main.parse_args(["--demo", tmp_path / "run", "--device", "cuda", "--epochs", "3"])
     args.data_dir, args.models_dir = str(run_dir / "data"), str(run_dir / "models")
-    results = main.train_and_test(args)
+    results = runner.train_and_test(args)
     assert results["summary"]["ua_mean"] > 0.25
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["device"], config["precision"]) == ("cuda", "bf16")
@@ -56,7 +57,7 @@ def test_cpu_side_collectives_work_beside_nccl(tmp_path):
     """Under torchrun on GPUs, the loss check and the gathered losses and predictions are CPU
     collectives, which NCCL alone refuses ("No backend type associated with device type cpu")."""
     torch.cuda.set_device(0)
-    dist.init_process_group(main.process_group_backend(cuda=True), store=dist.FileStore(str(tmp_path / "store"), 1),
+    dist.init_process_group(runner.process_group_backend(cuda=True), store=dist.FileStore(str(tmp_path / "store"), 1),
                             rank=0, world_size=1)
     try:
         train_function._check_finite(1.0, "loss", distributed=True)

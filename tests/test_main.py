@@ -18,6 +18,7 @@ import main
 from mmser import train_function
 from small_runs import (SMALL, checkpoint_weights, fold_result, manifest, read_csv, run_like_the_demo,
                         run_main)
+from mmser.protocols import make_folds
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ def utterances_of(sessions=(1, 2, 3, 4, 5), per_speaker=10):
 @pytest.mark.parametrize("val_split", ["stratified", "speaker", "original"])
 def test_test_utterances_never_train_or_validate(protocol, n_folds, val_split):
     utterances = utterances_of()
-    folds = main.make_folds(utterances, protocol, val_split, seed=0)
+    folds = make_folds(utterances, protocol, val_split, seed=0)
     assert len(folds) == n_folds
     for fold in folds:
         train, val, test = ({u["index"] for u in fold[k]} for k in ("train", "val", "test"))
@@ -59,11 +60,11 @@ def test_test_utterances_never_train_or_validate(protocol, n_folds, val_split):
 
 
 def test_protocol_folds_hold_out_what_they_say():
-    folds = main.make_folds(utterances_of(), "loso")
+    folds = make_folds(utterances_of(), "loso")
     assert [f["test_sessions"] for f in folds] == [[1], [2], [3], [4], [5]]
-    speaker_folds = main.make_folds(utterances_of(), "speaker")
+    speaker_folds = make_folds(utterances_of(), "speaker")
     assert [f["test_speakers"] for f in speaker_folds][:2] == [["Ses01F"], ["Ses01M"]]
-    stratified = main.make_folds(utterances_of(per_speaker=40), "session5", val_fraction=0.1)[0]
+    stratified = make_folds(utterances_of(per_speaker=40), "session5", val_fraction=0.1)[0]
     assert len(stratified["val"]) == 32 and sorted(u["label"] for u in stratified["val"]) == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
 
 

@@ -21,6 +21,7 @@ from mmser.model_structure import EmotionClassifier, load_text_encoder
 from small_runs import SMALL, read_csv, write_feature_dir
 from fixtures.tiny_models import make_tiny_text_encoder
 from mmser import context, text_features
+import json
 
 FAMILIES = ("bert", "electra", "deberta-v2")
 
@@ -109,7 +110,7 @@ def test_a_deberta_text_run_with_mean_pooled_context_trains_and_predict_gives_it
     # MAX_TEXT_TOKENS 500 is more than the tiny DeBERTa's 128 positions: bounded by them.
     results = main.main([run_dir, data_dir, models_dir, "1", "500", "64", *SMALL[3:], *options])
     assert results["folds"][0]["test"]["ua"] >= 0
-    config = main.json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
     assert config["max_text_tokens"] == 128 and config["sentence_pooling"] == "mean"
     assert config["feature_folders"] == {"text": "TextTokens-tiny-deberta-v2",
                                          "context": "FullSentenceEmb1-tiny-electra+mean"}

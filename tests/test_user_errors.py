@@ -20,6 +20,7 @@ from mmser import predictor
 from mmser import train_function
 from mmser.data_contract import MANIFEST_COLUMNS, read_manifest
 from mmser import speech_features
+from mmser import runner
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_OPTIONS = ["--demo", "--branches", "text,context", "--epochs", "2", "--device", "cpu"]
@@ -41,7 +42,7 @@ def copy_data(demo, tmp_path, drop_label=None):
 def train(run_dir, data_dir, models_dir, *extra):
     args = main.parse_args([*DEMO_OPTIONS, run_dir, *extra])
     args.data_dir, args.models_dir = str(data_dir), str(models_dir)
-    return main.train_and_test(args)
+    return runner.train_and_test(args)
 
 
 def test_a_corpus_of_three_emotions_trains_scores_and_predicts_three_classes(demo, tmp_path, capsys):
@@ -202,7 +203,7 @@ def test_a_step_run_into_a_log_file_writes_no_progress_bars_and_takes_threads(de
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(demo, tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
     train(tmp_path / "run", demo["data_dir"], demo["run_dir"] / "models", "--precision", "bf16", "--epochs", "1")
     assert "runs slower than fp32" in (tmp_path / "run" / "train.log").read_text()
 
