@@ -19,9 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-# Shown first, in this order, when the runs hold them; any other metric all runs share follows.
-PREFERRED = ("wa", "ua", "macro_f1", "weighted_f1")
-NAMES = {"wa": "WA", "ua": "UA", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
+from mmser.reporting import METRICS
+
+# Shown first, in this order, when the runs hold them (the run's own tables' order and names); any
+# other metric all runs share follows.
+PREFERRED, NAMES = tuple(METRICS), METRICS
 # Settings that say how or where a run was made, not what it trained: never listed as differences.
 # The models' paths are left out too: the same files in two places are the same models, and
 # "pretrained" (their sha256) tells whether they are.
