@@ -55,10 +55,11 @@ from pathlib import Path
 import numpy as np
 
 from mmser.data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FILE, DataError, branch_steps, feature_folder, label_set,
-                           qualified_step, read_classes, read_features_record, read_manifest, speech_models,
-                           speech_step, split_step, stale_features,
+                           qualified_step, read_classes, read_features_record, read_manifest,
+                           split_step, stale_features,
                            step_entry, text_models, transcript_set, transcript_sets)
 from mmser.recipes import RECIPES
+from mmser.speech import route_of, speech_models
 from mmser.utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults; the command line (and --recipe, recipes.py) overrides each -------------------------
@@ -146,11 +147,11 @@ def parse_branches(text):
 
 
 def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True,
-                  models=None, transcripts=None, speech_waves=None):
+                  models=None, transcripts=None, speech_route=None):
     """All labelled utterances with the features `branches` need, read once per run (models: the run's
-    non-default text and sentence models, data_contract.text_models; transcripts: the transcript set
-    of the text features; a transformers speech encoder's under "speech-layers",
-    data_contract.speech_models; speech_waves: see dataset_loader.load_utterances)."""
+    non-default text and sentence models, data_contract.text_models, and the speech route's step,
+    mmser.speech.speech_models; transcripts: the transcript set of the text features; speech_route:
+    the speech branch's, see dataset_loader.load_utterances)."""
     from mmser import dataset_loader
     rows = read_manifest(data_dir)
     steps = [step for branch in branches for step in branch_steps(branch, context_window, models, transcripts)]
@@ -164,7 +165,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
         raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
                        f"({', '.join(classes) or 'none'}); a classifier needs at least two")
     missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, models, transcripts,
-                                              speech_audio=speech_waves is not None)
+                                              speech_route)
     labelled = sum(1 for row in rows if row["label"])
     if missing and (not skip_missing or len(missing) == labelled):
         name, path = missing[0]
@@ -176,7 +177,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     left_out = [name for name, _ in missing]
     rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
-                                                progress, rows, classes, models, transcripts, speech_waves)
+                                                progress, rows, classes, models, transcripts, speech_route)
     width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
     return RunData(utterances, classes, left_out, width, read_first_metric(data_dir))
 
@@ -231,7 +232,7 @@ def model_paths(args):
     if Path(text_model).exists():
         text_model = str(Path(text_model).resolve())
     speech_model = args.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt"
-    if Path(speech_model).exists() or speech_step(speech_model) == "speech-tokens":
+    if Path(speech_model).exists() or route_of(speech_model).model_is_file:
         speech_model = Path(speech_model).resolve()  # a hub name of a transformers encoder stays a name
     return str(text_model), str(speech_model)
 
@@ -330,21 +331,18 @@ def resolve_token_limits(args, branches):
 
 
 def encoder_positions(branch, model):
-    """The longest sequence an encoder's learned positions hold (model_structure.text_token_limit:
+    """The longest sequence an encoder's learned positions hold (text_features.text_token_limit:
     RoBERTa's start after its padding index); None for a transformers speech encoder (its layer means
     have no token limit) and for a model that cannot be read here (a missing file, CheckpointError:
     its own error then comes where it is loaded)."""
-    from mmser.model_structure import text_token_limit
-    if branch == "speech" and speech_step(model) != "speech-tokens":
-        return None
+    from transformers import AutoConfig
+
+    from mmser.text_features import text_token_limit
+    if branch == "speech":
+        return route_of(model).positions()
     try:
-        if branch == "text":
-            from transformers import AutoConfig
-            config = AutoConfig.from_pretrained(model)
-        else:
-            from mmser.fairseq_checkpoints import load_fairseq_roberta
-            config = load_fairseq_roberta(model).config
-    except (OSError, ValueError):  # no such file or folder; not a config or checkpoint (CheckpointError)
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):  # no such folder; not a config
         return None
     # A model without learned positions is no encoder of this branch: text_encoder_settings says so.
     return text_token_limit(config) if hasattr(config, "max_position_embeddings") else None
@@ -456,11 +454,9 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
     DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).
     A fine-tuned transformers speech encoder reads waveforms, not cached layer means: it is its own
     extractor. predict.py checks them all before it predicts."""
-    from mmser.speech_encoders import SPEECH_FILES
     record = read_features_record(data_dir)
-    fairseq_speech = speech_step(speech_model) == "speech-tokens"
-    models = {"text_model": (text_model, [WEIGHT_FILES]),
-              "speech_model": (speech_model, [] if fairseq_speech else [SPEECH_FILES])}
+    route = route_of(speech_model, finetune_speech)
+    models = {"text_model": (text_model, [WEIGHT_FILES]), "speech_model": (speech_model, list(route.encoder_files))}
     pretrained = {}
     if transcripts is not None:  # the ASR model, for predict.py to transcribe recordings given without text
         pretrained.update(record.get(qualified_step("transcripts", transcripts[len("ASR-"):]), {}))
@@ -468,7 +464,7 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
         for step in branch_steps(branch, context_window, step_models, transcripts):
             if step in record:
                 pretrained.update(record[step])
-            elif finetune_speech and split_step(step)[1] == "speech-layers":
+            elif branch == "speech" and route.reads_audio:
                 continue  # not read: the encoder's own files (below) make its input
             elif step_entry(step).models:
                 log.warning(f"{Path(data_dir) / 'features.json'} does not say which models made the {step} "
@@ -477,16 +473,15 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
         if role is None:
             continue
         path, patterns = models[role]
-        if role == "speech_model" and fairseq_speech and not Path(path).is_file():
-            raise RunError(f"{path}: not found; the speech branch's RoBERTa comes from bert_kmeans.tar, unpacked into "
-                           f"MODELS_DIR (README, \"Pretrained files\"), or give {BRANCHES[branch].encoder_option}")
+        if role == "speech_model" and route.missing():
+            raise RunError(f"{route.missing()}, or give {BRANCHES[branch].encoder_option}")
         try:
             pretrained[role] = fingerprint(path, *patterns)
         except FileNotFoundError as error:
             raise RunError(f"{BRANCHES[branch].encoder_option.lstrip('-').replace('-', ' ')} "
                            f"({BRANCHES[branch].encoder_option}): {error}") from None
-        if role == "speech_model" and finetune_speech and not fairseq_speech:
-            pretrained["speech_encoder"] = pretrained[role]  # predict.py makes the waveform input with it
+        if role == "speech_model" and route.reads_audio:  # predict.py makes the waveform input with it
+            pretrained.update(dict.fromkeys(step_entry(route.step).models, pretrained[role]))
     return pretrained
 
 
@@ -496,21 +491,18 @@ def val_split(args):
 
 
 def speech_encoder_of(args, branches):
-    """(speech model, its SpeechModel when fine-tuning a transformers encoder, else None); None, None
-    without a speech branch. A model that is not a speech encoder is refused, saying what it is."""
-    from mmser import speech_encoders
+    """(speech model, its route: mmser.speech.route_of); None, None without a speech branch. A model
+    the route cannot take is refused, saying what it is."""
+    from mmser.speech_encoders import SpeechModelError
     if "speech" not in branches:
         return None, None
     speech_model = model_paths(args)[1]
-    if speech_step(speech_model) == "speech-tokens":
-        return speech_model, None
+    route = route_of(speech_model, args.finetune_speech)
     try:
-        speech_encoders.speech_kind(speech_model)  # refuses what is not a speech encoder, saying what it is
-        if not args.finetune_speech:
-            return speech_model, None
-        return speech_model, speech_encoders.load_speech_model(speech_model)
-    except speech_encoders.SpeechModelError as error:
+        route.check()
+    except SpeechModelError as error:
         raise RunError(f"--speech-model: {error}") from None
+    return speech_model, route
 
 
 def describe_val_split(val_split, val_fraction):
@@ -1011,13 +1003,13 @@ def train_and_test(args, run_dir_checked=False):
     # run together into one endless line, and the per-epoch lines say the same.
     env = {"rank": rank, "world_size": world, "device": device, "progress": rank == 0 and sys.stderr.isatty(),
            "amp_dtype": torch.bfloat16 if precision == "bf16" else None, "notes": notes}
-    speech_model, speech_waves = speech_encoder_of(args, branches)
+    speech_model, speech_route = speech_encoder_of(args, branches)
     try:
         models = {**text_encoder_settings(args, branches), **speech_models(speech_model)}
         asr = resolve_transcripts(args)
         sets = asr["sets"] if asr else {"train": None, "test": None}
         data = load_run_data(data_dir, branches, args.context_window, args.max_text_tokens, args.max_audio_tokens,
-                             args.skip_missing, env["progress"], models, sets["train"], speech_waves)
+                             args.skip_missing, env["progress"], models, sets["train"], speech_route)
         config = resolve_config(args, data, device, precision, models, asr)
         return run(config, args.run_dir, data.utterances, env,
                    features_of_test_transcripts(args, branches, data, sets, env, models))

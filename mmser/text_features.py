@@ -8,7 +8,8 @@
                         them all); another model or pooling writes SentenceEmb-<model>[+mean]/
 An empty transcript is a valid utterance: its tokens are `<s> </s>` and its embedding that of the
 empty text. With a transcript set (an ASR model's, data_contract.transcript_set), each step reads
-that set's Text/ and writes into the set's own folder.
+that set's Text/ and writes into the set's own folder. text_token_ids and sentence_embeddings are
+the one way a text becomes these features, for the steps and for predict.py alike.
 """
 from pathlib import Path
 
@@ -22,6 +23,21 @@ from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_to
 from mmser.utils import TOKENIZER_FILES, check_device, fingerprint, length_sorted_batches, save_npy_atomic
 
 SENTENCE_BATCH_SIZE = 32
+
+
+def text_token_ids(text, tokenizer):
+    """One transcript's token ids (int32) as the text encoder's tokenizer gives them: `<s> ... </s>`
+    for RoBERTa (fairseq's roberta.encode ids), `[CLS] ... [SEP]` for BERT's kind."""
+    return np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
+
+
+def text_token_limit(config):
+    """The most tokens the text encoder of this transformers config takes: its positions (RoBERTa's
+    first pad_token_id + 1 position embeddings are never used, as fairseq numbers positions; the
+    speech RoBERTa's too)."""
+    if config.model_type == "roberta":
+        return config.max_position_embeddings - config.pad_token_id - 1
+    return config.max_position_embeddings
 
 
 def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=False, progress=True,
@@ -49,7 +65,7 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
             except FeatureError as e:
                 report.fail(row["name"], e, bar)
                 continue
-            save_npy_atomic(out_dir / f"{row['name']}.npy", np.asarray(tokenizer(text)["input_ids"], dtype=np.int32))
+            save_npy_atomic(out_dir / f"{row['name']}.npy", text_token_ids(text, tokenizer))
             report.written += 1
 
     return run_reported(report, work)
