@@ -20,7 +20,7 @@ from mmser.data_contract import (SENTENCE_POOLINGS, feature_folder, instance_tag
                                  sentence_tag)
 from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_tokenizer, pending, read_transcript,
                               record_models, resolve_model, rows_of, run_reported, text_encoder_config, valid_npy)
-from mmser.utils import TOKENIZER_FILES, check_device, fingerprint, length_sorted_batches, save_npy_atomic
+from mmser.utils import TOKENIZER_FILES, check_device, fingerprint, save_npy_atomic
 
 SENTENCE_BATCH_SIZE = 32
 
@@ -71,17 +71,27 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
     return run_reported(report, work)
 
 
+def equal_length_batches(lengths, batch_size):
+    """Indices in batches of one length each, shortest first (stable), at most batch_size a batch."""
+    by_length = {}
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        by_length.setdefault(lengths[i], []).append(i)
+    return [group[start:start + batch_size] for group in by_length.values() for start in range(0, len(group), batch_size)]
+
+
 def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE, progress_bar=None, pooling="cls"):
-    """Last-layer [CLS] vectors (float32, (len(texts), H)), batched by similar length with padding
-    and attention masks; equal to embedding each text alone (within float rounding). pooling "mean":
-    the mean of the last layer over the real tokens (attention mask 1, [CLS] and [SEP] included)."""
+    """Last-layer [CLS] vectors (float32, (len(texts), H)); pooling "mean": the mean of the last layer
+    over the real tokens (attention mask 1, [CLS] and [SEP] included). Batched by token length, each
+    batch of one length: without padding a text's vector does not depend on the texts batched with it
+    (padding changed the last bits of 10 of the demo's 400 vectors), so predict.py's conversations
+    get the very vectors the corpus got, bit for bit (measured on the CPU, in batches of 1 to 32)."""
     import torch
     device = next(model.parameters()).device
     max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     vectors = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
-        for batch in length_sorted_batches(lengths, batch_size):
+        for batch in equal_length_batches(lengths, batch_size):
             inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                max_length=max_length, return_tensors="pt").to(device)
             hidden = model(**inputs).last_hidden_state
