@@ -40,7 +40,7 @@ import sys
 from mmser.asr import asr_model_name
 from mmser.extraction import format_summary
 from mmser.options import add_model_arguments, asr_transcripts, check_folders
-from mmser.speech import ROUTES, step_route
+from mmser.speech.routes import ROUTES, step_route
 from mmser.steps import STEP_NAMES, run_step
 from mmser.utils import set_threads
 

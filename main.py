@@ -59,7 +59,7 @@ from mmser.data_contract import (BRANCHES, SENTENCE_POOLINGS, TEXT_STEPS, WER_FI
                            split_step, stale_features,
                            step_entry, text_models, transcript_set, transcript_sets)
 from mmser.recipes import RECIPES
-from mmser.speech import route_of, speech_models
+from mmser.speech.routes import route_of, speech_models
 from mmser.utils import WEIGHT_FILES, check_device, cpu_has_native_bf16, fingerprint, set_threads, write_text_atomic
 
 # -- defaults; the command line (and --recipe, recipes.py) overrides each -------------------------
@@ -150,7 +150,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
                   models=None, transcripts=None, speech_route=None):
     """All labelled utterances with the features `branches` need, read once per run (models: the run's
     non-default text and sentence models, data_contract.text_models, and the speech route's step,
-    mmser.speech.speech_models; transcripts: the transcript set of the text features; speech_route:
+    mmser.speech.routes.speech_models; transcripts: the transcript set of the text features; speech_route:
     the speech branch's, see dataset_loader.load_utterances)."""
     from mmser import dataset_loader
     rows = read_manifest(data_dir)
@@ -491,7 +491,7 @@ def val_split(args):
 
 
 def speech_encoder_of(args, branches):
-    """(speech model, its route: mmser.speech.route_of); None, None without a speech branch. A model
+    """(speech model, its route: mmser.speech.routes.route_of); None, None without a speech branch. A model
     the route cannot take is refused, saying what it is."""
     from mmser.speech_encoders import SpeechModelError
     if "speech" not in branches:

@@ -152,7 +152,7 @@ def branch_steps(branch, context_window, models=None, transcripts=None):
     """The extraction steps `branch` needs, by name ("context-{c}" filled in): `models` maps a step
     (a STEPS key) to the instance_tag of the run's model for it, when that is not the default; those
     made from text are the instances of the transcript set `transcripts` (None: the reference). The
-    speech branch reads the step its route names as models["speech"] (mmser.speech.speech_models),
+    speech branch reads the step its route names as models["speech"] (mmser.speech.routes.speech_models),
     none without it."""
     models = models or {}
     if branch == "speech":

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mmser.data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path,
                                  label_set, read_classes, read_feature, read_manifest, truncate_tokens)
-from mmser.speech import route_of
+from mmser.speech.routes import route_of
 from mmser.utils import length_sorted_batches
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
@@ -38,7 +38,7 @@ def text_input(ids, max_tokens):
 def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None, speech_route=None):
     """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
     (models: the run's non-default models; transcripts: the transcript set of its text features;
-    both as data_contract.branch_steps; speech_route: the speech branch's, mmser.speech.route_of,
+    both as data_contract.branch_steps; speech_route: the speech branch's, mmser.speech.routes.route_of,
     None: the original's)."""
     speech_route = speech_route or route_of()
     missing = []
@@ -60,7 +60,7 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     order of DATA_DIR's label set); models: the run's non-default models, transcripts: the
     transcript set of the features made from text (None: the reference), both as
     data_contract.branch_steps. The speech branch's input is what its route loads (speech_route,
-    mmser.speech.route_of; None: the original's speech tokens, cut to max_audio_tokens)."""
+    mmser.speech.routes.route_of; None: the original's speech tokens, cut to max_audio_tokens)."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:

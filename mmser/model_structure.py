@@ -16,7 +16,7 @@ Reads the pretrained encoders (nothing is written):
 import torch
 from torch import nn
 
-from mmser.speech import route_of
+from mmser.speech.routes import route_of
 from mmser.utils import quiet_transformers
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from mmser.context import context_vectors, dialogues
 from mmser.data_contract import pretrained_roles
-from mmser.speech import route_of
+from mmser.speech.routes import route_of
 from mmser.utils import AudioError, fingerprint, quiet_transformers, read_audio
 
 

@@ -11,7 +11,7 @@ from mmser.asr import transcribe_utterances
 from mmser.context import write_context_vectors
 from mmser.data_contract import sentence_tag, transcript_set
 from mmser.extraction import resolve_model
-from mmser.speech import DEFAULT_ROUTE, ROUTES, step_route
+from mmser.speech.routes import DEFAULT_ROUTE, ROUTES, step_route
 from mmser.text_features import extract_sentence_embeddings, extract_text_tokens
 
 CONTEXTS = (1, 2, 3)
@@ -26,7 +26,7 @@ STEP_NAMES = (*ROUTES, "text-tokens", "sentence-embeddings", "transcripts")
 def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
              overwrite=False, progress=True, sentence_pooling="cls", transcripts=None, asr_model=None,
              speech_model=None):
-    """Run one step by name (STEP_NAMES): a speech route's (mmser.speech.step_route: the route that
+    """Run one step by name (STEP_NAMES): a speech route's (mmser.speech.routes.step_route: the route that
     `speech_model` takes), a text step, or "transcripts" (speech recognition with `asr_model`); the
     text steps read the transcript set `transcripts` (data_contract.transcript_set; None: the
     reference). Returns its StepReport."""

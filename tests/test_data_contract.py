@@ -5,7 +5,7 @@ from mmser import data_contract
 from mmser.context import dialogues
 from mmser.data_contract import (BRANCHES, CLASSES, MANIFEST_COLUMNS, STEPS, DataError, branch_steps, feature_path,
                            label_set, pretrained_roles, read_manifest)
-from mmser.speech import speech_models
+from mmser.speech.routes import speech_models
 
 
 def write_manifest(folder, rows):

@@ -15,7 +15,7 @@ from mmser import predictor, steps
 from mmser.context import write_context_vectors
 from mmser.data_contract import branch_steps, feature_folder, read_manifest, sentence_tag, text_models
 from mmser.dataset_loader import load_utterances
-from mmser.speech import route_of, speech_models
+from mmser.speech.routes import route_of, speech_models
 
 C = 2  # the context window
 DIALOGUE_ROWS = 9  # of each of two dialogues: extraction embeds both in one batch, predict.py each alone

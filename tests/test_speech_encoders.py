@@ -15,7 +15,7 @@ from mmser import data_contract
 import feature_ext
 import main
 from mmser import speech_encoders
-from mmser.speech import route_of, speech_models
+from mmser.speech.routes import route_of, speech_models
 from fixtures import tiny_models
 from mmser.dataset_loader import collate_utterances
 from small_runs import fold_result, run_like_the_demo

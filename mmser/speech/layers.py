@@ -17,7 +17,7 @@ from tqdm import tqdm
 from mmser.data_contract import (DataError, Step, feature_folder, model_tag, qualified_step, read_feature,
                                  read_manifest, register_step)
 from mmser.extraction import FeatureError, StepReport, pending, record_models, rows_of, run_reported
-from mmser.speech.route import SpeechRoute
+from mmser.speech import SpeechRoute
 from mmser.utils import SILENCE_PEAK, AudioError, check_device, fingerprint, read_audio, save_npy_atomic
 
 NAME = "speech-layers"

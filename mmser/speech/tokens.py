@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from mmser.data_contract import Step, feature_folder, read_feature, read_manifest, register_step, truncate_tokens
 from mmser.extraction import FeatureError, StepReport, pending, record_models, rows_of, run_reported, valid_npy
-from mmser.speech.route import SpeechRoute
+from mmser.speech import SpeechRoute
 from mmser.utils import SILENCE_PEAK, AudioError, check_device, fingerprint, read_audio, save_npy_atomic
 
 NAME = "speech-tokens"
