@@ -38,24 +38,27 @@ import argparse
 import sys
 
 from mmser.asr import asr_model_name
-from mmser.data_contract import speech_step
 from mmser.extraction import format_summary
 from mmser.options import add_model_arguments, asr_transcripts, check_folders
-from mmser.steps import EXTRACTORS, run_step
+from mmser.speech.routes import ROUTES, step_route
+from mmser.steps import STEP_NAMES, run_step
 from mmser.utils import set_threads
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=list(EXTRACTORS) + ["transcripts", "speech-layers"],
+    parser.add_argument("step", choices=STEP_NAMES,
                         help="which features to extract (transcripts: speech recognition with --asr-model)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_folders(args, parser)
     set_threads(args.threads)
+    if args.step in ROUTES:  # a speech route's step, and a --speech-model that route does not take
+        try:
+            step_route(args.step, args.speech_model)
+        except ValueError as error:
+            parser.error(str(error))
     # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
-    if args.step == "speech-layers" and speech_step(args.speech_model) == "speech-tokens":
-        parser.error("speech-layers needs --speech-model: a transformers speech encoder's folder or hub name")
     report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                       args.device, args.overwrite, progress=sys.stderr.isatty(), sentence_pooling=args.sentence_pooling,
                       transcripts=asr_transcripts(args), asr_model=asr_model_name(args.models_dir, args.asr_model),

@@ -8,22 +8,25 @@ spelling a folder name, a column or a label itself:
   read_manifest(DATA_DIR)                    the manifest's rows, typed and checked against that label set
   label_set(rows, classes)                   the classes a manifest really has, in the label set's order
   STEPS                                      extraction step -> its folder, rows and pretrained files;
-                                             qualified_step names one per model or transcript set
+                                             qualified_step names one per model or transcript set; a
+                                             speech route (mmser/speech/) adds its own (register_step)
   transcript_set / TEXT_STEPS / WER_FILE      ASR transcript sets (ASR-<tag>/Text/) and what is made from them
   BRANCHES                                   model branch -> the steps whose folders it reads, its
-                                             utterance key, its encoder and the option naming it
-  speech_step(speech_model)                  the speech branch's step: the vq-wav2vec tokens for the
-                                             original's bert_kmeans.pt, else that transformers
-                                             encoder's layer means ("speech-layers@<model_tag>")
+                                             utterance key, its encoder and the option naming it; the
+                                             speech branch reads its route's step (models["speech"])
+  read_feature / truncate_tokens             a feature file as the model's input reads it
   read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
 A new branch, encoder family or extraction step is an entry in these tables plus the code that is
-really new (its extraction and its module); nothing else spells its folder or its files.
+really new (its extraction and its module); nothing else spells its folder or its files. A new way
+for the speech branch to hear a recording is a route of mmser/speech/, with its step.
 """
 import csv
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 SAMPLE_RATE = 16000
 # IEMOCAP's 4-class task (exc merged into hap by the corpus reader), in the order of the
@@ -66,18 +69,26 @@ class Step:
     per_model: str = None
 
 
-# The context step is one per window size c: "context-{c}" writes FullBertEmb{c}/.
+# The context step is one per window size c: "context-{c}" writes FullBertEmb{c}/. The speech routes'
+# steps (the vq-wav2vec tokens, a transformers encoder's layer means) are their own: register_step.
 STEPS = {
-    "speech-tokens": Step("vqw2vTokens", "labelled", ("vq_wav2vec", "speech_dictionary")),
     "text-tokens": Step("GPT2Tokens", "all", ("text_tokenizer",), per_model="TextTokens-{model}"),
     "sentence-embeddings": Step("BertEmb", "all", ("sentence_model",), per_model="SentenceEmb-{model}"),
     "context-{c}": Step("FullBertEmb{c}", "all", (), per_model="FullSentenceEmb{c}-{model}"),
     # Speech recognition: one transcript set per ASR model, ASR-<tag>/Text/<name>.txt (ASR_SET).
     "transcripts": Step(None, "all", ("asr_model",), per_model="ASR-{model}/Text"),
-    # A transformers speech encoder's (layers + 1, hidden) float32 layer means (speech_encoders.py),
-    # one folder per encoder: "speech-layers@<model_tag>".
-    "speech-layers": Step(None, "labelled", ("speech_encoder",), per_model="SpeechLayers-{model}"),
 }
+
+
+def register_step(name, entry):
+    """Add the step `name` that a module above this one defines (a speech route of mmser/speech/, which
+    keeps its step beside its extraction): from then on step_entry, feature_folder and features.json
+    know it as they know the steps above. -> entry."""
+    if STEPS.get(name, entry) != entry:
+        raise ValueError(f"step {name!r} is already {STEPS[name]}")
+    STEPS[name] = entry
+    return entry
+
 # The models whose outputs live in the original folders (GPT2Tokens/, BertEmb/ and FullBertEmb{c}/), by
 # model_tag: a local copy named as the download, or the hub name with or without its organisation.
 # Any other model, or another pooling of the sentence model, has folders of its own (instance_tag).
@@ -114,9 +125,12 @@ class Branch:
     length_option: str = None
 
 
+# The speech branch reads the step of its route (mmser/speech/: the vq-wav2vec tokens, or a transformers
+# encoder's layer means), which branch_steps finds in `models`; its key is the token routes' (a layers
+# route's inputs have keys of their own, the route's).
 BRANCHES = {
     "text": Branch(("text-tokens",), "text_ids", "text_model", "--text-model", "MAX_TEXT_TOKENS"),
-    "speech": Branch(("speech-tokens",), "speech_ids", "speech_model", "--speech-model", "MAX_AUDIO_TOKENS"),
+    "speech": Branch((), "speech_ids", "speech_model", "--speech-model", "MAX_AUDIO_TOKENS"),
     "context": Branch(("sentence-embeddings", "context-{c}"), "context"),
 }
 
@@ -138,10 +152,11 @@ def branch_steps(branch, context_window, models=None, transcripts=None):
     """The extraction steps `branch` needs, by name ("context-{c}" filled in): `models` maps a step
     (a STEPS key) to the instance_tag of the run's model for it, when that is not the default; those
     made from text are the instances of the transcript set `transcripts` (None: the reference). The
-    speech branch reads a transformers encoder's layer means when `models` names one ("speech-layers")."""
+    speech branch reads the step its route names as models["speech"] (mmser.speech.routes.speech_models),
+    none without it."""
     models = models or {}
-    if branch == "speech" and "speech-layers" in models:  # a transformers speech encoder (speech_models)
-        return [qualified_step("speech-layers", models["speech-layers"])]
+    if branch == "speech":
+        return [models["speech"]] if "speech" in models else []
     return [qualified_step(step.format(c=context_window), models.get(MADE_FROM.get(step, step)),
                            transcripts if step in TEXT_STEPS else None)
             for step in BRANCHES[branch].steps]
@@ -185,30 +200,13 @@ def transcript_sets(data_dir):
     return sorted(p.parent.name for p in Path(data_dir).glob(ASR_SET.format(model="*") + "/Text") if p.is_dir())
 
 
-def speech_models(speech_model):
-    """branch_steps' `models` for the run's speech model: {} for the original's bert_kmeans.pt (the
-    vq-wav2vec tokens), else {"speech-layers": its model_tag}."""
-    step = speech_step(speech_model)
-    return {} if step == "speech-tokens" else {"speech-layers": split_step(step)[2]}
-
-
-def speech_step(speech_model):
-    """The step whose folder the speech branch reads: the vq-wav2vec tokens for the original's fairseq
-    speech RoBERTa (a checkpoint file, or None for MODELS_DIR's; a missing *.pt is one too, to be
-    named as missing), else the layer means of that transformers encoder (a folder or hub name), in a
-    folder of its own."""
-    if speech_model is None or Path(speech_model).is_file() or str(speech_model).endswith(".pt"):
-        return "speech-tokens"
-    return qualified_step("speech-layers", model_tag(speech_model))
-
-
 # A step's instance name, which is also its key in features.json: "[<transcripts>/]<step>[@<model>]".
 # The default instances keep their plain names ("text-tokens", "context-2"), so existing records and
 # folders mean what they meant.
 def qualified_step(step, model=None, transcripts=None):
     """The instance of `step` made with the model tagged `model` (model_tag; None: the step's default
     model) from the transcript set `transcripts` (a folder of DATA_DIR holding its own Text/ and the
-    folders derived from it; None: the reference transcripts), e.g. "speech-layers@wavlm-large",
+    folders derived from it; None: the reference transcripts), e.g. "text-tokens@bert-base-cased",
     "ASR-openai--whisper-large-v3/context-2"."""
     name = step if model is None else f"{step}@{model}"
     return name if transcripts is None else f"{transcripts}/{name}"
@@ -250,12 +248,39 @@ def feature_path(data_dir, branch, name, context_window, models=None, transcript
     return feature_folder(data_dir, branch_steps(branch, context_window, models, transcripts)[-1]) / f"{name}.npy"
 
 
-def pretrained_roles(branch, speech_model=None):
-    """The pretrained files a branch needs at inference: its encoder, and what made its features."""
+def pretrained_roles(branch, models=None):
+    """The pretrained files a branch needs at inference: its encoder, and what made its features (models:
+    as branch_steps; the speech route's step among them)."""
     entry = BRANCHES[branch]
     roles = [entry.encoder] if entry.encoder else []
-    return roles + [role for step in branch_steps(branch, 0, speech_models(speech_model))
-                    for role in step_entry(step).models]
+    return roles + [role for step in branch_steps(branch, 0, models) for role in step_entry(step).models]
+
+
+def read_feature(path, what, ndim=1):
+    """A feature file as the model's input reads it: a non-empty, finite `ndim`-D array; DataError naming
+    the file otherwise (`what` says what it should hold)."""
+    try:
+        array = np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing {what}; run the feature extraction stage first") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npy file ({error})") from None
+    if array.ndim != ndim or array.size == 0:
+        raise DataError(f"{path}: expected a non-empty {ndim}-D array for {what}, got shape {array.shape}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataError(f"{path}: {what} holds NaN or infinite values; recompute it (--overwrite)")
+    return array
+
+
+def truncate_tokens(ids, max_tokens):
+    """A token file's `<s> ... </s>` ids cut to at most max_tokens, keeping `</s>` as the last token (the
+    sequence's own last token: another text encoder's `[SEP]`), as fairseq's encoders saw them in
+    pre-training: the files keep every token, the limit is the run's."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2 (<s> and </s>), got {max_tokens}")
+    if len(ids) <= max_tokens:
+        return ids
+    return np.concatenate([ids[: max_tokens - 1], ids[-1:]]).astype(ids.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

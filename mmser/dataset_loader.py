@@ -3,14 +3,16 @@
 Reads (nothing is written), the files data_contract.BRANCHES names for each branch:
   DATA_DIR/utterances.csv                 through data_contract.read_manifest
   DATA_DIR/GPT2Tokens/<name>.npy          text RoBERTa ids  <s> ... </s>   (text branch)
-  DATA_DIR/vqw2vTokens/<name>.npy         speech RoBERTa ids <s> codes </s> (speech branch)
+  the speech route's input                (speech branch; mmser.speech: vqw2vTokens/<name>.npy,
+                                          speech RoBERTa ids <s> codes </s>, by default)
   DATA_DIR/FullBertEmb{c}/<name>.npy      (2c+1)*H context vector           (context branch)
 
 Each utterance becomes a dict: index, name, session, speaker, dialog, the manifest's optional
 columns it has (split, group, sentiment), label (index into the run's classes) and, per branch,
-text_ids / speech_ids (1-D int64 tensors) and context ((2c+1, H) float32).
-Token sequences are cut to the maximum length keeping `</s>` last, as fairseq's encoder saw them
-in pre-training; a batch is padded only to its own longest sequence with `<pad>` = 1.
+text_ids (1-D int64 tensor), the speech route's entries (speech_ids; or speech_layers, speech_wave)
+and context ((2c+1, H) float32).
+Token sequences are cut to the maximum length keeping `</s>` last (data_contract.truncate_tokens);
+a batch is padded only to its own longest sequence with `<pad>` = 1.
 """
 import math
 from pathlib import Path
@@ -20,62 +22,29 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from mmser.data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path, label_set,
-                           read_classes, read_manifest)
+from mmser.data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path,
+                                 label_set, read_classes, read_feature, read_manifest, truncate_tokens)
+from mmser.speech.routes import route_of
 from mmser.utils import length_sorted_batches
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
 
 
-def truncate_tokens(ids, max_tokens):
-    """Cut a `<s> ... </s>` sequence to at most max_tokens, keeping `</s>` as its last token (the
-    sequence's own last token: another text encoder's `[SEP]`)."""
-    if max_tokens < 2:
-        raise ValueError(f"max_tokens must be at least 2 (<s> and </s>), got {max_tokens}")
-    if len(ids) <= max_tokens:
-        return ids
-    return np.concatenate([ids[: max_tokens - 1], ids[-1:]]).astype(ids.dtype)
+def text_input(ids, max_tokens):
+    """The text branch's input from a text token file's ids: for training and for predict.py alike."""
+    return torch.from_numpy(truncate_tokens(ids, max_tokens).astype(np.int64))
 
 
-def _load_npy(path, what, ndim=1):
-    """A feature file as a non-empty, finite `ndim`-D array; DataError naming the file otherwise."""
-    try:
-        array = np.load(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing {what}; run the feature extraction stage first") from None
-    except (OSError, ValueError, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npy file ({error})") from None
-    if array.ndim != ndim or array.size == 0:
-        raise DataError(f"{path}: expected a non-empty {ndim}-D array for {what}, got shape {array.shape}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise DataError(f"{path}: {what} holds NaN or infinite values; recompute it (--overwrite)")
-    return array
-
-
-def _speech_encoder_input(data_dir, name, path, speech_waves):
-    """A transformers speech encoder's input: {"speech_layers": (layers + 1, hidden)} from its folder, or
-    {"speech_wave": samples} from Audio/ when fine-tuning."""
-    if speech_waves is not None:
-        from mmser import speech_encoders
-        from mmser.utils import AudioError, read_audio
-        try:
-            wav, _ = read_audio(Path(data_dir) / "Audio" / f"{name}.wav")
-        except AudioError as error:
-            raise DataError(str(error)) from None
-        return {"speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech_waves, wav).astype(np.float32))}
-    layers = _load_npy(path, "speech layer means (layers + 1, hidden)", ndim=2)
-    return {"speech_layers": torch.from_numpy(layers.astype(np.float32))}
-
-
-def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None, speech_audio=False):
+def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None, speech_route=None):
     """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
     (models: the run's non-default models; transcripts: the transcript set of its text features;
-    both as data_contract.branch_steps; speech_audio: the speech branch reads Audio/, fine-tuning
-    a transformers speech encoder on the waveforms)."""
+    both as data_contract.branch_steps; speech_route: the speech branch's, mmser.speech.routes.route_of,
+    None: the original's)."""
+    speech_route = speech_route or route_of()
     missing = []
     for row in rows:
         if row["label"]:
-            paths = [Path(data_dir) / "Audio" / f"{row['name']}.wav" if branch == "speech" and speech_audio else
+            paths = [speech_route.input_file(data_dir, row["name"]) if branch == "speech" else
                      feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
                      for branch in branches]
             absent = [p for p in paths if not p.is_file()]
@@ -85,15 +54,13 @@ def missing_features(data_dir, rows, context_window, branches, models=None, tran
 
 
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
-                    progress=True, rows=None, classes=None, models=None, transcripts=None, speech_waves=None):
+                    progress=True, rows=None, classes=None, models=None, transcripts=None, speech_route=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
     branches need; labels are indices into `classes` (default: the classes the rows have, in the
     order of DATA_DIR's label set); models: the run's non-default models, transcripts: the
     transcript set of the features made from text (None: the reference), both as
-    data_contract.branch_steps. With a transformers speech encoder (models["speech-layers"]), the
-    speech branch's input is its layer means ('speech_layers'), or, given speech_waves
-    (speech_encoders.SpeechModel, for fine-tuning), the utterance's waveform as its feature
-    extractor makes it ('speech_wave')."""
+    data_contract.branch_steps. The speech branch's input is what its route loads (speech_route,
+    mmser.speech.routes.route_of; None: the original's speech tokens, cut to max_audio_tokens)."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
@@ -102,26 +69,25 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
         rows = [row for row in read_manifest(data_dir) if row["label"]]
     classes = list(classes or label_set(rows, read_classes(data_dir)))
     slices = 2 * context_window + 1
-    limits = {"text": max_text_tokens, "speech": max_audio_tokens}
+    speech_route = speech_route or route_of()
     utterances = []
     for row in tqdm(rows, desc="loading features", unit="utt", leave=False, disable=not progress):
         item = {"index": len(utterances), "name": row["name"], "session": row["session"],
                 "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
         item.update({c: row[c] for c in OPTIONAL_COLUMNS if c in row})
         for branch in branches:
+            if branch == "speech":
+                item.update(speech_route.load_input(data_dir, row["name"], max_audio_tokens))
+                continue
             path = feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
-            key = BRANCHES[branch].key
-            if branch == "speech" and "speech-layers" in (models or {}):
-                item.update(_speech_encoder_input(data_dir, row["name"], path, speech_waves))
-            elif branch == "context":
-                vector = _load_npy(path, f"context vector (window {context_window})")
+            if branch == "context":
+                vector = read_feature(path, f"context vector (window {context_window})")
                 if vector.size % slices:
                     raise DataError(f"{path}: length {vector.size} is not a multiple of 2*{context_window}+1 = "
                                     f"{slices} context slots; was it made with another context window?")
-                item[key] = torch.from_numpy(vector.astype(np.float32).reshape(slices, -1))
+                item[BRANCHES[branch].key] = context_input(vector, context_window)
             else:
-                ids = _load_npy(path, f"{branch} tokens")
-                item[key] = torch.from_numpy(truncate_tokens(ids, limits[branch]).astype(np.int64))
+                item[BRANCHES[branch].key] = text_input(read_feature(path, "text tokens"), max_text_tokens)
         utterances.append(item)
     if "context" in branches:
         widths = {item["context"].shape[1] for item in utterances}
@@ -129,6 +95,12 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
             folder = feature_folder(data_dir, branch_steps("context", context_window, models, transcripts)[-1])
             raise DataError(f"{folder}: context vectors of different widths {sorted(widths)}")
     return utterances
+
+
+def context_input(vector, context_window):
+    """The context branch's input from a context vector ((2c+1)*H): (2c+1, H) float32, for training
+    and for predict.py alike."""
+    return torch.from_numpy(vector.astype(np.float32).reshape(2 * context_window + 1, -1))
 
 
 def context_slice_width(utterances):

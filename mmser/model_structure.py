@@ -3,7 +3,9 @@
 Reads the pretrained encoders (nothing is written):
   text:   a transformers RoBERTa folder or hub name (MODELS_DIR/roberta-large by default), or another
           text encoder (BERT, DeBERTa-v2/v3, ELECTRA), each pooled at its first token
-  speech: MODELS_DIR/bert_kmeans/bert_kmeans.pt, through fairseq_checkpoints.load_fairseq_roberta
+  speech: what the speech route builds (mmser.speech): MODELS_DIR/bert_kmeans/bert_kmeans.pt through
+          fairseq_checkpoints.load_fairseq_roberta by default, or a transformers speech encoder's
+          weighted layer sum (speech_encoders.SpeechLayerSum)
 
   text ids    -> text RoBERTa   -> last layer at <s>  (fine-tuned by default)   -> Ht
   speech ids  -> speech RoBERTa -> last layer at <s>  (frozen by default)       -> Hs
@@ -11,12 +13,10 @@ Reads the pretrained encoders (nothing is written):
   concat(branches) -> Linear -> ReLU -> Linear -> 4 emotion logits (order: CLASSES)
                      (or dropout -> Linear: the head of Siriwardhana et al.'s recipe)
 """
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from mmser.fairseq_checkpoints import load_fairseq_roberta
+from mmser.speech.routes import route_of
 from mmser.utils import quiet_transformers
 
 
@@ -51,30 +51,6 @@ class TimeAsynchronousBranch(nn.Module):
         scores = self.attention_heads(torch.tanh(self.attention_hidden(h)))  # (B, slices, heads)
         attention = torch.softmax(scores, dim=1).transpose(1, 2)  # each head sums to 1 over slots
         return self.dropout(attention @ h).flatten(1), attention
-
-
-class SpeechLayerSum(nn.Module):
-    """The speech branch over a transformers speech encoder: SUPERB's softmax-weighted sum of the
-    (layers + 1) layer means, the weights starting equal. Frozen (default), it reads the cached layer
-    means and holds no encoder; with --finetune-speech it runs `encoder` on the waveform batch (its
-    convolutional feature encoder frozen) and mean-pools every hidden state over the real frames."""
-
-    def __init__(self, layers, hidden_size, encoder=None, takes_attention_mask=False, whisper_features=None):
-        super().__init__()
-        self.layer_logits = nn.Parameter(torch.zeros(layers))
-        self.hidden_size, self.encoder, self.takes_attention_mask = hidden_size, encoder, takes_attention_mask
-        self.whisper_features = whisper_features  # Whisper's feature extractor: log-mel windows per batch
-
-    def layer_weights(self):
-        return torch.softmax(self.layer_logits.float(), dim=0)
-
-    def forward(self, layers=None, wave=None, wave_mask=None):
-        """layers (B, layers + 1, hidden), or wave and wave_mask (B, samples) -> (B, hidden)."""
-        if layers is None:
-            from mmser import speech_encoders
-            layers = speech_encoders.pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask,
-                                                   self.whisper_features)
-        return (self.layer_weights()[None, :, None] * layers.float()).sum(1)
 
 
 class EmotionClassifier(nn.Module):
@@ -205,66 +181,20 @@ def load_text_encoder(name_or_path):
         return AutoModel.from_pretrained(str(name_or_path))
 
 
-def text_token_limit(config):
-    """The most tokens the text encoder of this transformers config takes: its positions (RoBERTa's
-    first pad_token_id + 1 position embeddings are never used, as fairseq numbers positions)."""
-    if config.model_type == "roberta":
-        return config.max_position_embeddings - config.pad_token_id - 1
-    return config.max_position_embeddings
-
-
-def load_speech_encoder(path):
-    """The speech RoBERTa from a fairseq bert_kmeans.pt, by the project's one fairseq loader."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: speech RoBERTa checkpoint not found; download bert_kmeans.tar into "
-                                f"MODELS_DIR (README, \"Pretrained files\")")
-    return load_fairseq_roberta(path)
-
-
-def load_speech_layer_sum(speech_model, finetune=False, gradient_checkpointing=False):
-    """The weighted layer sum over a transformers speech encoder: without the encoder when frozen
-    (its layer means are cached), with it, its feature encoder frozen, when fine-tuned."""
-    from mmser import speech_encoders
-    if not finetune:
-        from transformers import AutoConfig
-        speech_encoders.speech_kind(speech_model)  # refuses what is not a speech encoder, saying what it is
-        with quiet_transformers():
-            config = AutoConfig.from_pretrained(str(speech_model))
-        return SpeechLayerSum(config.num_hidden_layers + 1, config.hidden_size)
-    speech = speech_encoders.load_speech_model(speech_model)
-    # As fine-tuning recipes do: the convolutional front end stays as pre-trained.
-    if speech.kind == "whisper":
-        speech.encoder.conv1.requires_grad_(False)
-        speech.encoder.conv2.requires_grad_(False)
-    else:
-        speech.encoder.freeze_feature_encoder()
-    # LayerDrop skips layers at random in training, and a skipped layer returns no hidden state, so
-    # the weighted sum would not know which layer is which (Whisper's encoder reads its own copy).
-    speech.encoder.config.layerdrop = 0.0
-    if speech.kind == "whisper":
-        speech.encoder.layerdrop = 0.0
-    if gradient_checkpointing:
-        speech.encoder.gradient_checkpointing_enable()
-    return SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder, speech.takes_attention_mask,
-                          speech.feature_extractor if speech.kind == "whisper" else None)
-
-
 def build_model(config):
     """The classifier a run's config.json describes, with pretrained encoders and fresh new layers.
 
     Needs config keys: branches, text_model, speech_model, context_window, context_width,
     finetune_text, finetune_speech, fusion_hidden, classes.
     """
-    from mmser.data_contract import speech_step
     branches = config["branches"]
-    fairseq_speech = speech_step(config["speech_model"]) == "speech-tokens"
-    layer_sum = None
-    if "speech" in branches and not fairseq_speech:
-        layer_sum = load_speech_layer_sum(config["speech_model"], config.get("finetune_speech", False),
-                                          config.get("gradient_checkpointing", False))
+    text_encoder = load_text_encoder(config["text_model"]) if "text" in branches else None
+    speech = {}  # the speech route's branch: the speech RoBERTa (speech_encoder), or speech_layer_sum
+    if "speech" in branches:
+        speech = route_of(config["speech_model"], config.get("finetune_speech", False)).branch(
+            config.get("gradient_checkpointing", False))
     return EmotionClassifier(
-        text_encoder=load_text_encoder(config["text_model"]) if "text" in branches else None,
-        speech_encoder=load_speech_encoder(config["speech_model"]) if "speech" in branches and fairseq_speech else None,
+        text_encoder=text_encoder,
         context_window=config["context_window"] if "context" in branches else None,
         context_width=config.get("context_width"),
         finetune_text=config.get("finetune_text", True),
@@ -273,7 +203,7 @@ def build_model(config):
         num_classes=len(config["classes"]),
         head=config.get("head", "mlp"),
         head_dropout=config.get("head_dropout", 0.0),
-        speech_layer_sum=layer_sum,
+        **speech,
     )
 
 

@@ -3,6 +3,8 @@ extraction made them, and the mean of its folds' probabilities (predict.py is it
 
   load_run(RUN_DIR, fold)          config.json and the fold checkpoints (every seed's, for a --seeds run)
   check_pretrained(config)         every pretrained file the run recorded, where it was and unchanged
+  utterance_features(rows, ...)    each row's features, made by the functions the extraction steps call
+  featurize(rows, ...)             -> utterance dicts, made from them as the training data is
   predict_rows(RUN_DIR, rows)      -> probabilities per row (NaN where none), notes, classes
 A row is a dict with "_wav_path" (a Path or None), "text" and optionally "dialog": rows of one
 dialogue, in order, are each other's context, exactly as in training.
@@ -15,7 +17,8 @@ import numpy as np
 
 from mmser.context import context_vectors, dialogues
 from mmser.data_contract import pretrained_roles
-from mmser.utils import SILENCE_PEAK, AudioError, fingerprint, quiet_transformers, read_audio
+from mmser.speech.routes import route_of
+from mmser.utils import AudioError, fingerprint, quiet_transformers, read_audio
 
 
 class PredictError(Exception):
@@ -74,8 +77,8 @@ def check_pretrained(config, models_dir=None):
                            "retrain it to predict with it")
     recorded = {role: {**entry, "path": moved(entry["path"], config.get("models_dir"), models_dir)}
                 for role, entry in recorded.items()}
-    problems = []
-    for role in [r for b in config["branches"] for r in pretrained_roles(b, config.get("speech_model"))]:
+    problems, models = [], run_speech_route(config).step_models()
+    for role in [r for b in config["branches"] for r in pretrained_roles(b, models)]:
         if role not in recorded:
             problems.append(f"{role}: not recorded (was its feature folder made before features.json existed?)")
             continue
@@ -111,21 +114,20 @@ def read_recording(path):
 # ------------------------------------------------------------------------------------------------
 # features, in memory, the way the extraction stage made them
 
+def run_speech_route(config):
+    """The speech route the run was trained with (mmser.speech)."""
+    return route_of(config.get("speech_model"), config.get("finetune_speech", False))
+
+
 def load_extractors(config, paths, device):
     """The pretrained parts that turn a recording and its text into the run's features."""
     from transformers import AutoModel, AutoTokenizer
-
-    from mmser.fairseq_checkpoints import load_speech_dictionary, load_vq_wav2vec
     branches, extractors = config["branches"], {}
     with quiet_transformers():
         if "text" in branches:
             extractors["text_tokenizer"] = AutoTokenizer.from_pretrained(paths["text_tokenizer"])
-        if "speech" in branches and "speech_encoder" in paths:  # a transformers speech encoder
-            from mmser import speech_encoders
-            extractors["speech_encoder"] = speech_encoders.load_speech_model(paths["speech_encoder"], device)
-        elif "speech" in branches:
-            extractors["vq_wav2vec"] = load_vq_wav2vec(paths["vq_wav2vec"]).to(device)
-            extractors["speech_dictionary"] = load_speech_dictionary(paths["speech_dictionary"])
+        if "speech" in branches:
+            extractors["speech"] = run_speech_route(config).load_extractor(paths, device)
         if "context" in branches:
             extractors["sentence_tokenizer"] = AutoTokenizer.from_pretrained(paths["sentence_model"])
             extractors["sentence_model"] = AutoModel.from_pretrained(paths["sentence_model"]).to(device).eval()
@@ -139,16 +141,12 @@ def rows_to_predict(rows, branches):
             if row["_wav_path"] is not None or ("speech" not in branches and (row.get("text") or "").strip())]
 
 
-def featurize(rows, config, extractors, notes):
-    """-> utterance dicts (as dataset_loader makes them) for the rows that can be predicted.
-
-    A row that cannot be predicted gets a message in `notes[row index]` instead.
-    """
-    import torch
-
-    from mmser.dataset_loader import truncate_tokens
-    from mmser.fairseq_checkpoints import codes_to_string
-    from mmser.text_features import sentence_embeddings
+def utterance_features(rows, config, extractors, notes):
+    """-> {row index: {branch: its features}} for the rows that can be predicted, each feature as its
+    extraction step stores it (text token ids, the speech route's features, the context vector), made
+    by the very functions the steps call. A row that cannot be predicted gets a message in
+    `notes[row index]` instead."""
+    from mmser.text_features import sentence_embeddings, text_token_ids
     branches = config["branches"]
     needs_text = "text" in branches or "context" in branches
     # A recording given without text has its ASR transcript (transcribe_rows); an empty one is a
@@ -165,19 +163,17 @@ def featurize(rows, config, extractors, notes):
 
     contexts = {}
     if "context" in branches:
-        c = config["context_window"]
         for group in dialogues([(row.get("dialog") or "").strip() or None for row in rows]):
             group = [i for i in group if has_text[i]]  # an utterance without text is no context either
             if not group:
                 continue
             embeddings = sentence_embeddings([texts[i] for i in group], extractors["sentence_tokenizer"],
                                              extractors["sentence_model"], pooling=config.get("sentence_pooling", "cls"))
-            for i, vector in zip(group, context_vectors(embeddings, c)):
-                contexts[i] = torch.from_numpy(vector.reshape(2 * c + 1, -1))
+            contexts.update(zip(group, context_vectors(embeddings, config["context_window"])))
 
-    items = []
+    route, features = run_speech_route(config), {}
     for i in usable:
-        item = {"index": i, "name": str(i), "label": 0}
+        made = {}
         if "speech" in branches:
             try:
                 wav, note = read_recording(rows[i]["_wav_path"])
@@ -186,45 +182,33 @@ def featurize(rows, config, extractors, notes):
                 continue
             if note:
                 print(note, file=sys.stderr)
-            if "speech_encoder" in extractors:  # a transformers speech encoder: its layer means or waveform
-                encoder_input = speech_encoder_input(wav, rows[i]["_wav_path"], extractors["speech_encoder"], config)
-                if isinstance(encoder_input, str):
-                    notes[i] = encoder_input
-                    continue
-                item.update(encoder_input)
-            else:
-                quantizer = extractors["vq_wav2vec"]
-                if len(wav) < quantizer.min_samples:
-                    notes[i] = (f"{rows[i]['_wav_path']}: too short for one vq-wav2vec frame "
-                                f"({len(wav)} samples at 16 kHz, at least {quantizer.min_samples} needed)")
-                    continue
-                if np.abs(wav).max() < SILENCE_PEAK:
-                    notes[i] = f"{rows[i]['_wav_path']}: silent (peak below -60 dBFS), nothing to classify"
-                    continue
-                ids = extractors["speech_dictionary"].encode_line(codes_to_string(quantizer.codes(wav))).numpy()
-                item["speech_ids"] = torch.from_numpy(truncate_tokens(ids, config["max_audio_tokens"]).astype(np.int64))
+            made["speech"] = route.features(extractors["speech"], wav, rows[i]["_wav_path"])
+            if isinstance(made["speech"], str):  # too short, silent: why there is nothing to classify
+                notes[i] = made["speech"]
+                continue
         if "text" in branches:
-            ids = np.asarray(extractors["text_tokenizer"](texts[i])["input_ids"])
-            item["text_ids"] = torch.from_numpy(truncate_tokens(ids, config["max_text_tokens"]).astype(np.int64))
+            made["text"] = text_token_ids(texts[i], extractors["text_tokenizer"])
         if "context" in branches:
-            item["context"] = contexts[i]
+            made["context"] = contexts[i]
+        features[i] = made
+    return features
+
+
+def featurize(rows, config, extractors, notes):
+    """-> utterance dicts (as dataset_loader makes them, from the same features by the same functions)
+    for the rows that can be predicted; the others get a message in `notes[row index]`."""
+    from mmser.dataset_loader import context_input, text_input
+    route, items = run_speech_route(config), []
+    for i, features in utterance_features(rows, config, extractors, notes).items():
+        item = {"index": i, "name": str(i), "label": 0}
+        if "speech" in features:
+            item.update(route.model_input(features["speech"], config["max_audio_tokens"]))
+        if "text" in features:
+            item["text_ids"] = text_input(features["text"], config["max_text_tokens"])
+        if "context" in features:
+            item["context"] = context_input(features["context"], config["context_window"])
         items.append(item)
     return items
-
-
-def speech_encoder_input(wav, path, speech, config):
-    """A transformers speech encoder's input for one recording, as training had it: its layer means
-    (frozen) or its waveform (fine-tuned); or a note saying why there is none."""
-    import torch
-
-    from mmser import speech_encoders
-    if speech_encoders.frames(speech, len(wav)) < 1:
-        return f"{path}: too short for one frame of the speech encoder ({len(wav)} samples at 16 kHz)"
-    if np.abs(wav).max() < SILENCE_PEAK:
-        return f"{path}: silent (peak below -60 dBFS), nothing to classify"
-    if config.get("finetune_speech"):
-        return {"speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, wav).astype(np.float32))}
-    return {"speech_layers": torch.from_numpy(speech_encoders.layer_means(speech, wav))}
 
 
 # ------------------------------------------------------------------------------------------------

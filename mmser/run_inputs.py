@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from mmser.data_contract import (BRANCHES, WER_FILE, branch_steps, feature_folder, qualified_step,
-                                 read_features_record, speech_step, split_step, step_entry, text_models,
-                                 transcript_set, transcript_sets)
+                                 read_features_record, split_step, step_entry, text_models, transcript_set,
+                                 transcript_sets)
+from mmser.speech.routes import route_of
 from mmser.settings import DEFAULTS, TOKEN_LIMITS, RunError, RunSettings, option_settings
 from mmser.utils import WEIGHT_FILES, check_device, fingerprint
 
@@ -48,7 +49,7 @@ def model_paths(options):
     if Path(text_model).exists():
         text_model = str(Path(text_model).resolve())
     speech_model = options.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt"
-    if Path(speech_model).exists() or speech_step(speech_model) == "speech-tokens":
+    if Path(speech_model).exists() or route_of(speech_model).model_is_file:
         speech_model = Path(speech_model).resolve()  # a hub name of a transformers encoder stays a name
     return str(text_model), str(speech_model)
 
@@ -110,21 +111,18 @@ def resolve_token_limits(options, branches):
 
 
 def encoder_positions(branch, model):
-    """The longest sequence an encoder's learned positions hold (model_structure.text_token_limit:
-    RoBERTa's start after its padding index); None for a transformers speech encoder (its layer means
-    have no token limit) and for a model that cannot be read here (a missing file, CheckpointError:
-    its own error then comes where it is loaded)."""
-    from mmser.model_structure import text_token_limit
-    if branch == "speech" and speech_step(model) != "speech-tokens":
-        return None
+    """The longest sequence an encoder's learned positions hold (text_features.text_token_limit:
+    RoBERTa's start after its padding index); for the speech branch, its route's (none for a transformers
+    speech encoder's layer means); None for a model that cannot be read here (a missing file,
+    CheckpointError: its own error then comes where it is loaded)."""
+    from transformers import AutoConfig
+
+    from mmser.text_features import text_token_limit
+    if branch == "speech":
+        return route_of(model).positions()
     try:
-        if branch == "text":
-            from transformers import AutoConfig
-            config = AutoConfig.from_pretrained(model)
-        else:
-            from mmser.fairseq_checkpoints import load_fairseq_roberta
-            config = load_fairseq_roberta(model).config
-    except (OSError, ValueError):  # no such file or folder; not a config or checkpoint (CheckpointError)
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):  # no such folder; not a config
         return None
     # A model without learned positions is no encoder of this branch: text_encoder_settings says so.
     return text_token_limit(config) if hasattr(config, "max_position_embeddings") else None
@@ -216,11 +214,9 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
     DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).
     A fine-tuned transformers speech encoder reads waveforms, not cached layer means: it is its own
     extractor. predict.py checks them all before it predicts."""
-    from mmser.speech_encoders import SPEECH_FILES
     record = read_features_record(data_dir)
-    fairseq_speech = speech_step(speech_model) == "speech-tokens"
-    models = {"text_model": (text_model, [WEIGHT_FILES]),
-              "speech_model": (speech_model, [] if fairseq_speech else [SPEECH_FILES])}
+    route = route_of(speech_model, finetune_speech)
+    models = {"text_model": (text_model, [WEIGHT_FILES]), "speech_model": (speech_model, list(route.encoder_files))}
     pretrained = {}
     if transcripts is not None:  # the ASR model, for predict.py to transcribe recordings given without text
         pretrained.update(record.get(qualified_step("transcripts", transcripts[len("ASR-"):]), {}))
@@ -228,7 +224,7 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
         for step in branch_steps(branch, context_window, step_models, transcripts):
             if step in record:
                 pretrained.update(record[step])
-            elif finetune_speech and split_step(step)[1] == "speech-layers":
+            elif branch == "speech" and route.reads_audio:
                 continue  # not read: the encoder's own files (below) make its input
             elif step_entry(step).models:
                 log.warning(f"{Path(data_dir) / 'features.json'} does not say which models made the {step} "
@@ -237,32 +233,28 @@ def pretrained_files(data_dir, branches, text_model, speech_model, step_models=N
         if role is None:
             continue
         path, patterns = models[role]
-        if role == "speech_model" and fairseq_speech and not Path(path).is_file():
-            raise RunError(f"{path}: not found; the speech branch's RoBERTa comes from bert_kmeans.tar, unpacked into "
-                           f"MODELS_DIR (README, \"Pretrained files\"), or give {BRANCHES[branch].encoder_option}")
+        if role == "speech_model" and route.missing():
+            raise RunError(f"{route.missing()}, or give {BRANCHES[branch].encoder_option}")
         try:
             pretrained[role] = fingerprint(path, *patterns)
         except FileNotFoundError as error:
             raise RunError(f"{BRANCHES[branch].encoder_option.lstrip('-').replace('-', ' ')} "
                            f"({BRANCHES[branch].encoder_option}): {error}") from None
-        if role == "speech_model" and finetune_speech and not fairseq_speech:
-            pretrained["speech_encoder"] = pretrained[role]  # predict.py makes the waveform input with it
+        if role == "speech_model" and route.reads_audio:  # predict.py makes the waveform input with it
+            pretrained.update(dict.fromkeys(step_entry(route.step).models, pretrained[role]))
     return pretrained
 
 
 def speech_encoder_of(options, branches):
-    """(speech model, its SpeechModel when fine-tuning a transformers encoder, else None); None, None
-    without a speech branch. A model that is not a speech encoder is refused, saying what it is."""
-    from mmser import speech_encoders
+    """(speech model, its route: mmser.speech.routes.route_of); None, None without a speech branch. A model
+    the route cannot take is refused, saying what it is."""
+    from mmser.speech_encoders import SpeechModelError
     if "speech" not in branches:
         return None, None
     speech_model = model_paths(options)[1]
-    if speech_step(speech_model) == "speech-tokens":
-        return speech_model, None
+    route = route_of(speech_model, options.finetune_speech)
     try:
-        speech_encoders.speech_kind(speech_model)  # refuses what is not a speech encoder, saying what it is
-        if not options.finetune_speech:
-            return speech_model, None
-        return speech_model, speech_encoders.load_speech_model(speech_model)
-    except speech_encoders.SpeechModelError as error:
+        route.check()
+    except SpeechModelError as error:
         raise RunError(f"--speech-model: {error}") from None
+    return speech_model, route

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmser.data_contract import (BRANCHES, TEXT_STEPS, DataError, branch_steps, label_set, read_classes,
-                                 read_manifest, speech_models, stale_features)
+                                 read_manifest, stale_features)
 from mmser.protocols import fold_title, make_folds
 from mmser.reporting import write_results
 from mmser.run_folder import check_resumable, check_run_dir, setup_logging, write_config
 from mmser.run_inputs import (resolve_device, resolve_settings, resolve_token_limits, resolve_transcripts,
                               speech_encoder_of, text_encoder_settings)
+from mmser.speech.routes import speech_models
 from mmser.settings import DEFAULT_FOLD_BY, RunEnv, RunError, parse_branches
 from mmser.utils import cpu_has_native_bf16, set_threads, write_text_atomic
 
@@ -40,11 +41,11 @@ class RunData:
 
 
 def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio_tokens, skip_missing, progress=True,
-                  models=None, transcripts=None, speech_waves=None):
+                  models=None, transcripts=None, speech_route=None):
     """All labelled utterances with the features `branches` need, read once per run (models: the run's
-    non-default text and sentence models, data_contract.text_models; transcripts: the transcript set
-    of the text features; a transformers speech encoder's under "speech-layers",
-    data_contract.speech_models; speech_waves: see dataset_loader.load_utterances)."""
+    non-default text and sentence models, data_contract.text_models, and the speech route's step,
+    mmser.speech.routes.speech_models; transcripts: the transcript set of the text features; speech_route:
+    the speech branch's, see dataset_loader.load_utterances)."""
     from mmser import dataset_loader
     rows = read_manifest(data_dir)
     steps = [step for branch in branches for step in branch_steps(branch, context_window, models, transcripts)]
@@ -58,7 +59,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
         raise RunError(f"{Path(data_dir) / 'utterances.csv'}: labelled utterances of {len(classes)} class(es) "
                        f"({', '.join(classes) or 'none'}); a classifier needs at least two")
     missing = dataset_loader.missing_features(data_dir, rows, context_window, branches, models, transcripts,
-                                              speech_audio=speech_waves is not None)
+                                              speech_route)
     labelled = sum(1 for row in rows if row["label"])
     if missing and (not skip_missing or len(missing) == labelled):
         name, path = missing[0]
@@ -70,7 +71,7 @@ def load_run_data(data_dir, branches, context_window, max_text_tokens, max_audio
     left_out = [name for name, _ in missing]
     rows = [row for row in rows if row["label"] and row["name"] not in set(left_out)]
     utterances = dataset_loader.load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches,
-                                                progress, rows, classes, models, transcripts, speech_waves)
+                                                progress, rows, classes, models, transcripts, speech_route)
     width = dataset_loader.context_slice_width(utterances) if "context" in branches else None
     return RunData(utterances, classes, left_out, width, read_first_metric(data_dir))
 
@@ -245,14 +246,14 @@ def train_and_test(options, run_dir_checked=False):
     # run together into one endless line, and the per-epoch lines say the same.
     env = RunEnv(rank, world, device, progress=rank == 0 and sys.stderr.isatty(),
                  amp_dtype=torch.bfloat16 if precision == "bf16" else None, notes=tuple(notes))
-    speech_model, speech_waves = speech_encoder_of(options, branches)
+    speech_model, speech_route = speech_encoder_of(options, branches)
     try:
         models = {**text_encoder_settings(options, branches), **speech_models(speech_model)}
         asr = resolve_transcripts(options)
         sets = asr["sets"] if asr else {"train": None, "test": None}
         data = load_run_data(data_dir, branches, options.context_window, limits["max_text_tokens"],
                              limits["max_audio_tokens"], options.skip_missing, env.progress, models, sets["train"],
-                             speech_waves)
+                             speech_route)
         settings = resolve_settings(options, data, device, precision, limits, models, asr)
         return run(settings, options.run_dir, data.utterances, env,
                    features_of_test_transcripts(settings, data, sets, env, models))

@@ -1,13 +1,14 @@
 """Today's speech encoders through transformers: WavLM, HuBERT, wav2vec 2.0, data2vec-audio, Whisper's encoder.
 
-The speech branch's other route beside the original's (vq-wav2vec codes into a fairseq speech
-RoBERTa, bert_kmeans.pt, fairseq_checkpoints.py). A transformers speech encoder is named by a hub name
-or a local folder; its family is read from its config (config.json's model_type), and it is loaded
-with its own feature extractor (AutoFeatureExtractor; WhisperFeatureExtractor for Whisper), so the
-normalisation of the waveform and the attention mask follow the checkpoint.
+What the speech branch's layers route (mmser/speech/layers.py) runs, beside the original's route
+(vq-wav2vec codes into a fairseq speech RoBERTa, bert_kmeans.pt, fairseq_checkpoints.py). A
+transformers speech encoder is named by a hub name or a local folder; its family is read from its
+config (config.json's model_type), and it is loaded with its own feature extractor
+(AutoFeatureExtractor; WhisperFeatureExtractor for Whisper), so the normalisation of the waveform
+and the attention mask follow the checkpoint.
 
-  speech_kind(model)             "fairseq" for a bert_kmeans.pt, else the family (FAMILIES); anything else
-                                 is a SpeechModelError that says what it is
+  speech_kind(model)             the family (FAMILIES); anything else is a SpeechModelError that says
+                                 what it is
   load_speech_model(model)       -> SpeechModel(encoder, feature_extractor, kind), in eval mode, fp32
   layer_means(speech, wav)       float32 (layers + 1, hidden): the mean over the utterance's frames of
                                  every hidden state (output_hidden_states, the embedding output first),
@@ -16,24 +17,25 @@ normalisation of the waveform and the attention mask follow the checkpoint.
                                  first ceil(samples / 320) of each window.
   pooled_layers(...)             the same over a padded batch, with gradients (--finetune-speech;
                                  Whisper: every utterance's windows in one encoder batch)
-The frozen route (SUPERB's) stores layer_means per labelled utterance (feature_ext.py's speech-layers
-step); the model learns a softmax-weighted sum over the layers (model_structure.SpeechLayerSum).
-torch and transformers are imported by the functions that use them.
+  SpeechLayerSum                 the speech branch over them: a learned softmax-weighted sum of the layers
+  layer_sum_branch(model, ...)   that branch, with the encoder when fine-tuned
+The frozen way (SUPERB's) stores layer_means per labelled utterance (the layers route's step); the
+model learns a softmax-weighted sum over the layers. transformers is imported by the functions that
+use it; the speech routes import this module only when they run an encoder.
 """
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
-from mmser.data_contract import SAMPLE_RATE, speech_step
+from mmser.data_contract import SAMPLE_RATE
 from mmser.utils import audio_windows, quiet_transformers
 
 # model_type -> the family's name, as a user reads it
 FAMILIES = {"wavlm": "WavLM", "hubert": "HuBERT", "wav2vec2": "wav2vec 2.0", "data2vec-audio": "data2vec-audio",
             "whisper": "Whisper (its encoder)"}
-# The files of an encoder's folder that decide its features: the feature extractor's settings too
-# (normalisation, attention mask), which utils.WEIGHT_FILES alone would miss.
-SPEECH_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "pytorch_model*.bin")
 # Whisper: 100 mel frames a second, halved by its second convolution: one encoder frame per 320 samples.
 WHISPER_SAMPLES_PER_FRAME = 320
 
@@ -64,16 +66,8 @@ class SpeechModel:
         return bool(getattr(self.feature_extractor, "return_attention_mask", False))
 
 
-def is_fairseq_speech_model(model):
-    """The original route: no --speech-model (MODELS_DIR/bert_kmeans/bert_kmeans.pt) or a checkpoint file."""
-    return speech_step(model) == "speech-tokens"
-
-
 def speech_kind(model):
-    """'fairseq' for a checkpoint file (bert_kmeans.pt), else the transformers family from the model's
-    config; SpeechModelError names anything else."""
-    if is_fairseq_speech_model(model):
-        return "fairseq"
+    """The transformers family of a speech encoder, from its config; SpeechModelError names anything else."""
     from transformers import AutoConfig
     try:
         with quiet_transformers():
@@ -93,8 +87,6 @@ def load_speech_model(model, device="cpu"):
     openai/whisper-* folder holds both) is left out."""
     import transformers
     kind = speech_kind(model)
-    if kind == "fairseq":
-        raise SpeechModelError(f"speech model {model!r}: a fairseq checkpoint; its route is the vq-wav2vec tokens")
     with quiet_transformers():
         if kind == "whisper":
             encoder = transformers.WhisperModel.from_pretrained(str(model)).get_encoder()
@@ -109,7 +101,6 @@ def frames(speech, samples):
     """Encoder frames that `samples` of audio give (0: too short for the model)."""
     if speech.kind == "whisper":
         return math.ceil(samples / WHISPER_SAMPLES_PER_FRAME)
-    import torch
     return int(speech.encoder._get_feat_extract_output_lengths(torch.tensor(samples)))
 
 
@@ -117,7 +108,6 @@ def _whisper_window_sums(encoder, feature_extractor, windows):
     """Whisper over 30-s windows (numpy, each padded to 30 s by its feature extractor): per window, the
     sum over the frames that cover audio (the first ceil(samples / 320)) of every hidden state,
     (windows, layers + 1, hidden), and those frame counts. With gradients where the caller allows them."""
-    import torch
     device = next(encoder.parameters()).device
     features = feature_extractor(list(windows), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     states = torch.stack(encoder(features.to(device), output_hidden_states=True).hidden_states, 1)
@@ -139,8 +129,6 @@ def _whisper_layer_sums(speech, wav):
 def layer_means(speech, wav):
     """(layers + 1, hidden) float32 numpy: the mean over the frames of `wav` (16 kHz mono) of each hidden
     state, the embedding output first; `wav` alone, in fp32 and inference mode."""
-    import torch
-
     from mmser.fairseq_checkpoints import full_fp32_precision
     if frames(speech, len(wav)) < 1:
         raise ValueError(f"{len(wav)} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder")
@@ -171,7 +159,6 @@ def pooled_layers(encoder, wave, wave_mask, takes_attention_mask, whisper_featur
     With gradients where the caller allows them (fine-tuning). Whisper (whisper_features: its feature
     extractor): every utterance's 30-s windows in one encoder batch, each counting the frames over
     audio, as layer_means does."""
-    import torch
     if whisper_features is not None:
         samples = wave_mask.sum(-1).long().tolist()
         per_utterance = [audio_windows(wave[b, :n].detach().float().cpu().numpy()) for b, n in enumerate(samples)]
@@ -186,3 +173,52 @@ def pooled_layers(encoder, wave, wave_mask, takes_attention_mask, whisper_featur
     lengths = encoder._get_feat_extract_output_lengths(wave_mask.sum(-1)).clamp(min=1)
     real = (torch.arange(states.shape[2], device=states.device)[None] < lengths[:, None]).to(states.dtype)
     return (states * real[:, None, :, None]).sum(2) / lengths[:, None, None].to(states.dtype)
+
+
+class SpeechLayerSum(nn.Module):
+    """The speech branch over a transformers speech encoder: SUPERB's softmax-weighted sum of the
+    (layers + 1) layer means, the weights starting equal. Frozen (default), it reads the cached layer
+    means and holds no encoder; with --finetune-speech it runs `encoder` on the waveform batch (its
+    convolutional feature encoder frozen) and mean-pools every hidden state over the real frames."""
+
+    def __init__(self, layers, hidden_size, encoder=None, takes_attention_mask=False, whisper_features=None):
+        super().__init__()
+        self.layer_logits = nn.Parameter(torch.zeros(layers))
+        self.hidden_size, self.encoder, self.takes_attention_mask = hidden_size, encoder, takes_attention_mask
+        self.whisper_features = whisper_features  # Whisper's feature extractor: log-mel windows per batch
+
+    def layer_weights(self):
+        return torch.softmax(self.layer_logits.float(), dim=0)
+
+    def forward(self, layers=None, wave=None, wave_mask=None):
+        """layers (B, layers + 1, hidden), or wave and wave_mask (B, samples) -> (B, hidden)."""
+        if layers is None:
+            layers = pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask, self.whisper_features)
+        return (self.layer_weights()[None, :, None] * layers.float()).sum(1)
+
+
+def layer_sum_branch(speech_model, finetune=False, gradient_checkpointing=False):
+    """The weighted layer sum over a transformers speech encoder: without the encoder when frozen
+    (its layer means are cached), with it, its feature encoder frozen, when fine-tuned."""
+    if not finetune:
+        from transformers import AutoConfig
+        speech_kind(speech_model)  # refuses what is not a speech encoder, saying what it is
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(str(speech_model))
+        return SpeechLayerSum(config.num_hidden_layers + 1, config.hidden_size)
+    speech = load_speech_model(speech_model)
+    # As fine-tuning recipes do: the convolutional front end stays as pre-trained.
+    if speech.kind == "whisper":
+        speech.encoder.conv1.requires_grad_(False)
+        speech.encoder.conv2.requires_grad_(False)
+    else:
+        speech.encoder.freeze_feature_encoder()
+    # LayerDrop skips layers at random in training, and a skipped layer returns no hidden state, so
+    # the weighted sum would not know which layer is which (Whisper's encoder reads its own copy).
+    speech.encoder.config.layerdrop = 0.0
+    if speech.kind == "whisper":
+        speech.encoder.layerdrop = 0.0
+    if gradient_checkpointing:
+        speech.encoder.gradient_checkpointing_enable()
+    return SpeechLayerSum(speech.layers, speech.hidden_size, speech.encoder, speech.takes_attention_mask,
+                          speech.feature_extractor if speech.kind == "whisper" else None)

@@ -1,37 +1,37 @@
 """The extraction steps by name, and all of them in order over one DATA_DIR.
 
-  run_step(step, ...)         one step: speech-tokens (or a transformers encoder's speech-layers),
-                              text-tokens, sentence-embeddings, transcripts
+  run_step(step, ...)         one step: the speech branch's (mmser.speech: the vq-wav2vec tokens, or a
+                              transformers encoder's layer means), text-tokens, sentence-embeddings,
+                              transcripts
   extract_features(...)       speech, text tokens, sentence embeddings, context vectors c = 1, 2, 3;
                               with an ASR model, its transcripts and the text features made from them
 Each returns StepReports (mmser.extraction) for the summary table.
 """
 from mmser.asr import transcribe_utterances
 from mmser.context import write_context_vectors
-from mmser.data_contract import sentence_tag, speech_step, transcript_set
+from mmser.data_contract import sentence_tag, transcript_set
 from mmser.extraction import resolve_model
-from mmser.speech_features import extract_speech_layers, extract_speech_tokens
+from mmser.speech.routes import DEFAULT_ROUTE, ROUTES, step_route
 from mmser.text_features import extract_sentence_embeddings, extract_text_tokens
 
 CONTEXTS = (1, 2, 3)
 
-EXTRACTORS = {"speech-tokens": extract_speech_tokens, "text-tokens": extract_text_tokens,
-              "sentence-embeddings": extract_sentence_embeddings}
+# The steps extract_features runs, in order: the speech branch's (named as the default route's, it
+# runs the route --speech-model takes), then the text steps.
+EXTRACTORS = (DEFAULT_ROUTE.name, "text-tokens", "sentence-embeddings")
+# Every name run_step takes (feature_ext.py's steps).
+STEP_NAMES = (*ROUTES, "text-tokens", "sentence-embeddings", "transcripts")
 
 
 def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
              overwrite=False, progress=True, sentence_pooling="cls", transcripts=None, asr_model=None,
              speech_model=None):
-    """Run one of EXTRACTORS' steps, or "transcripts" (speech recognition with `asr_model`), by name;
-    the text steps read the transcript set `transcripts` (data_contract.transcript_set; None: the
-    reference). Returns its StepReport. With a transformers --speech-model, "speech-tokens" (or
-    "speech-layers") makes that encoder's layer means instead."""
-    if step in ("speech-tokens", "speech-layers") and speech_step(speech_model) != "speech-tokens":
-        return extract_speech_layers(data_dir, speech_model, device, overwrite, progress)
-    if step == "speech-layers":
-        raise ValueError("the speech-layers step needs a transformers --speech-model (a folder or hub name)")
-    if step == "speech-tokens":
-        return extract_speech_tokens(data_dir, models_dir, device, overwrite, progress)
+    """Run one step by name (STEP_NAMES): a speech route's (mmser.speech.routes.step_route: the route that
+    `speech_model` takes), a text step, or "transcripts" (speech recognition with `asr_model`); the
+    text steps read the transcript set `transcripts` (data_contract.transcript_set; None: the
+    reference). Returns its StepReport."""
+    if step in ROUTES:
+        return step_route(step, speech_model).extract(data_dir, models_dir, device, overwrite, progress)
     if step == "text-tokens":
         return extract_text_tokens(data_dir, models_dir, text_model, overwrite, progress, transcripts)
     if step == "sentence-embeddings":
@@ -39,17 +39,16 @@ def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, d
                                            pooling=sentence_pooling, transcripts=transcripts)
     if step == "transcripts":
         return transcribe_utterances(data_dir, models_dir, asr_model, device, overwrite, progress)
-    raise ValueError(f"unknown step {step!r}; one of {', '.join(EXTRACTORS)}, transcripts")
-
+    raise ValueError(f"unknown step {step!r}; one of {', '.join(STEP_NAMES)}")
 
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
                      contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls", asr_model=None,
                      speech_model=None):
-    """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports.
-    Another text or sentence model, or mean pooling, writes folders of its own (feature_ext.py).
-    With asr_model: then its transcripts, and the text features and context vectors of that set too.
-    With a transformers speech_model, its layer means instead of the speech tokens."""
+    """Run the speech step (of the route `speech_model` takes), text tokens, sentence embeddings, then
+    context vectors; return the reports. Another text or sentence model, or mean pooling, writes folders
+    of its own (feature_ext.py). With asr_model: then its transcripts, and the text features and
+    context vectors of that set too."""
     reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
                         sentence_pooling, speech_model=speech_model) for step in EXTRACTORS]
     tag = sentence_tag(sentence_model or resolve_model(models_dir, "bert-base-uncased"), sentence_pooling)

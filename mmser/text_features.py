@@ -8,7 +8,8 @@
                         them all); another model or pooling writes SentenceEmb-<model>[+mean]/
 An empty transcript is a valid utterance: its tokens are `<s> </s>` and its embedding that of the
 empty text. With a transcript set (an ASR model's, data_contract.transcript_set), each step reads
-that set's Text/ and writes into the set's own folder.
+that set's Text/ and writes into the set's own folder. text_token_ids and sentence_embeddings are
+the one way a text becomes these features, for the steps and for predict.py alike.
 """
 from pathlib import Path
 
@@ -19,9 +20,24 @@ from mmser.data_contract import (SENTENCE_POOLINGS, feature_folder, instance_tag
                                  sentence_tag)
 from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_tokenizer, pending, read_transcript,
                               record_models, resolve_model, rows_of, run_reported, text_encoder_config, valid_npy)
-from mmser.utils import TOKENIZER_FILES, check_device, fingerprint, length_sorted_batches, save_npy_atomic
+from mmser.utils import TOKENIZER_FILES, check_device, fingerprint, save_npy_atomic
 
 SENTENCE_BATCH_SIZE = 32
+
+
+def text_token_ids(text, tokenizer):
+    """One transcript's token ids (int32) as the text encoder's tokenizer gives them: `<s> ... </s>`
+    for RoBERTa (fairseq's roberta.encode ids), `[CLS] ... [SEP]` for BERT's kind."""
+    return np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
+
+
+def text_token_limit(config):
+    """The most tokens the text encoder of this transformers config takes: its positions (RoBERTa's
+    first pad_token_id + 1 position embeddings are never used, as fairseq numbers positions; the
+    speech RoBERTa's too)."""
+    if config.model_type == "roberta":
+        return config.max_position_embeddings - config.pad_token_id - 1
+    return config.max_position_embeddings
 
 
 def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=False, progress=True,
@@ -49,23 +65,33 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
             except FeatureError as e:
                 report.fail(row["name"], e, bar)
                 continue
-            save_npy_atomic(out_dir / f"{row['name']}.npy", np.asarray(tokenizer(text)["input_ids"], dtype=np.int32))
+            save_npy_atomic(out_dir / f"{row['name']}.npy", text_token_ids(text, tokenizer))
             report.written += 1
 
     return run_reported(report, work)
 
 
+def equal_length_batches(lengths, batch_size):
+    """Indices in batches of one length each, shortest first (stable), at most batch_size a batch."""
+    by_length = {}
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        by_length.setdefault(lengths[i], []).append(i)
+    return [group[start:start + batch_size] for group in by_length.values() for start in range(0, len(group), batch_size)]
+
+
 def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE, progress_bar=None, pooling="cls"):
-    """Last-layer [CLS] vectors (float32, (len(texts), H)), batched by similar length with padding
-    and attention masks; equal to embedding each text alone (within float rounding). pooling "mean":
-    the mean of the last layer over the real tokens (attention mask 1, [CLS] and [SEP] included)."""
+    """Last-layer [CLS] vectors (float32, (len(texts), H)); pooling "mean": the mean of the last layer
+    over the real tokens (attention mask 1, [CLS] and [SEP] included). Batched by token length, each
+    batch of one length: without padding a text's vector does not depend on the texts batched with it
+    (padding changed the last bits of 10 of the demo's 400 vectors), so predict.py's conversations
+    get the very vectors the corpus got, bit for bit (measured on the CPU, in batches of 1 to 32)."""
     import torch
     device = next(model.parameters()).device
     max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     vectors = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
-        for batch in length_sorted_batches(lengths, batch_size):
+        for batch in equal_length_batches(lengths, batch_size):
             inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                max_length=max_length, return_tensors="pt").to(device)
             hidden = model(**inputs).last_hidden_state

@@ -290,11 +290,11 @@ def set_rng_state(states, rank, device):
 
 
 def check_lengths(model, utterances):
-    """An encoder's learned positions stop at model_structure.text_token_limit (RoBERTa's at
+    """An encoder's learned positions stop at text_features.text_token_limit (RoBERTa's at
     max_position_embeddings - 2, fairseq's padding offset), and its ids at its vocabulary's size
     (ids beyond it: features of another tokenizer)."""
     from mmser.data_contract import BRANCHES
-    from mmser.model_structure import text_token_limit
+    from mmser.text_features import text_token_limit
     for branch in ("text", "speech"):
         encoder, key = getattr(model, f"{branch}_encoder"), BRANCHES[branch].key
         if encoder is None:

@@ -12,7 +12,8 @@ import torch
 
 import main
 from mmser.data_contract import CLASSES, MANIFEST_COLUMNS
-from mmser.model_structure import EmotionClassifier, load_speech_encoder, load_text_encoder
+from mmser.model_structure import EmotionClassifier, load_text_encoder
+from mmser.speech.tokens import load_speech_roberta
 
 SPEECH_CHECKPOINT = Path(__file__).parent / "data" / "fairseq_reference" / "bert_kmeans"
 TEXT_VOCAB = 64
@@ -93,7 +94,7 @@ def write_tiny_models(models_dir, seed=0):
 
 def tiny_model(models_dir, context_window=1, width=16, finetune_speech=False):
     return EmotionClassifier(load_text_encoder(models_dir / "roberta-large"),
-                             load_speech_encoder(models_dir / "bert_kmeans" / "bert_kmeans.pt"),
+                             load_speech_roberta(models_dir / "bert_kmeans" / "bert_kmeans.pt"),
                              context_window, width, finetune_speech=finetune_speech, fusion_hidden=32)
 
 

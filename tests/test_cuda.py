@@ -78,7 +78,6 @@ def test_speech_encoder_layer_means_on_cuda_are_the_cpu_s_and_fine_tuning_runs_u
     """Layer means in fp32 on the GPU (TF32 switched on for the rest of the process, as transformers'
     enable_tf32 sets it) equal the CPU's; the fine-tuning path trains a step under bf16 autocast."""
     from mmser.dataset_loader import collate_utterances
-    from mmser.model_structure import load_speech_layer_sum
     torch.backends.fp32_precision = "tf32"
     wav = (0.1 * np.random.default_rng(0).standard_normal(40000)).astype(np.float32)
     for family in ("wavlm", "whisper"):
@@ -86,7 +85,8 @@ def test_speech_encoder_layer_means_on_cuda_are_the_cpu_s_and_fine_tuning_runs_u
         on_cpu = speech_encoders.layer_means(speech_encoders.load_speech_model(folder), wav)
         on_gpu = speech_encoders.layer_means(speech_encoders.load_speech_model(folder, "cuda"), wav)
         np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-4, rtol=0)
-    branch = load_speech_layer_sum(tmp_path / "wavlm", finetune=True, gradient_checkpointing=True).to("cuda").train()
+    branch = speech_encoders.layer_sum_branch(tmp_path / "wavlm", finetune=True, gradient_checkpointing=True)
+    branch = branch.to("cuda").train()
     speech = speech_encoders.load_speech_model(tmp_path / "wavlm")
     batch = collate_utterances([{"index": i, "name": str(i), "label": 0,
                                  "speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, wav[:n]))}

@@ -5,6 +5,7 @@ from mmser import data_contract
 from mmser.context import dialogues
 from mmser.data_contract import (BRANCHES, CLASSES, MANIFEST_COLUMNS, STEPS, DataError, branch_steps, feature_path,
                            label_set, pretrained_roles, read_manifest)
+from mmser.speech.routes import speech_models
 
 
 def write_manifest(folder, rows):
@@ -19,12 +20,14 @@ def write_manifest(folder, rows):
 
 
 def test_every_branch_reads_a_folder_that_a_step_writes_and_names_its_pretrained_files():
+    models = speech_models()  # the speech branch reads its route's step: the original's by default
     for branch in BRANCHES:
-        steps = branch_steps(branch, 2)
+        steps = branch_steps(branch, 2, models)
         assert steps and all(data_contract.step_entry(step).folder for step in steps)
     assert feature_path("D", "context", "7_s_1_neu", 2).as_posix() == "D/FullBertEmb2/7_s_1_neu.npy"
-    assert feature_path("D", "speech", "7_s_1_neu", 2).as_posix() == "D/vqw2vTokens/7_s_1_neu.npy"
-    assert pretrained_roles("speech") == ["speech_model", "vq_wav2vec", "speech_dictionary"]
+    assert feature_path("D", "speech", "7_s_1_neu", 2, models).as_posix() == "D/vqw2vTokens/7_s_1_neu.npy"
+    assert branch_steps("speech", 2) == []  # no route named, no step
+    assert pretrained_roles("speech", models) == ["speech_model", "vq_wav2vec", "speech_dictionary"]
     assert pretrained_roles("context") == ["sentence_model"]
     assert {role for step in STEPS.values() for role in step.models} >= {"text_tokenizer", "sentence_model"}
 

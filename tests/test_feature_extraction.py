@@ -25,7 +25,8 @@ from mmser.extraction import resolve_model
 from mmser.text_features import sentence_embeddings
 from fixtures.tiny_models import make_tiny_bert, make_tiny_models
 from mmser.utils import fingerprint
-from mmser import context, extraction, speech_features, steps, text_features
+from mmser import context, extraction, steps, text_features
+from mmser.speech import tokens as speech_tokens
 
 CONTEXTS = (1, 2, 3)
 
@@ -246,7 +247,7 @@ def test_each_step_runs_alone_from_its_own_script(extracted, tmp_path, capsys):
 def test_a_missing_model_stops_that_step_only(extracted, tmp_path):
     data_dir = _copy_data_dir(extracted, tmp_path)
     shutil.rmtree(data_dir / "vqw2vTokens")
-    report = speech_features.extract_speech_tokens(data_dir, tmp_path / "no_models", progress=False)
+    report = speech_tokens.extract_speech_tokens(data_dir, tmp_path / "no_models", progress=False)
     assert not report.ok and "dict.txt" in report.error
     assert text_features.extract_text_tokens(data_dir, extracted["models_dir"], progress=False).ok
 

@@ -12,7 +12,7 @@ import torch
 from scipy.signal import resample_poly
 import predict
 from mmser import predictor
-from mmser.model_structure import load_speech_encoder
+from mmser.speech.tokens import load_speech_roberta
 from small_runs import checkpoint_weights, manifest, read_csv, run_like_the_demo
 from mmser import text_features
 
@@ -77,7 +77,7 @@ def test_a_finetuned_speech_encoder_is_stored_and_predicts_as_evaluated(demo, tm
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["finetune_speech"] is True
     trained = checkpoint_weights(tmp_path / "run" / "fold1" / "best.pt")
-    pretrained = load_speech_encoder(config["speech_model"]).state_dict()
+    pretrained = load_speech_roberta(config["speech_model"]).state_dict()
     assert {k for k in trained if k.startswith("speech_encoder.")} == {f"speech_encoder.{k}" for k in pretrained}
     changed = [k for k, v in pretrained.items() if not torch.equal(trained[f"speech_encoder.{k}"], v)]
 
@@ -249,7 +249,7 @@ def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(dem
 def test_branches_the_run_lacks_are_not_computed(demo):
     config = dict(demo["config"], branches=["speech"])
     extractors = predictor.load_extractors(config, predictor.check_pretrained(config), torch.device("cpu"))
-    assert set(extractors) == {"vq_wav2vec", "speech_dictionary"}
+    assert set(extractors) == {"speech"}
     wav = next((demo["data_dir"] / "Audio").glob("*.wav"))
     (item,) = predictor.featurize([{"wav": str(wav), "text": "", "_wav_path": wav}], config, extractors, notes={})
     assert set(item) == {"index", "name", "label", "speech_ids"}

@@ -14,8 +14,8 @@ import transformers
 from mmser import data_contract
 import feature_ext
 import main
-from mmser import model_structure
 from mmser import speech_encoders
+from mmser.speech.routes import route_of, speech_models
 from fixtures import tiny_models
 from mmser.dataset_loader import collate_utterances
 from small_runs import fold_result, run_like_the_demo
@@ -38,16 +38,21 @@ def wavs(lengths, seed=0):
 
 
 def test_the_speech_branch_reads_one_folder_per_encoder_and_names_its_files():
-    models = data_contract.speech_models("/elsewhere/my-wavlm")
+    models = speech_models("/elsewhere/my-wavlm")
     assert data_contract.branch_steps("speech", 2, models) == ["speech-layers@my-wavlm"]
-    hub = data_contract.speech_models("microsoft/wavlm-large")
+    hub = speech_models("microsoft/wavlm-large")
     assert data_contract.feature_path("D", "speech", "7_s_1_neu", 2, hub).as_posix() == \
         "D/SpeechLayers-microsoft--wavlm-large/7_s_1_neu.npy"
-    assert data_contract.pretrained_roles("speech", "microsoft/wavlm-large") == ["speech_model", "speech_encoder"]
+    assert data_contract.pretrained_roles("speech", hub) == ["speech_model", "speech_encoder"]
     # the original route keeps its names, a bert_kmeans.pt given or not
-    assert data_contract.speech_models("models/bert_kmeans/bert_kmeans.pt") == {}
-    assert data_contract.branch_steps("speech", 2, data_contract.speech_models(None)) == ["speech-tokens"]
-    assert data_contract.pretrained_roles("speech") == ["speech_model", "vq_wav2vec", "speech_dictionary"]
+    for given in ("models/bert_kmeans/bert_kmeans.pt", None):
+        assert data_contract.branch_steps("speech", 2, speech_models(given)) == ["speech-tokens"]
+        assert data_contract.pretrained_roles("speech", speech_models(given)) == \
+            ["speech_model", "vq_wav2vec", "speech_dictionary"]
+    # a fine-tuned encoder reads the waveforms, and the cached layer means otherwise
+    assert route_of("microsoft/wavlm-large", finetune=True).input_file("D", "7").as_posix() == "D/Audio/7.wav"
+    assert route_of("microsoft/wavlm-large").input_file("D", "7").as_posix() == \
+        "D/SpeechLayers-microsoft--wavlm-large/7.npy"
 
 
 def test_a_wavlm_folder_made_elsewhere_goes_through_extraction_training_and_predict(demo, tmp_path):
@@ -125,7 +130,7 @@ def test_whisper_s_layer_means_count_only_the_frames_over_audio_window_by_window
                                              ("whisper", [3000, 30 * 16000 + 4000, 5200])])  # 2 windows
 def test_the_fine_tuning_path_frozen_and_in_eval_mode_gives_the_cached_vector(family, lengths, tmp_path):
     folder = tiny_models.make_tiny_speech_encoder(tmp_path / family, family)
-    branch = model_structure.load_speech_layer_sum(folder, finetune=True)  # the path --finetune-speech takes
+    branch = route_of(folder, finetune=True).branch()["speech_layer_sum"]  # the path --finetune-speech takes
     speech = speech_encoders.load_speech_model(folder)
     utterances = [{"index": i, "name": str(i), "label": 0,
                    "speech_wave": torch.from_numpy(speech_encoders.waveform_input(speech, w))}

@@ -19,8 +19,8 @@ import predict
 from mmser import predictor
 from mmser import train_function
 from mmser.data_contract import MANIFEST_COLUMNS, read_manifest
-from mmser import speech_features
 from mmser import runner
+from mmser.speech import tokens as speech_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_OPTIONS = ["--demo", "--branches", "text,context", "--epochs", "2", "--device", "cpu"]
@@ -101,7 +101,7 @@ def test_missing_folders_and_fairseq_files_are_named_with_where_to_get_them(demo
     shutil.copytree(demo["run_dir"] / "models", models)
     (models / "bert_kmeans" / "dict.txt").unlink()
     (models / "vq-wav2vec_kmeans.pt").unlink()
-    report = speech_features.extract_speech_tokens(copy_data(demo, tmp_path), models, progress=False)
+    report = speech_tokens.extract_speech_tokens(copy_data(demo, tmp_path), models, progress=False)
     assert "vq-wav2vec_kmeans.pt and " in report.error and "dict.txt: not found" in report.error
     assert "README" in report.error
 
@@ -112,8 +112,8 @@ def test_an_unexpected_error_is_never_a_failed_utterance(demo, tmp_path, monkeyp
 
     monkeypatch.setattr(fairseq_checkpoints.VqWav2Vec, "codes", broken)
     with pytest.raises(RuntimeError, match="pretend"):
-        speech_features.extract_speech_tokens(copy_data(demo, tmp_path), demo["run_dir"] / "models", overwrite=True,
-                                          progress=False)
+        speech_tokens.extract_speech_tokens(copy_data(demo, tmp_path), demo["run_dir"] / "models", overwrite=True,
+                                            progress=False)
 
 
 def test_an_unexpected_error_in_training_keeps_its_traceback_in_the_log(demo, tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_speech_tokens_of_audio_that_collection_removed_are_removed_too(demo, tm
     data_dir = copy_data(demo, tmp_path)
     name = next(p.stem for p in (data_dir / "vqw2vTokens").glob("*.npy"))
     (data_dir / "Audio" / f"{name}.wav").unlink()  # as a rerun of collection does with a now unusable wav
-    report = speech_features.extract_speech_tokens(data_dir, demo["run_dir"] / "models", progress=False)
+    report = speech_tokens.extract_speech_tokens(data_dir, demo["run_dir"] / "models", progress=False)
     assert [n for n, _ in report.failed] == [name] and not (data_dir / "vqw2vTokens" / f"{name}.npy").exists()
 
 
