@@ -54,8 +54,6 @@ Every file is written atomically and the manifest last, so an interrupted run
 leaves no half-written file and no manifest that promises files which are not there.
 """
 import argparse
-import csv
-import io
 import re
 import sys
 from collections import Counter
@@ -63,9 +61,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mmser.data_contract import CLASSES, CLASSES_RECORD, MANIFEST_COLUMNS, SAMPLE_RATE, classes_bytes
-from mmser.data_dir_writer import TEMP_RE, CorpusError, few, normalise_transcript, write_if_changed
-from mmser.utils import AudioError, read_audio, wav_bytes
+from mmser.data_contract import CLASSES
+from mmser.data_dir_writer import CorpusError, few, normalise_transcript, write_data_dir
+from mmser.utils import AudioError, read_audio
 
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
 SEED_CODES = {"ang": 0, "hap": 1, "exc": 2, "sad": 3, "neu": 4}
@@ -89,7 +87,6 @@ SUMMARY_RE = re.compile(
     r"\[\s*(?P<valence>\d+(?:\.\d*)?)\s*,\s*(?P<activation>\d+(?:\.\d*)?)\s*,"
     r"\s*(?P<dominance>\d+(?:\.\d*)?)\s*\]\s*$")
 TRANSCRIPT_RE = re.compile(r"^(?P<utterance_id>\S+)\s+\[[^\]]*\]:(?P<text>.*)$")
-NAME_RE = re.compile(r"^\d+_s_[1-5]_[a-z]{3}$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,65 +307,27 @@ def summary_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# writing DATA_DIR
+# writing DATA_DIR (through the collectors' one writer, with IEMOCAP's extra file)
 
-def manifest_bytes(rows):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
-    writer.writerows([row[c] for c in MANIFEST_COLUMNS] for row in rows)
-    return buf.getvalue().encode("utf-8")
+LABELS_FILE = "labels_train_t.txt"
 
 
-def is_our_file(name):
-    return name in ("utterances.csv", "labels_train_t.txt", CLASSES_RECORD) or (
-        Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
+def seed_labels(rows):
+    """labels_train_t.txt: "<name>.txt<TAB><code>" per target utterance, the seed's codes."""
+    return "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"]).encode("utf-8")
 
 
-def remove_stale(data_dir, rows, skip_audio=(), all_audio=False, is_ours=is_our_file):
-    """Remove the Audio/ and Text/ files named like an utterance that this run does not vouch
-    for, and temporary files a killed run (one that could not clean up) left beside ours.
-
-    Vouched for: the Text/ of every row, the Audio/ of every target row (every row with all_audio) but those in skip_audio
-    (whose wav --allow-missing let through: an earlier run's copy would be read as theirs).
-    Only names this script itself gives are touched (is_ours: another collector's names), so a user's
-    own files survive.
-    Returns the removed files (not the temporary ones) as "Audio/<name>.wav", ...
-    """
-    keep = {("Text", r["name"] + ".txt") for r in rows}
-    keep |= {("Audio", r["name"] + ".wav") for r in rows if (r["label"] or all_audio) and r["name"] not in skip_audio}
-    removed = []
-    for sub in ("Text", "Audio", "."):
-        folder = Path(data_dir) / sub
-        if not folder.is_dir():
-            continue
-        for f in sorted(folder.iterdir()):
-            temp = TEMP_RE.match(f.name)
-            if temp and is_ours(temp["target"]):
-                f.unlink()
-            elif sub != "." and is_ours(f.name) and (sub, f.name) not in keep:
-                f.unlink()
-                removed.append(f"{sub}/{f.name}")
-    return removed
-
-
-def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True, all_audio=False,
-                   emotions=DEFAULT_EMOTIONS):
-    """Write Text/, Audio/, labels_train_t.txt, classes.json and, last, utterances.csv; return what
-    remove_stale removed."""
-    data_dir = Path(data_dir)
-    for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
-        write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
-        if (row["label"] or all_audio) and row["name"] not in skip_audio:
-            samples, _ = read_audio(wav_path(iemocap_root, row), dtype="int16")
-            write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    removed = remove_stale(data_dir, rows, skip_audio, all_audio)
-    labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
-    write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))
+def write_iemocap(iemocap_root, data_dir, rows, skip_audio=(), progress=True, all_audio=False,
+                  emotions=DEFAULT_EMOTIONS):
+    """Text/, Audio/ (target utterances, every one with all_audio, none of skip_audio),
+    labels_train_t.txt, classes.json and, last, utterances.csv; -> write_data_dir's (problems, removed)."""
     targets = {LABEL_OF_EMOTION[e] for e in emotions}
-    write_if_changed(data_dir / CLASSES_RECORD, classes_bytes([c for c in CLASSES if c in targets], corpus="IEMOCAP"))
-    write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
-    return removed
+    problems, removed = write_data_dir(
+        data_dir, rows, lambda row: read_audio(wav_path(iemocap_root, row), dtype="int16")[0],
+        [c for c in CLASSES if c in targets], {"corpus": "IEMOCAP"}, progress,
+        wants_audio=lambda row: bool(row["label"] or all_audio) and row["name"] not in skip_audio,
+        extra_files={LABELS_FILE: seed_labels})
+    return problems, removed
 
 
 def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=False,
@@ -395,13 +354,9 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
                                             len(problems) > 1 else "")
                           + "; use --allow-missing to go on without these utterances' audio")
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file of that name, a folder where nothing can be made
-        raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
-    removed = write_data_dir(iemocap_root, data_dir, rows,
-                             skip_audio={r["name"] for r, _ in problems}, progress=progress, all_audio=all_audio,
-                             emotions=emotions)
+    late, removed = write_iemocap(iemocap_root, data_dir, rows, skip_audio={r["name"] for r, _ in problems},
+                            progress=progress, all_audio=all_audio, emotions=emotions)
+    problems += late  # a wav that turned unreadable after the check: written as context only
     print(summary_table(rows), file=out)
     if notes["empty_transcript"]:
         print(f"{len(notes['empty_transcript'])} utterance(s) with an empty transcript line, kept "

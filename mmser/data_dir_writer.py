@@ -1,10 +1,11 @@
 """Writing a DATA_DIR: what every collector shares (the data contract's files, written the same way).
 
-  write_data_dir(DATA_DIR, rows, read_row_audio, classes, about)
-                         Text/ of every row, Audio/ of the labelled ones, classes.json and, last,
-                         utterances.csv; files whose content is unchanged are not rewritten, and the
-                         Audio/ and Text/ files of an earlier run that this one does not vouch for are
-                         removed (only names a collector gives: a user's own files survive)
+  write_data_dir(DATA_DIR, rows, read_row_audio, classes, about, progress, wants_audio=, extra_files=)
+                         Text/ of every row, Audio/ of the labelled ones (or of the rows wants_audio
+                         picks), a corpus's own extra files (IEMOCAP's labels_train_t.txt), classes.json
+                         and, last, utterances.csv; files whose content is unchanged are not rewritten,
+                         and the Audio/ and Text/ files of an earlier run that this one does not vouch
+                         for are removed (only names a collector gives: a user's own files survive)
   name_rows(rows)        name = "{index}_s_{session}_{emotion}", as the data contract gives IEMOCAP's
   CorpusError            a corpus a collector cannot read; the message names the file
 Every file is written atomically and the manifest last, so an interrupted run leaves no half-written
@@ -78,23 +79,23 @@ def manifest_bytes(rows):
     return buf.getvalue().encode("utf-8")
 
 
-def is_our_file(name):
-    return name in (MANIFEST, CLASSES_RECORD) or (
+def is_our_file(name, extra_names=()):
+    """A file a collector writes: the manifest, classes.json, a corpus's extra files, or a name it gives."""
+    return name in (MANIFEST, CLASSES_RECORD, *extra_names) or (
         Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
 
 
-def remove_stale(data_dir, rows, skip_audio=(), all_audio=False, is_ours=is_our_file):
+def remove_stale(data_dir, rows, audio_names, extra_names=()):
     """Remove the Audio/ and Text/ files named like an utterance that this run does not vouch
     for, and temporary files a killed run (one that could not clean up) left beside ours.
 
-    Vouched for: the Text/ of every row, the Audio/ of every target row (every row with all_audio) but those in skip_audio
-    (whose wav --allow-missing let through: an earlier run's copy would be read as theirs).
-    Only names this script itself gives are touched (is_ours: another collector's names), so a user's
-    own files survive.
+    Vouched for: the Text/ of every row, the Audio/ of the names in audio_names (the rows whose audio
+    this run wrote: not a row whose wav --allow-missing let through, or an earlier run's copy would be
+    read as its audio). Only names a collector gives are touched, so a user's own files survive.
     Returns the removed files (not the temporary ones) as "Audio/<name>.wav", ...
     """
-    keep = {("Text", r["name"] + ".txt") for r in rows}
-    keep |= {("Audio", r["name"] + ".wav") for r in rows if (r["label"] or all_audio) and r["name"] not in skip_audio}
+    keep = {("Text", r["name"] + ".txt") for r in rows} | {("Audio", name + ".wav") for name in audio_names}
+    is_ours = lambda name: is_our_file(name, extra_names)  # noqa: E731
     removed = []
     for sub in ("Text", "Audio", "."):
         folder = Path(data_dir) / sub
@@ -111,19 +112,25 @@ def remove_stale(data_dir, rows, skip_audio=(), all_audio=False, is_ours=is_our_
 
 
 
-def write_data_dir(data_dir, rows, read_row_audio, classes, about, progress=True):
-    """Text/ of every row, Audio/ of the labelled ones (read_row_audio(row) -> 16 kHz mono int16, or
-    AudioError: that row becomes context only), classes.json and, last, utterances.csv.
+def has_label(row):
+    return bool(row["label"])
+
+
+def write_data_dir(data_dir, rows, read_row_audio, classes, about, progress=True, wants_audio=has_label,
+                   extra_files=None):
+    """Text/ of every row, Audio/ of the rows wants_audio picks (the labelled ones; read_row_audio(row)
+    -> 16 kHz mono int16, or AudioError: that row becomes context only), extra_files ({file name:
+    rows -> bytes}, made from the rows as written), classes.json and, last, utterances.csv.
     -> ([(row, problem)] of the audio that failed, [removed files])."""
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
-    problems = []
+    problems, audio_names, extra_files = [], set(), extra_files or {}
     for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
         write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
-        if row["label"]:
+        if wants_audio(row):
             try:
                 samples = read_row_audio(row)
             except AudioError as err:
@@ -131,7 +138,10 @@ def write_data_dir(data_dir, rows, read_row_audio, classes, about, progress=True
                 row["label"] = ""  # its text is still its neighbours' context
                 continue
             write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    removed = remove_stale(data_dir, rows, is_ours=is_our_file)
+            audio_names.add(row["name"])
+    removed = remove_stale(data_dir, rows, audio_names, tuple(extra_files))
+    for name, make in extra_files.items():
+        write_if_changed(data_dir / name, make(rows))
     write_if_changed(data_dir / CLASSES_RECORD, classes_bytes(classes, **about))
     write_if_changed(data_dir / MANIFEST, manifest_bytes(rows))
     return problems, removed

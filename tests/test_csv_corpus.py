@@ -14,7 +14,7 @@ import main
 import predict
 from fixtures import synthetic_iemocap
 from mmser.data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
-from mocap_data_collect import CorpusError
+from mmser.data_dir_writer import CorpusError
 from small_runs import SMALL, read_csv
 from mmser import steps
 

@@ -13,7 +13,7 @@ import meld_data_collect
 import predict
 from fixtures import synthetic_meld
 from mmser.data_contract import read_classes, read_manifest
-from mocap_data_collect import CorpusError, normalise_transcript
+from mmser.data_dir_writer import CorpusError, normalise_transcript
 from small_runs import SMALL, read_csv
 from mmser import steps
 
