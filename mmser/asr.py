@@ -16,6 +16,7 @@ from tqdm import tqdm
 from mmser.data_contract import SAMPLE_RATE, WER_FILE, feature_folder, model_tag, qualified_step, read_manifest, transcript_set
 from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_tokenizer, read_transcript, record_models,
                               run_reported)
+from mmser.data_dir_writer import context_audio_advice
 from mmser.models_dir import hub_name, resolve_model
 from mmser.utils import (SILENCE_PEAK, AudioError, audio_windows, check_device, fingerprint, quiet_transformers,
                          read_audio, write_text_atomic)
@@ -149,9 +150,7 @@ def transcribe_utterances(data_dir, models_dir=None, asr_model=None, device="cpu
                 for row in todo[start:start + 4 * batch_size]:
                     wav_path = data_dir / "Audio" / f"{row['name']}.wav"
                     if not wav_path.is_file():
-                        report.fail(row["name"], f"{wav_path}: missing audio (mocap_data_collect.py writes the target "
-                                                 f"emotions' audio only; rerun it with --all-audio so that the context "
-                                                 f"utterances can be transcribed too)", bar)
+                        report.fail(row["name"], f"{wav_path}: missing audio ({context_audio_advice(data_dir)})", bar)
                         continue
                     try:
                         wavs.append(read_audio(wav_path)[0])

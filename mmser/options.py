@@ -129,6 +129,20 @@ def add_threads(parser):
                              "shared with other jobs, 1 or 2 run far faster)")
 
 
+def add_all_audio(parser):
+    """The collectors' --all-audio: the one rule for context utterances' audio (data_dir_writer)."""
+    parser.add_argument("--all-audio", action="store_true",
+                        help="write Audio/ for every utterance that has audio, not only the labelled ones' (for "
+                             "feature_ext.py transcripts: speech recognition of the context utterances too)")
+
+
+def add_overwrite_corpus(parser):
+    """The collectors' --overwrite: DATA_DIR may hold another corpus, to be replaced."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="DATA_DIR holds another corpus's DATA_DIR: replace it, removing all its files (manifest, "
+                             "Text/, Audio/, labels_train_t.txt, features.json and the feature folders)")
+
+
 def add_models_dir_moved(parser):
     """predict.py's --models-dir: where a run's MODELS_DIR is now."""
     parser.add_argument("--models-dir", help="where the run's MODELS_DIR is now, if it moved (the files are still "
