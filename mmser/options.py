@@ -125,8 +125,9 @@ def add_device(parser, default="cpu"):
 def add_threads(parser):
     """--threads: torch's CPU threads, applied by mmser.utils.set_threads (which holds the default)."""
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads for torch (default: torch's own choice, all cores; on a machine "
-                             "shared with other jobs, 1 or 2 run far faster)")
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else half the cores this "
+                             "process may use, at least 1; torch's own default, every core, ran 2-3x slower on a "
+                             "shared 2-core machine)")
 
 
 def add_all_audio(parser):
