@@ -148,8 +148,8 @@ def data_dir_owner(data_dir):
             corpus = str(about["corpus"])
         except (OSError, ValueError, KeyError, TypeError):
             return {"collector": "an unknown collector", "corpus": f"unreadable {CLASSES_RECORD}"}
-        return {"corpus": corpus,
-                "collector": about.get("collector") or COLLECTOR_OF_CORPUS.get(corpus, "csv_data_collect.py")}
+        return {"corpus": corpus, "collector": about.get("collector") or COLLECTOR_OF_CORPUS.get(corpus) or (
+            "csv_data_collect.py" if corpus.lower().endswith(".csv") else f"{corpus}'s collector")}
     if (data_dir / MANIFEST).is_file():
         return {"collector": "mocap_data_collect.py", "corpus": "IEMOCAP"}
     return None
@@ -159,7 +159,9 @@ def claim_data_dir(data_dir, about, overwrite=False):
     """The other corpus DATA_DIR holds, to be replaced (overwrite), or None when it holds none or this one
     (a rerun: its files are brought up to date). CorpusError without overwrite: one line naming both."""
     owner = data_dir_owner(data_dir)
-    if owner is None or (owner["collector"], owner["corpus"]) == (about["collector"], about["corpus"]):
+    # A collector that does not name itself in `about` is told apart by its corpus alone.
+    if owner is None or (owner["corpus"] == about["corpus"]
+                         and owner["collector"] == about.get("collector", owner["collector"])):
         return None
     if not overwrite:
         raise CorpusError(f"{data_dir}: holds the DATA_DIR of another corpus ({owner['corpus']}, written by "

@@ -17,7 +17,7 @@ import mocap_data_collect
 import predict
 from fixtures import synthetic_iemocap
 from mmser.data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
-from mmser.data_dir_writer import CorpusError, context_audio_advice, data_dir_owner
+from mmser.data_dir_writer import CorpusError, claim_data_dir, context_audio_advice, data_dir_owner
 from small_runs import SMALL, read_csv
 from mmser import steps
 
@@ -189,6 +189,11 @@ def test_the_advice_for_a_missing_wav_names_the_collector_of_an_older_data_dir(t
     assert context_audio_advice(tmp_path).startswith("meld_data_collect.py writes every clip's audio")
     (tmp_path / "classes.json").write_text('{"classes": ["a", "b"], "corpus": "mine.csv"}')
     assert data_dir_owner(tmp_path) == {"corpus": "mine.csv", "collector": "csv_data_collect.py"}
+    # A collector that does not name itself is told apart by its corpus alone.
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b"], "corpus": "MSP-Podcast"}')
+    assert claim_data_dir(tmp_path, {"corpus": "MSP-Podcast"}) is None
+    with pytest.raises(CorpusError, match=r"another corpus \(MSP-Podcast, written by MSP-Podcast's collector\)"):
+        claim_data_dir(tmp_path, {"corpus": "MELD", "collector": "meld_data_collect.py"})
 
 
 def test_a_collection_without_a_labelled_class_or_split_is_refused(tmp_path):
