@@ -11,8 +11,11 @@ weighted-F1, one-vs-rest scores, ...). Writes into DIR (default: comparison/):
 Each run's spread is the one its results.json gives (sample standard deviation, ddof 1: over seeds
 for a --seeds run, over folds otherwise). The test is scipy.stats.ttest_rel, a paired t-test over
 the (seed, fold) pairs both runs tested; fewer than two pairs give no test. Runs of different
-protocols (or different transcript sets, where config.json records them) measure different
-things and are refused, not compared.
+protocols test on different utterances and are refused, not compared. The transcripts a run trained
+and tested on are a setting like any other, shown when they differ (a run whose config.json does not
+record them trained and tested on the reference transcripts): the test folds hold the same utterances
+and labels whichever transcripts the text came from, so the paired test measures what ASR costs.
+An --output that is a file is refused before anything is read.
 """
 import argparse
 import json
@@ -29,8 +32,8 @@ PREFERRED, NAMES = tuple(METRICS), METRICS
 # "pretrained" (their sha256) tells whether they are.
 BOOKKEEPING = ("versions", "code", "val_split_description", "stop_after_epochs", "left_out", "recipe_overridden",
                "device", "world_size", "models_dir", "text_model", "speech_model")
-# Settings under which two runs' numbers are not of the same thing.
-MUST_MATCH = ("protocol", "transcripts")
+# Settings under which two runs' numbers are not of the same thing: other test utterances.
+MUST_MATCH = ("protocol",)
 
 
 class CompareError(Exception):
@@ -52,8 +55,15 @@ def load_run(run_dir):
     return out
 
 
+def transcripts_of(config):
+    """Which transcripts a run trained and tested on, whatever its config.json records: main.py writes
+    "transcripts" only for a run that used ASR ones."""
+    sets = config.get("transcripts") or {"train": "reference", "test": "reference"}
+    return sets["train"] if sets["train"] == sets["test"] else f"{sets['train']}, tested on {sets['test']}"
+
+
 def check_comparable(runs):
-    """Refuse runs whose protocol (or transcript set) differs: their numbers measure other things."""
+    """Refuse runs whose protocol differs: their numbers are of other test utterances."""
     for key in MUST_MATCH:
         values = {json.dumps(r["config"].get(key)) for r in runs if key in r["config"]}
         if len(values) > 1:
@@ -99,9 +109,11 @@ def differing_settings(runs):
             return hashlib.sha256(" ".join(_sha256s(v)).encode()).hexdigest()[:8]
         if key == "seed" and run["config"].get("seeds"):  # --seeds: the seeds run, not --seed
             return run["config"]["seeds"]
+        if key == "transcripts":
+            return transcripts_of(run["config"])
         return v
 
-    keys = list(dict.fromkeys(k for r in runs for k in r["config"] if k not in BOOKKEEPING))
+    keys = list(dict.fromkeys(["transcripts"] + [k for r in runs for k in r["config"] if k not in BOOKKEEPING]))
     return {k: [value(r, k) for r in runs] for k in keys
             if len({json.dumps(value(r, k), sort_keys=True) for r in runs}) > 1}
 
@@ -225,14 +237,19 @@ def bar_chart(comparison, path):
 def write_comparison(run_dirs, output):
     """Compare the runs and write comparison.md, .tex and .png into output; -> the Markdown table."""
     from mmser.utils import write_text_atomic
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise CompareError(f"--output {output}: a file, not a folder; give a folder for comparison.md, .tex and .png")
     runs = [load_run(d) for d in run_dirs]
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):  # two folders of one name: their paths tell them apart
         for r in runs:
             r["name"] = str(r["dir"])
     comparison = compare(runs)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, a folder where nothing can be made
+        raise CompareError(f"--output {output}: cannot create the folder ({e.strerror})") from None
     table = markdown(comparison)
     write_text_atomic(output / "comparison.md", table)
     write_text_atomic(output / "comparison.tex", latex(comparison))

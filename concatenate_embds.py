@@ -20,8 +20,9 @@ import argparse
 import sys
 
 from mmser.context import DEFAULT_CONTEXT, write_context_vectors
-from mmser.data_contract import SENTENCE_POOLINGS, sentence_tag, transcript_set
+from mmser.data_contract import sentence_tag, transcript_set
 from mmser.extraction import format_summary
+from mmser.options import add_asr_model, add_sentence_model
 
 
 def main(argv=None):
@@ -29,15 +30,9 @@ def main(argv=None):
     parser.add_argument("data_dir", help="DATA_DIR with utterances.csv and BertEmb/")
     parser.add_argument("--context", type=int, nargs="+", default=list(DEFAULT_CONTEXT), metavar="C",
                         help="window size(s) c: utterances on each side (default: %(default)s)")
-    parser.add_argument("--sentence-model", default=None,
-                        help="the sentence model whose embeddings to read, as given to feature_ext.py (default: "
-                             "bert-base-uncased's, BertEmb/)")
-    parser.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls",
-                        help="the pooling they were made with, as given to feature_ext.py")
+    add_sentence_model(parser, "read")
     parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
-    parser.add_argument("--asr-model", default=None,
-                        help="the context vectors of this ASR model's transcript set (ASR-<model>/BertEmb -> "
-                             "ASR-<model>/FullBertEmb{c}), named as feature_ext.py transcripts was given it")
+    add_asr_model(parser, "read")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.context):
         parser.error("--context sizes must be at least 1")

@@ -1,6 +1,6 @@
 """A researcher's own corpus, listed in a CSV, into DATA_DIR: the manifest, the transcripts, the audio.
 
-    python csv_data_collect.py CORPUS.csv DATA_DIR [--classes a,b,c] [--allow-missing]
+    python csv_data_collect.py CORPUS.csv DATA_DIR [--classes a,b,c] [--allow-missing] [--all-audio] [--overwrite]
 
 Reads a CSV (UTF-8, a spreadsheet's BOM allowed) with the columns
     wav, text, label          required: audio file (relative to the CSV's folder), transcript, class
@@ -11,7 +11,9 @@ Reads a CSV (UTF-8, a spreadsheet's BOM allowed) with the columns
     start, end                seconds: the utterance is that stretch of the wav
 Any other column is refused: a misspelt "dialogue" would silently lose the conversation order.
 A row with an empty label is context only: its text is its neighbours' context, it is not trained
-on or tested, and its wav may be empty. Audio in any format, rate and channel count that
+on or tested, and its wav may be empty; a wav it names that is not there is listed. Its audio is
+written with --all-audio (speech recognition then transcribes the context too), and then checked
+as a labelled row's is. Audio in any format, rate and channel count that
 soundfile reads becomes 16 kHz mono PCM16 (utils.read_audio, as predict.py reads recordings).
 
 Writes the DATA_DIR that mocap_data_collect.py writes (the data contract), for the same later stages:
@@ -19,8 +21,9 @@ Writes the DATA_DIR that mocap_data_collect.py writes (the data contract), for t
                                  in its order; the columns of data_contract.MANIFEST_COLUMNS, then split
                                  and group when the CSV has them. session is 0, emotion is the label.
     DATA_DIR/Text/<name>.txt     every transcript, one line
-    DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the labelled rows
-    DATA_DIR/classes.json        the label set: --classes in that order, or the labels sorted
+    DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the labelled rows (every row with a wav: --all-audio)
+    DATA_DIR/classes.json        the label set: --classes in that order, or the labels sorted; the
+                                 corpus (the CSV's file name) and collector (csv_data_collect.py)
 with name = "{index}_s_0_{label}" ("xxx" for a context-only row). A row without a dialog is a
 conversation of its own.
 
@@ -29,9 +32,11 @@ unknown column, an empty text or wav on a labelled row, a missing, unreadable or
 start/end that are not times inside the file, an order that is not a number or repeats in a
 dialogue, a label that appears once (no model can learn it, nor can a stratified split hold it),
 a label outside --classes, duplicated ids, a split outside train/dev/test. --allow-missing goes on
-past missing or unusable audio: those rows become context only, and are listed. Files are written
-atomically, the manifest last; a rerun rewrites only what changed and removes the Audio/ and Text/
-files of an earlier run that this one does not vouch for.
+past missing or unusable audio: those rows become context only, and are listed. A collection that
+would end with no labelled row, or a class of the label set or a split without one, stops. Files are
+written atomically, the manifest last; a rerun rewrites only what changed and removes the Audio/ and
+Text/ files of an earlier run that this one does not vouch for. A DATA_DIR that another corpus (or
+another collector) wrote is refused; --overwrite replaces it, all its files, features included.
 """
 import argparse
 import csv
@@ -43,7 +48,9 @@ import numpy as np
 from tqdm import tqdm
 
 from mmser.data_contract import MANIFEST, SAMPLE_RATE, SPLITS
-from mmser.data_dir_writer import CorpusError, count_table, few, name_rows, normalise_transcript, write_data_dir
+from mmser.data_dir_writer import (CorpusError, check_coverage, claim_data_dir, count_table, few, name_rows,
+                                   normalise_transcript, write_data_dir)
+from mmser.options import add_all_audio, add_overwrite_corpus
 from mmser.utils import AudioError, read_audio
 
 REQUIRED = ("wav", "text", "label")
@@ -171,42 +178,66 @@ def read_segment(row):
     return samples[start:end]
 
 
-def check_audio(rows, progress=True):
-    """[(row, problem)] for every labelled row whose audio is missing, unreadable or cut off."""
-    problems = []
+def check_audio(rows, progress=True, all_audio=False):
+    """[(row, problem)] for every labelled row (every row with a wav, with all_audio) whose audio is missing,
+    unreadable or cut off; [problem] for every other row whose wav cell names a file that is not there."""
+    problems, missing_context = [], []
     for row in tqdm(rows, desc="checking audio", unit="utt", disable=not progress):
-        if row["label"]:
+        if row["label"] or (all_audio and row["wav_path"] is not None):
             try:
                 read_segment(row)
             except AudioError as err:
                 problems.append((row, f"{row['where']}: {err}"))
-    return problems
+        elif row["wav_path"] is not None and not row["wav_path"].is_file():
+            missing_context.append(f"{row['where']}: {row['wav_path']}: no such file")
+    return problems, missing_context
 
 
-
-
-def collect(csv_path, data_dir, classes=None, allow_missing=False, progress=True, out=sys.stdout):
-    """Read and check the CSV and its audio, then write DATA_DIR. -> the manifest rows."""
+def collect(csv_path, data_dir, classes=None, allow_missing=False, progress=True, out=sys.stdout, all_audio=False,
+            overwrite=False):
+    """Read and check the CSV and its audio, then write DATA_DIR. -> the manifest rows.
+    all_audio: Audio/ for the context rows with a wav too; overwrite: replace another corpus's DATA_DIR."""
     rows, classes = read_corpus_csv(csv_path, classes)
     if Path(data_dir).resolve() == Path(csv_path).resolve().parent:
         raise CorpusError(f"{data_dir}: DATA_DIR is the CSV's own folder; give the corpus a DATA_DIR of its own")
-    problems = check_audio(rows, progress)
+    about = {"corpus": str(Path(csv_path).name), "collector": "csv_data_collect.py"}
+    replaced = claim_data_dir(data_dir, about, overwrite)
+    problems, missing_context = check_audio(rows, progress, all_audio)
     if problems and not allow_missing:
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                          + "; use --allow-missing to keep these rows as context only")
+                          + "; use --allow-missing to go on without their audio (labelled rows become context only)")
     unusable = {id(r) for r, _ in problems}
+    labelled_problems = [problem for r, problem in problems if r["label"]]
+    context_problems = [problem for r, problem in problems if not r["label"]]
     for row in rows:
         if id(row) in unusable:
             row["label"] = ""
+    check_coverage(rows, classes, csv_path)
     name_rows(rows)
-    _, removed = write_data_dir(data_dir, rows, read_segment, classes, {"corpus": str(Path(csv_path).name)}, progress)
+    _, removed = write_data_dir(data_dir, rows, read_segment, classes, about, progress, overwrite=overwrite,
+                                wants_audio=lambda row: id(row) not in unusable and (
+                                    bool(row["label"]) or (all_audio and row["wav_path"] is not None)))
     print(count_table(rows, classes, "split" if "split" in rows[0] else "session"), file=out)
-    if problems:
-        print(f"--allow-missing: {len(problems)} labelled row(s) without usable audio, kept as context only:",
-              file=out)
-        for _, problem in problems:
+    for problems_of, what in ((labelled_problems, "labelled row(s) without usable audio, kept as context only"),
+                              (context_problems, "context row(s) without usable audio")):
+        if problems_of:
+            print(f"--allow-missing: {len(problems_of)} {what}:", file=out)
+            for problem in problems_of:
+                print(f"  {problem}", file=out)
+    if missing_context:
+        print(f"{len(missing_context)} context row(s) name a wav that is not there (their text is still context; "
+              f"with --all-audio they would stop the run):", file=out)
+        for problem in missing_context:
             print(f"  {problem}", file=out)
-    if removed:
+    if all_audio:
+        silent = [r["where"] for r in rows if not r["label"] and r["wav_path"] is None]
+        if silent:
+            print(f"--all-audio: {len(silent)} context row(s) without a wav, so without audio to transcribe: "
+                  f"{few(silent)}", file=out)
+    if replaced:
+        print(f"--overwrite: replaced the DATA_DIR of {replaced['corpus']} ({replaced['collector']}): removed "
+              f"{few(removed, 8)}", file=out)
+    elif removed:
         print(f"removed {len(removed)} file(s) of an earlier run that this run does not vouch for: {few(removed)}",
               file=out)
     print(f"wrote {Path(data_dir) / MANIFEST} ({len(rows)} utterances, classes {', '.join(classes)})", file=out)
@@ -221,10 +252,13 @@ def main(argv=None):
                         help="the label set in the model's output order, comma separated (default: the labels sorted)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="keep labelled rows whose audio is missing or unusable as context only, and list them")
+    add_all_audio(parser)
+    add_overwrite_corpus(parser)
     args = parser.parse_args(argv)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
-        collect(args.csv, args.data_dir, classes, args.allow_missing, progress=sys.stderr.isatty())
+        collect(args.csv, args.data_dir, classes, args.allow_missing, progress=sys.stderr.isatty(),
+                all_audio=args.all_audio, overwrite=args.overwrite)
     except CorpusError as err:
         print(f"csv_data_collect.py: error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """MELD (Poria et al., ACL 2019) into DATA_DIR: the manifest, the transcripts, the audio of the clips.
 
     python meld_data_collect.py MELD_ROOT DATA_DIR [--target emotion|sentiment]
-                                [--expect-full | --no-expect-full]
+                                [--expect-full | --no-expect-full] [--overwrite]
 
 Reads (never writes) the release as distributed (MELD.Raw, its three archives unpacked in place):
     MELD_ROOT/{train,dev,test}_sent_emo.csv      Sr No., Utterance, Speaker, Emotion, Sentiment,
@@ -9,7 +9,7 @@ Reads (never writes) the release as distributed (MELD.Raw, its three archives un
     MELD_ROOT/train_splits/dia{D}_utt{U}.mp4
     MELD_ROOT/dev_splits_complete/dia{D}_utt{U}.mp4
     MELD_ROOT/output_repeated_splits_test/dia{D}_utt{U}.mp4
-Writes the DATA_DIR of the data contract (csv_data_collect.write_data_dir, as for a CSV corpus):
+Writes the DATA_DIR of the data contract (mmser.data_dir_writer, as every collector does):
     DATA_DIR/utterances.csv   every utterance of train, dev, test (in that order), dialogues by
                               Dialogue_ID, utterances by Utterance_ID; the contract's columns, then
                               split and sentiment. utterance_id "{split}_dia{D}_utt{U}", dialog
@@ -18,8 +18,9 @@ Writes the DATA_DIR of the data contract (csv_data_collect.write_data_dir, as fo
                               emotion the Emotion, label the target (--target) or empty
     DATA_DIR/Text/<name>.txt, Audio/<name>.wav (16 kHz mono PCM16, decoded from the clip's audio
                               stream with PyAV, ffmpeg's own resampler), classes.json (the 7
-                              emotions, or the 3 sentiments, in MELD's own index order, and
-                              first_metric weighted_f1: what MELD's papers report)
+                              emotions, or the 3 sentiments, in MELD's own index order,
+                              first_metric weighted_f1: what MELD's papers report, and the corpus
+                              and collector: MELD, meld_data_collect.py)
 with name = "{index}_s_0_{emotion}". main.py --protocol official trains on train, chooses the
 checkpoint on dev and tests on test.
 
@@ -34,7 +35,11 @@ MELD's known defects, handled by name and listed in the summary:
 - clips in the folders that no CSV row lists (dev dia66_utt9, test final_videos_test*): ignored, counted.
 The release's counts are checked (train 9989, dev 1109, test 2610 utterances) when the tree looks
 like the full release (--expect-full forces it, --no-expect-full skips it); the summary table has
-the utterances per split and per class.
+the utterances per split and per class. A collection that would leave no labelled utterance, or a
+split or class without one, stops before anything is written (the CSVs without the unpacked clip
+folders: the folders are named). A DATA_DIR that another corpus (or another collector) wrote is
+refused; --overwrite replaces it, all its files, features included. Every utterance is labelled, so
+all the audio there is gets written: there is no --all-audio.
 """
 import argparse
 import csv
@@ -46,7 +51,9 @@ from pathlib import Path
 import numpy as np
 
 from mmser.data_contract import MANIFEST, SAMPLE_RATE, SPLITS
-from mmser.data_dir_writer import CorpusError, count_table, few, name_rows, normalise_transcript, write_data_dir
+from mmser.data_dir_writer import (CorpusError, check_coverage, claim_data_dir, count_table, few, name_rows,
+                                   normalise_transcript, write_data_dir)
+from mmser.options import add_overwrite_corpus
 from mmser.utils import AudioError
 
 CSV_NAMES = {split: f"{split}_sent_emo.csv" for split in SPLITS}
@@ -188,21 +195,40 @@ def summary(rows, classes, problems, notes, data_dir):
     return "\n".join(lines)
 
 
-def collect(meld_root, data_dir, target="emotion", expect_full=None, progress=True, out=sys.stdout):
-    """Read MELD, check it, decode its clips into DATA_DIR. -> the manifest rows."""
+def check_clips(rows, classes, meld_root):
+    """Before any clip is decoded: the clips the CSVs list must leave every split and class a labelled
+    utterance (MELD_ROOT with the CSVs but without the unpacked clip folders leaves none)."""
+    missing = {id(r) for r in rows if not r["clip"].is_file()}
+    folders = [f"{name}/" for name in CLIP_FOLDERS.values() if not (Path(meld_root) / name).is_dir()]
+    hint = (f" ({len(missing)} of {len(rows)} clips missing; unpack {', '.join(folders)} into MELD_ROOT)" if folders
+            else f" ({len(missing)} of {len(rows)} clips missing)" if missing else "")
+    check_coverage([{**r, "label": "" if id(r) in missing else r["label"]} for r in rows], classes, meld_root, hint)
+
+
+def collect(meld_root, data_dir, target="emotion", expect_full=None, progress=True, out=sys.stdout, overwrite=False):
+    """Read MELD, check it, decode its clips into DATA_DIR. -> the manifest rows.
+    overwrite: replace the DATA_DIR of another corpus (refused otherwise), all its files."""
     meld_root, data_dir = Path(meld_root), Path(data_dir)
     if not meld_root.is_dir():
         raise CorpusError(f"{meld_root}: MELD root folder not found")
     if data_dir.resolve().is_relative_to(meld_root.resolve()):
         raise CorpusError(f"{data_dir}: DATA_DIR lies inside MELD_ROOT; the corpus is never written to")
+    about = {"corpus": "MELD", "collector": "meld_data_collect.py", "target": target, "first_metric": "weighted_f1"}
+    replaced = claim_data_dir(data_dir, about, overwrite)
     rows, notes = read_release(meld_root, target)
     if expect_full or (expect_full is None and len(rows) >= sum(FULL_RELEASE.values()) // 2):
         verify_full_release(rows, meld_root)
-    name_rows(rows)
     classes = list(TARGETS[target])
-    problems, _ = write_data_dir(data_dir, rows, lambda row: decode_clip(row["clip"]), classes,
-                                 {"corpus": "MELD", "target": target, "first_metric": "weighted_f1"}, progress)
+    check_clips(rows, classes, meld_root)
+    name_rows(rows)
+    problems, removed = write_data_dir(data_dir, rows, lambda row: decode_clip(row["clip"]), classes, about, progress,
+                                       overwrite=overwrite,
+                                       check=lambda rows: check_coverage(rows, classes, meld_root,
+                                                                         " (its clips are unusable: see above)"))
     print(summary(rows, classes, problems, notes, data_dir), file=out)
+    if replaced:
+        print(f"--overwrite: replaced the DATA_DIR of {replaced['corpus']} ({replaced['collector']}): removed "
+              f"{few(removed, 8)}", file=out)
     return rows
 
 
@@ -214,9 +240,11 @@ def main(argv=None):
                         help="7 emotions (default) or 3 sentiments as the label set")
     parser.add_argument("--expect-full", action=argparse.BooleanOptionalAction, default=None,
                         help="check the full release's counts (default: when the CSVs hold at least half of them)")
+    add_overwrite_corpus(parser)
     args = parser.parse_args(argv)
     try:
-        collect(args.meld_root, args.data_dir, args.target, args.expect_full, progress=sys.stderr.isatty())
+        collect(args.meld_root, args.data_dir, args.target, args.expect_full, progress=sys.stderr.isatty(),
+                overwrite=args.overwrite)
     except CorpusError as err:
         print(f"meld_data_collect.py: error: {err}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     python mocap_data_collect.py IEMOCAP_ROOT DATA_DIR [--emotions ang,hap,exc,sad,neu]
                                  [--allow-missing] [--expect-full | --no-expect-full] [--all-audio]
+                                 [--overwrite]
 
 Reads (never writes) an IEMOCAP_full_release tree:
     IEMOCAP_ROOT/Session{1..5}/dialog/EmoEvaluation/<dialog>.txt    labels, times, V/A/D
@@ -13,7 +14,8 @@ Writes, as the data contract says:
     DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the utterances of the target emotions
                                  (every utterance with --all-audio, for speech recognition)
     DATA_DIR/labels_train_t.txt  "<name>.txt<TAB><code>" per target utterance (the seed's codes)
-    DATA_DIR/classes.json        the label set: the classes of --emotions, in CLASSES order
+    DATA_DIR/classes.json        the label set: the classes of --emotions, in CLASSES order, and the
+                                 corpus and collector (IEMOCAP, mocap_data_collect.py)
 where name = "{index}_s_{session}_{emotion}" and index is the row's position in the manifest.
 
 How the corpus is read (each rule is a quirk of the real release):
@@ -49,13 +51,12 @@ rewritten; Audio/ and Text/ files named like an utterance that the run does not 
 removed and listed in the summary (an utterance the new manifest does not list, or an earlier
 run's Audio/<name>.wav of an utterance whose wav --allow-missing now lets through unusable, so
 that the next stage never reads it as this one's), and so are the temporary files of a run that
-was killed before it could clean up.
+was killed before it could clean up. A DATA_DIR that another corpus's collector wrote (classes.json
+says which) is refused; --overwrite replaces it, removing all its files, features included.
 Every file is written atomically and the manifest last, so an interrupted run
 leaves no half-written file and no manifest that promises files which are not there.
 """
 import argparse
-import csv
-import io
 import re
 import sys
 from collections import Counter
@@ -63,9 +64,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mmser.data_contract import CLASSES, CLASSES_RECORD, MANIFEST_COLUMNS, SAMPLE_RATE, classes_bytes
-from mmser.data_dir_writer import TEMP_RE, CorpusError, few, normalise_transcript, write_if_changed
-from mmser.utils import AudioError, read_audio, wav_bytes
+from mmser.data_contract import CLASSES
+from mmser.data_dir_writer import SEED_LABELS, CorpusError, claim_data_dir, few, normalise_transcript, write_data_dir
+from mmser.options import add_all_audio, add_overwrite_corpus
+from mmser.utils import AudioError, read_audio
 
 LABEL_OF_EMOTION = {"ang": "ang", "hap": "hap", "exc": "hap", "sad": "sad", "neu": "neu"}
 SEED_CODES = {"ang": 0, "hap": 1, "exc": 2, "sad": 3, "neu": 4}
@@ -89,7 +91,6 @@ SUMMARY_RE = re.compile(
     r"\[\s*(?P<valence>\d+(?:\.\d*)?)\s*,\s*(?P<activation>\d+(?:\.\d*)?)\s*,"
     r"\s*(?P<dominance>\d+(?:\.\d*)?)\s*\]\s*$")
 TRANSCRIPT_RE = re.compile(r"^(?P<utterance_id>\S+)\s+\[[^\]]*\]:(?P<text>.*)$")
-NAME_RE = re.compile(r"^\d+_s_[1-5]_[a-z]{3}$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,74 +311,37 @@ def summary_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# writing DATA_DIR
+# writing DATA_DIR (through the collectors' one writer, with IEMOCAP's extra file)
 
-def manifest_bytes(rows):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
-    writer.writerows([row[c] for c in MANIFEST_COLUMNS] for row in rows)
-    return buf.getvalue().encode("utf-8")
+ABOUT = {"corpus": "IEMOCAP", "collector": "mocap_data_collect.py"}
 
 
-def is_our_file(name):
-    return name in ("utterances.csv", "labels_train_t.txt", CLASSES_RECORD) or (
-        Path(name).suffix in (".txt", ".wav") and NAME_RE.match(Path(name).stem) is not None)
+def seed_labels(rows):
+    """labels_train_t.txt: "<name>.txt<TAB><code>" per target utterance, the seed's codes."""
+    return "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"]).encode("utf-8")
 
 
-def remove_stale(data_dir, rows, skip_audio=(), all_audio=False, is_ours=is_our_file):
-    """Remove the Audio/ and Text/ files named like an utterance that this run does not vouch
-    for, and temporary files a killed run (one that could not clean up) left beside ours.
-
-    Vouched for: the Text/ of every row, the Audio/ of every target row (every row with all_audio) but those in skip_audio
-    (whose wav --allow-missing let through: an earlier run's copy would be read as theirs).
-    Only names this script itself gives are touched (is_ours: another collector's names), so a user's
-    own files survive.
-    Returns the removed files (not the temporary ones) as "Audio/<name>.wav", ...
-    """
-    keep = {("Text", r["name"] + ".txt") for r in rows}
-    keep |= {("Audio", r["name"] + ".wav") for r in rows if (r["label"] or all_audio) and r["name"] not in skip_audio}
-    removed = []
-    for sub in ("Text", "Audio", "."):
-        folder = Path(data_dir) / sub
-        if not folder.is_dir():
-            continue
-        for f in sorted(folder.iterdir()):
-            temp = TEMP_RE.match(f.name)
-            if temp and is_ours(temp["target"]):
-                f.unlink()
-            elif sub != "." and is_ours(f.name) and (sub, f.name) not in keep:
-                f.unlink()
-                removed.append(f"{sub}/{f.name}")
-    return removed
-
-
-def write_data_dir(iemocap_root, data_dir, rows, skip_audio=(), progress=True, all_audio=False,
-                   emotions=DEFAULT_EMOTIONS):
-    """Write Text/, Audio/, labels_train_t.txt, classes.json and, last, utterances.csv; return what
-    remove_stale removed."""
-    data_dir = Path(data_dir)
-    for row in tqdm(rows, desc="writing utterances", unit="utt", disable=not progress):
-        write_if_changed(data_dir / "Text" / f"{row['name']}.txt", row["transcript"].encode("utf-8"))
-        if (row["label"] or all_audio) and row["name"] not in skip_audio:
-            samples, _ = read_audio(wav_path(iemocap_root, row), dtype="int16")
-            write_if_changed(data_dir / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    removed = remove_stale(data_dir, rows, skip_audio, all_audio)
-    labels = "".join(f"{r['name']}.txt\t{SEED_CODES[r['emotion']]}\n" for r in rows if r["label"])
-    write_if_changed(data_dir / "labels_train_t.txt", labels.encode("utf-8"))
+def write_iemocap(iemocap_root, data_dir, rows, skip_audio=(), progress=True, all_audio=False,
+                  emotions=DEFAULT_EMOTIONS, overwrite=False):
+    """Text/, Audio/ (target utterances, every one with all_audio, none of skip_audio),
+    labels_train_t.txt, classes.json and, last, utterances.csv; -> write_data_dir's (problems, removed)."""
     targets = {LABEL_OF_EMOTION[e] for e in emotions}
-    write_if_changed(data_dir / CLASSES_RECORD, classes_bytes([c for c in CLASSES if c in targets], corpus="IEMOCAP"))
-    write_if_changed(data_dir / "utterances.csv", manifest_bytes(rows))
-    return removed
+    problems, removed = write_data_dir(
+        data_dir, rows, lambda row: read_audio(wav_path(iemocap_root, row), dtype="int16")[0],
+        [c for c in CLASSES if c in targets], ABOUT, progress,
+        wants_audio=lambda row: bool(row["label"] or all_audio) and row["name"] not in skip_audio,
+        extra_files={SEED_LABELS: seed_labels}, overwrite=overwrite)
+    return problems, removed
 
 
 def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=False,
-            expect_full=None, progress=True, out=sys.stdout, all_audio=False):
+            expect_full=None, progress=True, out=sys.stdout, all_audio=False, overwrite=False):
     """Read the corpus, verify it, write DATA_DIR. Returns the manifest rows.
 
     expect_full: True checks the full release's counts, False never does, None checks when
     the corpus looks like the full release (see looks_like_full_corpus). all_audio: Audio/ for every
     utterance, not only the target emotions' (speech recognition transcribes the context too).
+    overwrite: replace the DATA_DIR of another corpus (refused otherwise), all its files.
     """
     unknown = [e for e in emotions if e not in LABEL_OF_EMOTION]
     if unknown or not emotions:
@@ -387,6 +351,7 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
     if data_dir.resolve().is_relative_to(iemocap_root.resolve()):
         raise CorpusError(f"{data_dir}: DATA_DIR lies inside IEMOCAP_ROOT; the corpus is never "
                           f"written to")
+    replaced = claim_data_dir(data_dir, ABOUT, overwrite)
     rows, notes = read_corpus(iemocap_root, emotions, allow_missing)
     if expect_full or (expect_full is None and looks_like_full_corpus(rows)):
         verify_full_corpus(rows, iemocap_root)
@@ -395,13 +360,9 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
         raise CorpusError(problems[0][1] + (f" (and {len(problems) - 1} more)" if
                                             len(problems) > 1 else "")
                           + "; use --allow-missing to go on without these utterances' audio")
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file of that name, a folder where nothing can be made
-        raise CorpusError(f"{data_dir}: cannot create DATA_DIR ({err.strerror})") from None
-    removed = write_data_dir(iemocap_root, data_dir, rows,
-                             skip_audio={r["name"] for r, _ in problems}, progress=progress, all_audio=all_audio,
-                             emotions=emotions)
+    late, removed = write_iemocap(iemocap_root, data_dir, rows, skip_audio={r["name"] for r, _ in problems},
+                            progress=progress, all_audio=all_audio, emotions=emotions, overwrite=overwrite)
+    problems += late  # a wav that turned unreadable after the check: written as context only
     print(summary_table(rows), file=out)
     if notes["empty_transcript"]:
         print(f"{len(notes['empty_transcript'])} utterance(s) with an empty transcript line, kept "
@@ -415,7 +376,10 @@ def collect(iemocap_root, data_dir, emotions=DEFAULT_EMOTIONS, allow_missing=Fal
             print(f"--allow-missing: {len(items)} utterance(s) without {what}:", file=out)
             for item in items:
                 print(f"  {item}", file=out)
-    if removed:
+    if replaced:
+        print(f"--overwrite: replaced the DATA_DIR of {replaced['corpus']} ({replaced['collector']}): removed "
+              f"{few(removed, 8)}", file=out)
+    elif removed:
         print(f"removed {len(removed)} file(s) of an earlier run that this run does not vouch for "
               f"(utterance gone, or its wav now unusable): {few(removed)}", file=out)
     print(f"wrote {data_dir / 'utterances.csv'} ({len(rows)} utterances)", file=out)
@@ -434,14 +398,13 @@ def main(argv=None):
     parser.add_argument("--expect-full", action=argparse.BooleanOptionalAction, default=None,
                         help="check the full release's published counts (default: when the "
                              "corpus has at least half of them)")
-    parser.add_argument("--all-audio", action="store_true",
-                        help="write Audio/ for every utterance, not only the target emotions' (for "
-                             "feature_ext.py transcripts: speech recognition of the context utterances too)")
+    add_all_audio(parser)
+    add_overwrite_corpus(parser)
     args = parser.parse_args(argv)
     emotions = tuple(e.strip() for e in args.emotions.split(",") if e.strip())
     try:
         collect(args.iemocap_root, args.data_dir, emotions, args.allow_missing, args.expect_full,
-                progress=sys.stderr.isatty(), all_audio=args.all_audio)
+                progress=sys.stderr.isatty(), all_audio=args.all_audio, overwrite=args.overwrite)
     except CorpusError as err:
         print(f"mocap_data_collect.py: error: {err}", file=sys.stderr)
         return 2

@@ -45,8 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mmser.options import add_asr_model, add_device, add_models_dir_moved, add_threads, check_device_option
 from mmser.predictor import PredictError, load_run, predict_rows
-from mmser.utils import check_device, set_threads, write_text_atomic
+from mmser.utils import set_threads, write_text_atomic
 
 
 def read_requests(list_path):
@@ -111,26 +112,18 @@ def main(argv=None):
     parser.add_argument("--list", help="a CSV with columns wav, text and optionally dialog")
     parser.add_argument("--output", help="write the predictions to this CSV")
     parser.add_argument("--fold", type=int, help="predict with this fold's model (default: mean of all folds)")
-    parser.add_argument("--models-dir", help="where the run's MODELS_DIR is now, if it moved (the files are still "
-                                             "checked against the sha256 the run recorded)")
-    parser.add_argument("--asr-model", help="the Whisper checkpoint (name or folder) that transcribes a recording given "
-                                            "without text (default: the one the run's ASR transcripts came from)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's, one per core; 1 on a shared machine)")
+    add_models_dir_moved(parser)
+    add_asr_model(parser, "transcribe")
+    add_device(parser)
+    add_threads(parser)
     args = parser.parse_args(argv)
     if args.list and args.output and Path(args.output).resolve() == Path(args.list).resolve():
         parser.error("--output is the --list file itself: write the predictions elsewhere")
     if bool(args.list) == bool(args.wav or args.text):
         parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.models_dir and not Path(args.models_dir).is_dir():
         parser.error(f"--models-dir {args.models_dir}: no such folder")
-    try:
-        check_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    check_device_option(args, parser)
     set_threads(args.threads)
     rows = [{"wav": args.wav or "", "text": args.text or "", "_wav_path": Path(args.wav) if args.wav else None}]
     columns = ["wav", "text"]

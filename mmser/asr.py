@@ -15,11 +15,13 @@ from tqdm import tqdm
 
 from mmser.data_contract import SAMPLE_RATE, WER_FILE, feature_folder, model_tag, qualified_step, read_manifest, transcript_set
 from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_tokenizer, read_transcript, record_models,
-                              resolve_model, run_reported)
+                              run_reported)
+from mmser.data_dir_writer import context_audio_advice
+from mmser.models_dir import hub_name, resolve_model
 from mmser.utils import (SILENCE_PEAK, AudioError, audio_windows, check_device, fingerprint, quiet_transformers,
                          read_audio, write_text_atomic)
 
-DEFAULT_ASR_MODEL = "openai/whisper-large-v3"
+DEFAULT_ASR_MODEL = hub_name("asr_model")
 ASR_BATCH_SIZE = 8  # 30-s windows per generate() call
 # Whisper hears nothing in these, and on silence it makes words up ("Thank you."): such a window is
 # not transcribed, and an utterance with no other window gets an empty transcript.
@@ -31,10 +33,7 @@ WER_NORMALISATION = ("IEMOCAP's bracketed tags ([LAUGHTER], [BREATHING], [GARBAG
 
 def asr_model_name(models_dir=None, asr_model=None):
     """--asr-model, or MODELS_DIR/whisper-large-v3 when that local copy exists, else the hub's."""
-    if asr_model:
-        return str(asr_model)
-    local = resolve_model(models_dir, DEFAULT_ASR_MODEL.split("/")[-1])
-    return local if Path(local).is_dir() else DEFAULT_ASR_MODEL
+    return resolve_model(models_dir, "asr_model", asr_model)
 
 
 def load_asr(asr_model, device="cpu"):
@@ -151,9 +150,7 @@ def transcribe_utterances(data_dir, models_dir=None, asr_model=None, device="cpu
                 for row in todo[start:start + 4 * batch_size]:
                     wav_path = data_dir / "Audio" / f"{row['name']}.wav"
                     if not wav_path.is_file():
-                        report.fail(row["name"], f"{wav_path}: missing audio (mocap_data_collect.py writes the target "
-                                                 f"emotions' audio only; rerun it with --all-audio so that the context "
-                                                 f"utterances can be transcribed too)", bar)
+                        report.fail(row["name"], f"{wav_path}: missing audio ({context_audio_advice(data_dir)})", bar)
                         continue
                     try:
                         wavs.append(read_audio(wav_path)[0])

@@ -72,12 +72,6 @@ def format_summary(reports):
     return "\n".join(lines)
 
 
-def resolve_model(models_dir, name):
-    """MODELS_DIR/<name> when that local copy exists, else `name` itself (a hub name or a folder)."""
-    local = Path(models_dir) / name if models_dir is not None else None
-    return str(local) if local is not None and local.is_dir() else str(name)
-
-
 def valid_npy(path, dtype, shape=None, bos_eos=None):
     """True when `path` loads as a finite array of `dtype` and `shape` (1-D when shape is None),
     starting and ending with `bos_eos` ids when given."""

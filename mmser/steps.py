@@ -10,7 +10,7 @@ Each returns StepReports (mmser.extraction) for the summary table.
 from mmser.asr import transcribe_utterances
 from mmser.context import write_context_vectors
 from mmser.data_contract import sentence_tag, transcript_set
-from mmser.extraction import resolve_model
+from mmser.models_dir import resolve_model
 from mmser.speech.routes import DEFAULT_ROUTE, ROUTES, step_route
 from mmser.text_features import extract_sentence_embeddings, extract_text_tokens
 
@@ -51,7 +51,7 @@ def extract_features(data_dir, models_dir, sentence_model=None, text_model=None,
     context vectors of that set too."""
     reports = [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
                         sentence_pooling, speech_model=speech_model) for step in EXTRACTORS]
-    tag = sentence_tag(sentence_model or resolve_model(models_dir, "bert-base-uncased"), sentence_pooling)
+    tag = sentence_tag(resolve_model(models_dir, "sentence_model", sentence_model), sentence_pooling)
     reports += write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag)
     if asr_model is None:
         return reports

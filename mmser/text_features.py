@@ -19,7 +19,8 @@ from tqdm import tqdm
 from mmser.data_contract import (SENTENCE_POOLINGS, feature_folder, instance_tag, qualified_step, read_manifest,
                                  sentence_tag)
 from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_tokenizer, pending, read_transcript,
-                              record_models, resolve_model, rows_of, run_reported, text_encoder_config, valid_npy)
+                              record_models, rows_of, run_reported, text_encoder_config, valid_npy)
+from mmser.models_dir import resolve_model
 from mmser.utils import TOKENIZER_FILES, check_device, fingerprint, save_npy_atomic
 
 SENTENCE_BATCH_SIZE = 32
@@ -46,7 +47,7 @@ def extract_text_tokens(data_dir, models_dir=None, text_model=None, overwrite=Fa
     roberta.encode gives them, for every utterance (of the transcript set `transcripts`: its own
     <set>/GPT2Tokens/). Another text encoder's tokenizer writes its own ids (e.g. [CLS] ... [SEP])
     into that model's folder, TextTokens-<model_tag>/ (data_contract.STEPS)."""
-    text_model = text_model or resolve_model(models_dir, "roberta-large")
+    text_model = resolve_model(models_dir, "text_model", text_model)
     data_dir, step = Path(data_dir), qualified_step("text-tokens", instance_tag("text-tokens", text_model), transcripts)
     out_dir, report = feature_folder(data_dir, step), StepReport(step)
 
@@ -114,7 +115,7 @@ def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, 
     writes SentenceEmb-<model_tag>[+mean]/ instead (data_contract.sentence_tag)."""
     if pooling not in SENTENCE_POOLINGS:
         raise ValueError(f"pooling must be one of {SENTENCE_POOLINGS}, got {pooling!r}")
-    sentence_model = sentence_model or resolve_model(models_dir, "bert-base-uncased")
+    sentence_model = resolve_model(models_dir, "sentence_model", sentence_model)
     data_dir = Path(data_dir)
     step = qualified_step("sentence-embeddings", sentence_tag(sentence_model, pooling), transcripts)
     out_dir, report = feature_folder(data_dir, step), StepReport(step)

@@ -207,13 +207,31 @@ def check_device(name):
     return device
 
 
-def set_threads(threads):
-    """--threads: torch's CPU threads (None: torch's default, one per core). On a machine whose cores
-    other jobs share, torch's spinning threads contend with them: a user measured the speech-token
-    step on 2 busy cores at 50.8 s with the default and 7.8 s with one thread."""
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+def default_threads():
+    """torch's CPU threads when --threads is not given: $OMP_NUM_THREADS where set (a job scheduler's
+    share of the machine), else half the cores this process may use (its affinity), at least 1.
+
+    torch's own default, every core, makes its threads spin against whatever else runs on the cores:
+    on a shared 2-core machine (load 3.5-6.7), predict.py --list of 120 demo rows took 8.1-9.6 s with
+    1 thread and 15.8-22.3 s with 2, and even a real-size model (BERT-base, 16 x 128 tokens) 6.5-10.1 s
+    a batch with 1 thread against 12.9-13.8 s with 2. Half the logical cores is the physical cores on a
+    machine with two threads per core (what torch's MKL default picks there), and leaves the other half
+    to the machine's other jobs; the figure depends on the machine only, not on its load, so a rerun
+    computes with the same thread count."""
+    import os
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))
+    except ValueError:  # unset, or not a number: torch would ignore it too
+        pass
+    return max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else \
+        max(1, (os.cpu_count() or 2) // 2)
+
+
+def set_threads(threads=None):
+    """--threads: torch's CPU threads, or default_threads() when None. The one place every script
+    applies it."""
+    import torch
+    torch.set_num_threads(threads or default_threads())
 
 
 @contextlib.contextmanager

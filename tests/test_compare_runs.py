@@ -44,3 +44,36 @@ def test_runs_of_different_protocols_are_refused(tmp_path, seeds_run):
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="config.json: not found; give a RUN_DIR of main.py"):
         compare_runs.main([str(seeds_run[0]), str(tmp_path), "--output", str(tmp_path / "out")])
+
+
+def copy_run(run_dir, to, **config_changes):
+    """A copy of a finished run whose config.json says otherwise (its results stay the same)."""
+    to.mkdir()
+    shutil.copy(run_dir / "results.json", to / "results.json")
+    config = json.loads((run_dir / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return to
+
+
+def test_transcript_sets_are_one_setting_whatever_config_json_records(tmp_path, seeds_run, capsys):
+    base = seeds_run[0]  # its config.json says nothing of transcripts: the reference ones
+    assert "transcripts" not in json.loads((base / "config.json").read_text())
+    said = copy_run(base, tmp_path / "said", transcripts={"train": "reference", "test": "reference"})
+    asr = copy_run(base, tmp_path / "asr", transcripts={"train": "asr", "test": "asr"})
+    ref_asr = copy_run(base, tmp_path / "ref-asr", transcripts={"train": "reference", "test": "asr"})
+    compare_runs.main([str(base), str(said), "--output", str(tmp_path / "same")])
+    assert "transcripts" not in (tmp_path / "same" / "comparison.md").read_text().splitlines()[0]
+    # An ASR run is compared with a reference run as with another ASR run: never refused.
+    for pair in ((base, asr), (asr, ref_asr)):
+        compare_runs.main([*map(str, pair), "--output", str(tmp_path / "out")])
+    lines = (tmp_path / "out" / "comparison.md").read_text().splitlines()
+    assert lines[0].startswith("| run | transcripts |")
+    assert lines[2].startswith("| asr | asr |") and lines[3].startswith("| ref-asr | reference, tested on asr |")
+
+
+def test_an_output_that_is_a_file_is_refused_in_one_line(tmp_path, seeds_run):
+    readme = tmp_path / "README.md"
+    readme.write_text("mine")
+    with pytest.raises(SystemExit, match=rf"^compare_runs.py: error: --output {readme}: a file, not a folder"):
+        compare_runs.main([str(seeds_run[0]), str(seeds_run[0]), "--output", str(readme)])
+    assert readme.read_text() == "mine"

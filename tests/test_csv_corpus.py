@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ import soundfile as sf
 
 import csv_data_collect
 import main
+import meld_data_collect
+import mocap_data_collect
 import predict
 from fixtures import synthetic_iemocap
 from mmser.data_contract import SAMPLE_RATE, DataError, read_classes, read_manifest
-from mocap_data_collect import CorpusError
+from mmser.data_dir_writer import CorpusError, claim_data_dir, context_audio_advice, data_dir_owner
 from small_runs import SMALL, read_csv
 from mmser import steps
 from mmser.protocols import make_folds
@@ -128,6 +131,87 @@ def test_each_problem_of_a_csv_corpus_is_named_with_its_line(tmp_path):
     gone = read_csv(corpus)[first_labelled]["id"]
     assert [r["label"] for r in read_manifest(data_dir) if r["utterance_id"] == gone] == [""]
     assert "1 labelled row(s) without usable audio" in printed and "gone.wav" in printed
+
+
+def test_another_corpus_data_dir_is_refused_and_replaced_whole_only_with_overwrite(demo, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", dialogues=3, per_dialogue=4)
+    data_dir = tmp_path / "data"
+    shutil.copytree(demo["data_dir"], data_dir)  # IEMOCAP's: labels_train_t.txt, features.json, feature folders
+    (data_dir / "notes.txt").write_text("mine")
+    before = (data_dir / "utterances.csv").read_bytes()
+    for collector, corpus_arg in ((csv_data_collect, corpus), (meld_data_collect, corpus.parent)):
+        assert collector.main([str(corpus_arg), str(data_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--overwrite" in err
+        assert f"{data_dir}: holds the DATA_DIR of another corpus (IEMOCAP, written by mocap_data_collect.py)" in err
+    assert (data_dir / "utterances.csv").read_bytes() == before and (data_dir / "labels_train_t.txt").is_file()
+
+    rows, printed = collect(corpus, data_dir, overwrite=True)
+    assert "--overwrite: replaced the DATA_DIR of IEMOCAP (mocap_data_collect.py): removed utterances.csv" in printed
+    # All of IEMOCAP's files went, features made for its manifest included; the user's own file stayed.
+    assert sorted(p.name for p in data_dir.iterdir()) == ["Audio", "Text", "classes.json", "notes.txt",
+                                                          "utterances.csv"]
+    assert {p.stem for p in (data_dir / "Text").iterdir()} == {r["name"] for r in rows}
+    assert data_dir_owner(data_dir) == {"corpus": "corpus.csv", "collector": "csv_data_collect.py"}
+    collect(corpus, data_dir)  # a rerun of the same corpus needs no --overwrite
+    with pytest.raises(CorpusError, match=r"another corpus \(corpus.csv, written by csv_data_collect.py\)"):
+        mocap_data_collect.collect(demo["run_dir"] / "corpus", data_dir, progress=False, out=io.StringIO())
+
+
+def test_context_rows_audio_is_written_with_all_audio_and_a_missing_wav_is_listed(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", dialogues=3, per_dialogue=4)
+    labelled_wav = next(r["wav"] for r in read_csv(corpus) if r["label"] and r["wav"].endswith(".wav"))
+
+    def context_wavs(rows):  # the three context rows: a wav that is there, one that is not, none
+        for row, wav in zip([r for r in rows if not r["label"]], (labelled_wav, "wavs/gone.wav", "")):
+            row["wav"] = wav
+    corpus = edited(corpus, context_wavs)
+    data_dir = tmp_path / "data"
+    rows, printed = collect(corpus, data_dir)
+    assert "1 context row(s) name a wav that is not there" in printed and "gone.wav: no such file" in printed
+    assert {p.stem for p in (data_dir / "Audio").iterdir()} == {r["name"] for r in rows if r["label"]}
+    # The transcripts step's advice for a context utterance without audio names this collector's option.
+    assert context_audio_advice(data_dir).startswith("csv_data_collect.py writes the labelled utterances' audio only; "
+                                                     "rerun it with --all-audio")
+
+    with pytest.raises(CorpusError, match=r"gone.wav: no such audio file.*--allow-missing"):
+        collect(corpus, data_dir, all_audio=True)
+    rows, printed = collect(corpus, data_dir, all_audio=True, allow_missing=True)
+    context = [r for r in rows if not r["label"]]
+    assert {p.stem for p in (data_dir / "Audio").iterdir()} == {r["name"] for r in rows if r["label"]} | {
+        context[0]["name"]}
+    assert "--allow-missing: 1 context row(s) without usable audio" in printed
+    assert "--all-audio: 1 context row(s) without a wav" in printed
+
+
+def test_the_advice_for_a_missing_wav_names_the_collector_of_an_older_data_dir(tmp_path):
+    (tmp_path / "utterances.csv").write_text("name\n")  # before classes.json: IEMOCAP's
+    assert "mocap_data_collect.py" in context_audio_advice(tmp_path)
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b"], "corpus": "MELD"}')  # before "collector"
+    assert context_audio_advice(tmp_path).startswith("meld_data_collect.py writes every clip's audio")
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b"], "corpus": "mine.csv"}')
+    assert data_dir_owner(tmp_path) == {"corpus": "mine.csv", "collector": "csv_data_collect.py"}
+    # A collector that does not name itself is told apart by its corpus alone.
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b"], "corpus": "MSP-Podcast"}')
+    assert claim_data_dir(tmp_path, {"corpus": "MSP-Podcast"}) is None
+    with pytest.raises(CorpusError, match=r"another corpus \(MSP-Podcast, written by MSP-Podcast's collector\)"):
+        claim_data_dir(tmp_path, {"corpus": "MELD", "collector": "meld_data_collect.py"})
+
+
+def test_a_collection_without_a_labelled_class_or_split_is_refused(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", dialogues=4, per_dialogue=4)
+    data_dir = tmp_path / "data"
+    with pytest.raises(CorpusError, match=r"corpus.csv: no labelled utterance with usable audio of class bored"):
+        collect(corpus, data_dir, classes=["calm", "cross", "low", "bored"])
+
+    def dev_wavs_gone(rows):
+        for row in rows:
+            if row["split"] == "dev" and row["label"]:
+                row["wav"] = "wavs/gone.wav"
+    gone = edited(corpus, dev_wavs_gone)
+    with pytest.raises(CorpusError, match=r"edited.csv: split dev has no labelled utterance with usable audio"):
+        collect(gone, data_dir, allow_missing=True)
+    assert not data_dir.exists()
 
 
 def test_a_csv_corpus_of_its_own_three_labels_through_the_pipeline_and_predict(demo, tmp_path):

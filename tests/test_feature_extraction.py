@@ -21,7 +21,8 @@ import mocap_data_collect
 from fixtures import synthetic_iemocap
 from mmser.context import context_vectors
 from mmser.fairseq_checkpoints import codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec
-from mmser.extraction import resolve_model
+from mmser import data_dir_writer
+from mmser.models_dir import resolve_model
 from mmser.text_features import sentence_embeddings
 from fixtures.tiny_models import make_tiny_bert, make_tiny_models
 from mmser.utils import fingerprint
@@ -253,8 +254,11 @@ def test_a_missing_model_stops_that_step_only(extracted, tmp_path):
 
 
 def test_models_resolve_to_local_copies_first(extracted, tmp_path):
-    assert resolve_model(extracted["models_dir"], "bert-base-uncased") == str(extracted["models_dir"] / "bert-base-uncased")
-    assert resolve_model(tmp_path, "bert-base-uncased") == "bert-base-uncased"
+    assert resolve_model(extracted["models_dir"], "sentence_model") == str(extracted["models_dir"] / "bert-base-uncased")
+    assert resolve_model(tmp_path, "sentence_model") == "bert-base-uncased"
+    assert resolve_model(tmp_path, "asr_model") == "openai/whisper-large-v3"  # the local copy's name differs
+    assert resolve_model(tmp_path, "sentence_model", given="my/model") == "my/model"
+    assert resolve_model(tmp_path, "speech_roberta") == str(tmp_path / "bert_kmeans" / "bert_kmeans.pt")
 
 
 def test_tiny_tokenizers_are_the_same_for_the_same_texts(tmp_path):
@@ -298,7 +302,7 @@ def test_features_made_for_another_manifest_are_recomputed_not_kept(extracted, t
     data_dir, rows = _copy_data_dir(extracted, tmp_path), extracted["rows"]
     changed = [dict(row) for row in rows]
     changed[0]["utterance_id"], changed[0]["transcript"] = rows[1]["utterance_id"], "Another utterance now."
-    (data_dir / "utterances.csv").write_bytes(mocap_data_collect.manifest_bytes(changed))
+    (data_dir / "utterances.csv").write_bytes(data_dir_writer.manifest_bytes(changed))
     (data_dir / "Text" / f"{rows[0]['name']}.txt").write_text("Another utterance now.", encoding="utf-8")
     with pytest.raises(SystemExit, match="lists other utterances than the text-tokens features were made for"):
         main.main([str(tmp_path / "run"), str(data_dir), str(extracted["models_dir"]), "2", "--branches", "text"])

@@ -13,7 +13,7 @@ import meld_data_collect
 import predict
 from fixtures import synthetic_meld
 from mmser.data_contract import read_classes, read_manifest
-from mocap_data_collect import CorpusError, normalise_transcript
+from mmser.data_dir_writer import CorpusError, normalise_transcript
 from small_runs import SMALL, read_csv
 from mmser import steps
 
@@ -125,3 +125,33 @@ def test_synthetic_meld_through_the_pipeline_with_the_official_protocol(demo, tm
         assert predict.main([str(run_dir), "--list", str(requests), "--output", str(out)]) == 0
     assert list(read_csv(out)[0])[3:-1] == ["prediction"] + [f"p_{c}" for c in config["classes"]]
 
+
+
+def test_a_release_without_its_clips_or_a_split_of_them_is_refused_before_anything_is_written(tmp_path, capsys):
+    root, data_dir = tmp_path / "MELD.Raw", tmp_path / "data"
+    synthetic_meld.make_tree(root, seed=1, dialogues_per_split=(1, 1, 1), utterances_per_dialogue=4)
+    csvs_only = tmp_path / "csvs_only"
+    csvs_only.mkdir()
+    for name in meld_data_collect.CSV_NAMES.values():
+        (csvs_only / name).write_bytes((root / name).read_bytes())
+    # The CSVs without the unpacked clip folders: exit 2, one line naming the folders (it said "wrote ...").
+    assert meld_data_collect.main([str(csvs_only), str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"meld_data_collect.py: error: {csvs_only}: none of the ")
+    assert "unpack train_splits/, dev_splits_complete/, output_repeated_splits_test/ into MELD_ROOT" in err
+    # A whole split without its clips.
+    for clip in (root / "output_repeated_splits_test").iterdir():
+        clip.unlink()
+    with pytest.raises(CorpusError, match=r"split test has no labelled utterance with usable audio"):
+        meld_data_collect.collect(root, data_dir, progress=False, out=io.StringIO())
+    assert not data_dir.exists()
+
+
+def test_synthetic_meld_replaces_its_own_tree_and_nothing_else(tmp_path):
+    root = tmp_path / "MELD.Raw"
+    synthetic_meld.make_tree(root, seed=0, dialogues_per_split=(1, 1, 1), utterances_per_dialogue=2, real_csvs=None)
+    (root / "utterances.csv").write_text("name\n")  # a DATA_DIR collected into the tree's folder
+    with pytest.raises(FileExistsError, match=r"holds a DATA_DIR \(utterances.csv\), which synthetic_meld.py did not"):
+        synthetic_meld.make_tree(root, seed=0, dialogues_per_split=(1, 1, 1), utterances_per_dialogue=2,
+                                 real_csvs=None)
+    assert (root / "utterances.csv").is_file() and (root / synthetic_meld.TRUTH_FILE).is_file()

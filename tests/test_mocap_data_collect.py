@@ -14,7 +14,7 @@ import mocap_data_collect as mdc
 from mmser.data_contract import CLASSES, MANIFEST_COLUMNS, read_manifest
 from mocap_data_collect import LABEL_OF_EMOTION, SEED_CODES, CorpusError, collect
 from fixtures.synthetic_iemocap import make_corpus
-from mmser import utils
+from mmser import data_dir_writer, utils
 from small_runs import interrupting
 from mmser.utils import cut_off_wav
 
@@ -358,7 +358,7 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(small_corpus, tmp_path, monk
     Ctrl-C arriving while it writes the audio."""
     root, _ = small_corpus
     data_dir = tmp_path / "data"
-    monkeypatch.setattr(utils, "wav_bytes", interrupting(utils.wav_bytes, at_call=5))  # at the 5th wav
+    monkeypatch.setattr(data_dir_writer, "wav_bytes", interrupting(utils.wav_bytes, at_call=5))  # at the 5th wav
     monkeypatch.setattr(sys, "argv", ["mocap_data_collect.py", str(root), str(data_dir)])
     with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
         runpy.run_path(mdc.__file__, run_name="__main__")

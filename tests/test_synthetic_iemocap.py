@@ -244,6 +244,20 @@ def test_cli_refuses_a_corpus_of_other_settings_in_one_line(tmp_path, capsys):
     assert load_truth(tmp_path / "corpus")["seed"] == 3
 
 
+def test_cli_refuses_a_data_dir_or_other_files_even_with_overwrite(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "utterances.csv").write_text("name\n")
+    for overwrite in ([], ["--overwrite"]):
+        assert main([str(data_dir), *overwrite]) == 2
+        assert f"{data_dir}: holds a DATA_DIR (utterances.csv), which synthetic_iemocap.py did not write" in \
+            one_error_line(capsys)
+    (data_dir / "utterances.csv").unlink()
+    (data_dir / "notes.txt").write_text("mine")
+    assert main([str(data_dir)]) == 2 and "holds notes.txt, which" in one_error_line(capsys)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["notes.txt"]
+
+
 def test_cli_says_in_one_line_when_the_folder_cannot_be_made(tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     assert main([str(tmp_path / "a_file" / "corpus")]) == 2

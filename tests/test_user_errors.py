@@ -169,9 +169,13 @@ def test_a_moved_models_folder_is_found_with_models_dir_and_still_checked(demo, 
     assert "dict.txt has changed since training" in capsys.readouterr().err
 
 
+TORCH_SCRIPTS = ("main.py", "predict.py", "feature_ext.py", "feature_extraction_main.py", "fixtures.tiny_models")
+
+
 @pytest.mark.parametrize("script", ["main.py", "predict.py", "feature_ext.py", "feature_extraction_main.py",
                                     "concatenate_embds.py", "mocap_data_collect.py", "fixtures.synthetic_iemocap",
-                                    "fixtures.tiny_models"])
+                                    "fixtures.tiny_models", "csv_data_collect.py", "meld_data_collect.py",
+                                    "compare_runs.py", "fixtures.synthetic_meld"])
 def test_help_answers_without_loading_torch(script):
     """--help and argument errors come before torch, transformers and scikit-learn load (seconds)."""
     run = (f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')" if script.endswith(".py") else
@@ -182,6 +186,26 @@ def test_help_answers_without_loading_torch(script):
             f"print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "usage:" in out and out.strip().splitlines()[-1] == "[]"
+    if script in TORCH_SCRIPTS:  # every script that runs torch takes --threads (options.add_threads)
+        assert "--threads THREADS" in out
+
+
+def test_torch_threads_default_to_a_schedulers_share_or_half_the_cores(monkeypatch):
+    import os
+
+    import torch
+    from mmser.utils import default_threads, set_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_threads() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_threads() == 1  # one core: one thread, never none
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    set_threads(None)
+    assert torch.get_num_threads() == 3
+    set_threads(2)
+    assert torch.get_num_threads() == 2
 
 
 def test_speech_tokens_of_audio_that_collection_removed_are_removed_too(demo, tmp_path):
