@@ -242,9 +242,10 @@ def region_audio(stream, spans, per_channel):
         yield i, np.concatenate(held.pop(i)) if held[i] else np.zeros(0, np.float32)
 
 
-def sentence_ends_of(stream, regions, asr, per_channel, batch_size=8):
+def sentence_ends_of(stream, regions, asr, per_channel, batch_size=8, progress=True):
     """Whisper's sentence ends (absolute seconds) inside each (row, start, end) region, each read in
     consecutive 30-s windows; -> {region index: [seconds]}"""
+    from tqdm import tqdm
     spans, owner = [], []
     for k, (row, start, end) in enumerate(regions):
         for w_start in np.arange(start, end, WHISPER_WINDOW_SECONDS):
@@ -252,8 +253,10 @@ def sentence_ends_of(stream, regions, asr, per_channel, batch_size=8):
             owner.append(k)
     found = {k: [] for k in range(len(regions))}
     pending = []
+    bar = tqdm(total=len(spans), desc="sentence ends (Whisper)", unit="window", disable=not progress)
 
     def run(pending):
+        bar.update(len(pending))
         for (i, _), ends in zip(pending, whisper_sentence_ends([w for _, w in pending], asr, batch_size)):
             _, w_start, w_end = spans[i]
             last = spans[i][2] >= regions[owner[i]][2]
@@ -267,6 +270,7 @@ def sentence_ends_of(stream, regions, asr, per_channel, batch_size=8):
             pending = []
     if pending:
         run(pending)
+    bar.close()
     return found
 
 
@@ -396,7 +400,7 @@ def vad_segments(stream, min_seconds, max_seconds, min_pause, per_channel, asr, 
     long = [k for k, (_, start, end) in enumerate(regions) if end - start > max_seconds]
     ends = {}
     if asr is not None and long:
-        found = sentence_ends_of(stream, [regions[k] for k in long], asr, per_channel)
+        found = sentence_ends_of(stream, [regions[k] for k in long], asr, per_channel, progress=progress)
         ends = {k: found[j] for j, k in enumerate(long)}
     segments = []
     for k, (row, start, end) in enumerate(regions):

@@ -40,6 +40,9 @@ def artifact_dir(tmp_path):
     return folder
 
 
+OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",)
+
+
 class BrowserUnavailable(RuntimeError):
     """No chromium on this machine: a page test is skipped with this reason."""
 
@@ -69,9 +72,11 @@ def _above(fd, lowest):
 
 
 class Browser:
-    """One headless chromium with one page (tab); every call waits at most `timeout` seconds."""
+    """One headless chromium with one page (tab); every call waits at most `timeout` seconds.
+    offline=True also makes every host name but 127.0.0.1 and localhost unresolvable, so a page that
+    would fetch anything from the internet (a CDN's script, a web font) shows what it does without."""
 
-    def __init__(self, timeout=30.0):
+    def __init__(self, timeout=30.0, offline=False):
         self.timeout = timeout
         executable = find_chromium()
         self._profile = tempfile.mkdtemp(prefix="chromium-profile-")
@@ -85,7 +90,7 @@ class Browser:
         self._log = Path(self._profile) / "chromium.log"
         with open(self._log, "wb") as log:
             self._process = subprocess.Popen(
-                [shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}', executable, *FLAGS,
+                [shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}', executable, *FLAGS, *(OFFLINE if offline else ()),
                  f"--user-data-dir={self._profile}", "--remote-debugging-pipe", "about:blank"],
                 pass_fds=(to_browser, from_browser), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)  # its own process group: close() can end its helpers with it
