@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 from common import REPO, load_average, machine_info, peak_rss_mb, print_table, reset_peak_rss, rss_mb, use_repo_modules

@@ -68,6 +68,7 @@ VAD_WINDOW = STREAM_WINDOW // VAD_FRAME * VAD_FRAME
 # sound is a click, a cough or a backchannel, no utterance.
 JOIN_REACH_SECONDS = 0.5
 OVERLAP_NOTE_SECONDS = 0.25
+WHISPER_BATCH = 8  # 30-s windows per generate() call, as mmser/asr.py's transcripts
 # Whisper's last timestamped segment in a window that a longer region fills often ends at the
 # window's end, mid-sentence: such an end is no sentence end.
 WINDOW_END_MARGIN_SECONDS = 0.5
@@ -194,14 +195,14 @@ def cut_long(start, end, probs, min_seconds=MIN_SECONDS, max_seconds=MAX_SECONDS
             # The last of the least speech-like frames: pieces as long as the limit allows.
             k = len(window) - 1 - int(np.argmin(window[::-1])) if len(window) else 0
             cut = min(max((first + k) * VAD_FRAME / SAMPLE_RATE, lo), hi)
-            note = f"cut at {max_seconds:g} s where speech was least likely (no pause or sentence end)"
+            note = f"cut where speech was least likely within {max_seconds:g} s (no pause or sentence end in reach)"
         pieces.append((start, cut, note))
         start = cut
     pieces.append((start, end, ""))
     return pieces
 
 
-def whisper_sentence_ends(wavs, asr, batch_size=8):
+def whisper_sentence_ends(wavs, asr, batch_size=WHISPER_BATCH):
     """The ends of Whisper's timestamped segments (seconds from each waveform's start) for 16 kHz
     waveforms of at most 30 s: English, the transcribe task, greedy decoding, timestamps. -> [[end, ...]]"""
     import torch
@@ -242,7 +243,7 @@ def region_audio(stream, spans, per_channel):
         yield i, np.concatenate(held.pop(i)) if held[i] else np.zeros(0, np.float32)
 
 
-def sentence_ends_of(stream, regions, asr, per_channel, batch_size=8, progress=True):
+def sentence_ends_of(stream, regions, asr, per_channel, batch_size=WHISPER_BATCH, progress=True):
     """Whisper's sentence ends (absolute seconds) inside each (row, start, end) region, each read in
     consecutive 30-s windows; -> {region index: [seconds]}"""
     from tqdm import tqdm
@@ -296,7 +297,8 @@ def read_rttm(path, file_id=None):
             if not (math.isfinite(onset) and math.isfinite(duration)) or duration < 0:
                 raise ValueError("a turn's onset or duration is not a time")
         except ValueError as e:
-            raise SegmentationError(f"{path}: line {number}: not an RTTM SPEAKER line ({e}): {line.strip()!r}") from None
+            raise SegmentationError(f"{path}: line {number}: not an RTTM SPEAKER line ({e}): "
+                                    f"{line.strip()!r}") from None
         turns.append((fields[1], onset, onset + duration, fields[7]))
     if not turns:
         raise SegmentationError(f"{path}: no SPEAKER lines (not an RTTM file?)")

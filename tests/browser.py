@@ -90,8 +90,9 @@ class Browser:
         self._log = Path(self._profile) / "chromium.log"
         with open(self._log, "wb") as log:
             self._process = subprocess.Popen(
-                [shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}', executable, *FLAGS, *(OFFLINE if offline else ()),
-                 f"--user-data-dir={self._profile}", "--remote-debugging-pipe", "about:blank"],
+                [shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}',
+                 executable, *FLAGS, *(OFFLINE if offline else ()), f"--user-data-dir={self._profile}",
+                 "--remote-debugging-pipe", "about:blank"],
                 pass_fds=(to_browser, from_browser), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)  # its own process group: close() can end its helpers with it
         os.close(to_browser)
@@ -118,7 +119,8 @@ class Browser:
             reply = self._read(deadline, method)
             if reply.get("id") == self._next_id:
                 if "error" in reply:
-                    raise BrowserError(f"{method}: {reply['error'].get('message')} {reply['error'].get('data', '')}".strip())
+                    error = reply["error"]
+                    raise BrowserError(f"{method}: {error.get('message')} {error.get('data', '')}".strip())
                 return reply.get("result", {})
 
     def _read(self, deadline, waiting_for):
@@ -148,7 +150,8 @@ class Browser:
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
-            raise BrowserError(f"{expression!r}: {details.get('exception', {}).get('description') or details.get('text')}")
+            why = details.get("exception", {}).get("description") or details.get("text")
+            raise BrowserError(f"{expression!r}: {why}")
         return result["result"].get("value")
 
     # -- what a test does -------------------------------------------------------------------------

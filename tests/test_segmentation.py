@@ -12,11 +12,9 @@ all 28. Measured (Silero VAD 6.2.3, the module's defaults): mono 22 of 22 found 
 errors |mean| 0.06 s, max 0.14 s; two channels 28 of 28 (26 whole).
 """
 import json
-import resource
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +257,8 @@ def test_join_short_joins_a_word_to_the_nearer_speech_or_drops_it():
 
 def test_cut_long_cuts_at_the_last_sentence_end_in_reach():
     probs = np.ones(2000, dtype=np.float32)
-    pieces = cut_long(10.0, 40.0, probs, min_seconds=0.5, max_seconds=12.0, sentence_ends=[14.0, 19.0, 23.5, 31.0, 39.8])
+    pieces = cut_long(10.0, 40.0, probs, min_seconds=0.5, max_seconds=12.0,
+                      sentence_ends=[14.0, 19.0, 23.5, 31.0, 39.8])
     # 22.0 is the reach from 10: the last end before it is 19; then 31 (<= 31); then 40 - 31 = 9 s is left.
     assert pieces == [(10.0, 19.0, ""), (19.0, 31.0, ""), (31.0, 40.0, "")]
 
@@ -270,7 +269,7 @@ def test_cut_long_without_sentence_ends_cuts_where_speech_is_least_likely():
     probs[500] = 0.1  # 16.0 s: beyond the first piece's reach
     pieces = cut_long(0.0, 25.0, probs, min_seconds=0.5, max_seconds=10.0)
     assert [(round(a, 3), round(b, 3)) for a, b, _ in pieces] == [(0.0, 6.4), (6.4, 16.0), (16.0, 25.0)]
-    assert pieces[0][2] == "cut at 10 s where speech was least likely (no pause or sentence end)"
+    assert pieces[0][2] == "cut where speech was least likely within 10 s (no pause or sentence end in reach)"
     assert all(b - a <= 10.0 for a, b, _ in pieces)
 
 
@@ -280,7 +279,7 @@ def test_long_regions_are_cut_at_whispers_sentence_ends(excerpt, monkeypatch):
     path, plain = excerpt
     given = []
 
-    def sentence_ends(wavs, asr, batch_size=8):
+    def sentence_ends(wavs, asr, batch_size=segmentation.WHISPER_BATCH):
         given.extend(len(w) for w in wavs)
         return [[1.5] for _ in wavs]
 
