@@ -116,6 +116,85 @@ def read_audio(path, convert=False, dtype="float32"):
     return wav, notes
 
 
+# A streamed recording's window: 30 s of 16 kHz float32 is 1.9 MB a channel, so memory stays small
+# however long the recording, and per-window costs are nothing beside the work done on a window.
+STREAM_WINDOW = 30 * SAMPLE_RATE
+
+
+class AudioStream:
+    """A recording of any length and format, read window by window: the one way this tool streams audio.
+
+        stream = AudioStream(path)           # AudioError if it is not audio ffmpeg can decode
+        stream.duration, stream.channels     # seconds (None where the container does not say)
+        for window in stream.windows():      # float32 (channels, n) at 16 kHz, n = STREAM_WINDOW
+            ...                              # but the last; each windows() reads from the start
+
+    read_audio reads a whole utterance (the data contract's PCM WAV, exactly as stored); a recording
+    may be hours long and come as mp3, m4a, ogg, flac or wav at any rate. PyAV decodes every container
+    ffmpeg knows packet by packet, and its resampler (ffmpeg's swresample) carries its filter state
+    from one packet to the next, so a stream is resampled as one piece: soundfile reads blocks but
+    does not resample or read m4a, and scipy's resample_poly takes a whole array. Channels are kept:
+    the caller averages them (as read_audio does) or reads each as a speaker. A corrupt file is an
+    AudioError naming it, raised where the decoder meets the damage.
+    """
+
+    def __init__(self, path):
+        import av
+        self.path = Path(path)
+        with self._open() as container:
+            if not container.streams.audio:
+                raise AudioError(f"{self.path}: no audio stream in it")
+            stream = container.streams.audio[0]
+            self.channels, self.rate = stream.codec_context.channels, stream.codec_context.sample_rate
+            if stream.duration is not None and stream.time_base is not None:
+                self.duration = float(stream.duration * stream.time_base)
+            else:
+                self.duration = None if container.duration is None else container.duration / av.time_base
+
+    def _open(self):
+        import av
+        if not self.path.is_file():
+            raise AudioError(f"{self.path}: no such audio file")
+        try:
+            return av.open(str(self.path))
+        except av.FFmpegError as e:
+            raise AudioError(f"{self.path}: not an audio file ffmpeg can read ({e.strerror})") from None
+
+    def _pieces(self):
+        """(channels, n) float32 arrays at SAMPLE_RATE, as the decoder and resampler hand them out."""
+        import av
+        seconds = 0.0
+        with self._open() as container:
+            # Planar float, the input's channels, 16 kHz; a fresh resampler per pass (it holds state).
+            resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+            try:
+                for frame in container.decode(audio=0):
+                    for out in resampler.resample(frame):
+                        piece = out.to_ndarray()
+                        seconds += piece.shape[1] / SAMPLE_RATE
+                        yield piece
+                for out in resampler.resample(None):  # what the resampler still holds
+                    yield out.to_ndarray()
+            except av.FFmpegError as e:
+                raise AudioError(f"{self.path}: corrupt audio after {seconds:.1f} s, ffmpeg cannot decode it "
+                                 f"({e.strerror})") from None
+
+    def windows(self, samples=STREAM_WINDOW):
+        """float32 (channels, samples) windows at SAMPLE_RATE from the start, the last one shorter."""
+        held, count = [], 0
+        for piece in self._pieces():
+            held.append(piece)
+            count += piece.shape[1]
+            if count >= samples:
+                block = np.concatenate(held, axis=1)
+                for start in range(0, count - samples + 1, samples):
+                    yield np.ascontiguousarray(block[:, start:start + samples])
+                rest = block[:, count - count % samples:]
+                held, count = [rest], rest.shape[1]
+        if count:
+            yield np.ascontiguousarray(np.concatenate(held, axis=1))
+
+
 # A recording whose peak is below -60 dBFS holds no speech: predict.py does not classify it, and
 # speech recognition gives it an empty transcript (Whisper makes words up on silence).
 SILENCE_PEAK = 1e-3
