@@ -181,3 +181,24 @@ def test_the_attributes_record_is_read_checked_and_names_its_file(tmp_path):
     with pytest.raises(DataError, match="withheld"):
         read_withheld(folder)
     assert math.isnan(read_manifest(folder)[0]["dominance"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the synthetic corpus's attributes follow what its audio and words carry
+
+def test_synthetic_iemocap_attributes_follow_loudness_and_words_not_only_the_emotion(tmp_path):
+    from fixtures.synthetic_iemocap import make_corpus, word_shares
+    from mmser.utils import read_audio
+    truth = make_corpus(tmp_path / "corpus", seed=5, dialogues_per_session=2, utterances_per_dialogue=10)
+    utts = truth["utterances"]
+    loudness = np.array([20 * np.log10(np.sqrt(np.mean(read_audio(tmp_path / "corpus" / u["wav"])[0] ** 2)))
+                         for u in utts])
+    words = [word_shares(u["transcript"]) for u in utts]
+    tone = np.array([w["positive"] - w["negative"] for w in words])
+    arousal, valence = np.array([u["activation"] for u in utts]), np.array([u["valence"] for u in utts])
+    assert pearson(arousal, loudness) > 0.85 and pearson(valence, tone) > 0.85
+    # Within one emotion the values still follow the signal: a model must hear and read them.
+    neutral = [i for i, u in enumerate(utts) if u["emotion"] == "neu"]
+    assert len(neutral) > 10 and pearson(arousal[neutral], loudness[neutral]) > 0.3
+    assert pearson(valence[neutral], tone[neutral]) > 0.3
+    assert all(1 <= u[c] <= 5 for u in utts for c in ("valence", "activation", "dominance"))
