@@ -20,6 +20,7 @@ spelling a folder name, a column or a label itself:
                                              rates and their scales (mmser/dimensional.py); check_attribute_values
   read_withheld(DATA_DIR), ALL_SPLITS        classes.json's "withheld" partitions (predicted, never scored); the
                                              split column's values (MSP-Podcast's test2, test3 beside train/dev/test)
+  carries_audio(row, withheld)               whether a row's Audio/ file is data: labelled, rated or withheld
 A new branch, encoder family or extraction step is an entry in these tables plus the code that is
 really new (its extraction and its module); nothing else spells its folder or its files.
 """
@@ -435,6 +436,16 @@ def read_withheld(data_dir):
         raise DataError(f"{path}: \"{WITHHELD_KEY}\" must list partitions among {', '.join(ALL_SPLITS)}, "
                         f"got {withheld!r}")
     return withheld
+
+
+def carries_audio(row, withheld=()):
+    """Whether a manifest row's Audio/<name>.wav is part of the data: a labelled row (the categorical task),
+    a row with an attribute value (the dimensional task: MSP-Podcast's X and O rows), or a row of a withheld
+    partition (predicted). Today's writer (data_dir_writer.write_data_dir) and the speech steps ("labelled")
+    know only the first; this is the rule for them once a target reads attributes."""
+    from mmser.dimensional import ATTRIBUTES, MANIFEST_COLUMN
+    return bool(row["label"]) or row.get("split") in withheld or any(
+        row[MANIFEST_COLUMN[a]] != "" and math.isfinite(float(row[MANIFEST_COLUMN[a]])) for a in ATTRIBUTES)
 
 
 # ------------------------------------------------------------------------------------------------

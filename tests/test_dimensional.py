@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 
-from mmser import dimensional
 from mmser.data_contract import (CLASSES_RECORD, DataError, attributes_record, check_attribute_values, classes_bytes,
                                  read_attributes, read_manifest, read_withheld)
-from mmser.dimensional import IEMOCAP_SCALE, MSP_PODCAST_SCALE, Scale, attribute_loss, attribute_metrics, ccc, mae, pearson
+from mmser.dimensional import (IEMOCAP_SCALE, MSP_PODCAST_SCALE, Scale, attribute_loss, attribute_metrics, ccc, mae,
+                               pearson)
 
 
 def lin_ccc(x, y):
@@ -67,7 +67,8 @@ def test_attribute_metrics_per_attribute_and_their_mean():
     scores = attribute_metrics(pred, true)
     assert list(scores) == ["valence", "arousal", "dominance", "mean"]
     assert scores["arousal"]["ccc"] == pytest.approx(ccc(pred[:, 1], true[:, 1]))
-    assert scores["valence"]["ccc"] > scores["arousal"]["ccc"] > scores["dominance"]["ccc"]  # less noise, more agreement
+    # less noise, more agreement
+    assert scores["valence"]["ccc"] > scores["arousal"]["ccc"] > scores["dominance"]["ccc"]
     assert scores["mean"]["mae"] == pytest.approx(np.mean(np.abs(pred - true)))
     assert scores["dominance"]["n"] == 30
     with pytest.raises(ValueError, match=r"expected \(n, 3\)"):
@@ -152,7 +153,8 @@ def test_a_data_dir_written_before_the_record_reads_its_attributes_from_the_mani
     (iemocap / CLASSES_RECORD).unlink()  # older still: no classes.json at all
     assert list(read_attributes(iemocap)) == ["valence", "arousal", "dominance"]
     # MELD's or a CSV corpus's: no values, no attributes; a partly rated manifest without a record is refused.
-    assert read_attributes(write_data_dir(tmp_path / "meld", [("", "", ""), ("", "", "")], {"classes": ["neu", "sad"]})) == {}
+    meld = write_data_dir(tmp_path / "meld", [("", "", ""), ("", "", "")], {"classes": ["neu", "sad"]})
+    assert read_attributes(meld) == {}
     mixed = write_data_dir(tmp_path / "mixed", [(2, 3, 3), ("", "", "")], {"classes": ["neu", "sad"]})
     with pytest.raises(DataError, match="utterances.csv: some utterances have valence"):
         read_attributes(mixed)
