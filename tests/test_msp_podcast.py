@@ -116,7 +116,7 @@ def test_every_named_problem_of_the_release_is_handled_and_listed(collected):
     assert f"1 wav(s) that no row lists (not Test3's): ignored: {synthetic.UNLISTED}" in printed
 
 
-def test_a_rerun_rewrites_nothing_and_keeps_the_unlabelled_audio(collected, tmp_path):
+def test_a_rerun_leaves_the_same_files_unlabelled_audio_included(collected, tmp_path):
     truth, data_dir, rows, printed = collected
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
