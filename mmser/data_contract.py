@@ -16,6 +16,11 @@ spelling a folder name, a column or a label itself:
                                              speech branch reads its route's step (models["speech"])
   read_feature / truncate_tokens             a feature file as the model's input reads it
   read_features_record / stale_features      DATA_DIR/features.json: who made each folder, for which manifest
+  read_attributes(DATA_DIR)                  classes.json's "attributes": the dimensional attributes the corpus
+                                             rates and their scales (mmser/dimensional.py); check_attribute_values
+  read_withheld(DATA_DIR), ALL_SPLITS        classes.json's "withheld" partitions (predicted, never scored); the
+                                             split column's values (MSP-Podcast's test2, test3 beside train/dev/test)
+  carries_audio(row, withheld)               whether a row's Audio/ file is data: labelled, rated or withheld
 A new branch, encoder family or extraction step is an entry in these tables plus the code that is
 really new (its extraction and its module); nothing else spells its folder or its files. A new way
 for the speech branch to hear a recording is a route of mmser/speech/, with its step.
@@ -23,6 +28,7 @@ for the speech branch to hear a recording is a route of mmser/speech/, with its 
 import csv
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +46,11 @@ MANIFEST_COLUMNS = ("name", "utterance_id", "session", "dialog", "speaker", "gen
 # to hold out fold by fold), sentiment (MELD's other target). IEMOCAP writes none of them.
 OPTIONAL_COLUMNS = ("split", "group", "sentiment")
 SPLITS = ("train", "dev", "test")
+# Partitions beyond train/dev/test that a split column may hold (read_manifest accepts them, the official
+# protocol's train/dev/test mean what they meant): MSP-Podcast's Test2 and Test3 (its Test1 is "test"), and
+# "unpartitioned" for rows the release puts in no partition (context only, never trained or tested on).
+MORE_SPLITS = ("test2", "test3", "unpartitioned")
+ALL_SPLITS = SPLITS + MORE_SPLITS
 _FLOAT_COLUMNS = ("start", "end", "valence", "activation", "dominance")
 # The corpus's label set, written by its collector beside the manifest: {"classes": [...], ...}.
 # A DATA_DIR made before it existed is IEMOCAP's: CLASSES.
@@ -341,8 +352,8 @@ def read_manifest(data_dir):
             raise DataError(f"{path}:{lineno}: {err}") from None
         if row["label"] and row["label"] not in classes:
             raise DataError(f"{path}:{lineno}: label {row['label']!r} is not one of {', '.join(classes)}")
-        if "split" in row and row["split"] not in SPLITS:
-            raise DataError(f"{path}:{lineno}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
+        if "split" in row and row["split"] not in ALL_SPLITS:
+            raise DataError(f"{path}:{lineno}: split {row['split']!r} is not one of {', '.join(ALL_SPLITS)}")
         rows.append(row)
     return rows
 
@@ -353,6 +364,113 @@ def label_set(rows, classes=CLASSES):
     many outputs and is scored over those classes only."""
     present = {row["label"] for row in rows if row["label"]}
     return [c for c in classes if c in present]
+
+
+# ------------------------------------------------------------------------------------------------
+# dimensional attributes and withheld partitions: classes.json, beside the label set
+#
+# classes.json may say, beside "classes":
+#   "attributes": {"valence": [low, high], "arousal": [...], "dominance": [...]}
+#       the attributes the corpus rates (names: dimensional.ATTRIBUTES; the manifest's columns:
+#       dimensional.MANIFEST_COLUMN, arousal in `activation`) and the range of each, e.g. MSP-Podcast's [1, 7]
+#   "withheld": ["test3"]
+#       partitions whose labels the release withholds: their rows are predicted, never scored
+# A DATA_DIR written before these keys existed has no withheld partition, and its attributes follow from
+# its manifest (read_attributes).
+ATTRIBUTES_KEY = "attributes"
+WITHHELD_KEY = "withheld"
+
+
+def _corpus_record(data_dir):
+    """classes.json as a dict ({} when there is none), and its path."""
+    path = Path(data_dir) / CLASSES_RECORD
+    if not path.exists():
+        return {}, path
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable label set ({e!r}); rerun the corpus's collection script") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected a JSON object with \"classes\", got {type(record).__name__}")
+    return record, path
+
+
+def attributes_record(attributes):
+    """classes.json's "attributes" value for {attribute: dimensional.Scale}."""
+    return {name: scale.as_list() for name, scale in attributes.items()}
+
+
+def read_attributes(data_dir, rows=None):
+    """The dimensional attributes the corpus rates: {attribute: dimensional.Scale}, in ATTRIBUTES order
+    ({} for a corpus without them). From classes.json's "attributes", checked; without that key, from the
+    manifest (`rows`, else read): a manifest whose every row has valence, activation and dominance is
+    IEMOCAP's, which is what mocap_data_collect.py wrote before the key existed (no other collector filled
+    those columns), on IEMOCAP's 1-5; one whose rows have none has no attributes; a mix is refused."""
+    from mmser.dimensional import ATTRIBUTES, IEMOCAP_SCALE, MANIFEST_COLUMN, Scale
+    record, path = _corpus_record(data_dir)
+    if ATTRIBUTES_KEY in record:
+        given = record[ATTRIBUTES_KEY]
+        if not isinstance(given, dict):
+            raise DataError(f"{path}: \"{ATTRIBUTES_KEY}\" must map attribute names to [low, high], got {given!r}")
+        unknown = [name for name in given if name not in ATTRIBUTES]
+        if unknown:
+            raise DataError(f"{path}: unknown attribute(s) {', '.join(map(repr, unknown))} in \"{ATTRIBUTES_KEY}\"; "
+                            f"the attributes are {', '.join(ATTRIBUTES)} (IEMOCAP's activation is arousal)")
+        attributes = {}
+        for name in ATTRIBUTES:
+            if name not in given:
+                continue
+            bounds = given[name]
+            try:
+                if (not isinstance(bounds, list) or len(bounds) != 2
+                        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+                    raise ValueError("not two numbers")
+                attributes[name] = Scale(float(bounds[0]), float(bounds[1]))
+            except ValueError:
+                raise DataError(f"{path}: the scale of {name} must be [low, high], two numbers with low < high, "
+                                f"got {bounds!r}") from None
+        return attributes
+    rows = read_manifest(data_dir) if rows is None else rows
+    rated = [sum(math.isfinite(float(row[MANIFEST_COLUMN[a]])) for a in ATTRIBUTES) for row in rows]
+    if rows and all(n == len(ATTRIBUTES) for n in rated):
+        return {name: IEMOCAP_SCALE for name in ATTRIBUTES}
+    if any(rated):
+        raise DataError(f"{Path(data_dir) / MANIFEST}: some utterances have valence/activation/dominance values and "
+                        f"{path.name} records no \"{ATTRIBUTES_KEY}\"; rerun the corpus's collection script")
+    return {}
+
+
+def check_attribute_values(data_dir, rows, attributes):
+    """Every value of a rated attribute in the manifest lies on its scale: DataError naming the manifest's
+    line otherwise. (An empty cell, NaN, is an unknown value and allowed.)"""
+    from mmser.dimensional import MANIFEST_COLUMN
+    for index, row in enumerate(rows):
+        for name, scale in attributes.items():
+            value = float(row[MANIFEST_COLUMN[name]])
+            if math.isfinite(value) and not scale.contains(value):
+                raise DataError(f"{Path(data_dir) / MANIFEST}:{index + 2}: {name} ({MANIFEST_COLUMN[name]}) {value:g} "
+                                f"lies outside its scale [{scale.low:g}, {scale.high:g}] ({CLASSES_RECORD})")
+
+
+def read_withheld(data_dir):
+    """The partitions whose labels the release withholds (classes.json's "withheld"; [] without it):
+    their rows carry no label and no attribute values, and are predicted, never scored."""
+    record, path = _corpus_record(data_dir)
+    withheld = record.get(WITHHELD_KEY, [])
+    if not isinstance(withheld, list) or not all(s in ALL_SPLITS for s in withheld):
+        raise DataError(f"{path}: \"{WITHHELD_KEY}\" must list partitions among {', '.join(ALL_SPLITS)}, "
+                        f"got {withheld!r}")
+    return withheld
+
+
+def carries_audio(row, withheld=()):
+    """Whether a manifest row's Audio/<name>.wav is part of the data: a labelled row (the categorical task),
+    a row with an attribute value (the dimensional task: MSP-Podcast's X and O rows), or a row of a withheld
+    partition (predicted). Today's writer (data_dir_writer.write_data_dir) and the speech steps ("labelled")
+    know only the first; this is the rule for them once a target reads attributes."""
+    from mmser.dimensional import ATTRIBUTES, MANIFEST_COLUMN
+    return bool(row["label"]) or row.get("split") in withheld or any(
+        row[MANIFEST_COLUMN[a]] != "" and math.isfinite(float(row[MANIFEST_COLUMN[a]])) for a in ATTRIBUTES)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,6 +112,90 @@ SOURCES = {
 }
 
 
+# ------------------------------------------------------------------------------------------------
+# Drafts: recipes whose settings main.py does not have yet. Each moves into RECIPES/SOURCES (and the README
+# table) once main.py has every setting it sets; until then --recipe does not offer it, since a run would
+# silently ignore what it cannot do (a dimensional target, a CCC loss).
+#
+# msp-podcast-baseline: the multi-task attribute baseline of the MSP-Podcast challenge (Odyssey 2024;
+# Interspeech 2025 reuses it), github msplabresearch/MSP-Podcast_Challenge at MSP_CHALLENGE_COMMIT:
+# run_dim.sh, train_ft_dim_ser.py, net/, utils/. Its categorical twin (run_cat.sh,
+# train_ft_cat_ser_weighted.py) differs only in target, loss and class weights (noted below).
+# The settings beside SETTINGS are proposed names (target, attribute_loss, test_set, speech_pooling,
+# speech_layers, max_audio_seconds) or options main.py has outside the recipe table (speech_model,
+# class_weights). What is not reproduced is MSP_PODCAST_NOT_REPRODUCED.
+MSP_CHALLENGE_COMMIT = "3f60a423b1d3d16c907f1b52e195cbbe32d21976"
+_DIM = "train_ft_dim_ser.py"
+DRAFT_RECIPES = {
+    "msp-podcast-baseline": {
+        "branches": "speech", "finetune_text": False, "finetune_speech": True, "max_text_tokens": 512,
+        "max_audio_tokens": 2048, "loss": "cross_entropy", "head": "mlp", "fusion_hidden": 1024, "head_dropout": 0.5,
+        "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "weight_decay": 0.01, "lr_encoders": 1e-5, "lr_head": 1e-5,
+        "scheduler": "constant", "warmup": 0.0, "clip_norm": 0.0, "epochs": 20, "batch_size": 8, "grad_accum": 4,
+        "select_by": "val_ccc", "patience": 0, "protocol": "official", "val_split": "stratified", "val_fraction": 0.1,
+        "one_vs_rest": False, "seed": 7,
+        # proposed settings, and options outside the recipe table
+        "target": "dimensional", "attribute_loss": "ccc", "test_set": "test1", "speech_model": "microsoft/wavlm-large",
+        "speech_pooling": "attentive_statistics", "speech_layers": "last", "max_audio_seconds": 12.0,
+        "class_weights": "balanced",
+    },
+}
+DRAFT_SOURCES = {
+    "msp-podcast-baseline": {
+        "branches": f"{_DIM}:92-114 (WavLM, pooling and head: audio only)",
+        "finetune_text": "no text branch",
+        "finetune_speech": f"{_DIM}:93, 118 (the CNN feature encoder frozen, the transformer trained), as ours",
+        "max_text_tokens": "no text branch",
+        "max_audio_tokens": "not used by a transformers encoder's waveform; the 12-s crop is max_audio_seconds",
+        "loss": "run_cat.sh:7; train_ft_cat_ser_weighted.py:187 (class-weighted cross-entropy, the categorical "
+                "twin's; the attribute baseline trains attribute_loss alone)",
+        "head": "net/ser.py:14-29 (dropout, Linear, LayerNorm, ReLU, dropout, Linear: ours has no LayerNorm and one "
+                "dropout)",
+        "fusion_hidden": f"{_DIM}:39, 114 (head_dim 1024)",
+        "head_dropout": f"{_DIM}:114 (dropout=0.5); net/ser.py:12, 16, 29",
+        "adam_betas": f"{_DIM}:118-119, 126 (torch.optim.AdamW, its defaults)",
+        "adam_eps": f"{_DIM}:118-119, 126 (AdamW's default)",
+        "weight_decay": f"{_DIM}:118-119, 126 (AdamW's default 0.01, on every parameter there, matrices only here)",
+        "lr_encoders": "run_dim.sh:12 (--lr=1e-5, one rate for all)",
+        "lr_head": "run_dim.sh:12 (--lr=1e-5, one rate for all)",
+        "scheduler": f"{_DIM}:118-168 (no scheduler)",
+        "warmup": f"{_DIM}:118-168 (no warm-up)",
+        "clip_norm": f"{_DIM}:157-163 (GradScaler steps, no clipping)",
+        "epochs": "run_dim.sh:13 (--epochs=20)",
+        "batch_size": f"run_dim.sh:10-11; {_DIM}:79 (--batch_size=32 // --accumulation_steps=4: 8 a forward pass, "
+                      f"so CCC is taken over 8)",
+        "grad_accum": f"run_dim.sh:11; {_DIM}:156-158 (a step every 4 batches)",
+        "select_by": f"{_DIM}:193-222 (the epoch of the highest sum of dev CCCs; proposed name)",
+        "patience": f"{_DIM}:136 (every epoch runs)",
+        "protocol": f"{_DIM}:65; utils/data/podcast.py:4-26 (Train trains, Development chooses)",
+        "val_split": "not used: the official protocol validates on Development (dev)",
+        "val_fraction": "not used by this split",
+        "one_vs_rest": "eval_dim_ser.py (CCC per attribute only)",
+        "seed": "run_dim.sh:6 (seed 7)",
+        "target": f"run_dim.sh:7; {_DIM}:114 (three outputs: arousal, dominance, valence; proposed name)",
+        "attribute_loss": f"{_DIM}:154-156; utils/loss_manager.py:51-75 (1 - CCC per attribute over the batch; "
+                          f"summed there, averaged here; proposed name)",
+        "test_set": "eval_dim_ser.py (labelled sets); eval_dim_ser_test3.py:42, 136, 144 (Test3, withheld: written as "
+                    "FileName,EmoAct,EmoVal,EmoDom clipped to 1-7 for the submission site; proposed name)",
+        "speech_model": "run_dim.sh:2; utils/etc.py:10-15 (wavlm-large: microsoft/wavlm-large)",
+        "speech_pooling": "run_dim.sh:5; net/pooling.py:54-85 (attentive statistics: weighted mean and std over "
+                          "the real frames; proposed name, not built: ours mean-pools)",
+        "speech_layers": f"{_DIM}:150 (last_hidden_state; proposed name, not built: ours weights every layer)",
+        "max_audio_seconds": "utils/dataset/dataset.py:40, 44, 56 (the first 12 s, in training and on dev; "
+                             "proposed name, not built)",
+        "class_weights": "train_ft_cat_ser_weighted.py:74-89 (total / (8 x class count), sklearn's 'balanced'; the "
+                         "categorical twin's)",
+    },
+}
+MSP_PODCAST_NOT_REPRODUCED = (
+    "attentive statistics pooling over the last layer (ours: a softmax-weighted sum of every layer, mean-pooled); "
+    "the head's LayerNorm and second dropout; the 12-s crop; waveforms standardised by the training set's global "
+    "mean and std (utils/dataset/dataset.py:58; ours: the encoder's own feature extractor); the sum rather than "
+    "the mean of the three 1 - CCC terms (a factor Adam's step largely absorbs); fp16 autocast with a GradScaler "
+    "(ours: precision auto, bf16 where the GPU has it); one AdamW per module (the same rate for all: one optimizer "
+    "here)")
+
+
 def recipe_settings(name):
     """The settings a recipe sets, as main.py's option values (argparse dests)."""
     if name not in RECIPES:
