@@ -50,7 +50,7 @@ RunSettings, the run itself mmser/runner.py (protocols, reporting, the run folde
 import argparse
 import sys
 
-from mmser.data_contract import SENTENCE_POOLINGS
+from mmser import options
 from mmser.recipes import RECIPES
 from mmser.settings import DEFAULT_FOLD_BY, DEFAULTS, TOKEN_LIMITS, RunError, parse_branches, parse_seeds
 
@@ -137,39 +137,23 @@ def add_training_options(p, d=DEFAULTS):
 
 
 def add_model_options(p, d=DEFAULTS):
+    options.add_text_model(p, "train")
+    options.add_sentence_model(p, "train")
+    options.add_speech_model(p, "train")
+    options.add_transcripts(p, "train")
+    options.add_asr_model(p, "train")
     p.add_argument("--branches", default=",".join(d.branches), help="any subset of text,speech,context")
     p.add_argument("--finetune-speech", action="store_true", default=d.finetune_speech,
                    help="train the speech RoBERTa too (frozen otherwise, and its vectors computed once)")
     p.add_argument("--freeze-text", action="store_true", default=not d.finetune_text,
                    help="keep the text RoBERTa frozen (fine-tuned otherwise)")
-    p.add_argument("--text-model", default=None,
-                   help="text encoder folder or hub name: RoBERTa, BERT, DeBERTa-v2/v3 or ELECTRA, its tokens made by "
-                        "feature_ext.py text-tokens with the same --text-model (default: MODELS_DIR/roberta-large if "
-                        "present, else roberta-large)")
-    p.add_argument("--sentence-model", default=None,
-                   help="the sentence model the context vectors were made with, as given to feature_ext.py (default: "
-                        "bert-base-uncased's, FullBertEmb{c}/)")
-    p.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default=d.sentence_pooling,
-                   help="the pooling the context vectors' sentence embeddings were made with (feature_ext.py)")
-    p.add_argument("--speech-model", default=None,
-                   help="speech RoBERTa checkpoint (default: MODELS_DIR/bert_kmeans/bert_kmeans.pt), or a transformers "
-                        "speech encoder (WavLM, HuBERT, wav2vec 2.0, data2vec-audio, Whisper; folder or hub name) "
-                        "whose layer means the extraction wrote (--demo: wavlm, hubert, wav2vec2, data2vec-audio or "
-                        "whisper, a tiny one)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="with --finetune-speech and a transformers speech encoder: recompute its activations in the "
                         "backward pass: less memory, more time")
-    p.add_argument("--transcripts", choices=("reference", "asr"), default="reference",
-                   help="the transcripts the text and context features come from: the corpus's (reference) or "
-                        "speech recognition's (asr: DATA_DIR/ASR-<model>/, made by feature_extraction_main.py "
-                        "--asr-model)")
     p.add_argument("--test-transcripts", choices=("reference", "asr"), default=None,
                    help="the transcripts the test folds are predicted from (default: --transcripts); "
                         "--transcripts reference --test-transcripts asr trains on the corpus's and tests on "
                         "speech recognition's")
-    p.add_argument("--asr-model", default=None,
-                   help="which ASR model's transcripts (as given to feature_extraction_main.py --asr-model; "
-                        "default: the one set DATA_DIR holds)")
 
 
 def add_protocol_options(p, d=DEFAULTS):
@@ -196,13 +180,11 @@ def add_protocol_options(p, d=DEFAULTS):
 
 
 def add_machine_options(p, d=DEFAULTS):
+    options.add_device(p, default=d.device)
+    options.add_threads(p)
     p.add_argument("--seed", type=int, default=d.seed, help="weights, dropout, batches and validation split")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="auto: bf16 autocast on a GPU that has it, fp32 otherwise")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's, one per core); on a machine other jobs share, "
-                        "1 or 2 per process run far faster than the default")
     p.add_argument("--stop-after-epochs", type=int, default=d.stop_after_epochs,
                    help="stop (resumably) after this many epochs in this invocation, e.g. for job time limits; "
                         "0: run to the end")

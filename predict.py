@@ -129,11 +129,11 @@ def main(argv=None):
     columns = ["wav", "text"]
     try:
         if not args.list:  # one recording: what the run's branches need must be given
-            config = load_run(args.run_dir, args.fold)[0]
-            branches = config["branches"]
+            settings = load_run(args.run_dir, args.fold)[0]
+            branches = settings.branches
             if not args.wav and "speech" in branches:
                 parser.error(f"{args.run_dir} has a speech branch: give the recording with --wav")
-            can_transcribe = args.wav and (args.asr_model or "asr_model" in config.get("pretrained", {}))
+            can_transcribe = args.wav and (args.asr_model or "asr_model" in (settings.pretrained or {}))
             if not args.text and ("text" in branches or "context" in branches) and not can_transcribe:
                 parser.error(f"{args.run_dir} has a {'text' if 'text' in branches else 'context'} branch: give the "
                              f"transcript with --text, or an ASR model to make it from --wav with --asr-model")

@@ -111,6 +111,7 @@ MADE_FROM = {"context-{c}": "sentence-embeddings"}
 # How a sentence vector is read off the sentence model's last layer: the original's [CLS] vector, or
 # the mean over the real tokens (attention mask 1, special tokens included, as sentence-transformers).
 SENTENCE_POOLINGS = ("cls", "mean")
+DEFAULT_SENTENCE_POOLING = SENTENCE_POOLINGS[0]  # the original's [CLS] vector
 # The transformers text encoders the text branch and the sentence model take, by config.model_type:
 # each is fine-tuned for classification on its first token's last hidden state (RoBERTa's <s>, BERT's,
 # ELECTRA's and DeBERTa's [CLS]; DeBERTa-v3 checkpoints are model_type "deberta-v2").
@@ -183,12 +184,12 @@ def instance_tag(step, model, variant=None):
     return tag if variant is None else f"{tag}+{variant}"
 
 
-def sentence_tag(sentence_model, pooling="cls"):
+def sentence_tag(sentence_model, pooling=DEFAULT_SENTENCE_POOLING):
     """instance_tag of the sentence embeddings (and the context vectors made from them)."""
     return instance_tag("sentence-embeddings", sentence_model, None if pooling == "cls" else pooling)
 
 
-def text_models(text_model=None, sentence_model=None, pooling="cls"):
+def text_models(text_model=None, sentence_model=None, pooling=DEFAULT_SENTENCE_POOLING):
     """branch_steps' `models` for a run's text model and sentence model (None: the defaults)."""
     tags = {"text-tokens": instance_tag("text-tokens", text_model),
             "sentence-embeddings": sentence_tag(sentence_model, pooling)}

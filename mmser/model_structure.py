@@ -16,6 +16,7 @@ Reads the pretrained encoders (nothing is written):
 import torch
 from torch import nn
 
+from mmser.settings import DEFAULTS
 from mmser.speech.routes import route_of
 from mmser.utils import quiet_transformers
 
@@ -57,8 +58,9 @@ class EmotionClassifier(nn.Module):
     """Late fusion of any subset of the three branches; the absent ones are not built at all."""
 
     def __init__(self, text_encoder=None, speech_encoder=None, context_window=None, context_width=None,
-                 finetune_text=True, finetune_speech=False, fusion_hidden=256, num_classes=4, head="mlp",
-                 head_dropout=0.0, speech_layer_sum=None):
+                 finetune_text=DEFAULTS.finetune_text, finetune_speech=DEFAULTS.finetune_speech,
+                 fusion_hidden=DEFAULTS.fusion_hidden, num_classes=4, head=DEFAULTS.head,
+                 head_dropout=DEFAULTS.head_dropout, speech_layer_sum=None):
         super().__init__()
         self.text_encoder, self.speech_encoder = text_encoder, speech_encoder
         self.finetune_text, self.finetune_speech = finetune_text, finetune_speech
@@ -181,35 +183,32 @@ def load_text_encoder(name_or_path):
         return AutoModel.from_pretrained(str(name_or_path))
 
 
-def build_model(config):
-    """The classifier a run's config.json describes, with pretrained encoders and fresh new layers.
-
-    Needs config keys: branches, text_model, speech_model, context_window, context_width,
-    finetune_text, finetune_speech, fusion_hidden, classes.
-    """
-    branches = config["branches"]
-    text_encoder = load_text_encoder(config["text_model"]) if "text" in branches else None
+def build_model(settings):
+    """The classifier a run's settings (mmser.settings.RunSettings, config.json) describe, with
+    pretrained encoders and fresh new layers."""
+    branches = settings.branches
+    text_encoder = load_text_encoder(settings.text_model) if "text" in branches else None
     speech = {}  # the speech route's branch: the speech RoBERTa (speech_encoder), or speech_layer_sum
     if "speech" in branches:
-        speech = route_of(config["speech_model"], config.get("finetune_speech", False)).branch(
-            config.get("gradient_checkpointing", False))
+        speech = route_of(settings.speech_model, settings.finetune_speech).branch(
+            settings.gradient_checkpointing)
     return EmotionClassifier(
         text_encoder=text_encoder,
-        context_window=config["context_window"] if "context" in branches else None,
-        context_width=config.get("context_width"),
-        finetune_text=config.get("finetune_text", True),
-        finetune_speech=config.get("finetune_speech", False),
-        fusion_hidden=config.get("fusion_hidden", 256),
-        num_classes=len(config["classes"]),
-        head=config.get("head", "mlp"),
-        head_dropout=config.get("head_dropout", 0.0),
+        context_window=settings.context_window if "context" in branches else None,
+        context_width=settings.context_width,
+        finetune_text=settings.finetune_text,
+        finetune_speech=settings.finetune_speech,
+        fusion_hidden=settings.fusion_hidden,
+        num_classes=len(settings.classes),
+        head=settings.head,
+        head_dropout=settings.head_dropout,
         **speech,
     )
 
 
-def load_trained_model(config, checkpoint_path, device="cpu"):
-    """A fold's best model, ready for inference: build_model(config) + the checkpoint's weights."""
+def load_trained_model(settings, checkpoint_path, device="cpu"):
+    """A fold's best model, ready for inference: build_model(settings) + the checkpoint's weights."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model = build_model(config)
+    model = build_model(settings)
     model.load_trained_state_dict(checkpoint["model"])
     return model.to(device).eval()

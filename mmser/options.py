@@ -16,6 +16,7 @@ from pathlib import Path
 from mmser.asr import asr_model_name
 from mmser.data_contract import SENTENCE_POOLINGS, transcript_set
 from mmser.models_dir import MODELS_DIR_FILES, hub_name
+from mmser.settings import DEFAULTS
 
 DEVICE_HELP = "cpu, cuda or cuda:N"
 
@@ -60,7 +61,8 @@ def add_sentence_model(parser, use="make"):
         "train": "the pooling the context vectors' sentence embeddings were made with (feature_ext.py)",
     }
     parser.add_argument("--sentence-model", default=None, help=model_help[use])
-    parser.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default="cls", help=pooling_help[use])
+    parser.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default=DEFAULTS.sentence_pooling,
+                        help=pooling_help[use])
 
 
 def add_text_model(parser, use="make"):

@@ -9,7 +9,6 @@ extraction made them, and the mean of its folds' probabilities (predict.py is it
 A row is a dict with "_wav_path" (a Path or None), "text" and optionally "dialog": rows of one
 dialogue, in order, are each other's context, exactly as in training.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from mmser.context import context_vectors, dialogues
 from mmser.data_contract import pretrained_roles
+from mmser.settings import RunError, read_settings
 from mmser.speech.routes import route_of
 from mmser.utils import AudioError, fingerprint, quiet_transformers, read_audio
 
@@ -29,33 +29,33 @@ class PredictError(Exception):
 # the trained run
 
 def load_run(run_dir, fold=None):
-    """-> (config, [checkpoint paths]): all folds' best models, or fold `fold`'s; of every seed of a
+    """-> (settings, [checkpoint paths]): all folds' best models, or fold `fold`'s; of every seed of a
     --seeds run (its seed{n}/ folders), so that its prediction is the mean over seeds and folds."""
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
     if not path.is_file():
         raise PredictError(f"{path}: not found; RUN_DIR must be a folder that main.py trained")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PredictError(f"{path}: not a readable config.json ({e})") from None
-    folders = [run_dir / f"seed{seed}" for seed in config["seeds"]] if config.get("seeds") else [run_dir]
+        settings = read_settings(path)
+    except RunError as e:
+        raise PredictError(str(e)) from None
+    folders = [run_dir / f"seed{seed}" for seed in settings.seeds] if settings.seeds else [run_dir]
     checkpoints = {}  # fold -> its best.pt in each seed's folder
     for folder in folders:
         for p in sorted(folder.glob("fold*/best.pt")):
             if p.parent.name[4:].isdigit():
                 checkpoints.setdefault(int(p.parent.name[4:]), []).append(p)
-    where = "seed*/fold*/best.pt" if config.get("seeds") else "fold*/best.pt"
+    where = "seed*/fold*/best.pt" if settings.seeds else "fold*/best.pt"
     if not checkpoints:
         raise PredictError(f"{run_dir}: no {where}; has the run finished a fold?")
     if fold is not None:
         if fold not in checkpoints:
             raise PredictError(f"{run_dir}: no fold{fold}/best.pt (folds: {', '.join(map(str, sorted(checkpoints)))})")
-        return config, checkpoints[fold]
+        return settings, checkpoints[fold]
     if not (run_dir / "results.json").is_file():
         raise PredictError(f"{run_dir}: the run has not finished every fold (no results.json); "
                            f"finish it, or pick a finished fold with --fold")
-    return config, [p for k in sorted(checkpoints) for p in checkpoints[k]]
+    return settings, [p for k in sorted(checkpoints) for p in checkpoints[k]]
 
 
 def moved(path, old_models_dir, models_dir):
@@ -68,17 +68,17 @@ def moved(path, old_models_dir, models_dir):
         return path
 
 
-def check_pretrained(config, models_dir=None):
+def check_pretrained(settings, models_dir=None):
     """Every pretrained file the run's branches need must be where it was (or, with models_dir, at
     the same place under the new MODELS_DIR), with the same content. -> {role: path}."""
-    recorded = config.get("pretrained")
+    recorded = settings.pretrained
     if not recorded:
         raise PredictError("config.json records no pretrained files (a run from an older version); "
                            "retrain it to predict with it")
-    recorded = {role: {**entry, "path": moved(entry["path"], config.get("models_dir"), models_dir)}
+    recorded = {role: {**entry, "path": moved(entry["path"], settings.models_dir, models_dir)}
                 for role, entry in recorded.items()}
-    problems, models = [], run_speech_route(config).step_models()
-    for role in [r for b in config["branches"] for r in pretrained_roles(b, models)]:
+    problems, models = [], run_speech_route(settings).step_models()
+    for role in [r for b in settings.branches for r in pretrained_roles(b, models)]:
         if role not in recorded:
             problems.append(f"{role}: not recorded (was its feature folder made before features.json existed?)")
             continue
@@ -114,20 +114,20 @@ def read_recording(path):
 # ------------------------------------------------------------------------------------------------
 # features, in memory, the way the extraction stage made them
 
-def run_speech_route(config):
+def run_speech_route(settings):
     """The speech route the run was trained with (mmser.speech)."""
-    return route_of(config.get("speech_model"), config.get("finetune_speech", False))
+    return route_of(settings.speech_model, settings.finetune_speech)
 
 
-def load_extractors(config, paths, device):
+def load_extractors(settings, paths, device):
     """The pretrained parts that turn a recording and its text into the run's features."""
     from transformers import AutoModel, AutoTokenizer
-    branches, extractors = config["branches"], {}
+    branches, extractors = settings.branches, {}
     with quiet_transformers():
         if "text" in branches:
             extractors["text_tokenizer"] = AutoTokenizer.from_pretrained(paths["text_tokenizer"])
         if "speech" in branches:
-            extractors["speech"] = run_speech_route(config).load_extractor(paths, device)
+            extractors["speech"] = run_speech_route(settings).load_extractor(paths, device)
         if "context" in branches:
             extractors["sentence_tokenizer"] = AutoTokenizer.from_pretrained(paths["sentence_model"])
             extractors["sentence_model"] = AutoModel.from_pretrained(paths["sentence_model"]).to(device).eval()
@@ -141,13 +141,13 @@ def rows_to_predict(rows, branches):
             if row["_wav_path"] is not None or ("speech" not in branches and (row.get("text") or "").strip())]
 
 
-def utterance_features(rows, config, extractors, notes):
+def utterance_features(rows, settings, extractors, notes):
     """-> {row index: {branch: its features}} for the rows that can be predicted, each feature as its
     extraction step stores it (text token ids, the speech route's features, the context vector), made
     by the very functions the steps call. A row that cannot be predicted gets a message in
     `notes[row index]` instead."""
     from mmser.text_features import sentence_embeddings, text_token_ids
-    branches = config["branches"]
+    branches = settings.branches
     needs_text = "text" in branches or "context" in branches
     # A recording given without text has its ASR transcript (transcribe_rows); an empty one is a
     # transcript all the same (silence): predicted and context, as an empty transcript in training.
@@ -168,10 +168,10 @@ def utterance_features(rows, config, extractors, notes):
             if not group:
                 continue
             embeddings = sentence_embeddings([texts[i] for i in group], extractors["sentence_tokenizer"],
-                                             extractors["sentence_model"], pooling=config.get("sentence_pooling", "cls"))
-            contexts.update(zip(group, context_vectors(embeddings, config["context_window"])))
+                                             extractors["sentence_model"], pooling=settings.sentence_pooling)
+            contexts.update(zip(group, context_vectors(embeddings, settings.context_window)))
 
-    route, features = run_speech_route(config), {}
+    route, features = run_speech_route(settings), {}
     for i in usable:
         made = {}
         if "speech" in branches:
@@ -194,19 +194,19 @@ def utterance_features(rows, config, extractors, notes):
     return features
 
 
-def featurize(rows, config, extractors, notes):
+def featurize(rows, settings, extractors, notes):
     """-> utterance dicts (as dataset_loader makes them, from the same features by the same functions)
     for the rows that can be predicted; the others get a message in `notes[row index]`."""
     from mmser.dataset_loader import context_input, text_input
-    route, items = run_speech_route(config), []
-    for i, features in utterance_features(rows, config, extractors, notes).items():
+    route, items = run_speech_route(settings), []
+    for i, features in utterance_features(rows, settings, extractors, notes).items():
         item = {"index": i, "name": str(i), "label": 0}
         if "speech" in features:
-            item.update(route.model_input(features["speech"], config["max_audio_tokens"]))
+            item.update(route.model_input(features["speech"], settings.max_audio_tokens))
         if "text" in features:
-            item["text_ids"] = text_input(features["text"], config["max_text_tokens"])
+            item["text_ids"] = text_input(features["text"], settings.max_text_tokens)
         if "context" in features:
-            item["context"] = context_input(features["context"], config["context_window"])
+            item["context"] = context_input(features["context"], settings.context_window)
         items.append(item)
     return items
 
@@ -223,16 +223,16 @@ def load_fold_checkpoint(path):
         raise PredictError(str(e)) from None
 
 
-def run_asr_model(config, asr_model=None, models_dir=None):
+def run_asr_model(settings, asr_model=None, models_dir=None):
     """The Whisper checkpoint that transcribes recordings given without text: --asr-model, else the one
     whose transcripts the run was trained on (config.json's pretrained asr_model, checked against its
     sha256), else None."""
     if asr_model:
         return str(asr_model)
-    entry = config.get("pretrained", {}).get("asr_model")
+    entry = (settings.pretrained or {}).get("asr_model")
     if entry is None:
         return None
-    path = moved(entry["path"], config.get("models_dir"), models_dir)
+    path = moved(entry["path"], settings.models_dir, models_dir)
     try:
         now = fingerprint(path, *([entry["files"]] if "files" in entry else []))
     except FileNotFoundError:
@@ -244,13 +244,13 @@ def run_asr_model(config, asr_model=None, models_dir=None):
     return path
 
 
-def transcribe_rows(rows, config, asr_model, device):
+def transcribe_rows(rows, settings, asr_model, device):
     """Each row with a recording and no text that the run's text or context branch needs gets
     row["_asr_transcript"]: Whisper's transcript (asr.transcribe), "" for silent or too short
     audio. Without an ASR model nothing is transcribed (featurize then says the text is missing)."""
     from mmser.asr import load_asr, transcribe
     from mmser.extraction import FeatureError
-    if not ({"text", "context"} & set(config["branches"])) or asr_model is None:
+    if not ({"text", "context"} & set(settings.branches)) or asr_model is None:
         return
     wanted, wavs = [], []
     for i, row in enumerate(rows):
@@ -280,25 +280,25 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_d
 
     from mmser import model_structure
     from mmser.validation_function import predict
-    config, checkpoints = load_run(run_dir, fold)
-    paths = check_pretrained(config, models_dir)
+    settings, checkpoints = load_run(run_dir, fold)
+    paths = check_pretrained(settings, models_dir)
     device = torch.device(device)
     notes = {}
-    if "speech" not in config["branches"] and any(row["_wav_path"] is not None and (row.get("text") or "").strip()
+    if "speech" not in settings.branches and any(row["_wav_path"] is not None and (row.get("text") or "").strip()
                                                   for row in rows):  # a recording without text is transcribed
         print(f"{run_dir} was trained without the speech branch: its predictions do not read the audio",
               file=sys.stderr)
-    transcribe_rows(rows, config, run_asr_model(config, asr_model, models_dir), device)
-    extractors = load_extractors(config, paths, device)
-    items = featurize(rows, config, extractors, notes)
-    classes = config["classes"]
+    transcribe_rows(rows, settings, run_asr_model(settings, asr_model, models_dir), device)
+    extractors = load_extractors(settings, paths, device)
+    items = featurize(rows, settings, extractors, notes)
+    classes = settings.classes
     probs = np.full((len(rows), len(classes)), np.nan)
     # The run's precision too: a run trained and evaluated under bf16 autocast predicts under it.
-    amp = torch.bfloat16 if config.get("precision") == "bf16" else None
+    amp = torch.bfloat16 if settings.precision == "bf16" else None
     if items:
-        config = {**config, "text_model": paths.get("text_model", config["text_model"]),
-                  "speech_model": paths.get("speech_model", config["speech_model"])}
-        model = model_structure.build_model(config)
+        settings = settings.replace(text_model=paths.get("text_model", settings.text_model),
+                                    speech_model=paths.get("speech_model", settings.speech_model))
+        model = model_structure.build_model(settings)
         fold_probs = []
         for path in checkpoints:
             try:

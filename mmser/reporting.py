@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from mmser.protocols import fold_title
+from mmser.settings import DEFAULTS
 from mmser.utils import write_text_atomic
 
 log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log)
@@ -53,7 +54,7 @@ def spread(results):
     return out
 
 
-def summarize(protocol, fold_results, classes, val_split="stratified", left_out=(), seeds=None):
+def summarize(protocol, fold_results, classes, val_split=DEFAULTS.val_split, left_out=(), seeds=None):
     """results.json: the folds' test metrics (with each fold's best epoch and validation metrics),
     their mean and sample std (ddof 1) over folds, and the metrics of all test predictions pooled.
     With `seeds` (fold_results then holds every seed's folds, each with its "seed"), the mean and

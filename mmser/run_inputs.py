@@ -19,6 +19,7 @@ from mmser.data_contract import (BRANCHES, WER_FILE, branch_steps, feature_folde
                                  read_features_record, split_step, step_entry, text_models, transcript_set,
                                  transcript_sets)
 from mmser.speech.routes import route_of
+from mmser.models_dir import resolve_model
 from mmser.settings import DEFAULTS, TOKEN_LIMITS, RunError, RunSettings, option_settings
 from mmser.utils import WEIGHT_FILES, check_device, fingerprint
 
@@ -43,12 +44,10 @@ def resolve_device(options):
 def model_paths(options):
     """(text model, speech model): the options, or MODELS_DIR's default files."""
     models_dir = Path(options.models_dir).resolve()
-    text_model = options.text_model
-    if text_model is None:  # a local copy in MODELS_DIR, else the hub name through transformers' cache
-        text_model = models_dir / "roberta-large" if (models_dir / "roberta-large").is_dir() else "roberta-large"
+    text_model = resolve_model(models_dir, "text_model", options.text_model)
     if Path(text_model).exists():
         text_model = str(Path(text_model).resolve())
-    speech_model = options.speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt"
+    speech_model = resolve_model(models_dir, "speech_roberta", options.speech_model)
     if Path(speech_model).exists() or route_of(speech_model).model_is_file:
         speech_model = Path(speech_model).resolve()  # a hub name of a transformers encoder stays a name
     return str(text_model), str(speech_model)
@@ -208,7 +207,7 @@ def code_version():
 
 
 def pretrained_files(data_dir, branches, text_model, speech_model, step_models=None, context_window=None,
-                     transcripts=None, finetune_speech=False):
+                     transcripts=None, finetune_speech=DEFAULTS.finetune_speech):
     """Every pretrained file the run depends on, by role, with its sha256 (utils.fingerprint):
     the encoders the model loads, and the extractors that made its features (as
     DATA_DIR/features.json recorded them, under the steps of the run's models: branch_steps' `models`).

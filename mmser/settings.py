@@ -14,6 +14,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from mmser.data_contract import BRANCHES, DEFAULT_SENTENCE_POOLING
+
 
 class RunError(Exception):
     """A run that cannot start or go on for a reason the user can fix; the message names the file
@@ -73,7 +75,7 @@ class RunSettings:
     versions: dict = None
     # -- added since: older config.json files lack these, and had these values --
     sentence_model: str = None
-    sentence_pooling: str = "cls"
+    sentence_pooling: str = DEFAULT_SENTENCE_POOLING
     feature_folders: dict = None
     recipe: str = None
     recipe_overridden: list = field(default_factory=list)
@@ -157,7 +159,6 @@ class RunEnv:
 
 def parse_branches(text):
     """--branches "text,context" -> ["text", "context"], in the model's order."""
-    from mmser.data_contract import BRANCHES
     branches = [b.strip() for b in text.split(",") if b.strip()]
     if not branches or set(branches) - set(BRANCHES) or len(set(branches)) != len(branches):
         raise RunError(f"--branches must be a comma-separated subset of {','.join(BRANCHES)}, got {text!r}")

@@ -9,7 +9,7 @@ Each returns StepReports (mmser.extraction) for the summary table.
 """
 from mmser.asr import transcribe_utterances
 from mmser.context import write_context_vectors
-from mmser.data_contract import sentence_tag, transcript_set
+from mmser.data_contract import DEFAULT_SENTENCE_POOLING, sentence_tag, transcript_set
 from mmser.models_dir import resolve_model
 from mmser.speech.routes import DEFAULT_ROUTE, ROUTES, step_route
 from mmser.text_features import extract_sentence_embeddings, extract_text_tokens
@@ -24,7 +24,7 @@ STEP_NAMES = (*ROUTES, "text-tokens", "sentence-embeddings", "transcripts")
 
 
 def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-             overwrite=False, progress=True, sentence_pooling="cls", transcripts=None, asr_model=None,
+             overwrite=False, progress=True, sentence_pooling=DEFAULT_SENTENCE_POOLING, transcripts=None, asr_model=None,
              speech_model=None):
     """Run one step by name (STEP_NAMES): a speech route's (mmser.speech.routes.step_route: the route that
     `speech_model` takes), a text step, or "transcripts" (speech recognition with `asr_model`); the
@@ -43,7 +43,7 @@ def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, d
 
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
-                     contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls", asr_model=None,
+                     contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling=DEFAULT_SENTENCE_POOLING, asr_model=None,
                      speech_model=None):
     """Run the speech step (of the route `speech_model` takes), text tokens, sentence embeddings, then
     context vectors; return the reports. Another text or sentence model, or mean pooling, writes folders

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mmser.data_contract import (SENTENCE_POOLINGS, feature_folder, instance_tag, qualified_step, read_manifest,
+from mmser.data_contract import (DEFAULT_SENTENCE_POOLING, SENTENCE_POOLINGS, feature_folder, instance_tag, qualified_step, read_manifest,
                                  sentence_tag)
 from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_tokenizer, pending, read_transcript,
                               record_models, rows_of, run_reported, text_encoder_config, valid_npy)
@@ -80,7 +80,8 @@ def equal_length_batches(lengths, batch_size):
     return [group[start:start + batch_size] for group in by_length.values() for start in range(0, len(group), batch_size)]
 
 
-def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE, progress_bar=None, pooling="cls"):
+def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE, progress_bar=None,
+                        pooling=DEFAULT_SENTENCE_POOLING):
     """Last-layer [CLS] vectors (float32, (len(texts), H)); pooling "mean": the mean of the last layer
     over the real tokens (attention mask 1, [CLS] and [SEP] included). Batched by token length, each
     batch of one length: without padding a text's vector does not depend on the texts batched with it
@@ -107,7 +108,7 @@ def sentence_embeddings(texts, tokenizer, model, batch_size=SENTENCE_BATCH_SIZE,
 
 
 def extract_sentence_embeddings(data_dir, models_dir=None, sentence_model=None, device="cpu",
-                                overwrite=False, progress=True, batch_size=SENTENCE_BATCH_SIZE, pooling="cls",
+                                overwrite=False, progress=True, batch_size=SENTENCE_BATCH_SIZE, pooling=DEFAULT_SENTENCE_POOLING,
                                 transcripts=None):
     """BertEmb/<name>.npy: the sentence model's last-layer [CLS] vector (float32, (H,)) for every
     utterance, since context vectors need the neighbours of every target utterance (of the

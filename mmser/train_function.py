@@ -27,6 +27,7 @@ from mmser import model_structure
 from mmser import validation_function
 from mmser.dataset_loader import gather_from_ranks, map_utterances, model_inputs, training_loader
 from mmser.reporting import METRICS, selection_score
+from mmser.settings import DEFAULTS
 from mmser.utils import atomic_path
 
 log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log), set up by main.py
@@ -66,7 +67,7 @@ def balanced_class_weights(labels, num_classes):
     return torch.tensor(compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(labels)), dtype=torch.float32)
 
 
-def make_criterion(class_weights=None, loss="cross_entropy"):
+def make_criterion(class_weights=None, loss=DEFAULTS.loss):
     """cross_entropy, or multi_margin: the original's MultiMarginLoss(p=1, margin=0.4) (recipes.py)."""
     if loss == "cross_entropy":
         return nn.CrossEntropyLoss(weight=class_weights)
@@ -365,7 +366,7 @@ def prepare_training(settings, fold, utterances, env):
     """A fresh model with the pretrained encoders, its optimizer, schedule and batches for `fold`."""
     device, rank, world = env.device, env.rank, env.world_size
     torch.manual_seed(settings.seed + fold["fold"])
-    model = model_structure.build_model(settings.to_json())
+    model = model_structure.build_model(settings)
     if rank:  # the same initial weights on every rank, but each rank its own dropout draws (as nanoGPT)
         torch.manual_seed(settings.seed + fold["fold"] + 1_000_003 * rank)
     check_lengths(model, utterances)

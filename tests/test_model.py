@@ -9,6 +9,7 @@ from mmser.dataset_loader import collate_utterances, load_utterances
 from mmser.model_structure import EmotionClassifier, TimeAsynchronousBranch, build_model, load_trained_model
 from small_runs import tiny_model
 from mmser.dataset_loader import model_inputs
+from mmser.settings import RunSettings
 
 
 
@@ -43,7 +44,7 @@ def test_any_subset_of_branches(data_dir, models_dir, branches, width):
     config = {"branches": branches, "text_model": str(models_dir / "roberta-large"),
               "speech_model": str(models_dir / "bert_kmeans" / "bert_kmeans.pt"), "context_window": 1,
               "context_width": 16, "fusion_hidden": 8, "classes": ["ang", "hap", "sad", "neu"]}
-    model = build_model(config)
+    model = build_model(RunSettings(**config))
     assert model.branches == branches and model.classifier[0].in_features == width
     assert ("text" in branches) == (model.text_encoder is not None)
     batch = collate_utterances(load_utterances(data_dir, 1, 32, 32, branches)[:3])
@@ -81,13 +82,13 @@ def test_checkpoint_without_frozen_encoder_rebuilds_the_same_model(tmp_path, dat
               "classes": ["ang", "hap", "sad", "neu"]}
     json.loads(json.dumps(config))  # config.json material
     torch.manual_seed(1)
-    model = build_model(config).eval()
+    model = build_model(RunSettings(**config)).eval()
     state = model.trained_state_dict()
     assert not any(k.startswith("speech_encoder.") for k in state)  # it lives in MODELS_DIR
     assert any(k.startswith("text_encoder.") for k in state)  # fine-tuned: part of the result
     torch.save({"model": state}, tmp_path / "best.pt")
     torch.manual_seed(2)  # other fresh weights, replaced by the checkpoint's
-    rebuilt = load_trained_model(config, tmp_path / "best.pt")
+    rebuilt = load_trained_model(RunSettings(**config), tmp_path / "best.pt")
     batch = collate_utterances(load_utterances(data_dir, 1, 32, 32)[:5])
     with torch.no_grad():
         assert torch.equal(model(**model_inputs(batch, "cpu"))[0], rebuilt(**model_inputs(batch, "cpu"))[0])

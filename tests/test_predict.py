@@ -15,6 +15,7 @@ from mmser import predictor
 from mmser.speech.tokens import load_speech_roberta
 from small_runs import checkpoint_weights, manifest, read_csv, run_like_the_demo
 from mmser import text_features
+from mmser.settings import RunSettings
 
 
 def dialogues_as_list(data_dir, sessions, path):
@@ -215,18 +216,18 @@ def test_a_changed_or_missing_pretrained_file_is_refused(demo, tmp_path):
     old_models = str((demo["run_dir"] / "models").resolve())
     text = json.dumps(config).replace(old_models, str((run_dir / "models").resolve()))
     (run_dir / "config.json").write_text(text)
-    predictor.check_pretrained(json.loads(text))  # the copy is the same files: accepted
+    predictor.check_pretrained(RunSettings.from_json(json.loads(text)))  # the copy is the same files: accepted
     with open(run_dir / "models" / "bert_kmeans" / "dict.txt", "a") as f:
         f.write("999-999 1\n")
     with pytest.raises(predictor.PredictError, match="speech_dictionary: .*dict.txt has changed since training"):
         predictor.predict_rows(run_dir, [{"wav": "x.wav", "text": "hi", "_wav_path": tmp_path / "x.wav"}])
     (run_dir / "models" / "vq-wav2vec_kmeans.pt").unlink()
     with pytest.raises(predictor.PredictError, match="vq_wav2vec: .*vq-wav2vec_kmeans.pt is missing"):
-        predictor.check_pretrained(json.loads(text))
+        predictor.check_pretrained(RunSettings.from_json(json.loads(text)))
 
 
 def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(demo):
-    config = demo["config"]
+    config = RunSettings.from_json(demo["config"])
     paths = predictor.check_pretrained(config)
     extractors = predictor.load_extractors(config, paths, torch.device("cpu"))
     texts = ["I can't believe you did that!", "Calm down, please.", "No, I will not calm down.", "Goodbye."]
@@ -237,7 +238,7 @@ def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(dem
     items = predictor.featurize(rows, config, extractors, notes={})
     assert [item["index"] for item in items] == [1, 3]
     embeddings = text_features.sentence_embeddings(texts, extractors["sentence_tokenizer"], extractors["sentence_model"])
-    c = config["context_window"]
+    c = config.context_window
     middle, lone = items[0]["context"].numpy(), items[1]["context"].numpy()
     assert middle.shape == lone.shape == (2 * c + 1, embeddings.shape[1])
     np.testing.assert_allclose(middle[c - 1:c + 2], embeddings[:3], atol=1e-5)  # before, itself, after
@@ -247,7 +248,7 @@ def test_a_conversation_is_each_others_context_and_a_lone_utterance_has_none(dem
 
 
 def test_branches_the_run_lacks_are_not_computed(demo):
-    config = dict(demo["config"], branches=["speech"])
+    config = RunSettings.from_json(demo["config"]).replace(branches=["speech"])
     extractors = predictor.load_extractors(config, predictor.check_pretrained(config), torch.device("cpu"))
     assert set(extractors) == {"speech"}
     wav = next((demo["data_dir"] / "Audio").glob("*.wav"))

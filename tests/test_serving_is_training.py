@@ -16,6 +16,7 @@ from mmser.context import write_context_vectors
 from mmser.data_contract import branch_steps, feature_folder, read_manifest, sentence_tag, text_models
 from mmser.dataset_loader import load_utterances
 from mmser.speech.routes import route_of, speech_models
+from mmser.settings import RunSettings
 
 C = 2  # the context window
 DIALOGUE_ROWS = 9  # of each of two dialogues: extraction embeds both in one batch, predict.py each alone
@@ -65,8 +66,8 @@ def predicted(corpus, branches, speech_model=None, text_model=None, sentence_mod
     speech_model = str(speech_model or models_dir / "bert_kmeans" / "bert_kmeans.pt")
     text_model, sentence_model = (str(text_model or models_dir / "roberta-large"),
                                   str(sentence_model or models_dir / "bert-base-uncased"))
-    config = {"branches": branches, "context_window": C, "sentence_pooling": pooling, "speech_model": speech_model,
-              "finetune_speech": finetune, "max_text_tokens": max_text_tokens, "max_audio_tokens": max_audio_tokens}
+    config = RunSettings(branches=branches, context_window=C, sentence_pooling=pooling, speech_model=speech_model,
+                         finetune_speech=finetune, max_text_tokens=max_text_tokens, max_audio_tokens=max_audio_tokens)
     paths = {"text_tokenizer": text_model, "sentence_model": sentence_model, "speech_encoder": speech_model,
              "vq_wav2vec": models_dir / "vq-wav2vec_kmeans.pt", "speech_dictionary": models_dir / "bert_kmeans" / "dict.txt"}
     rows = [{"_wav_path": data_dir / "Audio" / f"{row['name']}.wav" if row["label"] else None,

@@ -9,7 +9,8 @@ import soundfile as sf
 from mocap_data_collect import collect
 from fixtures.synthetic_iemocap import make_corpus
 from fixtures import tiny_models
-from fixtures.tiny_models import MARKER, MODEL_NAMES, main, make_tiny_models
+from fixtures.tiny_models import MARKER, TINY_ROLES, main, make_tiny_models
+from mmser.models_dir import models_dir_path
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def one_error_line(capsys):
 def test_cli_writes_the_models_and_names_them(data_dir, tmp_path, capsys):
     assert main([str(tmp_path / "models"), str(data_dir)]) == 0
     out = capsys.readouterr().out
-    assert all(str(tmp_path / "models" / name) in out for name in MODEL_NAMES)
+    assert all(str(models_dir_path(tmp_path / "models", role)) in out for role in TINY_ROLES)
     assert (tmp_path / "models" / MARKER).is_file()
 
 

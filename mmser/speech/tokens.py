@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mmser.data_contract import Step, feature_folder, read_feature, read_manifest, register_step, truncate_tokens
+from mmser.models_dir import models_dir_path
 from mmser.extraction import FeatureError, StepReport, pending, record_models, rows_of, run_reported, valid_npy
 from mmser.speech import SpeechRoute
 from mmser.utils import SILENCE_PEAK, AudioError, check_device, fingerprint, read_audio, save_npy_atomic
@@ -24,8 +25,7 @@ register_step(NAME, Step("vqw2vTokens", "labelled", ("vq_wav2vec", "speech_dicti
 def speech_model_files(models_dir):
     """The two fairseq files the speech tokens come from, each checked to be there: a missing one is
     named with where the README's "Pretrained files" says to get it."""
-    paths = {"vq_wav2vec": Path(models_dir) / "vq-wav2vec_kmeans.pt",
-             "speech_dictionary": Path(models_dir) / "bert_kmeans" / "dict.txt"}
+    paths = {role: models_dir_path(models_dir, role) for role in ("vq_wav2vec", "speech_dictionary")}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FeatureError(f"{' and '.join(missing)}: not found; download vq-wav2vec_kmeans.pt and bert_kmeans.tar "
