@@ -51,13 +51,13 @@ def main(argv=None):
                         help="which features to extract (transcripts: speech recognition with --asr-model)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    check_folders(args, parser)
-    set_threads(args.threads)
     if args.step in ROUTES:  # a speech route's step, and a --speech-model that route does not take
         try:
             step_route(args.step, args.speech_model)
         except ValueError as error:
             parser.error(str(error))
+    check_folders(args, parser)
+    set_threads(args.threads)
     # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
     report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                       args.device, args.overwrite, progress=sys.stderr.isatty(), sentence_pooling=args.sentence_pooling,

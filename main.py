@@ -49,10 +49,19 @@ RunSettings, the run itself mmser/runner.py (protocols, reporting, the run folde
 """
 import argparse
 import sys
+from pathlib import Path
 
 from mmser import options
+from mmser.data_contract import BRANCHES, TEXT_STEPS
 from mmser.recipes import RECIPES
+from mmser.speech.routes import route_of
 from mmser.settings import DEFAULT_FOLD_BY, DEFAULTS, TOKEN_LIMITS, RunError, parse_branches, parse_seeds
+
+
+# The usage line an error is printed under: argparse's own lists every option (30 lines), which would
+# scroll the one line that matters off the screen.
+USAGE = ("%(prog)s RUN_DIR DATA_DIR MODELS_DIR [CONTEXT_WINDOW MAX_TEXT_TOKENS MAX_AUDIO_TOKENS] [options]\n"
+         "       %(prog)s --demo [RUN_DIR] [options]                    (--help lists the options)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,7 +77,7 @@ def build_parser():
     from fixtures.demo import DEMO
     positional = ("context_window", "max_text_tokens", "max_audio_tokens")
     demo = ", ".join(f"{k.upper() if k in positional else '--' + k.replace('_', '-')} {v}" for k, v in DEMO.items())
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=USAGE,
                                 epilog=f"--demo changes these defaults: {demo}.", formatter_class=_HelpFormatter)
     add_run_arguments(p)
     add_training_options(p)
@@ -207,14 +216,27 @@ def parse_args(argv=None, parser=None):
         parser.set_defaults(**{k: v for k, v in settings.items() if k not in TOKEN_LIMITS},
                             **{k: None for k in TOKEN_LIMITS})
     args = parser.parse_args(argv)
+    args.given = options_given(parser, argv)
     args.recipe_overridden = sorted(
         k for k, v in settings.items()
         if getattr(args, k) is not None and (list(getattr(args, k)) if isinstance(v, list) else getattr(args, k)) != v)
     return args
 
 
+_UNSET = object()
+
+
+def options_given(parser, argv):
+    """The options (by dest) the command line gives, whatever their value: not a default, the demo's or a
+    recipe's. (Positional arguments always count as given.)"""
+    given = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=given)
+    return {dest for dest, value in vars(given).items() if value is not _UNSET}
+
+
 def check_options(args, parser):
-    """Numbers that would crash a run later, or quietly train something else than asked."""
+    """Numbers that would crash a run later, or quietly train something else than asked; options that
+    contradict each other (check_contradictions); model paths that are not there."""
     at_least = {"--epochs": (args.epochs, 1), "--batch-size": (args.batch_size, 1),
                 "--eval-batch-size": (args.eval_batch_size, 1), "--grad-accum": (args.grad_accum, 1),
                 "--fusion-hidden": (args.fusion_hidden, 1), "CONTEXT_WINDOW": (args.context_window, 1),
@@ -243,8 +265,52 @@ def check_options(args, parser):
         parse_branches(args.branches)
     except RunError as error:
         parser.error(str(error))
-    if args.protocol == "official" and args.val_split != DEFAULTS.val_split:
-        parser.error("--protocol official validates on the corpus's dev split; --val-split does not apply")
+    check_contradictions(args, parser)
+    options.check_model_paths(args, parser, ("text_model", "sentence_model", "speech_model"))
+
+
+def check_contradictions(args, parser):
+    """An option given on the command line that asks for something this run would not do (a mode, a
+    model, a seed) is refused, naming what it contradicts: silently ignored, it would still be written
+    into config.json as if it had been used. Numbers of a part the run does not have (--lr-encoders
+    with nothing fine-tuned, --fusion-hidden with --head linear, --warmup with a constant schedule,
+    --val-fraction with a split that takes no share, a token limit without its branch) change nothing
+    and are accepted, so that one command line serves every ablation."""
+    given = getattr(args, "given", set())  # parse_args' record: what the command line itself gave
+    branches = parse_branches(args.branches)
+    have = ",".join(branches)
+    reads_text = [b for b in branches if any(step in TEXT_STEPS for step in BRANCHES[b].steps)]
+    encoders = {BRANCHES[b].encoder_option for b in branches}
+    speech = route_of(args.speech_model, args.finetune_speech)
+    test_transcripts = args.test_transcripts or args.transcripts
+    refused = {  # dest -> why it does not apply to this run (None: it applies)
+        "seed": "--seeds runs each of its seeds; drop --seed" if args.seeds else None,
+        "freeze_text": f"--branches {have} has no text branch" if "--text-model" not in encoders else None,
+        "text_model": f"--branches {have} has no text branch" if "--text-model" not in encoders else None,
+        "finetune_speech": f"--branches {have} has no speech branch" if "--speech-model" not in encoders else None,
+        "speech_model": f"--branches {have} has no speech branch" if "--speech-model" not in encoders else None,
+        "gradient_checkpointing":
+            f"--branches {have} has no speech branch" if "--speech-model" not in encoders else
+            None if speech.takes_gradient_checkpointing else
+            "only a transformers speech encoder fine-tuned on the waveforms recomputes its activations "
+            "(--speech-model FOLDER_OR_NAME --finetune-speech)",
+        "sentence_model": None if "context" in branches else f"--branches {have} has no context branch",
+        "sentence_pooling": None if "context" in branches else f"--branches {have} has no context branch",
+        "transcripts": None if reads_text else f"--branches {have} reads no transcripts",
+        "test_transcripts": None if reads_text else f"--branches {have} reads no transcripts",
+        "asr_model": f"--branches {have} reads no transcripts" if not reads_text else
+            None if "asr" in (args.transcripts, test_transcripts) else
+            "it names the ASR transcripts a run trains or tests on, and this run reads the reference ones "
+            "(add --transcripts asr or --test-transcripts asr)",
+        "fold_by": None if args.protocol == "folds" else f"it names the folds of --protocol folds, not of "
+                                                          f"--protocol {args.protocol}",
+        "val_split": "--protocol official validates on the corpus's dev split" if args.protocol == "official" else None,
+    }
+    for dest, why in refused.items():
+        if dest in given and why:
+            value = getattr(args, dest)
+            shown = "" if isinstance(value, bool) else f" {value}"
+            parser.error(f"--{dest.replace('_', '-')}{shown} does not apply: {why}")
 
 
 def main(argv=None):
@@ -255,6 +321,13 @@ def main(argv=None):
         parser.error("--demo takes only RUN_DIR: it makes its own data and models")
     if not args.demo and not (args.run_dir and args.data_dir and args.models_dir):
         parser.error("RUN_DIR, DATA_DIR and MODELS_DIR are required (or --demo)")
+    # The folders are checked here, before torch loads (seconds): a missing MODELS_DIR would send every
+    # model name to the hub, to retry the network for a minute before saying so.
+    for what, folder in (("DATA_DIR", args.data_dir), ("MODELS_DIR", args.models_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise SystemExit(f"main.py: error: {what} {folder}: no such folder")
+    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise SystemExit(f"main.py: error: RUN_DIR {args.run_dir}: not a folder")
     try:
         if args.demo:
             from fixtures import demo

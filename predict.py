@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmser.options import add_asr_model, add_device, add_models_dir_moved, add_threads, check_device_option
+from mmser.options import (add_asr_model, add_device, add_models_dir_moved, add_threads, check_device_option,
+                           check_model_paths)
 from mmser.predictor import PredictError, load_run, predict_rows
 from mmser.utils import set_threads, write_text_atomic
 
@@ -123,13 +124,15 @@ def main(argv=None):
         parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
     if args.models_dir and not Path(args.models_dir).is_dir():
         parser.error(f"--models-dir {args.models_dir}: no such folder")
-    check_device_option(args, parser)
-    set_threads(args.threads)
+    if args.wav and not Path(args.wav).is_file():
+        parser.error(f"--wav {args.wav}: no such file")
+    check_model_paths(args, parser, ("asr_model",))
     rows = [{"wav": args.wav or "", "text": args.text or "", "_wav_path": Path(args.wav) if args.wav else None}]
     columns = ["wav", "text"]
     try:
+        # What needs no model is checked before torch loads (seconds): the run, the list, the options.
+        settings = load_run(args.run_dir, args.fold)[0]
         if not args.list:  # one recording: what the run's branches need must be given
-            settings = load_run(args.run_dir, args.fold)[0]
             branches = settings.branches
             if not args.wav and "speech" in branches:
                 parser.error(f"{args.run_dir} has a speech branch: give the recording with --wav")
@@ -139,6 +142,8 @@ def main(argv=None):
                              f"transcript with --text, or an ASR model to make it from --wav with --asr-model")
         if args.list:
             rows, columns = read_requests(args.list)
+        check_device_option(args, parser)
+        set_threads(args.threads)
         probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device, models_dir=args.models_dir,
                                              asr_model=args.asr_model)
     except PredictError as e:

@@ -173,6 +173,7 @@ def claim_data_dir(data_dir, about, overwrite=False):
 def feature_folders(data_dir):
     """DATA_DIR's folders that the extraction steps write (data_contract.STEPS' folders, every model's
     and transcript set's), sorted."""
+    import mmser.speech.routes  # noqa: F401  the speech routes register their steps (vqw2vTokens/, SpeechLayers-*/)
     patterns = set()
     for step in STEPS.values():
         for template in (step.folder, step.per_model):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mmser.data_contract import (FEATURES_RECORD, MANIFEST_KEY, TEXT_ENCODERS, DataError, feature_folder,
                                  manifest_fingerprint, read_features_record, step_entry, transcript_folder)
+from mmser.models_dir import missing_path
 from mmser.utils import VOCABULARY_FILES, quiet_transformers, write_text_atomic
 
 SHOWN_FAILURES = 20  # per step in the summary; a broken input folder would otherwise bury the table
@@ -97,7 +98,11 @@ def read_transcript(data_dir, name, transcripts=None):
 
 
 def from_pretrained(loader, name, role):
-    """transformers' loaders say what went wrong but not which model the step wanted."""
+    """transformers' loaders say what went wrong but not which model the step wanted (and take a local
+    path that is not there for a malformed hub name)."""
+    missing = missing_path(name)
+    if missing:
+        raise FeatureError(f"{role} {missing}")
     try:
         with quiet_transformers():
             return loader.from_pretrained(name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mmser.asr import asr_model_name
 from mmser.data_contract import SENTENCE_POOLINGS, transcript_set
-from mmser.models_dir import MODELS_DIR_FILES, hub_name
+from mmser.models_dir import MODELS_DIR_FILES, hub_name, missing_path
 from mmser.settings import DEFAULTS
 
 DEVICE_HELP = "cpu, cuda or cuda:N"
@@ -179,10 +179,22 @@ def check_device_option(args, parser):
         parser.error(str(error))
 
 
+def check_model_paths(args, parser, dests=("text_model", "sentence_model", "speech_model", "asr_model")):
+    """A model option whose value can only be a local path must name one that is there: transformers
+    would take it for a malformed hub name ("Repo id must be in the form ...") or ask the network."""
+    for dest in dests:
+        value = getattr(args, dest, None)
+        missing = missing_path(value) if value else None
+        if missing:
+            parser.error(f"--{dest.replace('_', '-')} {missing}")
+
+
 def check_folders(args, parser):
     """DATA_DIR and MODELS_DIR must exist: a missing MODELS_DIR would send every model name to the
-    hub, and a step would spend minutes retrying the network before saying so."""
+    hub, and a step would spend minutes retrying the network before saying so; so must the models
+    named by a local path (check_model_paths). The device comes last: it imports torch."""
     for what, folder in (("DATA_DIR", args.data_dir), ("MODELS_DIR", args.models_dir)):
         if not Path(folder).is_dir():
             parser.error(f"{what} {folder}: no such folder")
+    check_model_paths(args, parser)
     check_device_option(args, parser)

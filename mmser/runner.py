@@ -228,15 +228,15 @@ def run(settings, run_dir, utterances, env, test_inputs=None):
 def train_and_test(options, run_dir_checked=False):
     """Everything after main.py checked the options: load the data, resolve the settings once, run.
     (The demo checks its RUN_DIR itself, before it writes its corpus there: run_dir_checked.)"""
-    import torch
-
-    from mmser.train_function import TrainingError
     data_dir = Path(options.data_dir)
     if not (data_dir / "utterances.csv").is_file():
         raise RunError(f"{data_dir / 'utterances.csv'}: not found; DATA_DIR is the folder mocap_data_collect.py "
                        f"and the feature extraction wrote")
     if not run_dir_checked:
         check_run_dir(options.run_dir, options.data_dir, options.models_dir)
+    import torch  # after the checks that need no model: they answer at once
+
+    from mmser.train_function import TrainingError
     branches = parse_branches(options.branches)
     device, precision = resolve_device(options)
     set_threads(options.threads)

@@ -23,7 +23,9 @@ The frozen way (SUPERB's) stores layer_means per labelled utterance (the layers 
 model learns a softmax-weighted sum over the layers. transformers is imported by the functions that
 use it; the speech routes import this module only when they run an encoder.
 """
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from mmser.data_contract import SAMPLE_RATE
+from mmser.models_dir import missing_path
 from mmser.utils import audio_windows, quiet_transformers
 
 # model_type -> the family's name, as a user reads it
@@ -69,6 +72,9 @@ class SpeechModel:
 def speech_kind(model):
     """The transformers family of a speech encoder, from its config; SpeechModelError names anything else."""
     from transformers import AutoConfig
+    missing = missing_path(model)  # transformers would take it for a malformed hub name
+    if missing:
+        raise SpeechModelError(f"speech model {missing}")
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(str(model))
@@ -95,6 +101,18 @@ def load_speech_model(model, device="cpu"):
             encoder = transformers.AutoModel.from_pretrained(str(model))
             extractor = transformers.AutoFeatureExtractor.from_pretrained(str(model))
     return SpeechModel(encoder.float().to(device).eval(), extractor, kind)
+
+
+@contextlib.contextmanager
+def _quiet_wavlm_masks():
+    """WavLM's attention hands torch a boolean padding mask beside its float position bias, and torch
+    warns on every utterance that mixing the two is deprecated (UserWarning: "Support for mismatched
+    key_padding_mask and attn_mask is deprecated"): a warning about transformers' code, not the
+    user's, which the user cannot act on. Only that warning is silenced, and only while the encoder runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask",
+                                category=UserWarning)
+        yield
 
 
 def frames(speech, samples):
@@ -140,7 +158,8 @@ def layer_means(speech, wav):
         device = next(speech.encoder.parameters()).device
         inputs = speech.feature_extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt",
                                           return_attention_mask=speech.takes_attention_mask)
-        states = speech.encoder(**inputs.to(device), output_hidden_states=True).hidden_states
+        with _quiet_wavlm_masks():
+            states = speech.encoder(**inputs.to(device), output_hidden_states=True).hidden_states
         return torch.stack(states)[:, 0].float().mean(1).cpu().numpy()
 
 
@@ -168,7 +187,8 @@ def pooled_layers(encoder, wave, wave_mask, takes_attention_mask, whisper_featur
         total = torch.zeros(len(samples), *sums.shape[1:], dtype=sums.dtype, device=sums.device).index_add(0, owner, sums)
         counted = torch.zeros(len(samples), dtype=sums.dtype, device=sums.device).index_add(0, owner, counts.to(sums.dtype))
         return total / counted.clamp(min=1)[:, None, None]
-    out = encoder(wave, attention_mask=wave_mask if takes_attention_mask else None, output_hidden_states=True)
+    with _quiet_wavlm_masks():
+        out = encoder(wave, attention_mask=wave_mask if takes_attention_mask else None, output_hidden_states=True)
     states = torch.stack(out.hidden_states, 1)  # (B, layers + 1, frames, hidden)
     lengths = encoder._get_feat_extract_output_lengths(wave_mask.sum(-1)).clamp(min=1)
     real = (torch.arange(states.shape[2], device=states.device)[None] < lengths[:, None]).to(states.dtype)

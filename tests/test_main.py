@@ -159,6 +159,9 @@ def test_loso_tests_every_session_once_and_pools_them(loso_run, demo_run):
 
 
 def test_a_missing_pretrained_model_is_named_before_anything_is_written(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match=r"MODELS_DIR .*no_models: no such folder"):
+        main.main([str(tmp_path / "run"), str(data_dir), str(tmp_path / "no_models"), *SMALL, "--branches", "speech"])
+    (tmp_path / "no_models").mkdir()
     with pytest.raises(SystemExit, match=r"bert_kmeans.pt: not found; the speech branch's RoBERTa comes from bert_kmeans.tar"):
         main.main([str(tmp_path / "run"), str(data_dir), str(tmp_path / "no_models"), *SMALL, "--branches", "speech"])
     assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ from mocap_data_collect import collect
 from fixtures.synthetic_iemocap import make_corpus
 from fixtures import tiny_models
 from fixtures.tiny_models import MARKER, TINY_ROLES, main, make_tiny_models
+from mmser.data_contract import read_manifest
 from mmser.models_dir import models_dir_path
 
 
@@ -27,11 +28,22 @@ def one_error_line(capsys):
     return captured.err
 
 
-def test_cli_writes_the_models_and_names_them(data_dir, tmp_path, capsys):
-    assert main([str(tmp_path / "models"), str(data_dir)]) == 0
+def test_cli_writes_the_models_and_names_them_and_a_whisper_the_transcripts_step_takes(data_dir, tmp_path, capsys):
+    """--asr: a tiny Whisper with a real vocabulary (trained on the transcripts), where the transcripts step
+    looks without --asr-model, so that ASR can be tried end to end offline."""
+    from mmser.asr import asr_model_name, load_asr, transcribe
+    from mmser.utils import read_audio
+    models = tmp_path / "models"
+    assert main([str(models), str(data_dir), "--asr", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert all(str(models_dir_path(tmp_path / "models", role)) in out for role in TINY_ROLES)
-    assert (tmp_path / "models" / MARKER).is_file()
+    assert all(str(models_dir_path(models, role)) in out for role in (*TINY_ROLES, "asr_model"))
+    assert (models / MARKER).is_file()
+    # What the transcripts step loads (its tokenizer check included) and how it transcribes, on a few clips.
+    rows = read_manifest(data_dir)
+    asr = load_asr(asr_model_name(models))  # no --asr-model: MODELS_DIR's
+    wavs = [read_audio(path)[0] for path in sorted((data_dir / "Audio").glob("*.wav"))[:4]]
+    words = {w for row in rows for w in row["transcript"].lower().split()}
+    assert any(set(text.lower().split()) & words for text in transcribe(wavs, asr)[0])  # words, not special tokens
 
 
 def test_a_data_dir_is_never_taken_for_a_models_dir(data_dir, capsys):

@@ -243,3 +243,139 @@ def test_a_checkpoint_of_another_model_is_named(demo, tmp_path):
     rows = [{"wav": str(wav), "text": "hi", "_wav_path": wav}]
     with pytest.raises(predictor.PredictError, match=r"(?s)best.pt: not a checkpoint of this run's model .*size mismatch"):
         predictor.predict_rows(run_dir, rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 22, round two: contradictory options, model paths that are not there, refusals before torch
+
+def refusal(script, *args):
+    """Run a script as `python SCRIPT ARGS` in a fresh process -> (exit status, stderr, whether torch
+    was imported when it stopped)."""
+    run = (f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')" if script.endswith(".py") else
+           f"runpy.run_module({script!r}, run_name='__main__')")
+    code = (f"import runpy, sys\nsys.argv = [{script!r}, *{[str(a) for a in args]!r}]\ncode = 0\n"
+            f"try:\n    {run}\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print('torch' in sys.modules, file=sys.__stdout__)\n"
+            f"if isinstance(code, str):\n    print(code, file=sys.stderr)\n    code = 1\n"
+            f"sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    return done.returncode, done.stderr.strip(), done.stdout.strip().splitlines()[-1] == "True"
+
+
+CONTRADICTIONS = [  # (options, the line's words): each an option the run would have ignored
+    (["--seeds", "1,2", "--seed", "5"], "--seed 5 does not apply: --seeds runs each of its seeds; drop --seed"),
+    (["--branches", "speech", "--freeze-text"], "--freeze-text does not apply: --branches speech has no text branch"),
+    (["--branches", "text,context", "--finetune-speech"], "--finetune-speech does not apply: --branches text,context "
+                                                          "has no speech branch"),
+    (["--gradient-checkpointing"], "--gradient-checkpointing does not apply: only a transformers speech encoder "
+                                   "fine-tuned"),
+    (["--branches", "speech", "--test-transcripts", "asr"], "--test-transcripts asr does not apply: --branches "
+                                                            "speech reads no transcripts"),
+    (["--asr-model", "openai/whisper-large-v3"], "this run reads the reference ones (add --transcripts asr"),
+    (["--fold-by", "speaker"], "--fold-by speaker does not apply: it names the folds of --protocol folds"),
+    (["--protocol", "official", "--val-split", "speaker"], "--protocol official validates on the corpus's dev split"),
+    (["--branches", "text,speech", "--sentence-pooling", "mean"], "--sentence-pooling mean does not apply: --branches "
+                                                                  "text,speech has no context branch"),
+    (["--branches", "speech,context", "--text-model", "roberta-base"], "has no text branch"),
+    (["--branches", "text,context", "--speech-model", "microsoft/wavlm-large"], "has no speech branch"),
+    (["--speech-model", "/nonexistent"], "--speech-model /nonexistent: no such folder"),
+    (["--text-model", "./nowhere"], "--text-model ./nowhere: no such folder"),
+    (["--branches", "speech", "--speech-model", "gone/bert_kmeans.pt"], "--speech-model gone/bert_kmeans.pt: no such file"),
+]
+
+
+@pytest.mark.parametrize("options,message", CONTRADICTIONS, ids=[" ".join(o) for o, _ in CONTRADICTIONS])
+def test_an_option_the_run_would_ignore_is_named_and_nothing_is_written(demo, tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as stop:
+        main.main([tmp_path / "run", demo["data_dir"], demo["run_dir"] / "models", *options])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and message in err[-1], err
+    assert not (tmp_path / "run").exists()  # config.json never records what the run would not do
+
+
+def test_options_a_recipe_or_the_demo_set_are_not_taken_for_given_ones():
+    # The recipe's seed with --seeds, its frozen text encoder with a speech-only run: not the user's words.
+    args = main.parse_args(["r", "d", "m", "--recipe", "original", "--seeds", "1,2", "--branches", "speech"])
+    main.check_options(args, main.build_parser())
+    assert args.freeze_text and args.given >= {"recipe", "seeds", "branches"} and "seed" not in args.given
+    args = main.parse_args(["--demo", "--seeds", "1,2"])  # the demo's own seed
+    main.check_options(args, main.build_parser())
+
+
+REFUSALS = [  # (script, its arguments (<DEMO>: the demo's run folder), the line's words), all before torch
+    ("main.py", ["<A_FILE>", "<DATA>", "<MODELS>"], "RUN_DIR {tmp}/a_file: not a folder"),
+    ("main.py", ["{tmp}/run", "<DATA>", "{tmp}/none"], "MODELS_DIR {tmp}/none: no such folder"),
+    ("main.py", ["{tmp}/run", "<DATA>", "<MODELS>", "--speech-model", "/nonexistent"],
+     "--speech-model /nonexistent: no such folder"),
+    ("main.py", ["{tmp}/run", "<DATA>", "<MODELS>", "--seeds", "1,2", "--seed", "5"], "--seed 5 does not apply"),
+    ("main.py", ["--demo", "<A_FILE>"], "RUN_DIR {tmp}/a_file: not a folder"),
+    ("predict.py", ["{tmp}", "--text", "hi"], "{tmp}/config.json: not found"),
+    ("predict.py", ["<DEMO>", "--list", "{tmp}/none.csv"], "none.csv: unreadable list"),
+    ("predict.py", ["<DEMO>", "--wav", "{tmp}/none.wav", "--text", "hi"], "--wav {tmp}/none.wav: no such file"),
+    ("feature_ext.py", ["speech-layers", "<DATA>", "<MODELS>", "--speech-model", "<MODELS>/bert_kmeans/bert_kmeans.pt"],
+     "the speech-layers step needs a transformers --speech-model (a speech encoder's folder or hub name); "
+     "--speech-model <MODELS>/bert_kmeans/bert_kmeans.pt is a fairseq checkpoint file"),
+    ("feature_ext.py", ["text-tokens", "<DATA>", "<MODELS>", "--text-model", "{tmp}/none"],
+     "--text-model {tmp}/none: no such folder"),
+    ("fixtures.tiny_models", ["{tmp}/models", "{tmp}/none"], "{tmp}/none: DATA_DIR not found"),
+    ("fixtures.tiny_models", ["<DATA>", "<DATA>"], "holds utterances.csv, so it is a DATA_DIR"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", REFUSALS, ids=[f"{s} {' '.join(a)}" for s, a, _ in REFUSALS])
+def test_a_refusal_that_needs_no_model_comes_before_torch_loads(demo, tmp_path, script, args, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    names = {"<A_FILE>": tmp_path / "a_file", "<DATA>": demo["data_dir"], "<MODELS>": demo["run_dir"] / "models",
+             "<DEMO>": demo["run_dir"], "{tmp}": tmp_path}
+
+    def fill(text):
+        for key, value in names.items():
+            text = text.replace(key, str(value))
+        return text
+
+    code, err, torch_loaded = refusal(script, *map(fill, args))
+    said = [line for line in err.splitlines() if not line.startswith(("usage:", " "))]  # argparse's usage aside
+    assert code != 0 and len(said) == 1 and fill(message) in said[0], err
+    assert not torch_loaded
+
+
+def test_another_corpus_s_speech_features_go_with_it_in_a_fresh_process(demo, tmp_path):
+    """The speech routes' folders (vqw2vTokens/, SpeechLayers-<model>/) are registered by mmser/speech/,
+    which a collector's process never imports by itself: --overwrite must still remove them."""
+    data_dir = copy_data(demo, tmp_path)
+    (data_dir / "SpeechLayers-tiny-wavlm").mkdir()
+    rows = [row for row in read_manifest(demo["data_dir"]) if row["label"]][:24]
+    corpus = tmp_path / "corpus.csv"
+    with open(corpus, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["wav", "text", "label"])
+        writer.writerows([demo["data_dir"] / "Audio" / f"{row['name']}.wav", row["transcript"], row["label"]]
+                         for row in rows)
+    done = subprocess.run([sys.executable, "csv_data_collect.py", corpus, data_dir, "--overwrite"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in data_dir.iterdir()) == ["Audio", "Text", "classes.json", "utterances.csv"]
+
+
+def test_a_model_path_that_is_not_there_is_named_by_the_library_too(demo, tmp_path):
+    from mmser import speech_encoders, text_features
+    report = text_features.extract_text_tokens(copy_data(demo, tmp_path), text_model=tmp_path / "gone", progress=False)
+    assert report.error == f"text model {tmp_path / 'gone'}: no such folder"
+    with pytest.raises(speech_encoders.SpeechModelError, match=r"speech model /nonexistent: no such folder"):
+        speech_encoders.speech_kind("/nonexistent")
+
+
+def test_a_wavlm_encoder_runs_without_torch_s_mask_warning(tmp_path):
+    from fixtures.tiny_models import make_tiny_speech_encoder
+    from mmser import speech_encoders
+    speech = speech_encoders.load_speech_model(make_tiny_speech_encoder(tmp_path / "wavlm", "wavlm"))
+    wav = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        speech_encoders.layer_means(speech, wav)
+    assert not [w for w in caught if "key_padding_mask" in str(w.message)]
+
+
+def test_the_demo_s_stage_header_names_the_speech_route_s_step(demo_run):
+    assert "[4/5] features: speech-tokens, text-tokens, sentence-embeddings, context vectors c=2" in demo_run[2]

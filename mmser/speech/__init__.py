@@ -29,6 +29,7 @@ class SpeechRoute:
 
     name = None  # its extraction step (a data_contract.STEPS key) and its name in ROUTES
     wants = None  # what --speech-model names for this route, as a message says it
+    kind = None  # what a --speech-model this route takes is, as a message says it
     model_is_file = False  # --speech-model is a file: resolved to an absolute path, present or not
     encoder_files = ()  # utils.fingerprint's patterns of the speech_model role (none: a file)
 
@@ -77,6 +78,12 @@ class SpeechRoute:
         """The longest sequence its encoder's learned positions hold, or None (no token limit, or a model
         that cannot be read here: its own error comes where it is loaded)."""
         return None
+
+    @property
+    def takes_gradient_checkpointing(self):
+        """Whether branch(gradient_checkpointing=True) recomputes activations (main.py refuses
+        --gradient-checkpointing where it would do nothing)."""
+        return False
 
     @property
     def reads_audio(self):

@@ -75,6 +75,7 @@ class SpeechLayers(SpeechRoute):
 
     name = NAME
     wants = "a transformers --speech-model (a speech encoder's folder or hub name)"
+    kind = "a transformers speech encoder's folder or hub name"
     encoder_files = (ENCODER_FILES,)
 
     def __init__(self, speech_model=None, finetune=False):
@@ -98,6 +99,10 @@ class SpeechLayers(SpeechRoute):
 
     @property
     def reads_audio(self):
+        return self.finetune
+
+    @property
+    def takes_gradient_checkpointing(self):  # only the fine-tuned encoder runs in training
         return self.finetune
 
     def load_input(self, data_dir, name, max_tokens):

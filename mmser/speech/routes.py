@@ -32,5 +32,7 @@ def step_route(step, speech_model=None):
     route's name must be that route (ValueError saying what it needs)."""
     route = route_of(speech_model)
     if step not in (route.name, DEFAULT_ROUTE.name):
-        raise ValueError(f"the {step} step needs {ROUTES[step].wants}")
+        given = (f"--speech-model {speech_model} is {route.kind}" if speech_model is not None else
+                 "no --speech-model was given")
+        raise ValueError(f"the {step} step needs {ROUTES[step].wants}; {given}")
     return route

@@ -97,6 +97,7 @@ class SpeechTokens(SpeechRoute):
 
     name = NAME
     wants = "a fairseq speech RoBERTa checkpoint (--speech-model FILE.pt, or none: MODELS_DIR's bert_kmeans.pt)"
+    kind = "a fairseq checkpoint file (*.pt), the speech RoBERTa that reads the speech-tokens step's features"
     model_is_file = True
 
     @classmethod
