@@ -18,6 +18,7 @@ utterances whose window needs it.
 """
 import argparse
 import sys
+from pathlib import Path
 
 from mmser.context import DEFAULT_CONTEXT, write_context_vectors
 from mmser.data_contract import sentence_tag, transcript_set
@@ -36,6 +37,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.context):
         parser.error("--context sizes must be at least 1")
+    if not Path(args.data_dir).is_dir():
+        parser.error(f"DATA_DIR {args.data_dir}: no such folder")
     tag = sentence_tag(args.sentence_model, args.sentence_pooling)
     reports = write_context_vectors(args.data_dir, args.context, args.overwrite, progress=sys.stderr.isatty(), tag=tag,
                                     transcripts=transcript_set(args.asr_model))

@@ -309,6 +309,8 @@ REFUSALS = [  # (script, its arguments (<DEMO>: the demo's run folder), the line
      "--speech-model /nonexistent: no such folder"),
     ("main.py", ["{tmp}/run", "<DATA>", "<MODELS>", "--seeds", "1,2", "--seed", "5"], "--seed 5 does not apply"),
     ("main.py", ["--demo", "<A_FILE>"], "RUN_DIR {tmp}/a_file: not a folder"),
+    ("main.py", ["--demo", "<MODELS>"], "holds files and is not a demo folder"),
+    ("concatenate_embds.py", ["{tmp}/none"], "DATA_DIR {tmp}/none: no such folder"),
     ("predict.py", ["{tmp}", "--text", "hi"], "{tmp}/config.json: not found"),
     ("predict.py", ["<DEMO>", "--list", "{tmp}/none.csv"], "none.csv: unreadable list"),
     ("predict.py", ["<DEMO>", "--wav", "{tmp}/none.wav", "--text", "hi"], "--wav {tmp}/none.wav: no such file"),
