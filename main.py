@@ -103,7 +103,7 @@ def add_run_arguments(p, d=DEFAULTS):
     p.add_argument("--demo", action="store_true",
                    help="make the synthetic corpus and tiny models in RUN_DIR (default demo_run) and run every stage")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="every training setting of a named source (mmser/recipes.py; README's recipe table); options "
+                   help="every training setting of a named source (mmser/recipes.py; docs/recipes.md's table); options "
                         "given still override it")
     p.add_argument("--seeds", default=None,
                    help="e.g. 1,2,3: the whole protocol once per seed, in RUN_DIR/seed{n}/, with the mean and sample "

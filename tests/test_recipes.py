@@ -20,15 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------------
 # the table
 
-def test_every_recipe_value_has_a_source_and_the_readme_shows_the_table():
+def test_every_recipe_value_has_a_source_and_the_docs_show_the_table():
     for name, settings in recipes.RECIPES.items():
         assert set(settings) == set(recipes.SETTINGS) == set(recipes.SOURCES[name])
         assert all(recipes.SOURCES[name][k] for k in recipes.SETTINGS)
-    # every setting a recipe sets is an option of main.py, and the table in README is the code's
+    # every setting a recipe sets is an option of main.py, and the table in docs/recipes.md is the code's
     parser = main.build_parser()
     dests = {action.dest for action in parser._actions}
     assert set(recipes.recipe_settings("original")) <= dests
-    assert recipes.markdown_table(dataclasses.asdict(DEFAULTS)) in (REPO / "README.md").read_text()
+    assert recipes.markdown_table(dataclasses.asdict(DEFAULTS)) in (REPO / "docs" / "recipes.md").read_text()
 
 
 def test_a_recipe_sets_every_setting_and_options_given_still_override_it():

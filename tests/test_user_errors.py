@@ -103,7 +103,7 @@ def test_missing_folders_and_fairseq_files_are_named_with_where_to_get_them(demo
     (models / "vq-wav2vec_kmeans.pt").unlink()
     report = speech_tokens.extract_speech_tokens(copy_data(demo, tmp_path), models, progress=False)
     assert "vq-wav2vec_kmeans.pt and " in report.error and "dict.txt: not found" in report.error
-    assert "README" in report.error
+    assert "docs/encoders.md" in report.error
 
 
 def test_an_unexpected_error_is_never_a_failed_utterance(demo, tmp_path, monkeypatch):

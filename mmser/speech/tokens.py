@@ -24,12 +24,12 @@ register_step(NAME, Step("vqw2vTokens", "labelled", ("vq_wav2vec", "speech_dicti
 
 def speech_model_files(models_dir):
     """The two fairseq files the speech tokens come from, each checked to be there: a missing one is
-    named with where the README's "Pretrained files" says to get it."""
+    named with where docs/encoders.md's "Pretrained files" says to get it."""
     paths = {role: models_dir_path(models_dir, role) for role in ("vq_wav2vec", "speech_dictionary")}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FeatureError(f"{' and '.join(missing)}: not found; download vq-wav2vec_kmeans.pt and bert_kmeans.tar "
-                           f"into MODELS_DIR (README, \"Pretrained files\")")
+                           f"into MODELS_DIR (docs/encoders.md, \"Pretrained files\")")
     return paths
 
 
@@ -88,7 +88,7 @@ def load_speech_roberta(path):
     from mmser.fairseq_checkpoints import load_fairseq_roberta
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: speech RoBERTa checkpoint not found; download bert_kmeans.tar into "
-                                f"MODELS_DIR (README, \"Pretrained files\")")
+                                f"MODELS_DIR (docs/encoders.md, \"Pretrained files\")")
     return load_fairseq_roberta(path)
 
 
@@ -112,7 +112,7 @@ class SpeechTokens(SpeechRoute):
         if Path(self.speech_model).is_file():
             return None
         return (f"{self.speech_model}: not found; the speech branch's RoBERTa comes from bert_kmeans.tar, unpacked "
-                f"into MODELS_DIR (README, \"Pretrained files\")")
+                f"into MODELS_DIR (docs/encoders.md, \"Pretrained files\")")
 
     def positions(self):
         from mmser.fairseq_checkpoints import load_fairseq_roberta
