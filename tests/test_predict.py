@@ -193,7 +193,8 @@ def test_the_list_is_never_overwritten_by_the_output(demo, tmp_path):
 def test_an_unusable_device_is_one_line(demo, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
-        predict.main([str(demo["run_dir"]), "--wav", "clip.wav", "--device", "cuda"])
+        predict.main([str(demo["run_dir"]), "--wav", str(next((demo["data_dir"] / "Audio").glob("*.wav"))),
+                      "--text", "hi", "--device", "cuda"])
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
 
 
