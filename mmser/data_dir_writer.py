@@ -173,9 +173,9 @@ def claim_data_dir(data_dir, about, overwrite=False):
 def feature_folders(data_dir):
     """DATA_DIR's folders that the extraction steps write (data_contract.STEPS' folders, every model's
     and transcript set's), sorted."""
-    import mmser.speech.routes  # noqa: F401  the speech routes register their steps (vqw2vTokens/, SpeechLayers-*/)
+    from mmser.speech.routes import ROUTES  # each route's step (vqw2vTokens/, SpeechLayers-*/) is the route's own
     patterns = set()
-    for step in STEPS.values():
+    for step in [*STEPS.values(), *(STEPS[name] for name in ROUTES)]:
         for template in (step.folder, step.per_model):
             if template:  # the top folder: ASR-{model}/Text lives in ASR-{model}/
                 patterns.add(re.escape(template.split("/")[0]).replace(r"\{c\}", r"\d+").replace(r"\{model\}", ".+"))
