@@ -7,7 +7,7 @@ Reads (nothing is written), the files data_contract.BRANCHES names for each bran
                                           speech RoBERTa ids <s> codes </s>, by default)
   DATA_DIR/FullBertEmb{c}/<name>.npy      (2c+1)*H context vector           (context branch)
 
-Each utterance becomes a dict: index, name, session, speaker, dialog, the manifest's optional
+Each utterance becomes a dict: index, name, utterance_id, session, speaker, dialog, the manifest's optional
 columns it has (split, group, sentiment), label (index into the run's classes; -1 for an utterance
 without one: trained on its attributes only, or a withheld partition's), with a target that has
 attributes (mmser/targets.py) attribute_values (on the corpus's scale) and attributes (float32 on the
@@ -77,8 +77,8 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     speech_route = speech_route or route_of()
     utterances = []
     for row in tqdm(rows, desc="loading features", unit="utt", leave=False, disable=not progress):
-        item = {"index": len(utterances), "name": row["name"], "session": row["session"],
-                "speaker": row["speaker"], "dialog": row["dialog"],
+        item = {"index": len(utterances), "name": row["name"], "utterance_id": row["utterance_id"],
+                "session": row["session"], "speaker": row["speaker"], "dialog": row["dialog"],
                 "label": classes.index(row["label"]) if row["label"] else NO_LABEL}
         item.update({c: row[c] for c in OPTIONAL_COLUMNS if c in row})
         if target is not None and target.num_attributes:
