@@ -199,7 +199,7 @@ def results_table(results, settings):
         recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
         lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(settings.classes):.2f}."]
     if target != "categorical":
-        scale = {a: "-".join(f"{b:g}" for b in settings.attributes[a]) for a in attributes}
+        scale = {a: " to ".join(f"{b:g}" for b in settings.attributes[a]) for a in attributes}
         lines += ["", "Pooled test predictions per attribute (MAE on the corpus's scale; a constant prediction has "
                       "CCC 0):", "", "| attribute | scale | n | CCC | Pearson r | MAE |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {a} | {scale[a]} | {p['attribute_n'][a]} | {p[f'{a}_ccc']:.4f} | {p[f'{a}_pearson']:.4f} | "
