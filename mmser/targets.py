@@ -62,15 +62,19 @@ class Target:
 
     def unit(self, values):
         """(n, attributes) on each attribute's own scale -> the unit scale the model regresses."""
-        values = np.asarray(values, dtype=np.float64).reshape(-1, self.num_attributes)
-        return np.stack([scale.to_unit(values[:, k]) for k, scale in enumerate(self.attributes.values())], axis=1) \
-            if self.num_attributes else values
+        values = np.asarray(values, dtype=np.float64)
+        if not self.num_attributes:
+            return values
+        values = values.reshape(-1, self.num_attributes)
+        return np.stack([scale.to_unit(values[:, k]) for k, scale in enumerate(self.attributes.values())], axis=1)
 
     def values(self, unit):
         """(n, attributes) on the unit scale -> on each attribute's own scale (NaN stays NaN)."""
-        unit = np.asarray(unit, dtype=np.float64).reshape(-1, self.num_attributes)
-        return np.stack([scale.from_unit(unit[:, k]) for k, scale in enumerate(self.attributes.values())], axis=1) \
-            if self.num_attributes else unit
+        unit = np.asarray(unit, dtype=np.float64)
+        if not self.num_attributes:
+            return unit
+        unit = unit.reshape(-1, self.num_attributes)
+        return np.stack([scale.from_unit(unit[:, k]) for k, scale in enumerate(self.attributes.values())], axis=1)
 
     def metrics(self, predictions):
         """The split's figures from validation_function.predict's dictionary: compute_metrics' on the labelled
