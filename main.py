@@ -10,10 +10,12 @@ a new or empty folder, or a run folder main.py made; writes everything under it:
   config.json                 every resolved setting (and the --recipe they came from), data_dir, the models
                               used, the code's git commit and the library versions
   train.log                   the log of every invocation (appended)
-  fold{k}/best.pt             the tested epoch's weights, by --select-by (default: best validation UA;
-                              torch.load(weights_only=True))
+  fold{k}/best.pt             the tested epoch's weights, by --select-by (default: best validation UA, or
+                              mean CCC for --target dimensional; torch.load(weights_only=True))
   fold{k}/last.pt             the last finished epoch, to resume from (removed once the fold is done)
-  fold{k}/predictions.csv     name, true, predicted, p_ang, p_hap, p_sad, p_neu (test utterances)
+  fold{k}/predictions.csv     name, true, predicted, p_ang, p_hap, p_sad, p_neu (test utterances); with
+                              --target dimensional or both, true_<attribute> and <attribute> per attribute
+                              (attributes.png: predicted against true; docs/dimensional.md)
   fold{k}/confusion_matrix.png, training_curves.png, attention.png (context branch, per slot)
   fold{k}/tensorboard/        the live curves (per step and per epoch) for TensorBoard
   fold{k}/fold_result.json    the fold's test and validation metrics and training history
@@ -286,8 +288,17 @@ def check_target_options(args, parser):
                  if getattr(args, k) != getattr(DEFAULTS, k)]
         if given:
             parser.error(f"{', '.join(given)} apply to the attributes: give --target dimensional or both")
-    elif args.target == "dimensional" and args.attribute_weight != DEFAULTS.attribute_weight:
-        parser.error("--attribute-weight weighs the attributes' loss against the classes': it applies to --target both")
+    elif args.target == "dimensional":
+        if args.attribute_weight != DEFAULTS.attribute_weight:
+            parser.error("--attribute-weight weighs the attributes' loss against the classes': it applies to --target "
+                         "both")
+        given = [name for name, value, default in (("--loss", args.loss, DEFAULTS.loss),
+                                                   ("--class-weights", args.class_weights, DEFAULTS.class_weights),
+                                                   ("--one-vs-rest", args.one_vs_rest, DEFAULTS.one_vs_rest))
+                 if value != default]
+        if given:
+            parser.error(f"{', '.join(given)} apply to the classes, which --target dimensional does not learn: give "
+                         f"--target both, or leave them out")
     if not args.attribute_weight > 0:
         parser.error(f"--attribute-weight must be positive, got {args.attribute_weight}")
     if args.test_set != DEFAULTS.test_set and args.protocol != "official":

@@ -1,8 +1,8 @@
 """Training: the loss, the optimizer and its schedules, one optimizer step, one epoch, one fold.
 
-Writes a fold's checkpoints (FOLD_DIR/best.pt: the best epoch's weights by validation UA;
-FOLD_DIR/last.pt: the last finished epoch with the optimizer, scheduler and random generators, to
-resume from). `train_step` is the unit benchmarks time: forward, backward and update over one
+Writes a fold's checkpoints (FOLD_DIR/best.pt: the best epoch's weights by --select-by, validation UA
+by default; FOLD_DIR/last.pt: the last finished epoch with the optimizer, scheduler and random
+generators, to resume from). `train_step` is the unit benchmarks time: forward, backward and update over one
 step's micro-batches. A fold is trained in parts that each read on their own: prepare_training
 (model, optimizer, batches), resume (last.pt), train_epoch + end_of_epoch (validation,
 checkpoints, newbob), and train_fold, which strings them together.

@@ -31,7 +31,7 @@ def quiet_run(*args):
 def dimensional_run(demo_run, tmp_path_factory):
     """The demo's data and settings with --target dimensional: -> (run_dir, results)."""
     run_dir = tmp_path_factory.mktemp("dimensional") / "run"
-    return run_dir, quiet_run(demo_run[0], run_dir, "--target", "dimensional")
+    return run_dir, quiet_run(demo_run[0], run_dir, "--target", "dimensional", "--epochs", "10")
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,7 @@ def test_the_speech_steps_read_the_rated_and_withheld_rows_whose_audio_was_writt
     (["--target", "dimensional", "--select-by", "val_ua"], "its own is val_ccc"),
     (["--attribute-loss", "mse"], "--attribute-loss apply to the attributes: give --target dimensional or both"),
     (["--target", "dimensional", "--attribute-weight", "2"], "it applies to --target both"),
+    (["--target", "dimensional", "--one-vs-rest"], "--one-vs-rest apply to the classes, which --target dimensional"),
     (["--target", "both", "--attribute-weight", "0"], "--attribute-weight must be positive"),
     (["--test-set", "test2"], "it applies to --protocol official"),
 ])
