@@ -158,9 +158,10 @@ def run_fold(settings, fold, utterances, run_dir, env, budget, test_inputs=None)
     test, predictions, _ = validation_function.evaluate(model, tested, settings.eval_batch_size, env.device,
                                                         settings.classes, env.amp_dtype, env.rank,
                                                         env.world_size, loss_fn=loss_fn, target=target)
-    if settings.one_vs_rest:  # Siriwardhana et al.'s per-emotion binary scores, beside ours
-        test.update(validation_function.one_vs_rest_metrics(predictions["labels"], predictions["probs"].argmax(1),
-                                                            settings.classes))
+    if settings.one_vs_rest:  # Siriwardhana et al.'s per-emotion binary scores, beside ours (labelled utterances)
+        known = predictions["labels"] >= 0
+        test.update(validation_function.one_vs_rest_metrics(predictions["labels"][known],
+                                                            predictions["probs"].argmax(1)[known], settings.classes))
     result = {k: fold[k] for k in fold if k == "fold" or k.startswith("test_")}
     result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
                   best_epoch=state["best_epoch"], val=state["best_val"], history=state["history"])
