@@ -4,14 +4,17 @@ paired significance test of each run against the first.
     python compare_runs.py RUN_DIR [RUN_DIR ...] [--output DIR]
 
 Reads each RUN_DIR's config.json and results.json (any metrics they hold: WA, UA, macro-F1,
-weighted-F1, one-vs-rest scores, ...). Writes into DIR (default: comparison/):
+weighted-F1, one-vs-rest scores; a dimensional run's CCC, Pearson r and MAE per attribute and their
+means, ...). Writes into DIR (default: comparison/):
   comparison.md    the table in Markdown (also printed)
   comparison.tex   the same table as a LaTeX tabular
   comparison.png   a bar chart of each metric's mean per run, error bars one standard deviation
 Each run's spread is the one its results.json gives (sample standard deviation, ddof 1: over seeds
 for a --seeds run, over folds otherwise). The test is scipy.stats.ttest_rel, a paired t-test over
 the (seed, fold) pairs both runs tested; fewer than two pairs give no test. Runs of different
-protocols test on different utterances and are refused, not compared. The transcripts a run trained
+protocols, test partitions (--test-set) or attribute utterances (--attribute-utterances) test on
+different utterances and are refused, not compared; runs of different targets compare on the metrics
+they share (a both run beside a categorical one on WA, UA, ...; beside a dimensional one on CCC, ...). The transcripts a run trained
 and tested on are a setting like any other, shown when they differ (a run whose config.json does not
 record them trained and tested on the reference transcripts): the test folds hold the same utterances
 and labels whichever transcripts the text came from, so the paired test measures what ASR costs.
@@ -22,7 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from mmser.reporting import METRICS
+from mmser.reporting import LOWER_IS_BETTER, METRICS
+from mmser.settings import DEFAULTS
 
 # Shown first, in this order, when the runs hold them (the run's own tables' order and names); any
 # other metric all runs share follows.
@@ -32,8 +36,9 @@ PREFERRED, NAMES = tuple(METRICS), METRICS
 # "pretrained" (their sha256) tells whether they are.
 BOOKKEEPING = ("versions", "code", "val_split_description", "stop_after_epochs", "left_out", "recipe_overridden",
                "device", "world_size", "models_dir", "text_model", "speech_model")
-# Settings under which two runs' numbers are not of the same thing: other test utterances.
-MUST_MATCH = ("protocol",)
+# Settings under which two runs' numbers are not of the same thing: other test utterances. (A config.json
+# written before a setting existed had its default.)
+MUST_MATCH = ("protocol", "test_set", "attribute_utterances")
 
 
 class CompareError(Exception):
@@ -65,9 +70,9 @@ def transcripts_of(config):
 def check_comparable(runs):
     """Refuse runs whose protocol differs: their numbers are of other test utterances."""
     for key in MUST_MATCH:
-        values = {json.dumps(r["config"].get(key)) for r in runs if key in r["config"]}
+        values = {json.dumps(r["config"].get(key, getattr(DEFAULTS, key))) for r in runs}
         if len(values) > 1:
-            detail = ", ".join(f"{r['dir']}: {r['config'].get(key)}" for r in runs if key in r["config"])
+            detail = ", ".join(f"{r['dir']}: {r['config'].get(key, getattr(DEFAULTS, key))}" for r in runs)
             raise CompareError(f"the runs differ in {key} ({detail}); only runs of one {key} are compared")
 
 
@@ -227,8 +232,12 @@ def bar_chart(comparison, path):
                   if row["values"][m]["std"] is not None]
         if spread:
             ax.errorbar(*zip(*spread), fmt="none", ecolor="black", capsize=3)
-    ax.set_xticks(x, [NAMES.get(m, m) for m in metrics], rotation=30 if len(metrics) > 4 else 0)
-    ax.set(ylim=(0, 1), ylabel="score", title="mean ± one standard deviation (no error bar: no spread)")
+    ax.set_xticks(x, [NAMES.get(m, m) + (" (lower is better)" if m in LOWER_IS_BETTER else "") for m in metrics],
+                  rotation=30 if len(metrics) > 4 else 0, ha="right" if len(metrics) > 4 else "center")
+    # scores run from 0 to 1, but a CCC may fall below 0 and an MAE on a 1-7 scale rise above 1
+    values = [row["values"][m]["mean"] for row in rows for m in metrics]
+    ax.set(ylim=(min(0, min(values) * 1.1), max(1, max(values) * 1.1)), ylabel="score",
+           title="mean ± one standard deviation (no error bar: no spread)")
     ax.legend(fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")

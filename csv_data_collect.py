@@ -1,6 +1,7 @@
 """A researcher's own corpus, listed in a CSV, into DATA_DIR: the manifest, the transcripts, the audio.
 
     python csv_data_collect.py CORPUS.csv DATA_DIR [--classes a,b,c] [--allow-missing] [--all-audio] [--overwrite]
+                               [--attribute-scale LOW:HIGH | --attribute-scale NAME=LOW:HIGH ...]
 
 Reads a CSV (UTF-8, a spreadsheet's BOM allowed) with the columns
     wav, text, label          required: audio file (relative to the CSV's folder), transcript, class
@@ -9,6 +10,10 @@ Reads a CSV (UTF-8, a spreadsheet's BOM allowed) with the columns
     speaker, split, group     who speaks; train/dev/test of a corpus that ships splits (main.py
                               --protocol official); any grouping to hold out (--protocol folds --fold-by group)
     start, end                seconds: the utterance is that stretch of the wav
+    valence, arousal, dominance   dimensional ratings (main.py --target dimensional|both), any numeric range:
+                              --attribute-scale gives it (LOW:HIGH for every one, NAME=LOW:HIGH for one),
+                              classes.json records it, and a value outside it is named with its CSV line;
+                              an empty cell is an unknown value
 Any other column is refused: a misspelt "dialogue" would silently lose the conversation order.
 A row with an empty label is context only: its text is its neighbours' context, it is not trained
 on or tested, and its wav may be empty; a wav it names that is not there is listed. Its audio is
@@ -21,9 +26,11 @@ Writes the DATA_DIR that mocap_data_collect.py writes (the data contract), for t
                                  in its order; the columns of data_contract.MANIFEST_COLUMNS, then split
                                  and group when the CSV has them. session is 0, emotion is the label.
     DATA_DIR/Text/<name>.txt     every transcript, one line
-    DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the labelled rows (every row with a wav: --all-audio)
+    DATA_DIR/Audio/<name>.wav    16 kHz mono PCM16, for the labelled rows and the rated ones with a wav (every
+                                 row with a wav: --all-audio)
     DATA_DIR/classes.json        the label set: --classes in that order, or the labels sorted; the
-                                 corpus (the CSV's file name) and collector (csv_data_collect.py)
+                                 corpus (the CSV's file name) and collector (csv_data_collect.py); the
+                                 attributes and their scales, when the CSV rates any
 with name = "{index}_s_0_{label}" ("xxx" for a context-only row). A row without a dialog is a
 conversation of its own.
 
@@ -47,14 +54,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mmser.data_contract import MANIFEST, SAMPLE_RATE, SPLITS
+from mmser.data_contract import MANIFEST, SAMPLE_RATE, SPLITS, attributes_record
 from mmser.data_dir_writer import (CorpusError, check_coverage, claim_data_dir, count_table, few, name_rows,
                                    normalise_transcript, write_data_dir)
+from mmser.dimensional import ATTRIBUTES, MANIFEST_COLUMN, Scale
 from mmser.options import add_all_audio, add_overwrite_corpus
 from mmser.utils import AudioError, read_audio
 
 REQUIRED = ("wav", "text", "label")
-OPTIONAL = ("id", "dialog", "order", "speaker", "split", "group", "start", "end")
+OPTIONAL = ("id", "dialog", "order", "speaker", "split", "group", "start", "end", *ATTRIBUTES)
+# Names a rating column might be given by mistake: the tool's one name for each (mmser/dimensional.py).
+ATTRIBUTE_ALIASES = {"activation": "arousal", "act": "arousal", "val": "valence", "dom": "dominance"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,9 +102,58 @@ def seconds(text, where, column):
     return value
 
 
-def read_corpus_csv(csv_path, classes=None):
+def parse_scales(texts):
+    """--attribute-scale's values -> {attribute or None (every attribute column): Scale}; CorpusError naming
+    the value that does not read."""
+    scales = {}
+    for text in texts or ():
+        name, _, bounds = text.rpartition("=")
+        name = name.strip() or None
+        if name is not None and name not in ATTRIBUTES:
+            raise CorpusError(f"--attribute-scale {text}: {name!r} is none of {', '.join(ATTRIBUTES)}")
+        try:
+            low, high = (float(b) for b in bounds.split(":"))
+            scales[name] = Scale(low, high)
+        except ValueError:
+            raise CorpusError(f"--attribute-scale {text}: expected LOW:HIGH or NAME=LOW:HIGH with LOW below HIGH, "
+                              f"e.g. 1:5 or valence=-1:1") from None
+    return scales
+
+
+def attribute_scales(csv_path, header, given):
+    """{attribute: Scale} of the CSV's rating columns, from --attribute-scale (parse_scales): each column
+    needs one (the range its ratings can take cannot be read from the ratings), and a scale needs its column."""
+    rated = [a for a in ATTRIBUTES if a in header]
+    scales = {a: given.get(a, given.get(None)) for a in rated}
+    unscaled = [a for a, scale in scales.items() if scale is None]
+    if unscaled:
+        raise CorpusError(f"{csv_path}: column {', '.join(unscaled)} needs the range its ratings can take: "
+                          f"--attribute-scale LOW:HIGH (every rating column), or {unscaled[0]}=LOW:HIGH")
+    stray = [a for a in given if a is not None and a not in rated] + (["LOW:HIGH"] if None in given and not rated else [])
+    if stray:
+        raise CorpusError(f"{csv_path}: --attribute-scale {', '.join(stray)} given, but the CSV has no such rating "
+                          f"column (its columns: {', '.join(header)})")
+    return scales
+
+
+def rating(text, scale, where, name):
+    """A rating cell as a number on its scale; "" (unknown) for an empty cell."""
+    if text == "":
+        return ""
+    try:
+        value = float(text)
+    except ValueError:
+        raise CorpusError(f"{where}: {name} {text!r} is not a number") from None
+    if not (np.isfinite(value) and scale.contains(value)):
+        raise CorpusError(f"{where}: {name} {value:g} lies outside its scale {scale.low:g}:{scale.high:g} "
+                          f"(--attribute-scale)")
+    return value
+
+
+def read_corpus_csv(csv_path, classes=None, scales=None):
     """Manifest rows (without names yet) in corpus order, each with "wav_path" and "where"; the label
-    set. Every check that needs no audio is done here."""
+    set; the rating columns' scales (scales: parse_scales' of --attribute-scale). Every check that needs
+    no audio is done here."""
     csv_path = Path(csv_path)
     header, table = read_table(csv_path)
     missing = [c for c in REQUIRED if c not in header]
@@ -103,8 +162,11 @@ def read_corpus_csv(csv_path, classes=None):
     unknown = [c for c in header if c not in REQUIRED + OPTIONAL]
     if unknown or len(set(header)) != len(header):
         what = f"unknown column {unknown[0]!r}" if unknown else "a column named twice"
+        if unknown and unknown[0].lower() in ATTRIBUTE_ALIASES:
+            what += f" (a rating? this tool calls it {ATTRIBUTE_ALIASES[unknown[0].lower()]})"
         raise CorpusError(f"{csv_path}:1: {what}; the columns are {', '.join(REQUIRED)} and optionally "
                           f"{', '.join(OPTIONAL)}")
+    scales = attribute_scales(csv_path, header, scales or {})
     if not table:
         raise CorpusError(f"{csv_path}: no rows")
     rows, first_line, dialogs = [], {}, {}
@@ -119,6 +181,7 @@ def read_corpus_csv(csv_path, classes=None):
             raise CorpusError(f"{where}: labelled row with an empty text")
         if label and not cells["wav"]:
             raise CorpusError(f"{where}: labelled row without a wav")
+        ratings = {a: rating(cells[a], scale, where, a) for a, scale in scales.items()}
         if cells.get("split", "train") not in SPLITS:
             raise CorpusError(f"{where}: split {cells['split']!r} is not one of {', '.join(SPLITS)}")
         start = seconds(cells["start"], where, "start") if cells.get("start") else None
@@ -137,6 +200,7 @@ def read_corpus_csv(csv_path, classes=None):
         row = {"utterance_id": uid, "session": 0, "dialog": dialog, "speaker": cells.get("speaker", ""),
                "gender": "", "start": "" if start is None else start, "end": "" if end is None else end,
                "emotion": label, "label": label, "valence": "", "activation": "", "dominance": "",
+               **{MANIFEST_COLUMN[a]: value for a, value in ratings.items()},
                "transcript": text, "wav_path": (csv_path.parent / cells["wav"]) if cells["wav"] else None,
                "where": where, "order": order}
         row.update({c: cells[c] for c in ("split", "group") if c in header})
@@ -159,7 +223,11 @@ def read_corpus_csv(csv_path, classes=None):
                               f"at least two utterances (fix it, or empty its label to keep the row as context)")
     if len([c for c in classes if counts[c]]) < 2:
         raise CorpusError(f"{csv_path}: labelled rows of {len(counts)} class(es); a classifier needs at least two")
-    return rows, list(classes)
+    return rows, list(classes), scales
+
+
+def is_rated(row):
+    return any(row[column] != "" for column in ("valence", "activation", "dominance"))
 
 
 
@@ -178,12 +246,18 @@ def read_segment(row):
     return samples[start:end]
 
 
+def wants_audio(row, all_audio=False):
+    """Whether a row's audio is written: a labelled row's, a rated row's that names a wav (its attributes
+    train the speech branch: data_contract.carries_audio), and with all_audio every row's that names one."""
+    return bool(row["label"]) or (row["wav_path"] is not None and (all_audio or is_rated(row)))
+
+
 def check_audio(rows, progress=True, all_audio=False):
-    """[(row, problem)] for every labelled row (every row with a wav, with all_audio) whose audio is missing,
-    unreadable or cut off; [problem] for every other row whose wav cell names a file that is not there."""
+    """[(row, problem)] for every row whose audio is written (wants_audio) and is missing, unreadable or cut
+    off; [problem] for every other row whose wav cell names a file that is not there."""
     problems, missing_context = [], []
     for row in tqdm(rows, desc="checking audio", unit="utt", disable=not progress):
-        if row["label"] or (all_audio and row["wav_path"] is not None):
+        if wants_audio(row, all_audio):
             try:
                 read_segment(row)
             except AudioError as err:
@@ -194,13 +268,16 @@ def check_audio(rows, progress=True, all_audio=False):
 
 
 def collect(csv_path, data_dir, classes=None, allow_missing=False, progress=True, out=sys.stdout, all_audio=False,
-            overwrite=False):
+            overwrite=False, scales=None):
     """Read and check the CSV and its audio, then write DATA_DIR. -> the manifest rows.
-    all_audio: Audio/ for the context rows with a wav too; overwrite: replace another corpus's DATA_DIR."""
-    rows, classes = read_corpus_csv(csv_path, classes)
+    all_audio: Audio/ for the context rows with a wav too; overwrite: replace another corpus's DATA_DIR;
+    scales: --attribute-scale's, parsed (parse_scales), for the rating columns."""
+    rows, classes, scales = read_corpus_csv(csv_path, classes, scales)
     if Path(data_dir).resolve() == Path(csv_path).resolve().parent:
         raise CorpusError(f"{data_dir}: DATA_DIR is the CSV's own folder; give the corpus a DATA_DIR of its own")
     about = {"corpus": str(Path(csv_path).name), "collector": "csv_data_collect.py"}
+    if scales:  # the ratings' range, beside the label set (data_contract.read_attributes)
+        about["attributes"] = attributes_record(scales)
     replaced = claim_data_dir(data_dir, about, overwrite)
     problems, missing_context = check_audio(rows, progress, all_audio)
     if problems and not allow_missing:
@@ -210,13 +287,12 @@ def collect(csv_path, data_dir, classes=None, allow_missing=False, progress=True
     labelled_problems = [problem for r, problem in problems if r["label"]]
     context_problems = [problem for r, problem in problems if not r["label"]]
     for row in rows:
-        if id(row) in unusable:
-            row["label"] = ""
+        if id(row) in unusable:  # context only: nothing trains or tests on audio it does not have
+            row.update(label="", valence="", activation="", dominance="")
     check_coverage(rows, classes, csv_path)
     name_rows(rows)
     _, removed = write_data_dir(data_dir, rows, read_segment, classes, about, progress, overwrite=overwrite,
-                                wants_audio=lambda row: id(row) not in unusable and (
-                                    bool(row["label"]) or (all_audio and row["wav_path"] is not None)))
+                                wants_audio=lambda row: id(row) not in unusable and wants_audio(row, all_audio))
     print(count_table(rows, classes, "split" if "split" in rows[0] else "session"), file=out)
     for problems_of, what in ((labelled_problems, "labelled row(s) without usable audio, kept as context only"),
                               (context_problems, "context row(s) without usable audio")):
@@ -240,6 +316,10 @@ def collect(csv_path, data_dir, classes=None, allow_missing=False, progress=True
     elif removed:
         print(f"removed {len(removed)} file(s) of an earlier run that this run does not vouch for: {few(removed)}",
               file=out)
+    if scales:
+        rated = {a: sum(r[MANIFEST_COLUMN[a]] != "" for r in rows) for a in scales}
+        print("attributes: " + ", ".join(f"{a} {scales[a].low:g}:{scales[a].high:g} ({n} rated)"
+                                         for a, n in rated.items()), file=out)
     print(f"wrote {Path(data_dir) / MANIFEST} ({len(rows)} utterances, classes {', '.join(classes)})", file=out)
     return rows
 
@@ -252,13 +332,16 @@ def main(argv=None):
                         help="the label set in the model's output order, comma separated (default: the labels sorted)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="keep labelled rows whose audio is missing or unusable as context only, and list them")
+    parser.add_argument("--attribute-scale", action="append", metavar="[NAME=]LOW:HIGH",
+                        help="the range of the rating columns (valence, arousal, dominance): LOW:HIGH for every one, "
+                             "NAME=LOW:HIGH for one (repeat it per column); recorded in classes.json")
     add_all_audio(parser)
     add_overwrite_corpus(parser)
     args = parser.parse_args(argv)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
         collect(args.csv, args.data_dir, classes, args.allow_missing, progress=sys.stderr.isatty(),
-                all_audio=args.all_audio, overwrite=args.overwrite)
+                all_audio=args.all_audio, overwrite=args.overwrite, scales=parse_scales(args.attribute_scale))
     except CorpusError as err:
         print(f"csv_data_collect.py: error: {err}", file=sys.stderr)
         return 2

@@ -10,10 +10,12 @@ a new or empty folder, or a run folder main.py made; writes everything under it:
   config.json                 every resolved setting (and the --recipe they came from), data_dir, the models
                               used, the code's git commit and the library versions
   train.log                   the log of every invocation (appended)
-  fold{k}/best.pt             the tested epoch's weights, by --select-by (default: best validation UA;
-                              torch.load(weights_only=True))
+  fold{k}/best.pt             the tested epoch's weights, by --select-by (default: best validation UA, or
+                              mean CCC for --target dimensional; torch.load(weights_only=True))
   fold{k}/last.pt             the last finished epoch, to resume from (removed once the fold is done)
-  fold{k}/predictions.csv     name, true, predicted, p_ang, p_hap, p_sad, p_neu (test utterances)
+  fold{k}/predictions.csv     name, true, predicted, p_ang, p_hap, p_sad, p_neu (test utterances); with
+                              --target dimensional or both, true_<attribute> and <attribute> per attribute
+                              (attributes.png: predicted against true; docs/dimensional.md)
   fold{k}/confusion_matrix.png, training_curves.png, attention.png (context branch, per slot)
   fold{k}/tensorboard/        the live curves (per step and per epoch) for TensorBoard
   fold{k}/fold_result.json    the fold's test and validation metrics and training history
@@ -53,9 +55,13 @@ from pathlib import Path
 
 from mmser import options
 from mmser.data_contract import BRANCHES, TEXT_STEPS
+from mmser.dimensional import LOSSES
 from mmser.recipes import RECIPES
+from mmser.reporting import SELECT_BY, selects_by
+from mmser.settings import (DEFAULT_FOLD_BY, DEFAULTS, SELECT_BY_OF_TARGET, TEST_SPLITS, TOKEN_LIMITS, RunError,
+                            parse_branches, parse_seeds)
 from mmser.speech.routes import route_of
-from mmser.settings import DEFAULT_FOLD_BY, DEFAULTS, TOKEN_LIMITS, RunError, parse_branches, parse_seeds
+from mmser.targets import TARGETS
 
 
 # The usage line an error is printed under: argparse's own lists every option (30 lines), which would
@@ -81,6 +87,7 @@ def build_parser():
                                 epilog=f"--demo changes these defaults: {demo}.", formatter_class=_HelpFormatter)
     add_run_arguments(p)
     add_training_options(p)
+    add_target_options(p)
     add_model_options(p)
     add_protocol_options(p)
     add_machine_options(p)
@@ -130,9 +137,11 @@ def add_training_options(p, d=DEFAULTS):
     p.add_argument("--adam-eps", type=float, default=d.adam_eps, help="AdamW's epsilon")
     p.add_argument("--loss", choices=("cross_entropy", "multi_margin"), default=d.loss,
                    help="multi_margin: torch's MultiMarginLoss(p=1, margin=0.4), the original's")
-    p.add_argument("--select-by", choices=("val_ua", "val_weighted_f1", "val_loss", "last"), default=d.select_by,
-                   help="which epoch's weights are tested: best validation UA, best validation weighted F1 (what "
-                        "MELD's papers choose on), lowest validation loss, or the last")
+    p.add_argument("--select-by", choices=tuple(SELECT_BY), default=None,
+                   help=f"which epoch's weights are tested: best validation UA, best validation weighted F1 (what "
+                        f"MELD's papers choose on), best validation mean CCC (the attributes'), the best mean of UA "
+                        f"and mean CCC, lowest validation loss, or the last (default: the target's own, "
+                        f"{', '.join(f'{t} {v}' for t, v in SELECT_BY_OF_TARGET.items())})")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="stop a fold after this many epochs without a lower validation loss (0: never)")
     p.add_argument("--one-vs-rest", action=argparse.BooleanOptionalAction, default=d.one_vs_rest,
@@ -143,6 +152,23 @@ def add_training_options(p, d=DEFAULTS):
     p.add_argument("--head", choices=("mlp", "linear"), default=d.head,
                    help="mlp: Linear -> ReLU -> Linear over the branches' vectors; linear: dropout -> Linear")
     p.add_argument("--head-dropout", type=float, default=d.head_dropout, help="dropout before the head")
+
+
+def add_target_options(p, d=DEFAULTS):
+    """What the model learns (mmser/targets.py): the classes, the attributes, or both."""
+    p.add_argument("--target", choices=TARGETS, default=d.target,
+                   help="categorical: the emotion classes; dimensional: one value per attribute the corpus rates "
+                        "(valence, arousal, dominance; docs/dimensional.md), scored by CCC; both: the classes and "
+                        "the attributes from one head")
+    p.add_argument("--attribute-loss", choices=LOSSES, default=d.attribute_loss,
+                   help="the attributes' loss: 1 - CCC per attribute over the batch, averaged; or the mean "
+                        "squared error (on the unit scale the model regresses)")
+    p.add_argument("--attribute-weight", type=float, default=d.attribute_weight,
+                   help="--target both: the loss is the classes' loss plus this times the attributes'")
+    p.add_argument("--attribute-utterances", choices=("labelled", "rated"), default=d.attribute_utterances,
+                   help="which utterances train and score the attributes: those of the classes (labelled), or every "
+                        "one that has attribute values (rated: IEMOCAP's 10039; MSP-Podcast's X and O rows), the "
+                        "folds of the labelled ones unchanged")
 
 
 def add_model_options(p, d=DEFAULTS):
@@ -170,6 +196,10 @@ def add_protocol_options(p, d=DEFAULTS):
                    help="session5: train on sessions 1-4, test on 5; loso: 5 folds, one session each; "
                         "speaker: 10 folds, one speaker each; folds: one fold per value of --fold-by; official: "
                         "the corpus's train/dev/test splits (the manifest's split column)")
+    p.add_argument("--test-set", choices=tuple(TEST_SPLITS), default=d.test_set,
+                   help="--protocol official: the partition tested: test1 (the split test: MSP-Podcast's Test1, "
+                        "any other corpus's test), test2 or test3; a partition whose labels the corpus withholds "
+                        "is never scored: every official run predicts it into the challenge's submission format")
     p.add_argument("--fold-by", default=DEFAULT_FOLD_BY,
                    help="--protocol folds: the manifest column whose values are held out one by one (session, "
                         "speaker, group, ...)")
@@ -266,6 +296,7 @@ def check_options(args, parser):
     except RunError as error:
         parser.error(str(error))
     check_contradictions(args, parser)
+    check_target_options(args, parser)
     options.check_model_paths(args, parser, ("text_model", "sentence_model", "speech_model"))
 
 
@@ -311,6 +342,33 @@ def check_contradictions(args, parser):
             value = getattr(args, dest)
             shown = "" if isinstance(value, bool) else f" {value}"
             parser.error(f"--{dest.replace('_', '-')}{shown} does not apply: {why}")
+
+
+def check_target_options(args, parser):
+    """The target's options: each one given only where it applies, and a --select-by the target reports."""
+    if args.select_by and not selects_by(args.select_by, args.target):
+        parser.error(f"--select-by {args.select_by} chooses by a figure a --target {args.target} run does not "
+                     f"report; its own is {SELECT_BY_OF_TARGET[args.target]}")
+    if args.target == "categorical":
+        given = [f"--{k.replace('_', '-')}" for k in ("attribute_loss", "attribute_weight", "attribute_utterances")
+                 if getattr(args, k) != getattr(DEFAULTS, k)]
+        if given:
+            parser.error(f"{', '.join(given)} apply to the attributes: give --target dimensional or both")
+    elif args.target == "dimensional":
+        if args.attribute_weight != DEFAULTS.attribute_weight:
+            parser.error("--attribute-weight weighs the attributes' loss against the classes': it applies to --target "
+                         "both")
+        given = [name for name, value, default in (("--loss", args.loss, DEFAULTS.loss),
+                                                   ("--class-weights", args.class_weights, DEFAULTS.class_weights),
+                                                   ("--one-vs-rest", args.one_vs_rest, DEFAULTS.one_vs_rest))
+                 if value != default]
+        if given:
+            parser.error(f"{', '.join(given)} apply to the classes, which --target dimensional does not learn: give "
+                         f"--target both, or leave them out")
+    if not args.attribute_weight > 0:
+        parser.error(f"--attribute-weight must be positive, got {args.attribute_weight}")
+    if args.test_set != DEFAULTS.test_set and args.protocol != "official":
+        parser.error("--test-set names a partition of the corpus's own splits: it applies to --protocol official")
 
 
 def main(argv=None):

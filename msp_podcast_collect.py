@@ -22,10 +22,12 @@ Writes the DATA_DIR of the data contract (mmser.data_dir_writer.write_data_dir):
                      valence/activation/dominance EmoVal/EmoAct/EmoDom (1-7, the raters' mean; activation is
                      arousal), then split: Train train, Development dev, Test1 test, Test2 test2, Test3 test3,
                      anything else (no partition) unpartitioned
-    Audio/<name>.wav, Text/<name>.txt, classes.json: the 8 primary emotions in the baseline's order (A S H U
-                     F D C N: angry, sad, happy, surprise, fear, disgust, contempt, neutral), first_metric
-                     macro_f1 (the challenge's), attributes valence/arousal/dominance on [1, 7], withheld
-                     ["test3"] when its labels are withheld, codes (class -> the release's letter)
+    Audio/<name>.wav of every row whose audio is data (labelled, rated X and O rows, Test3's:
+                     data_contract.carries_audio), Text/<name>.txt, classes.json: the 8 primary emotions in the
+                     baseline's order (A S H U F D C N: angry, sad, happy, surprise, fear, disgust, contempt,
+                     neutral), first_metric macro_f1 (the challenge's), attributes valence/arousal/dominance on
+                     [1, 7], withheld ["test3"] when its labels are withheld, codes (class -> the release's
+                     letter), submission (the columns a withheld partition's predictions are written in)
 with name = "{index}_s_0_{EmoClass}". Rows labelled X (no agreement among the raters) or O (other) have no
 label: they are left out of the categorical task, as the challenge leaves them out, and kept for the
 attributes and as their neighbours' context. A withheld partition's rows have neither label nor
@@ -56,13 +58,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from mmser.data_contract import MANIFEST, SAMPLE_RATE, attributes_record, carries_audio
-from mmser.data_dir_writer import (CorpusError, count_table, few, manifest_bytes, name_rows, normalise_transcript,
-                                   write_data_dir, write_if_changed)
+from mmser.data_contract import MANIFEST, attributes_record, carries_audio
+from mmser.data_dir_writer import CorpusError, count_table, few, name_rows, normalise_transcript, write_data_dir
 from mmser.dimensional import ATTRIBUTES, MSP_PODCAST_SCALE
-from mmser.utils import AudioError, read_audio, wav_bytes
+from mmser.utils import AudioError, read_audio
 
 AUDIO_FOLDERS = ("Audios", "Audio")  # 1.11 and later; 1.9 and 1.10
 LABEL_FILES = ("Labels/labels_consensus.csv", "Labels/labels_concensus.csv", "Labels/Labels/labels_consensus.csv")
@@ -78,6 +78,11 @@ NO_CLASS = {"X": "no agreement", "O": "other"}
 SPLIT_OF = {"Train": "train", "Development": "dev", "Test1": "test", "Test2": "test2", "Test3": "test3"}
 WITHHELD = "test3"
 ATTRIBUTE_COLUMNS = {"valence": "EmoVal", "arousal": "EmoAct", "dominance": "EmoDom"}
+# How the challenge takes a withheld partition's predictions (classes.json "submission", which main.py's
+# official runs write them by): the file name, then the class letter or the attributes in the order the
+# baseline writes them (eval_dim_ser_test3.py:136, 144 at msplabresearch/MSP-Podcast_Challenge 3f60a42).
+SUBMISSION = {"file": ["FileName", ".wav"], "class": "EmoClass",
+              "attributes": {"arousal": "EmoAct", "valence": "EmoVal", "dominance": "EmoDom"}}
 GENDER = {"male": "M", "female": "F"}
 NAME_RE = re.compile(r"^MSP-PODCAST_(\d+)_(\d+(?:_\d+)*)\.wav$")
 TEST3_RE = re.compile(r"^MSP-PODCAST_test3_(\d+)\.wav$", re.IGNORECASE)
@@ -208,22 +213,6 @@ def recording(path, notes):
     return np.round(np.clip(samples, -1.0, 32767 / 32768) * 32768).astype(np.int16)
 
 
-def write_unlabelled_audio(data_dir, rows, read_row_audio, withheld, progress):
-    """Audio/ of the rows that carry audio without a label (X and O rows with attributes, withheld rows):
-    write_data_dir writes the labelled rows' only (and removes the others', which this rewrites). Until the
-    writer takes data_contract.carries_audio, this is the one place that writes them. -> failures."""
-    failures = []
-    for row in tqdm([r for r in rows if not r["label"] and carries_audio(r, withheld)], desc="unlabelled audio",
-                    unit="utt", disable=not progress):
-        try:
-            samples = read_row_audio(row)
-        except AudioError as err:
-            failures.append((row, str(err)))
-            continue
-        write_if_changed(Path(data_dir) / "Audio" / f"{row['name']}.wav", wav_bytes(samples, SAMPLE_RATE))
-    return failures
-
-
 def check_release(rows, notes, release, msp_root):
     """--release: the published counts, or CorpusError naming each difference."""
     found = Counter(r["split"] for r in rows)
@@ -296,14 +285,12 @@ def collect(msp_root, data_dir, release=None, progress=True, out=sys.stdout):
             without_audio(row)  # write_data_dir writes the manifest after every read: it sees this
             raise
 
-    about = {"corpus": "MSP-Podcast", "first_metric": "macro_f1",
+    about = {"corpus": "MSP-Podcast", "collector": "msp_podcast_collect.py", "first_metric": "macro_f1",
              "attributes": attributes_record({a: MSP_PODCAST_SCALE for a in ATTRIBUTES}),
-             "withheld": withheld, "codes": CODES}
-    present = [r for r in rows if r["file"] not in notes["missing"]]
-    write_data_dir(data_dir, rows, read_row_audio, list(CLASSES), about, progress)
-    failures = write_unlabelled_audio(data_dir, present, read_row_audio, withheld, progress)
-    if failures:  # an unlabelled row's audio failed after the manifest was written: say so in it too
-        write_if_changed(data_dir / MANIFEST, manifest_bytes(rows))
+             "withheld": withheld, "codes": CODES, "submission": SUBMISSION}
+    # Audio/ of every row whose audio is data: labelled, rated (X and O rows) or withheld (Test3)
+    write_data_dir(data_dir, rows, read_row_audio, list(CLASSES), about, progress,
+                   wants_audio=lambda row: row["file"] not in notes["missing"] and carries_audio(row, withheld))
     print(summary(rows, notes, withheld, data_dir), file=out)
     return rows
 

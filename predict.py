@@ -23,9 +23,10 @@ vq-wav2vec or transformers speech encoder) make the features, as in training. Br
 trained without are not computed: a speech-only run needs no text, and a run without the speech
 branch needs no audio (every row with text is predicted, and a wav given is not read).
 
-Output per utterance: the predicted emotion and one probability per class of the run, as a table
-on screen and, with --output, as CSV (the input's columns, then prediction, p_<class>... and note,
-the reason a row asked for got no prediction). A recording given without text, in a run with a text
+Output per utterance: the predicted emotion and one probability per class of the run, and for a run
+trained with --target dimensional or both each attribute's value on the corpus's scale (valence,
+arousal, dominance), as a table on screen and, with --output, as CSV (the input's columns, then
+prediction, p_<class>..., the attributes, and note, the reason a row asked for got no prediction). A recording given without text, in a run with a text
 or context branch, is transcribed with Whisper (asr.transcribe: English, greedy, 30-s windows)
 by --asr-model, or by the ASR model whose transcripts the run was trained on (checked against its
 sha256); its transcript is shown beside the prediction and written to --output's asr_transcript
@@ -70,9 +71,17 @@ def read_requests(list_path):
     return rows, columns
 
 
-def results_table(rows, probs, notes, classes):
-    """The predictions as a plain-text table, one line per input row."""
-    header = f"{'#':>3}  {'dialog':<14}{'text':<34}{'prediction':<11}" + "".join(f"{'p_' + c:>7}" for c in classes)
+def predicted(i, probs, attributes):
+    """Whether row i got a prediction: probabilities (the classes) or attribute values (a dimensional run)."""
+    values = list(probs[i]) + [v[i] for v in attributes.values()]
+    return bool(values) and not np.isnan(values[0])
+
+
+def results_table(rows, probs, notes, classes, attributes=None):
+    """The predictions as a plain-text table, one line per input row (attributes: predict_rows', by name)."""
+    attributes = attributes or {}
+    header = f"{'#':>3}  {'dialog':<14}{'text':<34}" + (f"{'prediction':<11}" if classes else "") + "".join(
+        f"{'p_' + c:>7}" for c in classes) + "".join(f"{a:>10}" for a in attributes)
     lines = [header]
     for i, row in enumerate(rows):
         text = (row.get("text") or "").strip()
@@ -80,27 +89,30 @@ def results_table(rows, probs, notes, classes):
             text = f"(ASR) {row['_asr_transcript']}"
         text = text if len(text) <= 32 else text[:31] + "…"
         start = f"{i:>3}  {(row.get('dialog') or '')[:13]:<14}{text:<34}"
-        if not np.isnan(probs[i, 0]):
-            lines.append(start + f"{classes[int(np.argmax(probs[i]))]:<11}" + "".join(f"{p:>7.3f}" for p in probs[i]))
+        if predicted(i, probs, attributes):
+            lines.append(start + (f"{classes[int(np.argmax(probs[i]))]:<11}" if classes else "")
+                         + "".join(f"{p:>7.3f}" for p in probs[i]) + "".join(f"{v[i]:>10.3f}" for v in attributes.values()))
         else:
             lines.append(start + (f"none: {notes[i]}" if i in notes else "-"))  # "-": context only
     return "\n".join(lines)
 
 
-def write_output(path, rows, columns, probs, classes, notes):
-    """The input's columns, then prediction and one probability per class, or, for a row without a
+def write_output(path, rows, columns, probs, classes, notes, attributes=None):
+    """The input's columns, then prediction and one probability per class, and one column per attribute of a
+    run with --target dimensional or both (its value on the corpus's scale), or, for a row without a
     prediction, the reason (`note`: empty for a row given as context only). When a recording was
     transcribed, an asr_transcript column (after the input's) holds what the ASR model heard."""
+    attributes = attributes or {}
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     asr = any(row.get("_asr_transcript") is not None for row in rows)
-    writer.writerow(columns + (["asr_transcript"] if asr else []) + ["prediction"] + [f"p_{c}" for c in classes]
-                    + ["note"])
+    head = (["prediction"] + [f"p_{c}" for c in classes] if classes else []) + list(attributes)
+    writer.writerow(columns + (["asr_transcript"] if asr else []) + head + ["note"])
     for i, (row, p) in enumerate(zip(rows, probs)):
-        made = not np.isnan(p[0])
+        values = ([classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p] if classes else []) + [
+            f"{v[i]:.6f}" for v in attributes.values()]
         writer.writerow([row.get(c, "") for c in columns] + ([row.get("_asr_transcript") or ""] if asr else []) +
-                        ([classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p] if made else [""] * (1 + len(classes)))
-                        + [notes.get(i, "")])
+                        (values if predicted(i, probs, attributes) else [""] * len(head)) + [notes.get(i, "")])
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -144,15 +156,15 @@ def main(argv=None):
             rows, columns = read_requests(args.list)
         check_device_option(args, parser)
         set_threads(args.threads)
-        probs, notes, classes = predict_rows(args.run_dir, rows, args.fold, args.device, models_dir=args.models_dir,
-                                             asr_model=args.asr_model)
+        probs, notes, classes, attributes = predict_rows(args.run_dir, rows, args.fold, args.device,
+                                                         models_dir=args.models_dir, asr_model=args.asr_model)
     except PredictError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
-    print(results_table(rows, probs, notes, classes))
+    print(results_table(rows, probs, notes, classes, attributes))
     if args.output:
         try:
-            write_output(args.output, rows, columns, probs, classes, notes)
+            write_output(args.output, rows, columns, probs, classes, notes, attributes)
         except OSError as e:  # a read-only folder, a folder given as the file, ...
             print(f"predict.py: error: --output {args.output}: {e.strerror}", file=sys.stderr)
             return 2

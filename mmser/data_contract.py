@@ -467,8 +467,9 @@ def read_withheld(data_dir):
 def carries_audio(row, withheld=()):
     """Whether a manifest row's Audio/<name>.wav is part of the data: a labelled row (the categorical task),
     a row with an attribute value (the dimensional task: MSP-Podcast's X and O rows), or a row of a withheld
-    partition (predicted). Today's writer (data_dir_writer.write_data_dir) and the speech steps ("labelled")
-    know only the first; this is the rule for them once a target reads attributes."""
+    partition (predicted). msp_podcast_collect.py writes the audio of these rows (write_data_dir's
+    wants_audio), and the speech steps ("labelled") extract those whose Audio/ file was written
+    (extraction.rows_of): IEMOCAP's and a CSV corpus's unlabelled rows with --all-audio."""
     from mmser.dimensional import ATTRIBUTES, MANIFEST_COLUMN
     return bool(row["label"]) or row.get("split") in withheld or any(
         row[MANIFEST_COLUMN[a]] != "" and math.isfinite(float(row[MANIFEST_COLUMN[a]])) for a in ATTRIBUTES)

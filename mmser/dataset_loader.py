@@ -7,8 +7,11 @@ Reads (nothing is written), the files data_contract.BRANCHES names for each bran
                                           speech RoBERTa ids <s> codes </s>, by default)
   DATA_DIR/FullBertEmb{c}/<name>.npy      (2c+1)*H context vector           (context branch)
 
-Each utterance becomes a dict: index, name, session, speaker, dialog, the manifest's optional
-columns it has (split, group, sentiment), label (index into the run's classes) and, per branch,
+Each utterance becomes a dict: index, name, utterance_id, session, speaker, dialog, the manifest's optional
+columns it has (split, group, sentiment), label (index into the run's classes; -1 for an utterance
+without one: trained on its attributes only, or a withheld partition's), with a target that has
+attributes (mmser/targets.py) attribute_values (on the corpus's scale) and attributes (float32 on the
+unit scale the model regresses; NaN where unknown), and, per branch,
 text_ids (1-D int64 tensor), the speech route's entries (speech_ids; or speech_layers, speech_wave)
 and context ((2c+1, H) float32).
 Token sequences are cut to the maximum length keeping `</s>` last (data_contract.truncate_tokens);
@@ -25,6 +28,7 @@ from tqdm import tqdm
 from mmser.data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path,
                                  label_set, read_classes, read_feature, read_manifest, truncate_tokens)
 from mmser.speech.routes import route_of
+from mmser.targets import NO_LABEL
 from mmser.utils import length_sorted_batches
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq dictionary specials, shared by both RoBERTa vocabularies
@@ -36,31 +40,32 @@ def text_input(ids, max_tokens):
 
 
 def missing_features(data_dir, rows, context_window, branches, models=None, transcripts=None, speech_route=None):
-    """[(name, path)] of the labelled manifest rows with a feature file missing, the first one named
-    (models: the run's non-default models; transcripts: the transcript set of its text features;
+    """[(name, path)] of the manifest rows `rows` (those a run reads) with a feature file missing, the first
+    one named (models: the run's non-default models; transcripts: the transcript set of its text features;
     both as data_contract.branch_steps; speech_route: the speech branch's, mmser.speech.routes.route_of,
     None: the original's)."""
     speech_route = speech_route or route_of()
     missing = []
     for row in rows:
-        if row["label"]:
-            paths = [speech_route.input_file(data_dir, row["name"]) if branch == "speech" else
-                     feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
-                     for branch in branches]
-            absent = [p for p in paths if not p.is_file()]
-            if absent:
-                missing.append((row["name"], absent[0]))
+        paths = [speech_route.input_file(data_dir, row["name"]) if branch == "speech" else
+                 feature_path(data_dir, branch, row["name"], context_window, models, transcripts)
+                 for branch in branches]
+        absent = [p for p in paths if not p.is_file()]
+        if absent:
+            missing.append((row["name"], absent[0]))
     return missing
 
 
 def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens, branches=tuple(BRANCHES),
-                    progress=True, rows=None, classes=None, models=None, transcripts=None, speech_route=None):
+                    progress=True, rows=None, classes=None, models=None, transcripts=None, speech_route=None,
+                    target=None):
     """The labelled utterances of DATA_DIR (or the manifest rows `rows`) with the features the given
     branches need; labels are indices into `classes` (default: the classes the rows have, in the
     order of DATA_DIR's label set); models: the run's non-default models, transcripts: the
     transcript set of the features made from text (None: the reference), both as
     data_contract.branch_steps. The speech branch's input is what its route loads (speech_route,
-    mmser.speech.routes.route_of; None: the original's speech tokens, cut to max_audio_tokens)."""
+    mmser.speech.routes.route_of; None: the original's speech tokens, cut to max_audio_tokens). A target with
+    attributes (targets.Target) adds each utterance's attribute values."""
     data_dir = Path(data_dir)
     unknown = set(branches) - set(BRANCHES)
     if unknown or not branches:
@@ -72,9 +77,13 @@ def load_utterances(data_dir, context_window, max_text_tokens, max_audio_tokens,
     speech_route = speech_route or route_of()
     utterances = []
     for row in tqdm(rows, desc="loading features", unit="utt", leave=False, disable=not progress):
-        item = {"index": len(utterances), "name": row["name"], "session": row["session"],
-                "speaker": row["speaker"], "dialog": row["dialog"], "label": classes.index(row["label"])}
+        item = {"index": len(utterances), "name": row["name"], "utterance_id": row["utterance_id"],
+                "session": row["session"], "speaker": row["speaker"], "dialog": row["dialog"],
+                "label": classes.index(row["label"]) if row["label"] else NO_LABEL}
         item.update({c: row[c] for c in OPTIONAL_COLUMNS if c in row})
+        if target is not None and target.num_attributes:
+            item["attribute_values"] = target.row_values(row)
+            item["attributes"] = torch.from_numpy(target.unit([item["attribute_values"]])[0].astype(np.float32))
         for branch in branches:
             if branch == "speech":
                 item.update(speech_route.load_input(data_dir, row["name"], max_audio_tokens))
@@ -123,6 +132,8 @@ def collate_utterances(items):
         "names": [it["name"] for it in items],
         "labels": torch.tensor([it["label"] for it in items]),
     }
+    if "attributes" in items[0]:  # the target's attributes, on the unit scale (NaN: unknown)
+        batch["attributes"] = torch.stack([it["attributes"] for it in items])
     if "text_ids" in items[0]:
         batch["text_ids"], batch["text_mask"] = pad_tokens([it["text_ids"] for it in items])
     if "speech_vector" in items[0]:  # a frozen speech encoder's output, computed once per run

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mmser.data_contract import (FEATURES_RECORD, MANIFEST_KEY, TEXT_ENCODERS, DataError, feature_folder,
-                                 manifest_fingerprint, read_features_record, step_entry, transcript_folder)
+from mmser.data_contract import (FEATURES_RECORD, MANIFEST_KEY, TEXT_ENCODERS, DataError, carries_audio,
+                                 feature_folder, manifest_fingerprint, read_features_record, read_withheld, step_entry,
+                                 transcript_folder)
 from mmser.models_dir import missing_path
 from mmser.utils import VOCABULARY_FILES, quiet_transformers, write_text_atomic
 
@@ -175,8 +176,20 @@ def record_models(data_dir, step, current, overwrite, rows, report, pattern="*.n
         write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
 
 
-def rows_of(step, manifest):
-    return [row for row in manifest if row["label"]] if step_entry(step).rows == "labelled" else manifest
+def rows_of(step, manifest, data_dir=None):
+    """The manifest rows a step makes files for: every row ("all"), or ("labelled", the speech steps) the
+    labelled rows and, given data_dir, the rows whose audio is data without a label (data_contract.
+    carries_audio: rated on the attributes, or of a withheld partition) and whose Audio/ file the collector
+    wrote (MSP-Podcast's X, O and Test3 rows; an IEMOCAP or CSV corpus's with --all-audio), so that
+    --attribute-utterances rated and a withheld partition find their speech features. Without their audio
+    such a row is context only, as before."""
+    if step_entry(step).rows != "labelled":
+        return manifest
+    if data_dir is None:
+        return [row for row in manifest if row["label"]]
+    withheld = read_withheld(data_dir)
+    return [row for row in manifest if row["label"] or (
+        carries_audio(row, withheld) and (Path(data_dir) / "Audio" / f"{row['name']}.wav").is_file())]
 
 
 def pending(rows, out_dir, is_valid, overwrite, report):

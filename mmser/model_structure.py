@@ -12,6 +12,9 @@ Reads the pretrained encoders (nothing is written):
   context     -> Time-Asynchronous Branch (2c+1 sentence vectors -> 5 x 64)     -> 320
   concat(branches) -> Linear -> ReLU -> Linear -> 4 emotion logits (order: CLASSES)
                      (or dropout -> Linear: the head of Siriwardhana et al.'s recipe)
+The head is the one part the target changes (mmser/targets.py): its last layer gives the class logits,
+or one value per attribute (valence, arousal, dominance on the unit scale: --target dimensional), or
+both, the logits first (--target both); every branch and speech route is the same for every target.
 """
 import torch
 from torch import nn
@@ -60,11 +63,13 @@ class EmotionClassifier(nn.Module):
     def __init__(self, text_encoder=None, speech_encoder=None, context_window=None, context_width=None,
                  finetune_text=DEFAULTS.finetune_text, finetune_speech=DEFAULTS.finetune_speech,
                  fusion_hidden=DEFAULTS.fusion_hidden, num_classes=4, head=DEFAULTS.head,
-                 head_dropout=DEFAULTS.head_dropout, speech_layer_sum=None):
+                 head_dropout=DEFAULTS.head_dropout, speech_layer_sum=None, num_attributes=0):
         super().__init__()
         self.text_encoder, self.speech_encoder = text_encoder, speech_encoder
         self.finetune_text, self.finetune_speech = finetune_text, finetune_speech
-        self.num_classes = num_classes
+        # the head's outputs: num_classes logits, then num_attributes values (mmser/targets.py)
+        self.num_classes, self.num_attributes = num_classes, num_attributes
+        outputs = num_classes + num_attributes
         self.context_branch = None
         if context_window is not None:
             self.context_branch = TimeAsynchronousBranch(2 * context_window + 1, context_width)
@@ -88,9 +93,9 @@ class EmotionClassifier(nn.Module):
         # concatenated vectors, as Siriwardhana et al.'s classification head (recipes.py)
         layers = [nn.Dropout(head_dropout)] if head_dropout else []
         if head == "mlp":
-            layers += [nn.Linear(sum(sizes), fusion_hidden), nn.ReLU(), nn.Linear(fusion_hidden, num_classes)]
+            layers += [nn.Linear(sum(sizes), fusion_hidden), nn.ReLU(), nn.Linear(fusion_hidden, outputs)]
         elif head == "linear":
-            layers += [nn.Linear(sum(sizes), num_classes)]
+            layers += [nn.Linear(sum(sizes), outputs)]
         else:
             raise ValueError(f"unknown head {head!r}: use 'mlp' or 'linear'")
         self.classifier = nn.Sequential(*layers)
@@ -116,7 +121,8 @@ class EmotionClassifier(nn.Module):
 
     def forward(self, text_ids=None, text_mask=None, speech_ids=None, speech_mask=None,
                 speech_vectors=None, context=None, speech_layers=None, speech_wave=None, speech_wave_mask=None):
-        """-> (logits (B, classes), context attention (B, heads, slots) or None).
+        """-> (outputs (B, classes + attributes): the class logits, then the attributes' values; context
+        attention (B, heads, slots) or None).
 
         speech_vectors, when given, replace running the (frozen) speech encoder on speech_ids. A
         transformers speech encoder's branch takes its cached layer means (speech_layers) or, when
@@ -185,7 +191,9 @@ def load_text_encoder(name_or_path):
 
 def build_model(settings):
     """The classifier a run's settings (mmser.settings.RunSettings, config.json) describe, with
-    pretrained encoders and fresh new layers."""
+    pretrained encoders and fresh new layers; its head as wide as the run's target (mmser/targets.py)."""
+    from mmser.targets import target_of
+    target = target_of(settings)
     branches = settings.branches
     text_encoder = load_text_encoder(settings.text_model) if "text" in branches else None
     speech = {}  # the speech route's branch: the speech RoBERTa (speech_encoder), or speech_layer_sum
@@ -199,7 +207,8 @@ def build_model(settings):
         finetune_text=settings.finetune_text,
         finetune_speech=settings.finetune_speech,
         fusion_hidden=settings.fusion_hidden,
-        num_classes=len(settings.classes),
+        num_classes=target.num_classes,
+        num_attributes=target.num_attributes,
         head=settings.head,
         head_dropout=settings.head_dropout,
         **speech,

@@ -5,7 +5,8 @@ extraction made them, and the mean of its folds' probabilities (predict.py is it
   check_pretrained(config)         every pretrained file the run recorded, where it was and unchanged
   utterance_features(rows, ...)    each row's features, made by the functions the extraction steps call
   featurize(rows, ...)             -> utterance dicts, made from them as the training data is
-  predict_rows(RUN_DIR, rows)      -> probabilities per row (NaN where none), notes, classes
+  predict_rows(RUN_DIR, rows)      -> probabilities per row (NaN where none), notes, classes, and the
+                                      attributes' values per row (a run with --target dimensional or both)
 A row is a dict with "_wav_path" (a Path or None), "text" and optionally "dialog": rows of one
 dialogue, in order, are each other's context, exactly as in training.
 """
@@ -18,6 +19,7 @@ from mmser.context import context_vectors, dialogues
 from mmser.data_contract import pretrained_roles
 from mmser.settings import RunError, read_settings
 from mmser.speech.routes import route_of
+from mmser.targets import target_of
 from mmser.utils import AudioError, fingerprint, quiet_transformers, read_audio
 
 
@@ -274,7 +276,10 @@ def transcribe_rows(rows, settings, asr_model, device):
 
 
 def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_dir=None, asr_model=None):
-    """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes).
+    """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes,
+    attributes: {attribute: values (len(rows),) on the corpus's scale, NaN where none was made}). A run of
+    --target dimensional has no classes (probabilities (len(rows), 0)), a categorical one no attributes ({});
+    both are the mean over the run's folds (the attributes' on the unit scale the model regresses).
     Rows with a recording and no text are transcribed first (transcribe_rows; --asr-model or the run's)."""
     import torch
 
@@ -291,21 +296,26 @@ def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_d
     transcribe_rows(rows, settings, run_asr_model(settings, asr_model, models_dir), device)
     extractors = load_extractors(settings, paths, device)
     items = featurize(rows, settings, extractors, notes)
-    classes = settings.classes
+    target = target_of(settings)
+    classes = target.classes
     probs = np.full((len(rows), len(classes)), np.nan)
+    attributes = np.full((len(rows), target.num_attributes), np.nan)
     # The run's precision too: a run trained and evaluated under bf16 autocast predicts under it.
     amp = torch.bfloat16 if settings.precision == "bf16" else None
     if items:
         settings = settings.replace(text_model=paths.get("text_model", settings.text_model),
                                     speech_model=paths.get("speech_model", settings.speech_model))
         model = model_structure.build_model(settings)
-        fold_probs = []
+        fold_probs, fold_attributes = [], []
         for path in checkpoints:
             try:
                 model.load_trained_state_dict(load_fold_checkpoint(path))
             except model_structure.CheckpointMismatchError as e:
                 raise PredictError(f"{path}: not a checkpoint of this run's model ({e})") from None
             model.to(device).eval()
-            fold_probs.append(predict(model, items, batch_size, device, amp)["probs"])
+            predicted = predict(model, items, batch_size, device, amp)
+            fold_probs.append(predicted["probs"])
+            fold_attributes.append(predicted.get("attribute_outputs", np.zeros((len(items), 0))))
         probs[[item["index"] for item in items]] = np.mean(fold_probs, axis=0)
-    return probs, notes, classes
+        attributes[[item["index"] for item in items]] = target.values(np.mean(fold_attributes, axis=0))
+    return probs, notes, classes, {a: attributes[:, k] for k, a in enumerate(target.attributes)}

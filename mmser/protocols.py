@@ -11,10 +11,16 @@
 Validation comes from the training utterances: a stratified share (default), one held-out speaker,
 the test session's other speaker ("original", the original's cross-validation script), or the last
 training session, trained on too ("in-train-session", Siriwardhana et al.'s released lists).
+
+Utterances without a label (label -1: rated on the attributes only, --attribute-utterances rated) leave the
+folds of the labelled ones exactly as they are: the labelled utterances are split first, as always, and
+each other utterance then joins the part its session, speaker, dialogue or split belongs to (place_unlabelled),
+or none where it would put a test dialogue or speaker into training. Under the official protocol the
+manifest's split decides for every utterance, and a withheld partition's (never scored) is kept apart.
 """
 import numpy as np
 
-from mmser.settings import DEFAULT_FOLD_BY, DEFAULTS, RunError
+from mmser.settings import DEFAULT_FOLD_BY, DEFAULTS, TEST_SPLITS, RunError
 
 SESSION_PROTOCOLS = ("session5", "loso", "speaker")
 
@@ -90,11 +96,24 @@ def validation_split(pool, k, val_split, val_fraction, seed):
 
 
 def make_folds(utterances, protocol, val_split=DEFAULTS.val_split, val_fraction=DEFAULTS.val_fraction, seed=0,
-               fold_by=DEFAULT_FOLD_BY):
+               fold_by=DEFAULT_FOLD_BY, test_set=DEFAULTS.test_set, withheld=()):
     """-> list of {"fold", "test_sessions" | "test_speakers" | "test_<fold_by>" | "test_split", "train", "val",
-    "test"} (utterance lists)."""
+    "test"} (utterance lists); under the official protocol, the partition test_set tests (settings.TEST_SPLITS)
+    and the withheld partitions' utterances are the fold's "withheld" ({split: utterances}). Unlabelled
+    utterances (label -1) join the folds of the labelled ones (place_unlabelled)."""
     if protocol == "official":
-        return [official_fold(utterances)]
+        return [official_fold(utterances, test_set, withheld)]
+    labelled = [u for u in utterances if u["label"] >= 0]
+    folds = labelled_folds(labelled, protocol, val_split, val_fraction, seed, fold_by)
+    unlabelled = [u for u in utterances if u["label"] < 0]
+    if unlabelled:
+        for fold in folds:
+            place_unlabelled(fold, unlabelled, val_split, fold_by)
+    return folds
+
+
+def labelled_folds(utterances, protocol, val_split, val_fraction, seed, fold_by):
+    """make_folds over labelled utterances."""
     if val_split == "original" and protocol == "folds":
         raise RunError("--val-split original is IEMOCAP's split by session; with --protocol folds use "
                        "stratified or speaker")
@@ -121,17 +140,71 @@ def make_folds(utterances, protocol, val_split=DEFAULTS.val_split, val_fraction=
     return folds
 
 
-def official_fold(utterances):
-    """The corpus's own splits (the manifest's split column): train on train, validate on dev, test on test."""
+def place_unlabelled(fold, unlabelled, val_split, fold_by):
+    """Add the utterances without a label to `fold` (made from the labelled ones, which stay where they are):
+    each joins the test, validation or training part that its session, speaker or dialogue belongs to, or
+    none where it would train on what the fold tests (the test speaker's session partner, a test dialogue)."""
+    parts = {part: fold[part] for part in ("train", "val", "test")}
+    speakers = {part: {u["speaker"] for u in us} for part, us in parts.items()}
+    dialogues = {part: {(u["session"], u["dialog"]) for u in us} for part, us in parts.items()}
+    if "test_sessions" in fold and "test_speakers" not in fold:  # session5, loso
+        held = lambda u: "test" if u["session"] in fold["test_sessions"] else "pool"  # noqa: E731
+    elif "test_speakers" in fold:  # speaker, or the original's split of a session: the sessions of the test
+        sessions = {u["session"] for u in parts["test"]} | set(fold.get("test_sessions", ()))
+
+        def held(u):
+            if u["session"] not in sessions:
+                return "pool"
+            if u["speaker"] in fold["test_speakers"]:
+                return "test"
+            # the test speaker's session partner: validates under the original's split, else is left out
+            return "val" if u["speaker"] in speakers["val"] and u["speaker"] not in speakers["train"] else None
+    else:  # --protocol folds: no dialogue the test fold speaks in trains
+        values = fold[next(k for k in fold if k.startswith("test_"))]
+
+        def held(u):
+            dialogue = (u["session"], u["dialog"])
+            if u[fold_by] in values:
+                return None if dialogue in dialogues["train"] | dialogues["val"] else "test"
+            return None if dialogue in dialogues["test"] else "pool"
+    added = {"train": [], "val": [], "test": []}
+    for u in unlabelled:
+        part = held(u)
+        if part == "pool":
+            if u["speaker"] in speakers["val"] and u["speaker"] not in speakers["train"]:  # --val-split speaker
+                part = "val"
+            else:
+                part = "train"
+                if val_split == "in-train-session" and u["session"] in {v["session"] for v in parts["val"]}:
+                    added["val"].append(u)  # the last training session validates and trains (the released lists)
+        if part:
+            added[part].append(u)
+    for part, us in added.items():
+        fold[part] = sorted(parts[part] + us, key=lambda u: u["index"])
+    return fold
+
+
+def official_fold(utterances, test_set=DEFAULTS.test_set, withheld=()):
+    """The corpus's own splits (the manifest's split column): train on train, validate on dev, test on the
+    partition test_set names (settings.TEST_SPLITS: test1 is the split "test"); the utterances of the
+    withheld partitions are kept apart, to be predicted and never scored."""
     if "split" not in utterances[0]:
         raise RunError("--protocol official needs the manifest's split column (train/dev/test), which corpora that "
                        "ship their splits have (meld_data_collect.py, or csv_data_collect.py with a split column)")
-    fold = {"fold": 1, "test_split": ["test"]}
+    tested = TEST_SPLITS[test_set]
+    if tested in withheld:
+        raise RunError(f"--test-set {test_set}: the corpus withholds its labels (classes.json \"withheld\"), so it "
+                       f"cannot be scored; every --protocol official run predicts it into fold1/submission_{tested}"
+                       f"*.csv for the challenge; test on test1 or test2")
+    fold = {"fold": 1, "test_split": [tested]}
     fold.update({part: [u for u in utterances if u["split"] == split]
-                 for part, split in (("train", "train"), ("val", "dev"), ("test", "test"))})
+                 for part, split in (("train", "train"), ("val", "dev"), ("test", tested))})
     if not all(fold[part] for part in ("train", "val", "test")):
         raise RunError(f"--protocol official: an empty split (train {len(fold['train'])}, dev {len(fold['val'])}, "
-                       f"test {len(fold['test'])} labelled utterances)")
+                       f"{tested} {len(fold['test'])} utterances)")
+    kept = {split: [u for u in utterances if u["split"] == split] for split in withheld}
+    if any(kept.values()):
+        fold["withheld"] = {split: us for split, us in kept.items() if us}
     return fold
 
 

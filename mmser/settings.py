@@ -96,12 +96,20 @@ class RunSettings:
     gradient_checkpointing: bool = False
     fold_by: str = None  # --protocol folds
     first_metric: str = None  # the metric the corpus's papers report first (classes.json), if not UA/WA
+    # The target (mmser/targets.py): the emotion classes, the dimensional attributes, or both at once
+    target: str = "categorical"
+    attributes: dict = None  # {attribute: [low, high]}: the corpus's attributes trained, on its scale (classes.json)
+    attribute_loss: str = "ccc"  # 1 - CCC per attribute over the batch, averaged; "mse": the squared error
+    attribute_weight: float = 1.0  # --target both: the loss is the classes' loss + this x the attributes'
+    attribute_utterances: str = "labelled"  # "rated": every utterance with attribute values trains them
+    test_set: str = "test1"  # --protocol official: the partition tested (test1: the split "test")
 
     def to_json(self):
         """config.json's content: every setting, in field order; those of OPTIONAL_KEYS only where they apply."""
         out = dataclasses.asdict(self)
         for keys, absent in OPTIONAL_KEYS:
-            if all(out[key] == absent for key in keys):
+            absent = absent if isinstance(absent, tuple) else (absent,) * len(keys)
+            if all(out[key] == value for key, value in zip(keys, absent)):
                 for key in keys:
                     del out[key]
         return out
@@ -122,12 +130,21 @@ class RunSettings:
 FIELDS = {f.name for f in dataclasses.fields(RunSettings)}
 DEFAULTS = RunSettings()
 # Groups of settings written to config.json only when they differ from these values.
+# A group whose keys all have their absent values is left out (one absent value for all, or one per key).
 OPTIONAL_KEYS = ((("transcripts", "asr_model", "asr_wer"), None), (("gradient_checkpointing",), False),
-                 (("fold_by",), None), (("first_metric",), None))
+                 (("fold_by",), None), (("first_metric",), None),
+                 (("target", "attributes", "attribute_loss", "attribute_weight", "attribute_utterances"),
+                  ("categorical", None, "ccc", 1.0, "labelled")),
+                 (("test_set",), "test1"))
 # Settings that may differ when a run is resumed: they do not change the numbers. (feature_folders
 # follows from settings that are compared: the models, the pooling, the window.)
 NOT_COMPARED_ON_RESUME = ("device", "versions", "stop_after_epochs", "code", "val_split_description",
                           "feature_folders")
+# --select-by without a value: the target's own (mmser/reporting.SELECT_BY): the classes' validation UA, the
+# attributes' mean CCC (the MSP-Podcast challenge's choice), or for both at once the mean of the two.
+SELECT_BY_OF_TARGET = {"categorical": DEFAULTS.select_by, "dimensional": "val_ccc", "both": "val_ua_ccc"}
+# --test-set: the manifest's split each name tests (MSP-Podcast's Test1 is the split "test").
+TEST_SPLITS = {"test1": "test", "test2": "test2", "test3": "test3"}
 # --protocol folds without --fold-by holds out one session at a time.
 DEFAULT_FOLD_BY = "session"
 # The token limits: config.json's key -> the name the command line and the log give it.
@@ -215,9 +232,12 @@ def option_settings(options, precision):
         "gradient_checkpointing": options.gradient_checkpointing,
         "sentence_pooling": options.sentence_pooling,
         "loss": options.loss, "head": options.head, "head_dropout": options.head_dropout,
-        "adam_betas": list(options.adam_betas), "adam_eps": options.adam_eps, "select_by": options.select_by,
+        "adam_betas": list(options.adam_betas), "adam_eps": options.adam_eps, "select_by": options.select_by or SELECT_BY_OF_TARGET[options.target],
         "patience": options.patience, "one_vs_rest": options.one_vs_rest, "seeds": parse_seeds(options.seeds),
         "recipe": options.recipe, "recipe_overridden": list(getattr(options, "recipe_overridden", [])),
         "stop_after_epochs": options.stop_after_epochs,
         "fold_by": options.fold_by if options.protocol == "folds" else None,
+        "target": options.target, "attribute_loss": options.attribute_loss,
+        "attribute_weight": options.attribute_weight, "attribute_utterances": options.attribute_utterances,
+        "test_set": options.test_set,
     }

@@ -1,8 +1,8 @@
 """Training: the loss, the optimizer and its schedules, one optimizer step, one epoch, one fold.
 
-Writes a fold's checkpoints (FOLD_DIR/best.pt: the best epoch's weights by validation UA;
-FOLD_DIR/last.pt: the last finished epoch with the optimizer, scheduler and random generators, to
-resume from). `train_step` is the unit benchmarks time: forward, backward and update over one
+Writes a fold's checkpoints (FOLD_DIR/best.pt: the best epoch's weights by --select-by, validation UA
+by default; FOLD_DIR/last.pt: the last finished epoch with the optimizer, scheduler and random
+generators, to resume from). `train_step` is the unit benchmarks time: forward, backward and update over one
 step's micro-batches. A fold is trained in parts that each read on their own: prepare_training
 (model, optimizer, batches), resume (last.pt), train_epoch + end_of_epoch (validation,
 checkpoints, newbob), and train_fold, which strings them together.
@@ -26,8 +26,9 @@ from transformers import (get_constant_schedule, get_linear_schedule_with_warmup
 from mmser import model_structure
 from mmser import validation_function
 from mmser.dataset_loader import gather_from_ranks, map_utterances, model_inputs, training_loader
-from mmser.reporting import METRICS, selection_score
+from mmser.reporting import METRICS, SELECT_BY, run_metrics, selection_score
 from mmser.settings import DEFAULTS
+from mmser.targets import NO_LABEL, target_of
 from mmser.utils import atomic_path
 
 log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log), set up by main.py
@@ -74,6 +75,42 @@ def make_criterion(class_weights=None, loss=DEFAULTS.loss):
     if loss == "multi_margin":
         return nn.MultiMarginLoss(p=1, margin=0.4, weight=class_weights)
     raise ValueError(f"unknown loss {loss!r}: use 'cross_entropy' or 'multi_margin'")
+
+
+class TargetLoss(nn.Module):
+    """The loss of the dimensional and both targets (mmser/targets.py): outputs (batch, classes +
+    attributes), labels (batch,) with -1 where there is none, attributes (batch, attributes) on the unit
+    scale, NaN where unknown -> the attributes' loss (dimensional.attribute_loss: 1 - CCC per attribute
+    over the batch, averaged, or "mse"), plus for both the classes' loss over the labelled utterances
+    (class_criterion, make_criterion's) with the attributes' weighted by `weight`. The categorical target
+    trains with make_criterion's criterion alone, as it always did."""
+
+    def __init__(self, num_classes, class_criterion=None, attribute_loss=DEFAULTS.attribute_loss,
+                 weight=DEFAULTS.attribute_weight):
+        super().__init__()
+        self.num_classes, self.class_criterion = num_classes, class_criterion
+        self.attribute_loss, self.weight = attribute_loss, weight
+
+    def forward(self, outputs, labels, attributes):
+        from mmser.dimensional import attribute_loss
+        loss = attribute_loss(outputs[:, self.num_classes:], attributes, self.attribute_loss)
+        if self.class_criterion is None:
+            return loss
+        known = labels != NO_LABEL
+        logits = outputs[:, :self.num_classes]
+        # A batch without a labelled utterance (--attribute-utterances rated) trains the attributes only.
+        classes = self.class_criterion(logits[known], labels[known]) if bool(known.any()) else logits.sum() * 0.0
+        return classes + self.weight * loss
+
+
+def make_target_criterion(target, class_weights=None, loss=DEFAULTS.loss, attribute_loss=DEFAULTS.attribute_loss,
+                          attribute_weight=DEFAULTS.attribute_weight):
+    """The criterion that trains `target` (targets.Target): make_criterion's for the classes alone, else a
+    TargetLoss. forward_loss calls it with (outputs, labels), and the attributes where the batch has them."""
+    classes = make_criterion(class_weights, loss) if target.num_classes else None
+    if not target.num_attributes:
+        return classes
+    return TargetLoss(target.num_classes, classes, attribute_loss, attribute_weight)
 
 
 def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8):
@@ -158,10 +195,13 @@ def make_scheduler(optimizer, name, total_steps, warmup_fraction=0.1):
 
 
 def forward_loss(model, batch, criterion, device, amp_dtype=None):
-    """-> (loss, logits) for one batch; amp_dtype=torch.bfloat16 runs the forward under autocast."""
+    """-> (loss, outputs) for one batch; amp_dtype=torch.bfloat16 runs the forward under autocast. The
+    criterion takes the outputs and the labels, and the batch's attributes where it has them (a target
+    with attributes: make_target_criterion)."""
     with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits, _ = model(**model_inputs(batch, device))
-    return criterion(logits.float(), batch["labels"].to(device)), logits
+        outputs, _ = model(**model_inputs(batch, device))
+    targets = [batch["labels"].to(device)] + ([batch["attributes"].to(device)] if "attributes" in batch else [])
+    return criterion(outputs.float(), *targets), outputs
 
 
 def _check_finite(value, what, distributed):
@@ -316,8 +356,9 @@ def check_lengths(model, utterances):
 class TensorBoard:
     """A fold's live curves for TensorBoard (`tensorboard --logdir RUN_DIR`), written as training
     goes: per optimizer step the loss, each parameter group's learning rate, the gradient norm and
-    samples per second; per epoch the training and validation loss, validation WA/UA/macro-F1 and
-    utterances per second. A resumed fold drops what an interrupted invocation wrote after its
+    samples per second; per epoch the training and validation loss, every validation metric of the run
+    (WA/UA/macro-F1/weighted-F1; CCC, Pearson r, MAE per attribute and their means) and utterances per
+    second. A resumed fold drops what an interrupted invocation wrote after its
     last finished epoch (purge_step), so the curves show each step once."""
 
     def __init__(self, folder, step):
@@ -340,7 +381,7 @@ class TensorBoard:
     def epoch(self, entry, step, utterances_per_s):
         """entry: the epoch's line of the fold's history (train_loss, val_loss, val_wa, val_ua, ...), at
         the global step that ends the epoch (one x axis for both kinds of curve)."""
-        for key in ("train_loss", "val_loss", "val_wa", "val_ua", "val_macro_f1", "val_weighted_f1"):
+        for key in ("train_loss", "val_loss", *(f"val_{m}" for m in METRICS)):
             if key in entry:
                 self.writer.add_scalar(f"epoch/{key}", entry[key], step)
         self.writer.add_scalar("epoch/utterances_per_s", utterances_per_s, step)
@@ -379,16 +420,18 @@ def prepare_training(settings, fold, utterances, env):
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    weights = None
-    if settings.class_weights == "balanced":
-        weights = balanced_class_weights([u["label"] for u in fold["train"]], len(settings.classes)).to(device)
+    weights, target = None, target_of(settings)
+    if settings.class_weights == "balanced" and target.num_classes:
+        weights = balanced_class_weights([u["label"] for u in fold["train"] if u["label"] != NO_LABEL],
+                                         target.num_classes).to(device)
     optimizer = configure_optimizer(model, settings.lr_encoders, settings.lr_head, settings.weight_decay,
                                     settings.adam_betas, settings.adam_eps)
     loader = training_loader(fold["train"], settings.batch_size, settings.seed, settings.group_by_length, rank, world)
     steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
     scheduler = make_scheduler(optimizer, settings.scheduler, steps_per_epoch * settings.epochs, settings.warmup)
-    return FoldTraining(model, trained, make_criterion(weights, settings.loss), optimizer,
-                        scheduler, loader)
+    criterion = make_target_criterion(target, weights, settings.loss, settings.attribute_loss,
+                                      settings.attribute_weight)
+    return FoldTraining(model, trained, criterion, optimizer, scheduler, loader)
 
 
 def resume(training, last_path, env, fold_number):
@@ -406,19 +449,45 @@ def resume(training, last_path, env, fold_number):
     return state
 
 
+def epoch_figures(select_by, target, val, val_loss, improved):
+    """The epoch's validation figures for its log line: the loss, WA and UA (the classes), CCC per attribute
+    and their mean (the attributes), and the figure --select-by chooses by when it is none of these (weighted
+    F1, the mean of UA and CCC); the star, on the epoch whose weights are kept, follows that figure."""
+    metric = SELECT_BY[select_by][0]
+    star = " *" if improved else ""
+    parts = [("loss", f"val loss {val_loss:.4f}", select_by == "val_loss")]
+    if target.num_classes:
+        parts += [("wa", f"val WA {val['wa']:.4f}", False), ("ua", f"UA {val['ua']:.4f}", metric == "ua")]
+        if metric in ("macro_f1", "weighted_f1"):
+            parts.append((metric, f"{METRICS[metric]} {val[metric]:.4f}", True))
+    if target.num_attributes:
+        parts.append(("ccc", "val CCC " + " ".join(f"{a} {val[f'{a}_ccc']:.4f}" for a in target.attributes)
+                      + f" mean {val['ccc']:.4f}", metric == "ccc"))
+    if isinstance(metric, tuple):
+        parts.append(("chooses", f"(UA + CCC) / 2 {np.mean([val[m] for m in metric]):.4f}", True))
+    # the star after the figure that chose; "last" (or a figure not shown) puts it at the end, as before
+    chosen = [i for i, part in enumerate(parts) if part[2]]
+    at = chosen[0] if chosen else len(parts) - 1
+    if select_by == "val_ua" and target.num_classes:  # the default's line, as it always read
+        at = [i for i, part in enumerate(parts) if part[0] == "ua"][0]
+    return "  ".join(text + (star if i == at else "") for i, (_, text, _) in enumerate(parts))
+
+
 def end_of_epoch(settings, fold, training, state, epoch, train_loss, fold_dir, env):
     """Validate, keep the best weights (best.pt), step newbob, save last.pt; -> the log line's notes."""
     device, amp, rank, world = env.device, env.amp_dtype, env.rank, env.world_size
     model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
-    # The validation loss is the training loss's kind (cross-entropy unless a recipe says otherwise).
+    # The validation loss is the training loss's kind (cross-entropy unless a recipe or the target says otherwise).
+    target = target_of(settings)
     loss_fn = None
-    if settings.loss != "cross_entropy":
+    if settings.loss != "cross_entropy" or target.num_attributes:
         loss_fn = copy.deepcopy(training.criterion).cpu()
     val, _, val_loss = validation_function.evaluate(model, fold["val"], settings.eval_batch_size, device,
-                                                    settings.classes, amp, rank, world, loss_fn=loss_fn)
+                                                    settings.classes, amp, rank, world, loss_fn=loss_fn, target=target)
     lr = max(g["lr"] for g in optimizer.param_groups)
+    metrics = run_metrics(settings.target, list(target.attributes))
     state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                             **{f"val_{metric}": val[metric] for metric in METRICS}, "lr": lr})
+                             **{f"val_{metric}": val[metric] for metric in metrics}, "lr": lr})
     # The tested checkpoint: best validation UA (default), lowest validation loss, or the last epoch.
     score = selection_score(settings.select_by, val, val_loss, epoch + 1)
     improved = score > state["best_score"]
@@ -434,10 +503,11 @@ def end_of_epoch(settings, fold, training, state, epoch, train_loss, fold_dir, e
         if rank == 0:
             save_checkpoint(fold_dir / "best.pt", {"model": model.trained_state_dict(), "epoch": epoch + 1,
                                                    "fold": fold["fold"], "classes": list(settings.classes), "val": val})
-    note = f"val loss {val_loss:.4f}  val WA {val['wa']:.4f}  UA {val['ua']:.4f}{' *' if improved else ''}  lr {lr:.2e}"
+    note = f"{epoch_figures(settings.select_by, target, val, val_loss, improved)}  lr {lr:.2e}"
     if state.get("stopped_early"):
         note += f"  early stop: no lower validation loss for {settings.patience} epochs"
-    if settings.scheduler == "newbob" and scheduler.step_epoch(val["ua"], model):
+    # newbob steps on validation UA, or on mean CCC for a target without classes
+    if settings.scheduler == "newbob" and scheduler.step_epoch(val["ua"] if target.num_classes else val["ccc"], model):
         note += f"  newbob: lr halved, back to epoch {state['best_epoch']}'s weights"
     state["epoch"] = epoch + 1
     rng = rng_states(device, world)

@@ -77,3 +77,31 @@ def test_an_output_that_is_a_file_is_refused_in_one_line(tmp_path, seeds_run):
     with pytest.raises(SystemExit, match=rf"^compare_runs.py: error: --output {readme}: a file, not a folder"):
         compare_runs.main([str(seeds_run[0]), str(seeds_run[0]), "--output", str(readme)])
     assert readme.read_text() == "mine"
+
+
+def dimensional_run_folder(folder, ccc_by_fold, **config):
+    """A finished dimensional run as compare_runs.py reads it: config.json and results.json with two folds."""
+    folder.mkdir()
+    folds = [{"fold": k + 1, "test": {"ccc": c, "valence_ccc": c - 0.1, "arousal_ccc": c + 0.1, "dominance_ccc": c,
+                                      "pearson": c + 0.05, "mae": 1.5 - c, "attribute_n": {"valence": 10}}}
+             for k, c in enumerate(ccc_by_fold)]
+    means = {f"{m}_mean": sum(f["test"][m] for f in folds) / len(folds) for m in ("ccc", "mae")}
+    (folder / "results.json").write_text(json.dumps({"folds": folds, "summary": {**means, "std": "none"}}))
+    (folder / "config.json").write_text(json.dumps({"protocol": "loso", "target": "dimensional", "seed": 0,
+                                                    **config}))
+    return folder
+
+
+def test_dimensional_runs_compare_on_ccc_with_the_paired_test(tmp_path):
+    base = dimensional_run_folder(tmp_path / "base", [0.40, 0.50, 0.45])
+    other = dimensional_run_folder(tmp_path / "other", [0.55, 0.58, 0.60], attribute_loss="mse")
+    compare_runs.main([str(base), str(other), "--output", str(tmp_path / "out")])
+    lines = (tmp_path / "out" / "comparison.md").read_text().splitlines()
+    assert "attribute_loss" in lines[0] and "| mean CCC | valence CCC | arousal CCC | dominance CCC |" in lines[0]
+    assert "mean MAE" in lines[0] and "WA" not in lines[0]
+    p = ttest_rel([0.55, 0.58, 0.60], [0.40, 0.50, 0.45]).pvalue
+    assert f"(p={p:.3g})" in lines[3]
+    assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"  # MAE above 1 on its axis
+    test2 = dimensional_run_folder(tmp_path / "test2", [0.5, 0.5, 0.5], test_set="test2")
+    with pytest.raises(SystemExit, match="differ in test_set"):
+        compare_runs.main([str(base), str(test2), "--output", str(tmp_path / "out2")])

@@ -277,3 +277,73 @@ def test_folds_over_a_column_keep_the_test_folds_dialogues_out_of_training():
         make_folds(utterances, "official")
     with pytest.raises(RunError, match="--fold-by sentiment: the manifest has no such column"):
         make_folds(utterances, "folds", fold_by="sentiment")
+
+
+def rated(corpus, scale_of_row):
+    """The corpus with valence and arousal columns (dominance not rated), each row's from scale_of_row, as
+    rated.csv beside it (edited() writes edited.csv)."""
+    def add(rows):
+        for i, r in enumerate(rows):
+            r["valence"], r["arousal"] = scale_of_row(i, r)
+    return edited(corpus, add).rename(corpus.with_name("rated.csv"))
+
+
+def test_a_csv_corpus_with_attributes_records_their_scale_and_trains_them(demo, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", dialogues=4, per_dialogue=6)
+    # valence on -1..1 from the voice's class, arousal on 0..10; the context rows are rated, one has a wav
+    sign = {"calm": 0.0, "cross": -0.8, "low": -0.5, "": 0.2}
+    path = rated(corpus, lambda i, r: (f"{sign[r['label']] + 0.1 * (i % 3):.2f}", str(i % 11)))
+    with pytest.raises(CorpusError, match=r"column valence, arousal needs the range its ratings can take: "
+                                          r"--attribute-scale LOW:HIGH"):
+        collect(path, tmp_path / "data")
+    with pytest.raises(CorpusError, match=r"rated.csv:\d+: arousal 10 lies outside its scale 0:9"):
+        collect(path, tmp_path / "data", scales=csv_data_collect.parse_scales(["valence=-1:1", "arousal=0:9"]))
+    with pytest.raises(CorpusError, match="given, but the CSV has no such rating column"):
+        collect(path, tmp_path / "data", scales=csv_data_collect.parse_scales(["-1:10", "dominance=1:5"]))
+    bad = edited(path, lambda rows: rows[3].update(valence="high"))
+    with pytest.raises(CorpusError, match=r"edited.csv:5: valence 'high' is not a number"):
+        collect(bad, tmp_path / "data", scales=csv_data_collect.parse_scales(["-1:10"]))
+    alias = edited(path, lambda rows: [{**{k: v for k, v in r.items() if k != "arousal"}, "activation": r["arousal"]}
+                                       for r in rows])
+    with pytest.raises(CorpusError, match="unknown column 'activation' .a rating. this tool calls it arousal"):
+        collect(alias, tmp_path / "data", scales=csv_data_collect.parse_scales(["-1:10"]))
+    with pytest.raises(CorpusError, match="--attribute-scale 5:1: expected LOW:HIGH"):
+        csv_data_collect.parse_scales(["5:1"])
+
+    data_dir = tmp_path / "data"
+    context_wav = edited(path, lambda rows: next(r for r in rows if not r["label"]).update(wav="wavs/long.flac",
+                                                                                           start="0", end="0.6"))
+    assert context_wav.name == "edited.csv" and path.name == "rated.csv"
+    rows, printed = collect(context_wav, data_dir, scales=csv_data_collect.parse_scales(["valence=-1:1",
+                                                                                          "arousal=0:10"]))
+    from mmser.data_contract import read_attributes
+    from mmser.dimensional import Scale
+    assert read_attributes(data_dir) == {"valence": Scale(-1, 1), "arousal": Scale(0, 10)}
+    assert json.loads((data_dir / "classes.json").read_text())["attributes"] == {"valence": [-1, 1],
+                                                                                  "arousal": [0, 10]}
+    manifest = read_manifest(data_dir)
+    given = {r["id"]: r for r in read_csv(context_wav)}
+    assert all(r["valence"] == float(given[r["utterance_id"]]["valence"]) and
+               r["activation"] == float(given[r["utterance_id"]]["arousal"]) and np.isnan(r["dominance"])
+               for r in manifest)
+    rated_context = [r for r in manifest if not r["label"] and (data_dir / "Audio" / f"{r['name']}.wav").is_file()]
+    assert len(rated_context) == 1  # a rated context row's audio is data: written without --all-audio
+    assert "attributes: valence -1:1 (24 rated), arousal 0:10 (24 rated)" in printed
+
+    # the attributes on the corpus's own scales through a run: both targets, the corpus's splits
+    assert all(r.ok for r in steps.extract_features(data_dir, demo["run_dir"] / "models", contexts=[1],
+                                                    progress=False))
+    run_dir, options = tmp_path / "run", ["--protocol", "official", "--target", "both", "--attribute-utterances",
+                                          "rated", "--epochs", "2"]
+    # the rated context rows without a wav have no speech to hear: the speech branch says how to get it
+    with pytest.raises(SystemExit, match=r"vqw2vTokens/\d+_s_0_xxx.npy: not found \(3 of 24 utterances the run reads.*"
+                                         r"collect with --all-audio"):
+        main.main([run_dir, data_dir, demo["run_dir"] / "models", *SMALL, *options])
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = main.main([run_dir, data_dir, demo["run_dir"] / "models", *SMALL, *options,
+                             "--branches", "text,context"])
+    assert set(results["folds"][0]["test"]["attribute_n"]) == {"valence", "arousal"}
+    summary = (run_dir / "summary.md").read_text()
+    assert "| valence | -1 to 1 |" in summary and "| arousal | 0 to 10 |" in summary
+    predictions = read_csv(run_dir / "fold1" / "predictions.csv")
+    assert list(predictions[0])[-4:] == ["true_valence", "true_arousal", "valence", "arousal"]

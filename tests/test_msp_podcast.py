@@ -215,10 +215,75 @@ def test_synthetic_attributes_follow_the_audio_and_words_on_the_release_scale(co
 # ------------------------------------------------------------------------------------------------
 # the recipe
 
-def test_the_msp_podcast_baseline_draft_cites_every_value():
-    draft = recipes.DRAFT_RECIPES["msp-podcast-baseline"]
-    sources = recipes.DRAFT_SOURCES["msp-podcast-baseline"]
-    assert set(draft) == set(sources) and set(recipes.SETTINGS) <= set(draft)
-    assert all(sources[k] for k in draft)
-    assert draft["target"] == "dimensional" and draft["attribute_loss"] == "ccc" and draft["epochs"] == 20
-    assert "msp-podcast-baseline" not in recipes.RECIPES  # until main.py has every setting it sets
+def test_the_msp_podcast_baseline_recipe_cites_every_value_and_sets_what_main_has():
+    import main
+    recipe, sources = recipes.RECIPES["msp-podcast-baseline"], recipes.SOURCES["msp-podcast-baseline"]
+    assert set(recipe) == set(sources) == set(recipes.SETTINGS) and all(sources.values())
+    args = main.parse_args(["run", "data", "models", "--recipe", "msp-podcast-baseline"])
+    assert (args.target, args.attribute_loss, args.attribute_utterances, args.select_by, args.protocol,
+            args.test_set, args.speech_model, args.epochs, args.batch_size, args.grad_accum) == \
+        ("dimensional", "ccc", "rated", "val_ccc", "official", "test1", "microsoft/wavlm-large", 20, 8, 4)
+    assert args.finetune_speech and args.branches == "speech" and args.recipe_overridden == []
+    assert "attentive statistics pooling" in recipes.markdown_table({})
+
+
+# ------------------------------------------------------------------------------------------------
+# the official protocol, end to end
+
+def test_the_official_path_scores_test1_recomputably_and_writes_test3_for_submission(collected, demo, tmp_path):
+    import contextlib
+
+    import main
+    import predict
+    from mmser import steps
+    from sklearn.metrics import f1_score
+
+    from mmser.dimensional import ccc
+    from small_runs import read_csv
+    truth, collected_dir, rows, printed = collected
+    data_dir, run_dir, models = tmp_path / "data", tmp_path / "run", demo["run_dir"] / "models"
+    shutil.copytree(collected_dir, data_dir)
+    reports = steps.extract_features(data_dir, models, contexts=[1], progress=False)
+    assert all(r.ok for r in reports)
+    # the X and O rows' and Test3's speech features are made too: they train the attributes, or are predicted
+    speech = {p.stem for p in (data_dir / "vqw2vTokens").iterdir()}
+    assert {r["name"] for r in rows if r["emotion"] in ("X", "O") or r["split"] == "test3"} <= speech
+    options = [run_dir, data_dir, models, "1", "64", "310", "--protocol", "official", "--target", "both",
+               "--attribute-utterances", "rated", "--epochs", "6", "--batch-size", "16", "--lr-encoders", "1e-3",
+               "--lr-head", "2e-3", "--device", "cpu"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = main.main(options)
+    fold, test = results["folds"][0], results["folds"][0]["test"]
+    assert fold["test_split"] == ["test"] and fold["n_test"] == sum(r["split"] == "test" for r in rows
+                                                                     if r["label"] or r["emotion"] in ("X", "O"))
+    # macro-F1 (MSP-Podcast's first metric) and CCC, recomputed from predictions.csv
+    predictions = read_csv(run_dir / "fold1" / "predictions.csv")
+    labelled = [r for r in predictions if r["true"]]
+    assert f1_score([r["true"] for r in labelled], [r["predicted"] for r in labelled],
+                    labels=list(collector.CLASSES), average="macro", zero_division=0) == pytest.approx(test["macro_f1"])
+    for a in ("valence", "arousal", "dominance"):
+        known = [r for r in predictions if r[f"true_{a}"]]
+        assert ccc([float(r[a]) for r in known], [float(r[f"true_{a}"]) for r in known]) == \
+            pytest.approx(test[f"{a}_ccc"], abs=1e-4)
+    summary = (run_dir / "summary.md").read_text()
+    assert "**Macro-F1" in summary and "Withheld partition test3: 12 utterances" in summary
+    # Test3: predicted, never scored, in the challenge's submission format
+    attributes = read_csv(run_dir / "fold1" / "submission_test3_attributes.csv")
+    classes = read_csv(run_dir / "fold1" / "submission_test3_categorical.csv")
+    assert list(attributes[0]) == ["FileName", "EmoAct", "EmoVal", "EmoDom"] and list(classes[0]) == ["FileName",
+                                                                                                     "EmoClass"]
+    assert [r["FileName"] for r in attributes] == [f"MSP-PODCAST_test3_{n:04d}.wav" for n in range(1, 13)]
+    assert all(1 <= float(r[c]) <= 7 for r in attributes for c in ("EmoAct", "EmoVal", "EmoDom"))
+    assert {r["EmoClass"] for r in classes} <= set(collector.CODES.values())
+    assert fold["withheld"]["test3"]["n"] == 12
+    with pytest.raises(SystemExit, match="--test-set test3: the corpus withholds its labels"):
+        main.main([tmp_path / "run3", *options[1:], "--test-set", "test3"])
+    # predict.py gives the classes and the attributes of a recording
+    one = next(r for r in rows if r["split"] == "test3")
+    out = tmp_path / "predicted.csv"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert predict.main([str(run_dir), "--wav", str(data_dir / "Audio" / f"{one['name']}.wav"), "--text", "well",
+                             "--output", str(out)]) == 0
+    predicted = read_csv(out)[0]
+    assert list(predicted)[-4:] == ["valence", "arousal", "dominance", "note"] and predicted["prediction"]
+    assert all(math.isfinite(float(predicted[a])) for a in ("valence", "arousal", "dominance"))

@@ -56,11 +56,11 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
         except CheckpointError as e:
             raise FeatureError(str(e)) from None
         record_models(data_dir, step, {role: fingerprint(p) for role, p in paths.items()}, overwrite, manifest, report)
-        for row in rows_of(step, manifest):
+        for row in rows_of(step, manifest, data_dir):
             # Audio that collection no longer vouches for is gone: so are the tokens made from it.
             if not (data_dir / "Audio" / f"{row['name']}.wav").is_file():
                 (out_dir / f"{row['name']}.npy").unlink(missing_ok=True)
-        todo = pending(rows_of(step, manifest), out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)),
+        todo = pending(rows_of(step, manifest, data_dir), out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)),
                         overwrite, report)
         bar = tqdm(todo, desc=step, unit="utt", disable=not progress)
         for row in bar:
