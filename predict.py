@@ -5,6 +5,8 @@
     python predict.py RUN_DIR --wav FILE [--asr-model M]  (no text: transcribed by the run's ASR model or M)
     python predict.py RUN_DIR --list FILE.csv [--output OUT.csv] [--fold K] [--device cpu|cuda]
                       [--models-dir DIR] [--threads N]
+    python predict.py RUN_DIR --recording FILE [--output OUT.csv] [--subtitles FILE.vtt|.srt] [--rttm FILE]
+                      [--channels-as-speakers] [--min-seconds S] [--max-seconds S] [--asr-model M]
 
 Reads RUN_DIR/config.json (every setting inference repeats, and the pretrained files the run was
 trained with, by path and sha256) and RUN_DIR/fold{k}/best.pt; writes nothing into RUN_DIR. A
@@ -36,6 +38,21 @@ predicted. A cross-validation run predicts with the mean of all
 folds' probabilities (of every seed, for a --seeds run), or with one fold's model (--fold K; of
 every seed). A run whose MODELS_DIR moved reads its
 files from --models-dir, each still checked against the sha256 it recorded.
+
+An utterance longer than the run's token limits (MAX_AUDIO_TOKENS of speech, MAX_TEXT_TOKENS of
+text: config.json) is predicted on what fits, as in training, and its note says how much was read.
+
+A whole recording (--recording: a meeting, a call, an interview; any length, any format ffmpeg
+decodes) is cut into utterances and each is predicted with its neighbours as context: its timeline
+(mmser/timeline.py, docs/recordings.md). Segments come from voice activity (Silero VAD; long speech
+cut at --max-seconds) or from --subtitles' cues (their text is then the transcript); speakers from
+--rttm, the WebVTT voice tags, or --channels-as-speakers. Each segment is transcribed by the run's
+ASR model or --asr-model unless subtitles give its text. It prints the timeline and, with --output
+OUT.csv, writes OUT.csv, OUT.json and OUT.png (probabilities over time, speakers marked). A
+recording without speech gives an empty timeline and a line saying so (exit 0); a file that is not
+audio or is damaged, one line and exit 2. It is an option of predict.py, not a script of its own,
+since it predicts with a trained run as --wav and --list do and takes their options (--fold,
+--models-dir, --asr-model, --device, --threads).
 """
 import argparse
 import csv
@@ -46,7 +63,8 @@ from pathlib import Path
 import numpy as np
 
 from mmser.options import add_asr_model, add_device, add_models_dir_moved, add_threads, check_device_option
-from mmser.predictor import PredictError, load_run, predict_rows
+from mmser.predictor import PredictError, audio_name, load_run, predict_rows, prediction_fields, prediction_values
+from mmser.segmentation import MAX_SECONDS, MIN_SECONDS
 from mmser.utils import set_threads, write_text_atomic
 
 
@@ -70,9 +88,10 @@ def read_requests(list_path):
 
 
 def results_table(rows, probs, notes, classes):
-    """The predictions as a plain-text table, one line per input row."""
+    """The predictions as a plain-text table, one line per input row; below it, what was cut from
+    the rows that have a prediction."""
     header = f"{'#':>3}  {'dialog':<14}{'text':<34}{'prediction':<11}" + "".join(f"{'p_' + c:>7}" for c in classes)
-    lines = [header]
+    lines, cut = [header], []
     for i, row in enumerate(rows):
         text = (row.get("text") or "").strip()
         if not text and row.get("_asr_transcript") is not None:  # shown beside its prediction, marked as heard
@@ -81,26 +100,71 @@ def results_table(rows, probs, notes, classes):
         start = f"{i:>3}  {(row.get('dialog') or '')[:13]:<14}{text:<34}"
         if not np.isnan(probs[i, 0]):
             lines.append(start + f"{classes[int(np.argmax(probs[i]))]:<11}" + "".join(f"{p:>7.3f}" for p in probs[i]))
+            if i in notes:
+                cut.append(f"{i:>3}  {notes[i]}")
         else:
             lines.append(start + (f"none: {notes[i]}" if i in notes else "-"))  # "-": context only
-    return "\n".join(lines)
+    return "\n".join(lines + cut)
+
+
+def csv_cells(values):
+    """A prediction's values (predictor.prediction_values) as CSV cells: floats to 6 decimals, "" for None."""
+    return ["" if v is None else f"{v:.6f}" if isinstance(v, float) else str(v) for v in values]
 
 
 def write_output(path, rows, columns, probs, classes, notes):
-    """The input's columns, then prediction and one probability per class, or, for a row without a
-    prediction, the reason (`note`: empty for a row given as context only). When a recording was
-    transcribed, an asr_transcript column (after the input's) holds what the ASR model heard."""
+    """The input's columns, then prediction and one probability per class (predictor.prediction_fields),
+    and `note`: for a row without a prediction the reason (empty for a row given as context only), for
+    one with a prediction what the token limits cut. When a recording was transcribed, an
+    asr_transcript column (after the input's) holds what the ASR model heard."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     asr = any(row.get("_asr_transcript") is not None for row in rows)
-    writer.writerow(columns + (["asr_transcript"] if asr else []) + ["prediction"] + [f"p_{c}" for c in classes]
-                    + ["note"])
+    writer.writerow(columns + (["asr_transcript"] if asr else []) + prediction_fields(classes) + ["note"])
     for i, (row, p) in enumerate(zip(rows, probs)):
-        made = not np.isnan(p[0])
         writer.writerow([row.get(c, "") for c in columns] + ([row.get("_asr_transcript") or ""] if asr else []) +
-                        ([classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p] if made else [""] * (1 + len(classes)))
-                        + [notes.get(i, "")])
+                        csv_cells(prediction_values(p, classes).values()) + [notes.get(i, "")])
     write_text_atomic(path, buffer.getvalue())
+
+
+def timeline_table(result):
+    """A recording's timeline as a plain-text table, one line per segment, its notes below."""
+    classes = result["classes"]
+    lines = [f"{'start':>8} {'end':>8}  {'speaker':<12}{'transcript':<34}{'prediction':<11}" +
+             "".join(f"{'p_' + c:>7}" for c in classes)]
+    notes = []
+    for k, s in enumerate(result["segments"]):
+        text = s["transcript"] or ""
+        text = text if len(text) <= 32 else text[:31] + "…"
+        line = f"{s['start']:>8.2f} {s['end']:>8.2f}  {(s['speaker'] or '')[:11]:<12}{text:<34}"
+        lines.append(line + (f"{s['prediction']:<11}" + "".join(f"{s['p_' + c]:>7.3f}" for c in classes)
+                             if s["prediction"] is not None else "none"))
+        if s["note"]:
+            notes.append(f"{s['start']:>8.2f} {s['end']:>8.2f}  {s['note']}")
+    return "\n".join(lines + notes + result["notes"])
+
+
+def predict_recording(args):
+    """--recording: the timeline (api.Recognizer.timeline), printed and, with --output, written. -> exit code."""
+    from mmser.api import Recognizer
+    from mmser.timeline import write_timeline
+    recognizer = Recognizer(args.run_dir, args.fold, args.device, args.models_dir, args.asr_model)
+    result = recognizer.timeline(args.recording, args.subtitles, args.rttm, args.channels_as_speakers,
+                                 args.min_seconds, args.max_seconds, progress=True)
+    if result["segments"]:
+        print(timeline_table(result))
+    else:
+        print(result["notes"][-1], file=sys.stderr)  # the one line: no speech found
+    if args.output:
+        try:
+            paths = write_timeline(result, args.output)
+        except OSError as e:  # a read-only folder, a folder given as the file, ...
+            print(f"predict.py: error: --output {args.output}: {e.strerror}", file=sys.stderr)
+            return 2
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    elif result["segments"]:
+        print("(--output OUT.csv writes this timeline as OUT.csv, OUT.json and the figure OUT.png)")
+    return 0
 
 
 def main(argv=None):
@@ -110,17 +174,38 @@ def main(argv=None):
                                       "run without the speech branch)")
     parser.add_argument("--text", help="its transcript (needed unless the run is speech-only)")
     parser.add_argument("--list", help="a CSV with columns wav, text and optionally dialog")
-    parser.add_argument("--output", help="write the predictions to this CSV")
+    parser.add_argument("--recording", help="a whole recording (any length; any format ffmpeg decodes): cut into "
+                                            "utterances, each predicted with its neighbours as context")
+    parser.add_argument("--output", help="write the predictions to this CSV (with --recording also OUT.json and the "
+                                         "figure OUT.png)")
     parser.add_argument("--fold", type=int, help="predict with this fold's model (default: mean of all folds)")
     add_models_dir_moved(parser)
     add_asr_model(parser, "transcribe")
     add_device(parser)
     add_threads(parser)
+    whole = parser.add_argument_group("a whole recording (--recording)")
+    whole.add_argument("--subtitles", help="an SRT or WebVTT file of the recording: its cues are the segments and "
+                                           "their text (WebVTT's <v Name> tags their speakers)")
+    whole.add_argument("--rttm", help="a diarizer's RTTM file naming the speakers")
+    whole.add_argument("--channels-as-speakers", action="store_true",
+                       help="one speaker a channel (a call recorded in stereo)")
+    whole.add_argument("--min-seconds", type=float, default=MIN_SECONDS,
+                       help=f"shorter speech is no utterance: joined to the nearer speech within half a second, "
+                            f"else dropped (default {MIN_SECONDS:g}: a word at most)")
+    whole.add_argument("--max-seconds", type=float, default=MAX_SECONDS,
+                       help=f"longer speech is cut, at a sentence end where the ASR model finds one (default "
+                            f"{MAX_SECONDS:g}: 99.7%% of IEMOCAP's utterances are shorter)")
     args = parser.parse_args(argv)
     if args.list and args.output and Path(args.output).resolve() == Path(args.list).resolve():
         parser.error("--output is the --list file itself: write the predictions elsewhere")
-    if bool(args.list) == bool(args.wav or args.text):
-        parser.error("give either --wav FILE [--text ...] or --list FILE.csv")
+    if sum(map(bool, (args.list, args.wav or args.text, args.recording))) != 1:
+        parser.error("give one of --wav FILE [--text ...], --list FILE.csv or --recording FILE")
+    given = [o for o, v in (("--subtitles", args.subtitles), ("--rttm", args.rttm),
+                            ("--channels-as-speakers", args.channels_as_speakers)) if v]
+    if given and not args.recording:
+        parser.error(f"{', '.join(given)}: options of --recording")
+    if not 0 < args.min_seconds < args.max_seconds:
+        parser.error(f"--min-seconds {args.min_seconds:g} and --max-seconds {args.max_seconds:g}: need 0 < min < max")
     if args.models_dir and not Path(args.models_dir).is_dir():
         parser.error(f"--models-dir {args.models_dir}: no such folder")
     check_device_option(args, parser)
@@ -128,6 +213,8 @@ def main(argv=None):
     rows = [{"wav": args.wav or "", "text": args.text or "", "_wav_path": Path(args.wav) if args.wav else None}]
     columns = ["wav", "text"]
     try:
+        if args.recording:
+            return predict_recording(args)
         if not args.list:  # one recording: what the run's branches need must be given
             settings = load_run(args.run_dir, args.fold)[0]
             branches = settings.branches
@@ -145,6 +232,10 @@ def main(argv=None):
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
     print(results_table(rows, probs, notes, classes))
+    long = [row for row in rows if row.get("_seconds", 0) > MAX_SECONDS]
+    if long:
+        print(f"{audio_name(long[0])}: {long[0]['_seconds']:.1f} s, predicted as one utterance; for a recording of "
+              f"many, --recording cuts it into utterances and predicts each", file=sys.stderr)
     if args.output:
         try:
             write_output(args.output, rows, columns, probs, classes, notes)
@@ -152,7 +243,7 @@ def main(argv=None):
             print(f"predict.py: error: --output {args.output}: {e.strerror}", file=sys.stderr)
             return 2
         print(f"wrote {args.output}")
-    return 1 if notes else 0  # a note for each row asked for but not predicted
+    return 1 if any(np.isnan(probs[i, 0]) for i in notes) else 0  # a row asked for but not predicted
 
 
 if __name__ == "__main__":
