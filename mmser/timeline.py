@@ -129,8 +129,6 @@ def predict_segments(run, stream, segments, per_channel, progress=True, chunk=CH
     window = run.settings.context_window if "context" in run.settings.branches else 0
     before, held, out = deque(maxlen=window), [], []
     total = round(stream.duration, 1) if stream.duration else round(segments[-1].end, 1)
-    bar = tqdm(total=total, unit="s", desc="timeline", disable=not progress,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}]")
 
     def predict(rows, after):
         """rows (with their audio) predicted, `before` and `after` as their context."""
@@ -149,18 +147,20 @@ def predict_segments(run, stream, segments, per_channel, progress=True, chunk=CH
             bar.update(max(0.0, min(segment.end, total) - bar.n))
         before.extend(rows)
 
-    for i, samples in segment_samples(stream, segments, per_channel):
-        segment = segments[i]
-        held.append({"_wav": samples, "_name": f"{stream.path.name} {segment.start:.2f}-{segment.end:.2f} s",
-                     "text": "", "_transcript": segment.text, "dialog": DIALOG, "_segment": segment})
-        if len(held) >= chunk + window:
+    # Closed on an error too, so that the error's line starts a line of its own.
+    with tqdm(total=total, unit="s", desc="timeline", disable=not progress,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}]") as bar:
+        for i, samples in segment_samples(stream, segments, per_channel):
+            segment = segments[i]
+            held.append({"_wav": samples, "_name": f"{stream.path.name} {segment.start:.2f}-{segment.end:.2f} s",
+                         "text": "", "_transcript": segment.text, "dialog": DIALOG, "_segment": segment})
+            if len(held) >= chunk + window:
+                predict(held[:chunk], held[chunk:chunk + window])
+                held = held[chunk:]
+        while held:
             predict(held[:chunk], held[chunk:chunk + window])
             held = held[chunk:]
-    while held:
-        predict(held[:chunk], held[chunk:chunk + window])
-        held = held[chunk:]
-    bar.update(total - bar.n)
-    bar.close()
+        bar.update(total - bar.n)
     return out
 
 
