@@ -46,11 +46,12 @@ def clip_samples(stream, seconds):
 def analyze(recognizer, audio, subtitles=None, text=None):
     """The page's answer for one upload (files on disk), as JSON-able dicts: {"kind": "utterance",
     "classes", "transcript", "prediction", "p_<class>"..., "note"} for a short clip without subtitles,
-    else {"kind": "timeline", the timeline's keys, "csv": its CSV text, "png": its figure, base64}.
+    else {"kind": "timeline", the timeline's keys, "fields": its columns, "csv": its CSV text, "png":
+    its figure, base64}.
     PredictError for a file that is not audio or is damaged, or that cannot be predicted."""
     from mmser.predictor import PredictError
     from mmser.segmentation import MAX_SECONDS
-    from mmser.timeline import timeline_csv, timeline_figure
+    from mmser.timeline import timeline_csv, timeline_fields, timeline_figure
     from mmser.utils import AudioError, AudioStream
     try:
         samples = None if subtitles else clip_samples(AudioStream(audio), MAX_SECONDS)
@@ -62,7 +63,8 @@ def analyze(recognizer, audio, subtitles=None, text=None):
     result = recognizer.timeline(audio, subtitles=subtitles)
     png = io.BytesIO()
     timeline_figure(result).savefig(png, format="png")
-    return {"kind": "timeline", **result, "csv": timeline_csv(result), "png": base64.b64encode(png.getvalue()).decode()}
+    return {"kind": "timeline", **result, "fields": timeline_fields(result["classes"]), "csv": timeline_csv(result),
+            "png": base64.b64encode(png.getvalue()).decode()}
 
 
 def form_parts(content_type, body):

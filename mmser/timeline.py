@@ -177,15 +177,23 @@ def output_paths(output):
 
 def timeline_csv(result):
     """The timeline as CSV text: one row per segment (timeline_fields), times in seconds to the ms,
-    probabilities to 6 decimals, an empty cell for what is missing."""
+    other numbers (the probabilities) to 6 decimals, an empty cell for what is missing."""
     fields = timeline_fields(result["classes"])
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fields, lineterminator="\n")
     writer.writeheader()
     for segment in result["segments"]:
-        writer.writerow({k: ("" if segment[k] is None else f"{segment[k]:.3f}" if k in ("start", "end") else
-                             f"{segment[k]:.6f}" if k.startswith("p_") else segment[k]) for k in fields})
+        writer.writerow({k: csv_cell(k, segment[k]) for k in fields})
     return buffer.getvalue()
+
+
+def csv_cell(field, value):
+    """One cell of the timeline CSV (app_page.html's table shows the same)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if field in ("start", "end") else f"{value:.6f}"
+    return value
 
 
 def write_timeline(result, output):
