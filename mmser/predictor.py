@@ -330,10 +330,17 @@ def transcribe_rows(rows, settings, load_asr):
             print(f"{audio_name(rows[i])}: {empty[k]} for speech recognition: an empty transcript", file=sys.stderr)
 
 
+# Every fold's weights are held in memory when together they take at most this much (a frozen or
+# base-sized encoder's run: megabytes to a few hundred); above it (a fine-tuned RoBERTa-large is 1.4 GB a
+# fold) each predict() call reads them from disk one at a time, holding one fold's.
+FOLD_WEIGHTS_IN_MEMORY = 2 * 2 ** 30
+
+
 class LoadedRun:
     """A trained run loaded once for any number of predictions: its settings, the pretrained parts that
-    make its features (load_extractors), its model with every fold's weights held in memory (of every
-    seed, for a --seeds run; one fold's with `fold`), and its ASR model, loaded when first needed.
+    make its features (load_extractors), its model and every fold's weights (of every seed, for a
+    --seeds run; one fold's with `fold`; held in memory up to FOLD_WEIGHTS_IN_MEMORY), and its ASR
+    model, loaded when first needed.
 
         run = LoadedRun(RUN_DIR)                   # PredictError naming what is wrong with the run
         probs, notes = run.predict(rows)           # rows as the module docstring says
@@ -356,16 +363,33 @@ class LoadedRun:
         self.model = model_structure.build_model(self.settings.replace(
             text_model=self.paths.get("text_model", self.settings.text_model),
             speech_model=self.paths.get("speech_model", self.settings.speech_model)))
-        # Each fold's trained weights (a frozen encoder is not in them: it stays the pretrained one).
-        self.fold_weights = [load_fold_checkpoint(path) for path in self.checkpoints]
-        for path, weights in zip(self.checkpoints, self.fold_weights):
-            try:
-                self.model.load_trained_state_dict(weights)
-            except model_structure.CheckpointMismatchError as e:
-                raise PredictError(f"{path}: not a checkpoint of this run's model ({e})") from None
-        if len(self.fold_weights) == 1:  # loaded for good: nothing to swap
-            self.fold_weights = []
+        # Each fold's trained weights (a frozen encoder is not in them: it stays the pretrained one),
+        # each checked to fit the model now, so that a wrong checkpoint is named before any prediction.
+        self.held = None
+        if len(self.checkpoints) == 1:
+            self.use_weights(self.checkpoints[0], load_fold_checkpoint(self.checkpoints[0]))
+        elif sum(path.stat().st_size for path in self.checkpoints) <= FOLD_WEIGHTS_IN_MEMORY:
+            self.held = [load_fold_checkpoint(path) for path in self.checkpoints]
+            for path, weights in zip(self.checkpoints, self.held):
+                self.use_weights(path, weights)
         self.model.to(self.device).eval()
+
+    def use_weights(self, path, weights):
+        """Fold `path`'s weights into the model."""
+        from mmser.model_structure import CheckpointMismatchError
+        try:
+            self.model.load_trained_state_dict(weights)
+        except CheckpointMismatchError as e:
+            raise PredictError(f"{path}: not a checkpoint of this run's model ({e})") from None
+
+    def folds(self):
+        """Put each fold's weights into the model in turn (yield between): held, or read from disk."""
+        if len(self.checkpoints) == 1:  # in the model for good
+            yield
+            return
+        for k, path in enumerate(self.checkpoints):
+            self.use_weights(path, self.held[k] if self.held is not None else load_fold_checkpoint(path))
+            yield
 
     def asr(self):
         """The ASR model (mmser.asr.load_asr's) that transcribes recordings given without text, loaded
@@ -394,9 +418,7 @@ class LoadedRun:
         probs = np.full((len(rows), len(self.classes)), np.nan)
         if items:
             fold_probs = []
-            for weights in self.fold_weights or [None]:
-                if weights is not None:
-                    self.model.load_trained_state_dict(weights)
+            for _ in self.folds():
                 fold_probs.append(predict(self.model, items, batch_size, self.device, self.amp)["probs"])
             probs[[item["index"] for item in items]] = np.mean(fold_probs, axis=0)
         return probs, {**notes, **cuts}

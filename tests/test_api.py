@@ -114,3 +114,21 @@ def test_a_long_utterance_is_predicted_on_what_fits_and_says_how_much(demo, tmp_
     assert note in captured.out and note in (tmp_path / "out.csv").read_text()
     assert "--recording cuts it into utterances" in captured.err
     assert not [w for w in warned if "Token indices sequence length" in w]
+
+
+def test_fold_weights_held_in_memory_or_read_at_each_call_predict_alike(loso_run, monkeypatch):
+    """A cross-validation run's five folds: held in memory, or (past FOLD_WEIGHTS_IN_MEMORY) read from
+    disk at each call, one at a time; the same mean either way, call after call."""
+    texts = ["I can't believe you did that!", "Calm down, please.", "No, I will not calm down."]
+
+    def rows():
+        return [{"text": t, "dialog": "call", "_wav_path": None} for t in texts]
+
+    held = predictor.LoadedRun(loso_run["run_dir"])
+    assert held.held is not None and len(held.held) == len(held.checkpoints) == 5
+    monkeypatch.setattr(predictor, "FOLD_WEIGHTS_IN_MEMORY", 0)
+    from_disk = predictor.LoadedRun(loso_run["run_dir"])
+    assert from_disk.held is None
+    first = held.predict(rows())[0]
+    assert np.array_equal(first, from_disk.predict(rows())[0]) and np.array_equal(first, held.predict(rows())[0])
+    assert not np.isnan(first).any()
