@@ -126,8 +126,9 @@ def make_server(recognizer, port=8000, max_upload_mb=MAX_UPLOAD_MB):
                 try:
                     answer = analyze(recognizer, files["audio"], files.get("subtitles"), text)
                 except PredictError as e:  # the user's file: one line, in the page
-                    return self.reply({"error": str(e).replace(f"{folder}/audio/", "").replace(f"{folder}/subtitles/", "")},
-                                      400)
+                    # Named as the person named it: the upload's own name, without this temporary folder.
+                    message = str(e).replace(f"{folder}/audio/", "").replace(f"{folder}/subtitles/", "")
+                    return self.reply({"error": message}, 400)
                 answer["recording"] = parts["audio"][0] or "recording"
             self.reply(answer)
 

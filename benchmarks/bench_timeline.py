@@ -131,8 +131,8 @@ def bench_timeline(device="cpu", minutes=2.0, tokens=24, layers=12, run_dir=None
             wall, result, growth = timed_timeline(recognizer, recording, device)
             parameters = parameter_count(asr_model)
             predicted = sum(s["prediction"] is not None for s in result["segments"])
-            rows.append({"asr": name, "asr_parameters_m": round(parameters / 1e6, 1), "segments": len(result["segments"]),
-                         "predicted": predicted, "wall_s": round(wall, 2), "audio_s_per_wall_s": seconds / wall,
+            rows.append({"asr": name, "asr_parameters_m": round(parameters / 1e6, 1),
+                         "segments": len(result["segments"]), "predicted": predicted, "wall_s": round(wall, 2), "audio_s_per_wall_s": seconds / wall,
                          "peak_rss_growth_mb": growth, "rss_mb": rss_mb()})
             del recognizer
     return {"device": str(device), "minutes": minutes, "audio_s": seconds, "tokens_per_segment": tokens,

@@ -12,7 +12,9 @@ A row is a dict with its recording, "_wav_path" (a Path or None) or "_wav" (16 k
 "text", and optionally "dialog": rows of one dialogue, in order, are each other's context, exactly
 as in training. Optional: "_transcript" (a transcript known to be the utterance's words, even empty:
 a timeline's neighbour, the API's context), "_name" (what notes call an in-memory recording),
-"_context_only" (a row that is context for the others and is not predicted itself).
+"_context_only" (a row that is context for the others and is not predicted itself). Prediction adds
+"_asr_transcript" (transcribe_rows: what speech recognition heard) and "_seconds" (the recording's
+length, utterance_features).
 """
 import sys
 from pathlib import Path

@@ -29,7 +29,6 @@ import math
 from collections import deque
 from pathlib import Path
 
-import numpy as np
 
 from mmser.data_contract import SAMPLE_RATE
 from mmser.predictor import PredictError, prediction_fields, prediction_values, row_transcript

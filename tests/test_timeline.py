@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 import predict
-from mmser.api import PredictError, Recognizer
+from mmser.api import Recognizer
 from mmser.timeline import output_paths, timeline_csv, timeline_figure
 from small_runs import read_csv
 
