@@ -5,7 +5,8 @@
 Runs bench_vq.py (vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py
 (sentence-embedding and text-token throughput; peak memory of the extraction on 100 and 1000
 synthetic utterances), bench_train.py (training MFU, the frozen-speech cache, data wait),
-bench_asr.py (speech recognition with a Whisper-small-sized model: audio s per wall s, peak memory)
+bench_asr.py (speech recognition with a Whisper-small-sized model: audio s per wall s, peak memory),
+bench_timeline.py (a recording's whole timeline, with the tiny models and a Whisper-small-sized ASR)
 and bench_speech.py (a WavLM-base's frozen extraction against the compute-bound limit, its peak memory
 on a 34-s utterance, an epoch on its cached layer means against one on vq-wav2vec tokens).
 The full run took 5.6 minutes on 2 idle cores of an AMD EPYC Zen 4 (bf16 rows included) and
@@ -22,6 +23,7 @@ with their targets:
   asr_audio_s_per_wall_s    Whisper-small-sized transcription, audio s per wall s (no target: measured)
   asr_peak_mb               its resident set with the model loaded plus the peak growth while transcribing
   speech_limit_ratio        WavLM-base layer means, audio s per wall s / (peak / FLOPs per audio s)
+  timeline_audio_s_per_wall_s  a recording's whole timeline, {"tiny": ..., "whisper-small": ...}
 --quick runs every benchmark at a small size, 1-2 minutes on those busy 2 cores (a smoke run: its
 figures are not the targets', and it writes results.json only where --out says).
 """
@@ -41,12 +43,14 @@ FULL = {"vq": dict(seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34.0)),
         "extraction": dict(sentences=128, sizes=(100, 1000)),
         "train": dict(steps=3, full_steps=2, warmup=1, text_sizes=("base", "large")),
         "asr": dict(utterances=8, seconds=5.0, tokens=24),
+        "timeline": dict(minutes=2.0, tokens=24),
         "speech": dict(seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40)}
 QUICK = {"vq": dict(seconds=2.0, repeat=1, memory_seconds=(1.0, 2.0), peak_seconds=0.0),
          "extraction": dict(sentences=16, sizes=(100,), layers=1, peak_seconds=0.0, fit_wavs=20),
          "train": dict(steps=1, full_steps=1, warmup=0, text_sizes=("base",), epoch_utterances=200, layers=1,
                        peak_seconds=0.0),
          "asr": dict(utterances=2, seconds=2.0, tokens=4, layers=1),
+         "timeline": dict(minutes=0.5, tokens=4, layers=1),
          "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0)}
 
 
@@ -55,6 +59,7 @@ def run_all(device="cpu", quick=False):
     import bench_asr
     import bench_extraction
     import bench_speech
+    import bench_timeline
     import bench_train
     import bench_vq
     settings = QUICK if quick else FULL
@@ -67,6 +72,7 @@ def run_all(device="cpu", quick=False):
                "extraction": (bench_extraction.bench_extraction, bench_extraction.print_extraction),
                "train": (bench_train.bench_train, bench_train.print_train),
                "asr": (bench_asr.bench_asr, bench_asr.print_asr),
+               "timeline": (bench_timeline.bench_timeline, bench_timeline.print_timeline),
                "speech": (bench_speech.bench_speech, bench_speech.print_speech)}
     figures = {}
     for name, (bench, show) in benches.items():
@@ -74,7 +80,7 @@ def run_all(device="cpu", quick=False):
         figures[name] = bench(device, **settings[name])
         seconds[name] = time.perf_counter() - start
         show(figures[name])
-    vq, extraction, train, asr, speech = (figures[name] for name in benches)
+    vq, extraction, train, asr, timeline, speech = (figures[name] for name in benches)
 
     machine["load_average_after"] = load_average()
     machine["run_all_seconds"] = round(time.perf_counter() - started, 1)
@@ -88,13 +94,14 @@ def run_all(device="cpu", quick=False):
         "asr_audio_s_per_wall_s": asr["audio_s_per_wall_s"],
         "asr_peak_mb": asr["rss_model_loaded_mb"] + asr["peak_growth_mb"],
         "speech_limit_ratio": speech["speech_limit_ratio"],
+        "timeline_audio_s_per_wall_s": timeline["audio_s_per_wall_s"],
     }
     met = {}
     for key, (op, target) in TARGETS.items():
         met[key] = {"value": headline[key], "target": f"{op} {target}",
                     "met": headline[key] >= target if op == ">=" else headline[key] < target}
     return {**headline, "targets": met, "quick": quick, "machine": machine, "seconds": seconds,
-            "vq": vq, "extraction": extraction, "train": train, "asr": asr,
+            "vq": vq, "extraction": extraction, "train": train, "asr": asr, "timeline": timeline,
             "speech": speech}
 
 
@@ -118,6 +125,7 @@ def main(argv=None):
     print(f"  extraction_peak_mb         {results['extraction_peak_mb']}")
     print(f"  asr_audio_s_per_wall_s     {results['asr_audio_s_per_wall_s']:.3g}  (peak {results['asr_peak_mb']:.0f} MB)")
     print(f"  speech_limit_ratio         {results['speech_limit_ratio']:.3g}  (WavLM-base layer means; no target)")
+    print(f"  timeline_audio_s_per_wall_s  {results['timeline_audio_s_per_wall_s']}  (tiny models; Whisper-small-sized ASR)")
     if results["quick"]:
         print("--quick: a smoke run at small sizes; its figures are not the targets'")
     print(f"machine: {results['machine']}")

@@ -5,10 +5,18 @@ extraction made them, and the mean of its folds' probabilities (predict.py is it
   check_pretrained(config)         every pretrained file the run recorded, where it was and unchanged
   utterance_features(rows, ...)    each row's features, made by the functions the extraction steps call
   featurize(rows, ...)             -> utterance dicts, made from them as the training data is
-  predict_rows(RUN_DIR, rows)      -> probabilities per row (NaN where none), notes, classes, and the
-                                      attributes' values per row (a run with --target dimensional or both)
-A row is a dict with "_wav_path" (a Path or None), "text" and optionally "dialog": rows of one
-dialogue, in order, are each other's context, exactly as in training.
+  LoadedRun(RUN_DIR, ...)          all of that loaded once; .predict(rows) -> outputs, notes
+  predict_rows(RUN_DIR, rows)      -> outputs per row (NaN where none), notes, the run's target
+  prediction_fields(classes, attributes), prediction_values(outputs, ...)   a prediction's output columns
+A row's outputs are the run's target's (mmser.targets): one probability per class (a run with classes),
+then one value per attribute on the corpus's scale (a run with --target dimensional or both).
+A row is a dict with its recording, "_wav_path" (a Path or None) or "_wav" (16 kHz mono samples),
+"text", and optionally "dialog": rows of one dialogue, in order, are each other's context, exactly
+as in training. Optional: "_transcript" (a transcript known to be the utterance's words, even empty:
+a timeline's neighbour, the API's context), "_name" (what notes call an in-memory recording),
+"_context_only" (a row that is context for the others and is not predicted itself). Prediction adds
+"_asr_transcript" (transcribe_rows: what speech recognition heard) and "_seconds" (the recording's
+length, utterance_features).
 """
 import sys
 from pathlib import Path
@@ -16,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mmser.context import context_vectors, dialogues
-from mmser.data_contract import pretrained_roles
+from mmser.data_contract import SAMPLE_RATE, pretrained_roles
 from mmser.settings import RunError, read_settings
 from mmser.speech.routes import route_of
 from mmser.targets import target_of
@@ -112,6 +120,33 @@ def read_recording(path):
     return wav, (f"{path}: " + ", ".join(notes)) if notes else ""
 
 
+def has_audio(row):
+    return row.get("_wav") is not None or row.get("_wav_path") is not None
+
+
+def row_audio(row):
+    """A row's recording -> (16 kHz mono float32, a note on what was converted, or ""): its samples
+    ("_wav", used as they are), else its file read by read_recording (PredictError)."""
+    if row.get("_wav") is not None:
+        return np.asarray(row["_wav"], dtype=np.float32), ""
+    return read_recording(row["_wav_path"])
+
+
+def audio_name(row):
+    """What a note calls a row's recording: its file, or its "_name"."""
+    return row["_wav_path"] if row.get("_wav_path") is not None else row.get("_name", "the recording")
+
+
+def row_transcript(row):
+    """The words the text and context branches read for a row, or None where it has none: the text
+    given, else "_transcript", else what speech recognition heard ("" for silence, a transcript all
+    the same)."""
+    text = (row.get("text") or "").strip()
+    if text:
+        return text
+    return row["_transcript"] if row.get("_transcript") is not None else row.get("_asr_transcript")
+
+
 
 # ------------------------------------------------------------------------------------------------
 # features, in memory, the way the extraction stage made them
@@ -137,10 +172,10 @@ def load_extractors(settings, paths, device):
 
 
 def rows_to_predict(rows, branches):
-    """Indices of the rows a prediction is asked for: those with a wav, and for a run without the
-    speech branch, those with text too. The others are context only."""
-    return [i for i, row in enumerate(rows)
-            if row["_wav_path"] is not None or ("speech" not in branches and (row.get("text") or "").strip())]
+    """Indices of the rows a prediction is asked for: those with a recording, and for a run without the
+    speech branch, those with text too. The others (and those marked "_context_only") are context only."""
+    return [i for i, row in enumerate(rows) if not row.get("_context_only") and
+            (has_audio(row) or ("speech" not in branches and row_transcript(row)))]
 
 
 def utterance_features(rows, settings, extractors, notes):
@@ -153,8 +188,9 @@ def utterance_features(rows, settings, extractors, notes):
     needs_text = "text" in branches or "context" in branches
     # A recording given without text has its ASR transcript (transcribe_rows); an empty one is a
     # transcript all the same (silence): predicted and context, as an empty transcript in training.
-    texts = [(row.get("text") or "").strip() or row.get("_asr_transcript") or "" for row in rows]
-    has_text = [bool(text) or row.get("_asr_transcript") is not None for text, row in zip(texts, rows)]
+    texts = [row_transcript(row) for row in rows]
+    has_text = [text is not None for text in texts]
+    texts = [text or "" for text in texts]
     usable = []
     for i in rows_to_predict(rows, branches):
         if needs_text and not has_text[i]:
@@ -178,27 +214,32 @@ def utterance_features(rows, settings, extractors, notes):
         made = {}
         if "speech" in branches:
             try:
-                wav, note = read_recording(rows[i]["_wav_path"])
+                wav, note = row_audio(rows[i])
             except PredictError as e:
                 notes[i] = str(e)
                 continue
             if note:
                 print(note, file=sys.stderr)
-            made["speech"] = route.features(extractors["speech"], wav, rows[i]["_wav_path"])
+            rows[i]["_seconds"] = len(wav) / SAMPLE_RATE  # for the note on what the token limit cut
+            made["speech"] = route.features(extractors["speech"], wav, audio_name(rows[i]))
             if isinstance(made["speech"], str):  # too short, silent: why there is nothing to classify
                 notes[i] = made["speech"]
                 continue
         if "text" in branches:
-            made["text"] = text_token_ids(texts[i], extractors["text_tokenizer"])
+            # A transcript longer than the tokenizer's model_max_length is cut by the run's own limit
+            # (featurize); transformers' warning about its length would only alarm the user.
+            with quiet_transformers():
+                made["text"] = text_token_ids(texts[i], extractors["text_tokenizer"])
         if "context" in branches:
             made["context"] = contexts[i]
         features[i] = made
     return features
 
 
-def featurize(rows, settings, extractors, notes):
+def featurize(rows, settings, extractors, notes, cuts=None):
     """-> utterance dicts (as dataset_loader makes them, from the same features by the same functions)
-    for the rows that can be predicted; the others get a message in `notes[row index]`."""
+    for the rows that can be predicted; the others get a message in `notes[row index]`. What the
+    run's token limits cut from a row goes into `cuts[row index]` (cut_note)."""
     from mmser.dataset_loader import context_input, text_input
     route, items = run_speech_route(settings), []
     for i, features in utterance_features(rows, settings, extractors, notes).items():
@@ -209,8 +250,27 @@ def featurize(rows, settings, extractors, notes):
             item["text_ids"] = text_input(features["text"], settings.max_text_tokens)
         if "context" in features:
             item["context"] = context_input(features["context"], settings.context_window)
+        note = cut_note(features, item, rows[i].get("_seconds"), settings)
+        if note and cuts is not None:
+            cuts[i] = note
         items.append(item)
     return items
+
+
+def cut_note(features, item, seconds, settings):
+    """What the run's token limits left out of an utterance's features, in words ("" if nothing): an
+    input shorter than its features was cut (the speech route's model_input, text_input)."""
+    said = []
+    speech = [v for k, v in item.items() if k.startswith("speech_")]
+    if "speech" in features and speech and len(speech[0]) < len(features["speech"]):
+        kept, made = len(speech[0]), len(features["speech"])
+        heard = f"about the first {seconds * kept / made:.1f} s of {seconds:.1f} s" if seconds else \
+            f"the first {kept} of {made} speech tokens"
+        said.append(f"speech cut: {heard} read (the run reads at most {settings.max_audio_tokens} speech tokens)")
+    if "text" in features and len(item["text_ids"]) < len(features["text"]):
+        said.append(f"text cut: the first {len(item['text_ids'])} of {len(features['text'])} tokens read "
+                    f"(the run reads at most {settings.max_text_tokens})")
+    return "; ".join(said)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,76 +306,165 @@ def run_asr_model(settings, asr_model=None, models_dir=None):
     return path
 
 
-def transcribe_rows(rows, settings, asr_model, device):
-    """Each row with a recording and no text that the run's text or context branch needs gets
+def transcribe_rows(rows, settings, load_asr):
+    """Each row with a recording and no transcript that the run's text or context branch needs gets
     row["_asr_transcript"]: Whisper's transcript (asr.transcribe), "" for silent or too short
-    audio. Without an ASR model nothing is transcribed (featurize then says the text is missing)."""
-    from mmser.asr import load_asr, transcribe
-    from mmser.extraction import FeatureError
-    if not ({"text", "context"} & set(settings.branches)) or asr_model is None:
+    audio. `load_asr()` gives the loaded ASR model (LoadedRun.asr), asked for only when a row needs
+    it; None: no ASR model, nothing is transcribed (featurize then says the text is missing)."""
+    from mmser.asr import transcribe
+    if not ({"text", "context"} & set(settings.branches)):
         return
-    wanted, wavs = [], []
-    for i, row in enumerate(rows):
-        if row["_wav_path"] is not None and not (row.get("text") or "").strip():
-            try:
-                wavs.append(read_recording(row["_wav_path"])[0])
-                wanted.append(i)
-            except PredictError:  # the speech branch, or featurize, names the file
-                continue
+    wanted = [i for i, row in enumerate(rows) if has_audio(row) and row_transcript(row) is None
+              and not row.get("_context_only")]
     if not wanted:
         return
-    try:
-        asr = load_asr(asr_model, device)
-    except FeatureError as e:
-        raise PredictError(str(e)) from None
+    asr = load_asr()
+    if asr is None:
+        return
+    transcribed, wavs = [], []
+    for i in wanted:
+        try:
+            wavs.append(row_audio(rows[i])[0])
+            transcribed.append(i)
+        except PredictError:  # the speech branch, or featurize, names the file
+            continue
     texts, empty = transcribe(wavs, asr)
-    for k, (i, text) in enumerate(zip(wanted, texts)):
+    for k, (i, text) in enumerate(zip(transcribed, texts)):
         rows[i]["_asr_transcript"] = text
         if k in empty:
-            print(f"{rows[i]['_wav_path']}: {empty[k]} for speech recognition: an empty transcript", file=sys.stderr)
+            print(f"{audio_name(rows[i])}: {empty[k]} for speech recognition: an empty transcript", file=sys.stderr)
+
+
+# Every fold's weights are held in memory when together they take at most this much (a frozen or
+# base-sized encoder's run: megabytes to a few hundred); above it (a fine-tuned RoBERTa-large is 1.4 GB a
+# fold) each predict() call reads them from disk one at a time, holding one fold's.
+FOLD_WEIGHTS_IN_MEMORY = 2 * 2 ** 30
+
+
+class LoadedRun:
+    """A trained run loaded once for any number of predictions: its settings, the pretrained parts that
+    make its features (load_extractors), its model and every fold's weights (of every seed, for a
+    --seeds run; one fold's with `fold`; held in memory up to FOLD_WEIGHTS_IN_MEMORY), and its ASR
+    model, loaded when first needed.
+
+        run = LoadedRun(RUN_DIR)                   # PredictError naming what is wrong with the run
+        outputs, notes = run.predict(rows)         # rows as the module docstring says
+    """
+
+    def __init__(self, run_dir, fold=None, device="cpu", models_dir=None, asr_model=None):
+        import torch
+
+        from mmser import model_structure
+        self.run_dir = Path(run_dir)
+        self.settings, self.checkpoints = load_run(run_dir, fold)
+        self.paths = check_pretrained(self.settings, models_dir)
+        self.target = target_of(self.settings)
+        self.classes, self.attributes = self.target.classes, list(self.target.attributes)
+        self.device = torch.device(device)
+        self.asr_model = run_asr_model(self.settings, asr_model, models_dir)
+        self._asr = None
+        self.extractors = load_extractors(self.settings, self.paths, self.device)
+        # The run's precision too: a run trained and evaluated under bf16 autocast predicts under it.
+        self.amp = torch.bfloat16 if self.settings.precision == "bf16" else None
+        self.model = model_structure.build_model(self.settings.replace(
+            text_model=self.paths.get("text_model", self.settings.text_model),
+            speech_model=self.paths.get("speech_model", self.settings.speech_model)))
+        # Each fold's trained weights (a frozen encoder is not in them: it stays the pretrained one),
+        # each checked to fit the model now, so that a wrong checkpoint is named before any prediction.
+        self.held = None
+        if len(self.checkpoints) == 1:
+            self.use_weights(self.checkpoints[0], load_fold_checkpoint(self.checkpoints[0]))
+        elif sum(path.stat().st_size for path in self.checkpoints) <= FOLD_WEIGHTS_IN_MEMORY:
+            self.held = [load_fold_checkpoint(path) for path in self.checkpoints]
+            for path, weights in zip(self.checkpoints, self.held):
+                self.use_weights(path, weights)
+        self.model.to(self.device).eval()
+
+    def use_weights(self, path, weights):
+        """Fold `path`'s weights into the model."""
+        from mmser.model_structure import CheckpointMismatchError
+        try:
+            self.model.load_trained_state_dict(weights)
+        except CheckpointMismatchError as e:
+            raise PredictError(f"{path}: not a checkpoint of this run's model ({e})") from None
+
+    def folds(self):
+        """Put each fold's weights into the model in turn (yield between): held, or read from disk."""
+        if len(self.checkpoints) == 1:  # in the model for good
+            yield
+            return
+        for k, path in enumerate(self.checkpoints):
+            self.use_weights(path, self.held[k] if self.held is not None else load_fold_checkpoint(path))
+            yield
+
+    def asr(self):
+        """The ASR model (mmser.asr.load_asr's) that transcribes recordings given without text, loaded
+        at the first call; None where the run has none and none was given."""
+        from mmser.asr import load_asr
+        from mmser.extraction import FeatureError
+        if self._asr is None and self.asr_model is not None:
+            try:
+                self._asr = load_asr(self.asr_model, self.device)
+            except FeatureError as e:
+                raise PredictError(str(e)) from None
+        return self._asr
+
+    def transcribe(self, rows):
+        """Rows with a recording and no transcript get speech recognition's (transcribe_rows)."""
+        transcribe_rows(rows, self.settings, self.asr)
+
+    def predict(self, rows, batch_size=16):
+        """-> (outputs (len(rows), target width): each row's class probabilities, then its attributes' values
+        on the corpus's scale, NaN rows where none was made; notes by row: why a row asked for has no
+        prediction, or what the token limits cut of one that has). Both are the mean over the run's folds
+        (the attributes' on the unit scale the model regresses). Rows with a recording and no text are
+        transcribed first (transcribe_rows)."""
+        from mmser.validation_function import predict
+        notes, cuts = {}, {}
+        self.transcribe(rows)
+        items = featurize(rows, self.settings, self.extractors, notes, cuts)
+        outputs, width = np.full((len(rows), self.target.width), np.nan), self.target.num_classes
+        if items:
+            probs, attributes = [], []
+            for _ in self.folds():
+                predicted = predict(self.model, items, batch_size, self.device, self.amp)
+                probs.append(predicted["probs"])
+                attributes.append(predicted.get("attribute_outputs", np.zeros((len(items), 0))))
+            index = [item["index"] for item in items]
+            outputs[index, :width] = np.mean(probs, axis=0)
+            outputs[index, width:] = self.target.values(np.mean(attributes, axis=0))
+        return outputs, {**notes, **cuts}
 
 
 def predict_rows(run_dir, rows, fold=None, device="cpu", batch_size=16, models_dir=None, asr_model=None):
-    """-> (probabilities (len(rows), classes) with NaN rows where none was made, notes by row, classes,
-    attributes: {attribute: values (len(rows),) on the corpus's scale, NaN where none was made}). A run of
-    --target dimensional has no classes (probabilities (len(rows), 0)), a categorical one no attributes ({});
-    both are the mean over the run's folds (the attributes' on the unit scale the model regresses).
-    Rows with a recording and no text are transcribed first (transcribe_rows; --asr-model or the run's)."""
-    import torch
-
-    from mmser import model_structure
-    from mmser.validation_function import predict
-    settings, checkpoints = load_run(run_dir, fold)
-    paths = check_pretrained(settings, models_dir)
-    device = torch.device(device)
-    notes = {}
-    if "speech" not in settings.branches and any(row["_wav_path"] is not None and (row.get("text") or "").strip()
-                                                  for row in rows):  # a recording without text is transcribed
+    """-> (outputs (len(rows), target width) with NaN rows where none was made, notes by row, the run's
+    targets.Target): LoadedRun(...).predict(rows) for a run used once."""
+    run = LoadedRun(run_dir, fold, device, models_dir, asr_model)
+    if "speech" not in run.settings.branches and any(has_audio(row) and (row.get("text") or "").strip()
+                                                     for row in rows):  # a recording without text is transcribed
         print(f"{run_dir} was trained without the speech branch: its predictions do not read the audio",
               file=sys.stderr)
-    transcribe_rows(rows, settings, run_asr_model(settings, asr_model, models_dir), device)
-    extractors = load_extractors(settings, paths, device)
-    items = featurize(rows, settings, extractors, notes)
-    target = target_of(settings)
-    classes = target.classes
-    probs = np.full((len(rows), len(classes)), np.nan)
-    attributes = np.full((len(rows), target.num_attributes), np.nan)
-    # The run's precision too: a run trained and evaluated under bf16 autocast predicts under it.
-    amp = torch.bfloat16 if settings.precision == "bf16" else None
-    if items:
-        settings = settings.replace(text_model=paths.get("text_model", settings.text_model),
-                                    speech_model=paths.get("speech_model", settings.speech_model))
-        model = model_structure.build_model(settings)
-        fold_probs, fold_attributes = [], []
-        for path in checkpoints:
-            try:
-                model.load_trained_state_dict(load_fold_checkpoint(path))
-            except model_structure.CheckpointMismatchError as e:
-                raise PredictError(f"{path}: not a checkpoint of this run's model ({e})") from None
-            model.to(device).eval()
-            predicted = predict(model, items, batch_size, device, amp)
-            fold_probs.append(predicted["probs"])
-            fold_attributes.append(predicted.get("attribute_outputs", np.zeros((len(items), 0))))
-        probs[[item["index"] for item in items]] = np.mean(fold_probs, axis=0)
-        attributes[[item["index"] for item in items]] = target.values(np.mean(fold_attributes, axis=0))
-    return probs, notes, classes, {a: attributes[:, k] for k, a in enumerate(target.attributes)}
+    outputs, notes = run.predict(rows, batch_size)
+    return outputs, notes, run.target
+
+
+# ------------------------------------------------------------------------------------------------
+# what a prediction says: the one place its output columns are made (predict.py's CSV, the API, the
+# timeline's CSV and JSON, the page)
+
+def prediction_fields(classes, attributes=()):
+    """The columns of one prediction, in order: the predicted class and one probability per class (a run
+    with classes), then one value per attribute (a run with --target dimensional or both)."""
+    return (["prediction"] + [f"p_{c}" for c in classes] if classes else []) + list(attributes)
+
+
+def prediction_values(outputs, classes, attributes=()):
+    """{column: value} of one row's outputs (LoadedRun.predict's; prediction_fields): the predicted class,
+    each probability and each attribute's value as a float; None everywhere for a row without a
+    prediction (NaN)."""
+    if outputs is None or np.isnan(outputs[0]):
+        return dict.fromkeys(prediction_fields(classes, attributes))
+    probs, values = outputs[:len(classes)], outputs[len(classes):]
+    predicted = {"prediction": classes[int(np.argmax(probs))],
+                 **{f"p_{c}": float(p) for c, p in zip(classes, probs)}} if classes else {}
+    return {**predicted, **{a: float(v) for a, v in zip(attributes, values)}}

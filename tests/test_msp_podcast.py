@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,19 @@ def test_the_official_path_scores_test1_recomputably_and_writes_test3_for_submis
     predicted = read_csv(out)[0]
     assert list(predicted)[-4:] == ["valence", "arousal", "dominance", "note"] and predicted["prediction"]
     assert all(math.isfinite(float(predicted[a])) for a in ("valence", "arousal", "dominance"))
+    # the Python API and a recording's timeline carry the attributes in the same columns
+    from mmser.api import Recognizer
+    from mmser.timeline import timeline_csv, timeline_figure
+    recognizer = Recognizer(run_dir)
+    assert recognizer.attributes == ["valence", "arousal", "dominance"]
+    answer = recognizer.predict(data_dir / "Audio" / f"{one['name']}.wav", text="well")
+    assert all(f"{answer[c]:.6f}" == predicted[c] for c in ["valence", "arousal", "dominance"] +
+               [f"p_{c}" for c in recognizer.classes]) and answer["prediction"] == predicted["prediction"]
+    conversation = Path(__file__).parent / "data" / "conversation"
+    result = recognizer.timeline(conversation / "conversation.flac", subtitles=conversation / "conversation.srt")
+    assert result["attributes"] == recognizer.attributes and len(result["segments"]) > 3
+    header = timeline_csv(result).split("\n")[0].split(",")
+    assert header[-4:] == ["valence", "arousal", "dominance", "note"] and "p_angry" in header
+    assert all(math.isfinite(s["arousal"]) for s in result["segments"])
+    assert [axes.get_ylabel() for axes in timeline_figure(result).axes[:2]] == ["probability",
+                                                                                "value (the corpus's scale)"]
