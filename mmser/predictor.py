@@ -72,8 +72,9 @@ def check_pretrained(config, models_dir=None):
     if not recorded:
         raise PredictError("config.json records no pretrained files (a run from an older version); "
                            "retrain it to predict with it")
+    # An entry without a path is a setting (the transcripts' asr_decoding), not a file.
     recorded = {role: {**entry, "path": moved(entry["path"], config.get("models_dir"), models_dir)}
-                for role, entry in recorded.items()}
+                for role, entry in recorded.items() if "path" in entry}
     problems = []
     for role in [r for b in config["branches"] for r in pretrained_roles(b, config.get("speech_model"))]:
         if role not in recorded:
@@ -264,7 +265,7 @@ def transcribe_rows(rows, config, asr_model, device):
     """Each row with a recording and no text that the run's text or context branch needs gets
     row["_asr_transcript"]: Whisper's transcript (asr.transcribe), "" for silent or too short
     audio. Without an ASR model nothing is transcribed (featurize then says the text is missing)."""
-    from mmser.asr import load_asr, transcribe
+    from mmser.asr import load_asr, recorded_decoding, transcribe
     from mmser.extraction import FeatureError
     if not ({"text", "context"} & set(config["branches"])) or asr_model is None:
         return
@@ -279,7 +280,7 @@ def transcribe_rows(rows, config, asr_model, device):
     if not wanted:
         return
     try:
-        asr = load_asr(asr_model, device)
+        asr = load_asr(asr_model, device, **recorded_decoding(config.get("pretrained", {})))
     except FeatureError as e:
         raise PredictError(str(e)) from None
     texts, empty = transcribe(wavs, asr)

@@ -21,10 +21,10 @@ EXTRACTORS = {"speech-tokens": extract_speech_tokens, "text-tokens": extract_tex
 
 def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
              overwrite=False, progress=True, sentence_pooling="cls", transcripts=None, asr_model=None,
-             speech_model=None):
+             speech_model=None, asr_backend="transformers", asr_precision="auto"):
     """Run one of EXTRACTORS' steps, or "transcripts" (speech recognition with `asr_model`), by name;
     the text steps read the transcript set `transcripts` (data_contract.transcript_set; None: the
-    reference). Returns its StepReport. With a transformers --speech-model, "speech-tokens" (or
+    reference; asr_backend and asr_precision: asr.load_asr's). Returns its StepReport. With a transformers --speech-model, "speech-tokens" (or
     "speech-layers") makes that encoder's layer means instead."""
     if step in ("speech-tokens", "speech-layers") and speech_step(speech_model) != "speech-tokens":
         return extract_speech_layers(data_dir, speech_model, device, overwrite, progress)
@@ -38,14 +38,15 @@ def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, d
         return extract_sentence_embeddings(data_dir, models_dir, sentence_model, device, overwrite, progress,
                                            pooling=sentence_pooling, transcripts=transcripts)
     if step == "transcripts":
-        return transcribe_utterances(data_dir, models_dir, asr_model, device, overwrite, progress)
+        return transcribe_utterances(data_dir, models_dir, asr_model, device, overwrite, progress,
+                                     backend=asr_backend, precision=asr_precision)
     raise ValueError(f"unknown step {step!r}; one of {', '.join(EXTRACTORS)}, transcripts")
 
 
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
                      contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling="cls", asr_model=None,
-                     speech_model=None):
+                     speech_model=None, asr_backend="transformers", asr_precision="auto"):
     """Run speech tokens, text tokens, sentence embeddings, then context vectors; return the reports.
     Another text or sentence model, or mean pooling, writes folders of its own (feature_ext.py).
     With asr_model: then its transcripts, and the text features and context vectors of that set too.
@@ -58,7 +59,7 @@ def extract_features(data_dir, models_dir, sentence_model=None, text_model=None,
         return reports
     transcripts = transcript_set(asr_model)
     reports.append(run_step("transcripts", data_dir, models_dir, device=device, overwrite=overwrite, progress=progress,
-                            asr_model=asr_model))
+                            asr_model=asr_model, asr_backend=asr_backend, asr_precision=asr_precision))
     reports += [run_step(step, data_dir, models_dir, sentence_model, text_model, device, overwrite, progress,
                          sentence_pooling, transcripts) for step in ("text-tokens", "sentence-embeddings")]
     return reports + write_context_vectors(data_dir, contexts, overwrite, progress, tag=tag, transcripts=transcripts)
