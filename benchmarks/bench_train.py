@@ -169,8 +169,12 @@ def time_speech_cache(model, utterances, device="cpu", amp_dtype=None, sample=32
 def project_default_grouping():
     """main.py's default batching (length-grouped or random), which the headline figures use."""
     use_repo_modules()
-    import main
-    return main.DEFAULTS["group_by_length"]
+    try:  # the typed settings (mmser/settings.py) where they exist
+        from mmser.settings import DEFAULTS
+        return DEFAULTS.group_by_length
+    except ImportError:
+        import main
+        return main.DEFAULTS["group_by_length"]
 
 
 def train_steps(model, utterances, device="cpu", amp_dtype=None, group_by_length=False, cache_speech=False,
@@ -196,7 +200,7 @@ def train_steps(model, utterances, device="cpu", amp_dtype=None, group_by_length
     loader.batch_sampler.set_epoch(0)
     model.to(device).train()
     criterion = train_function.make_criterion()
-    optimizer = train_function.configure_optimizer(model, 1e-5, 1e-3)
+    optimizer = train_function.configure_optimizer(model, 1e-5, 1e-3, fused=amp_dtype is not None)  # as main.py
     records = []
     iterator = iter(loader)
     for i in range(warmup + steps):
