@@ -78,10 +78,12 @@ def synthetic_utterances(n, seconds, seed=0):
             for i in range(n)]
 
 
-def write_random_whisper(out_dir, tokens, layers=None, size="small", seed=0):
-    """A Hugging Face Whisper folder at `size` (WHISPER_SIZES; layers: fewer encoder and decoder layers
-    of the same width) with random weights and the tiny Whisper's tokenizer, feature extractor (with
-    the size's mel bins) and generation config, decoding exactly `tokens` tokens per window. -> path."""
+def write_random_whisper(out_dir, tokens, layers=None, size="small", seed=0, init_device="cpu"):
+    """A Hugging Face Whisper folder at `size` (WHISPER_SIZES, or a dict of WhisperConfig sizes;
+    layers: fewer encoder and decoder layers of the same width) with random weights (drawn on
+    `init_device`: a GPU draws large-v3's 1.5G in a moment) and the tiny Whisper's tokenizer,
+    feature extractor (with the size's mel bins) and generation config, decoding exactly `tokens`
+    tokens per window. -> path."""
     use_repo_modules()
     from transformers import (AutoTokenizer, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration)
@@ -94,11 +96,11 @@ def write_random_whisper(out_dir, tokens, layers=None, size="small", seed=0):
         tiny_model = WhisperForConditionalGeneration.from_pretrained(tiny)
         ids = {k: getattr(tiny_model.config, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id",
                                                           "decoder_start_token_id")}
-        shape = dict(WHISPER_SIZES[size])
+        shape = dict(WHISPER_SIZES[size] if isinstance(size, str) else size)
         if layers:
             shape.update(encoder_layers=layers, decoder_layers=layers)
         config = WhisperConfig(**shape, **ids)
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), torch.device(init_device):
             torch.manual_seed(seed)
             model = WhisperForConditionalGeneration(config).eval()
         tokenizer = AutoTokenizer.from_pretrained(tiny)
@@ -111,6 +113,7 @@ def write_random_whisper(out_dir, tokens, layers=None, size="small", seed=0):
         model.generation_config = generation
         # As openai's folders hold them: float16 for large-v3 (3 GB instead of 6), float32 for small.
         model.to(torch.float16 if size == "large-v3" else torch.float32).save_pretrained(out_dir)
+        del model
         tokenizer.save_pretrained(out_dir)
         WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
     return out_dir
