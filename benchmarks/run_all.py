@@ -2,19 +2,21 @@
 
     python benchmarks/run_all.py [--device cpu|cuda] [--out benchmarks/results.json] [--quick]
 
-Runs, each in a process of its own (so that each memory figure is its own), bench_vq.py (vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py
-(sentence-embedding and text-token throughput; peak memory of the extraction on 100 and 1000
-synthetic utterances), bench_train.py (training MFU, the frozen-speech cache, data wait),
-bench_asr.py (speech recognition with a Whisper-small-sized model: audio s per wall s, peak memory)
-and bench_speech.py (a WavLM-base's frozen extraction against the compute-bound limit, its peak memory
-on a 34-s utterance, an epoch on its cached layer means against one on vq-wav2vec tokens).
+Runs, each in a process of its own (so that each memory figure is its own): bench_vq.py
+(vq-wav2vec tokenization against the compute-bound limit), bench_extraction.py (sentence-embedding
+and text-token throughput; peak memory of the extraction on 100 and 1000 synthetic utterances),
+bench_train.py (training MFU, the frozen-speech cache, data wait), bench_asr.py (speech recognition
+with a Whisper-small-sized model: each backend and precision against the compute-bound limit, audio
+s per wall s, peak memory) and bench_speech.py (a WavLM-base's frozen extraction against the
+compute-bound limit, its peak memory on a 34-s utterance, an epoch on its cached layer means against
+one on vq-wav2vec tokens).
 The full run took 5.6 minutes on 2 idle cores of an AMD EPYC Zen 4 (bf16 rows included) and
 12-24 minutes on 2 cores of an Intel Xeon shared with other work (load average 3-5); a CPU without
 bf16 instructions leaves the bf16 rows out (utils.cpu_has_native_bf16), since it would emulate
 them for over half an hour. results.json holds the machine (CPU, cores, versions, bf16 flag,
 date, load average before and after), each benchmark's raw figures, and the headline figures
 with their targets:
-  vq_limit_ratio            codes() audio s per wall s / (matmul peak / conv FLOPs per audio s)  >= 0.5
+  vq_limit_ratio            codes() audio s per wall s / (matmul peak / conv FLOPs per audio s)  >= 0.6
   train_mfu_fp32_text_base  text branch at RoBERTa-base, fp32, the project's default batches    >= 0.3
   cache_epoch_speedup       epoch time without / with the frozen-speech cache, original settings >= 1.5
   data_wait_share           loader next() / (next() + train_step), the largest of all runs       < 0.05
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from common import REPO, load_average, machine_info, use_repo_modules
 
-TARGETS = {"vq_limit_ratio": (">=", 0.5), "train_mfu_fp32_text_base": (">=", 0.3),
+TARGETS = {"vq_limit_ratio": (">=", 0.6), "train_mfu_fp32_text_base": (">=", 0.3),
            "cache_epoch_speedup": (">=", 1.5), "data_wait_share": ("<", 0.05)}
 # What each benchmark is given: the measurement, and --quick's smoke run, which takes every code
 # path once (every configuration at the real widths, one layer per encoder, one timed step without
