@@ -301,3 +301,17 @@ def test_run_all_runs_each_benchmark_in_a_fresh_process_of_its_own(tmp_path, mon
     assert first["pid"] != os.getpid() and second["pid"] not in (os.getpid(), first["pid"])
     assert first["settings"] == {"size": 3} and first["device"] == "cpu"
     assert not first["ballast_here"]
+
+
+def test_the_gpu_dry_run_runs_every_part_at_a_tiny_size_on_the_cpu(monkeypatch, capsys):
+    import gpu_dry_run
+    monkeypatch.setattr(gpu_dry_run, "set_threads", lambda: None)
+    result = gpu_dry_run.main(["--tiny", "--device", "cpu"])
+    parts = {row["part"].split(" ")[0] + " " + row["part"].split(" ")[1]: row for row in result["parts"]}
+    assert not [row for row in result["parts"] if "error" in row], result["parts"]
+    assert {"asr transformers", "layer means", "training text"} <= set(parts)
+    for row in result["parts"]:
+        assert 0 < row["peak_share"] < 1
+    assert parts["asr transformers"]["windows_per_s"] > 0 and parts["layer means"]["audio_s_per_s"] > 0
+    assert parts["training text"]["epoch_s"] == pytest.approx(parts["training text"]["step_s"] * 242)
+    assert "GPU dry run" in capsys.readouterr().out
