@@ -217,13 +217,16 @@ class FasterWhisper:
 
 
 def ctranslate2_model(asr_model, models_dir=None):
-    """MODELS_DIR/<tag>-ctranslate2: `asr_model` converted by CTranslate2's own converter, once, with
-    its weights as saved (the compute type is chosen when it loads); again when the source's
-    fingerprint differs from the one the folder records. Written under a temporary name and renamed,
-    so an interrupted conversion leaves nothing half-written."""
+    """MODELS_DIR/<tag>-ctranslate2 (beside the folder itself without MODELS_DIR): `asr_model` converted
+    by CTranslate2's own converter, once, with its weights as saved (the compute type is chosen when
+    it loads); again when the source's fingerprint differs from the one the folder records. Written
+    under a temporary name and renamed, so an interrupted conversion leaves nothing half-written.
+    The tokenizer and features stay the Hugging Face folder's (FasterWhisper)."""
     import shutil
     import tempfile
     from ctranslate2.converters import TransformersConverter
+    if models_dir is None and not Path(asr_model).is_dir():
+        raise FeatureError(f"--asr-backend faster-whisper converts {asr_model} into MODELS_DIR: give one")
     source = fingerprint(asr_model)
     parent = Path(models_dir) if models_dir is not None else Path(asr_model).parent
     folder = parent / CT2_FOLDER.format(tag=model_tag(asr_model))
@@ -237,8 +240,7 @@ def ctranslate2_model(asr_model, models_dir=None):
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         with quiet_transformers():
-            TransformersConverter(str(asr_model), copy_files=["tokenizer.json", "preprocessor_config.json"]) \
-                .convert(str(tmp / "model"), quantization=None)
+            TransformersConverter(str(asr_model)).convert(str(tmp / "model"), quantization=None)
         write_text_atomic(tmp / "model" / CT2_SOURCE, json.dumps(source, indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
