@@ -39,7 +39,7 @@ import sys
 
 from mmser.asr import asr_model_name
 from mmser.extraction import format_summary
-from mmser.options import add_model_arguments, asr_transcripts, check_folders
+from mmser.options import add_asr_arguments, add_model_arguments, asr_transcripts, check_folders
 from mmser.speech.routes import ROUTES, step_route
 from mmser.steps import STEP_NAMES, run_step
 from mmser.utils import set_threads
@@ -50,6 +50,7 @@ def main(argv=None):
     parser.add_argument("step", choices=STEP_NAMES,
                         help="which features to extract (transcripts: speech recognition with --asr-model)")
     add_model_arguments(parser)
+    add_asr_arguments(parser)
     args = parser.parse_args(argv)
     if args.step in ROUTES:  # a speech route's step, and a --speech-model that route does not take
         try:
@@ -62,7 +63,7 @@ def main(argv=None):
     report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                       args.device, args.overwrite, progress=sys.stderr.isatty(), sentence_pooling=args.sentence_pooling,
                       transcripts=asr_transcripts(args), asr_model=asr_model_name(args.models_dir, args.asr_model),
-                      speech_model=args.speech_model)
+                      speech_model=args.speech_model, asr_backend=args.asr_backend, asr_precision=args.asr_precision)
     print(format_summary([report]))
     return 0 if report.ok else 1
 

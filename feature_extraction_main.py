@@ -21,7 +21,7 @@ import sys
 
 from mmser.asr import asr_model_name
 from mmser.extraction import format_summary
-from mmser.options import add_model_arguments, check_folders
+from mmser.options import add_asr_arguments, add_model_arguments, check_folders
 from mmser.steps import CONTEXTS, extract_features
 from mmser.utils import set_threads
 
@@ -29,6 +29,7 @@ from mmser.utils import set_threads
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
+    add_asr_arguments(parser)
     parser.add_argument("--context", type=int, nargs="+", default=list(CONTEXTS), metavar="C",
                         help="context window size(s) to write (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -42,7 +43,8 @@ def main(argv=None):
     reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
                                args.device, args.context, args.overwrite, progress=sys.stderr.isatty(),
                                sentence_pooling=args.sentence_pooling, asr_model=asr_model,
-                               speech_model=args.speech_model)
+                               speech_model=args.speech_model, asr_backend=args.asr_backend,
+                               asr_precision=args.asr_precision)
     print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 

@@ -94,7 +94,8 @@ def bench_epochs(device="cpu", steps=40, warmup=2, layers=None, seed=0):
     """Epoch seconds of the speech branch alone: on cached layer means, and on vq-wav2vec tokens (cached)."""
     use_repo_modules()
     import bench_train
-    from mmser.model_structure import EmotionClassifier, SpeechLayerSum
+    from mmser.model_structure import EmotionClassifier
+    from mmser.speech_encoders import SpeechLayerSum
     n_layers = (layers or 12) + 1
     torch.manual_seed(seed)
     model = EmotionClassifier(speech_layer_sum=SpeechLayerSum(n_layers, 768))

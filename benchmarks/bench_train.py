@@ -196,7 +196,7 @@ def train_steps(model, utterances, device="cpu", amp_dtype=None, group_by_length
     loader.batch_sampler.set_epoch(0)
     model.to(device).train()
     criterion = train_function.make_criterion()
-    optimizer = train_function.configure_optimizer(model, 1e-5, 1e-3)
+    optimizer = train_function.configure_optimizer(model, 1e-5, 1e-3, fused=amp_dtype is not None)  # as main.py
     records = []
     iterator = iter(loader)
     for i in range(warmup + steps):

@@ -48,21 +48,28 @@ def timed(fn, device="cpu", repeat=3, warmup=1):
 
 
 def measure_peak_flops(device="cpu", dtype=torch.float32, n=None, seconds=1.5):
-    """FLOP/s of a large dense square matmul: the practical compute-bound ceiling of this device.
+    """FLOP/s of a large dense square matmul: the practical compute-bound ceiling of this device
+    (dtype torch.int8: torch._int_mm's operations per second).
 
     The best of several timed products is kept (the least disturbed by other processes), so it
     is an upper estimate of what the same run can reach; MFU figures divide by it.
     """
     n = n or (2048 if torch.device(device).type == "cpu" else 8192)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    if dtype == torch.int8:  # int8 products with int32 sums, as CTranslate2's int8 runs them
+        a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+        b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+        product = torch._int_mm
+    else:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        product = torch.matmul
     for _ in range(2):
-        a @ b
+        product(a, b)
     synchronize(device)
     best, spent = float("inf"), 0.0
     while spent < seconds or best == float("inf"):
         start = time.perf_counter()
-        a @ b
+        product(a, b)
         synchronize(device)
         elapsed = time.perf_counter() - start
         best, spent = min(best, elapsed), spent + elapsed

@@ -20,7 +20,7 @@ from mmser.data_contract import (FEATURES_RECORD, MANIFEST_KEY, TEXT_ENCODERS, D
                                  feature_folder, manifest_fingerprint, read_features_record, read_withheld, step_entry,
                                  transcript_folder)
 from mmser.models_dir import missing_path
-from mmser.utils import VOCABULARY_FILES, quiet_transformers, write_text_atomic
+from mmser.utils import VOCABULARY_FILES, fingerprint, quiet_transformers, write_text_atomic
 
 SHOWN_FAILURES = 20  # per step in the summary; a broken input folder would otherwise bury the table
 
@@ -157,18 +157,38 @@ def stamp_manifest(data_dir, step, rows, out_dir, report, pattern="*.npy"):
 
 def record_models(data_dir, step, current, overwrite, rows, report, pattern="*.npy"):
     """Record in DATA_DIR/features.json which pretrained files this step's outputs come from
-    (current: {role: utils.fingerprint(...)}), and which manifest (stamp_manifest).
+    (current: {role: utils.fingerprint(...)}), and which manifest (stamp_manifest). An entry without
+    a sha256 is a setting that changes the outputs (the transcripts' {"backend", "precision"}),
+    compared whole.
 
     Outputs of different models must not mix: when the record names other files than `current`
     and outputs exist, stop, unless --overwrite is about to recompute them all.
     """
+    def identity(entry):
+        return entry.get("sha256", entry)
+
+    def same(old, new):
+        """The same files; also where this version fingerprints more of a folder than the record did (the
+        ASR model's generation and feature configs): the folder is unchanged by the record's own files."""
+        if identity(old) == identity(new):
+            return True
+        if "files" not in old or old["files"] == new.get("files") or old["path"] != new.get("path"):
+            return False
+        try:
+            return fingerprint(old["path"], old["files"])["sha256"] == old["sha256"]
+        except FileNotFoundError:
+            return False
+
+    def described(entry):
+        return entry["path"] if "sha256" in entry else " ".join(str(v) for v in entry.values())
+
     out_dir = feature_folder(data_dir, step)
     stamp_manifest(data_dir, step, rows, out_dir, report, pattern)
     record = read_features_record(data_dir)
     old = record.get(step, {})
-    changed = [role for role in current if role in old and old[role]["sha256"] != current[role]["sha256"]]
+    changed = [role for role in current if role in old and not same(old[role], current[role])]
     if changed and not overwrite and any(out_dir.glob(pattern)):
-        details = "; ".join(f"{role}: {old[role]['path']} -> {current[role]['path']}" for role in changed)
+        details = "; ".join(f"{role}: {described(old[role])} -> {described(current[role])}" for role in changed)
         raise FeatureError(f"{out_dir} was computed with other pretrained files ({details}); "
                            f"rerun with --overwrite to recompute it with the new ones")
     if record.get(step) != current:

@@ -85,8 +85,9 @@ def check_pretrained(settings, models_dir=None):
     if not recorded:
         raise PredictError("config.json records no pretrained files (a run from an older version); "
                            "retrain it to predict with it")
+    # An entry without a path is a setting (the transcripts' asr_decoding), not a file.
     recorded = {role: {**entry, "path": moved(entry["path"], settings.models_dir, models_dir)}
-                for role, entry in recorded.items()}
+                for role, entry in recorded.items() if "path" in entry}
     problems, models = [], run_speech_route(settings).step_models()
     for role in [r for b in settings.branches for r in pretrained_roles(b, models)]:
         if role not in recorded:
@@ -361,7 +362,7 @@ class LoadedRun:
         self.target = target_of(self.settings)
         self.classes, self.attributes = self.target.classes, list(self.target.attributes)
         self.device = torch.device(device)
-        self.asr_model = run_asr_model(self.settings, asr_model, models_dir)
+        self.asr_model, self.models_dir = run_asr_model(self.settings, asr_model, models_dir), models_dir
         self._asr = None
         self.extractors = load_extractors(self.settings, self.paths, self.device)
         # The run's precision too: a run trained and evaluated under bf16 autocast predicts under it.
@@ -400,11 +401,15 @@ class LoadedRun:
     def asr(self):
         """The ASR model (mmser.asr.load_asr's) that transcribes recordings given without text, loaded
         at the first call; None where the run has none and none was given."""
-        from mmser.asr import load_asr
+        from mmser.asr import load_asr, recorded_decoding
         from mmser.extraction import FeatureError
         if self._asr is None and self.asr_model is not None:
+            # As the run's transcripts were heard: the backend and precision features.json recorded.
+            decoding = recorded_decoding(self.settings.pretrained or {})
+            decoding["models_dir"] = decoding["models_dir"] and moved(decoding["models_dir"], self.settings.models_dir,
+                                                                      self.models_dir)
             try:
-                self._asr = load_asr(self.asr_model, self.device)
+                self._asr = load_asr(self.asr_model, self.device, **decoding)
             except FeatureError as e:
                 raise PredictError(str(e)) from None
         return self._asr

@@ -10,7 +10,7 @@ a speech probability every 32 ms, then its own rule turns them into speech regio
 where the probability reaches VAD_THRESHOLD and ends after min_pause below the threshold less 0.15,
 each region padded by SPEECH_PAD_SECONDS; a region shorter than min_seconds joins the speech it is
 nearer to, within JOIN_REACH_SECONDS, or is dropped.
-A region longer than max_seconds is cut: with a Whisper model (`asr`, mmser.asr.load_asr's tuple) at
+A region longer than max_seconds is cut: with a Whisper model (`asr`, mmser.asr.load_asr's backend) at
 the ends of Whisper's timestamped segments (sentence ends), otherwise, or where no sentence ends in
 reach, at the least speech-like 32 ms within max_seconds (a breath, most often), said in the note.
 
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from mmser.data_contract import SAMPLE_RATE
-from mmser.utils import SILENCE_PEAK, STREAM_WINDOW, WHISPER_WINDOW_SECONDS, AudioError, AudioStream, quiet_transformers
+from mmser.utils import SILENCE_PEAK, STREAM_WINDOW, WHISPER_WINDOW_SECONDS, AudioError, AudioStream
 
 # -- defaults ---------------------------------------------------------------------------------------
 # Shorter speech is not an utterance: under half a second is a word at most (about 50 speech tokens),
@@ -68,7 +68,6 @@ VAD_WINDOW = STREAM_WINDOW // VAD_FRAME * VAD_FRAME
 # sound is a click, a cough or a backchannel, no utterance.
 JOIN_REACH_SECONDS = 0.5
 OVERLAP_NOTE_SECONDS = 0.25
-WHISPER_BATCH = 8  # 30-s windows per generate() call, as mmser/asr.py's transcripts
 # Whisper's last timestamped segment in a window that a longer region fills often ends at the
 # window's end, mid-sentence: such an end is no sentence end.
 WINDOW_END_MARGIN_SECONDS = 0.5
@@ -202,21 +201,14 @@ def cut_long(start, end, probs, min_seconds=MIN_SECONDS, max_seconds=MAX_SECONDS
     return pieces
 
 
-def whisper_sentence_ends(wavs, asr, batch_size=WHISPER_BATCH):
+def whisper_sentence_ends(wavs, asr, batch_size=None):
     """The ends of Whisper's timestamped segments (seconds from each waveform's start) for 16 kHz
-    waveforms of at most 30 s: English, the transcribe task, greedy decoding, timestamps. -> [[end, ...]]"""
-    import torch
-    feature_extractor, tokenizer, model = asr
+    waveforms of at most 30 s: English, the transcribe task, greedy decoding, timestamps, by the ASR
+    backend (mmser.asr.load_asr's), `batch_size` (default: the backend's) a call. -> [[end, ...]]"""
+    batch_size = batch_size or asr.batch_size
     ends = []
     for first in range(0, len(wavs), batch_size):
-        batch = [np.asarray(w, dtype=np.float32) for w in wavs[first:first + batch_size]]
-        features = feature_extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        with torch.inference_mode(), quiet_transformers():
-            ids = model.generate(features.input_features.to(model.device, model.dtype), language="en",
-                                 task="transcribe", num_beams=1, do_sample=False, return_timestamps=True)
-        for sequence in ids:
-            offsets = tokenizer.decode(sequence, output_offsets=True)["offsets"]
-            ends.append([float(o["timestamp"][1]) for o in offsets if o["timestamp"][1] is not None])
+        ends += asr.sentence_ends([np.asarray(w, dtype=np.float32) for w in wavs[first:first + batch_size]])
     return ends
 
 
@@ -243,10 +235,11 @@ def region_audio(stream, spans, per_channel):
         yield i, np.concatenate(held.pop(i)) if held[i] else np.zeros(0, np.float32)
 
 
-def sentence_ends_of(stream, regions, asr, per_channel, batch_size=WHISPER_BATCH, progress=True):
+def sentence_ends_of(stream, regions, asr, per_channel, batch_size=None, progress=True):
     """Whisper's sentence ends (absolute seconds) inside each (row, start, end) region, each read in
-    consecutive 30-s windows; -> {region index: [seconds]}"""
+    consecutive 30-s windows, `batch_size` (default: the ASR backend's) a call; -> {region index: [seconds]}"""
     from tqdm import tqdm
+    batch_size = batch_size or asr.batch_size
     spans, owner = [], []
     for k, (row, start, end) in enumerate(regions):
         for w_start in np.arange(start, end, WHISPER_WINDOW_SECONDS):

@@ -113,11 +113,15 @@ def make_target_criterion(target, class_weights=None, loss=DEFAULTS.loss, attrib
     return TargetLoss(target.num_classes, classes, attribute_loss, attribute_weight)
 
 
-def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8):
+def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, fused=False):
     """AdamW with the pretrained encoders at their own (small) rate and the new layers at another.
 
     As in nanoGPT, only matrices decay; biases and LayerNorm weights do not. (fairseq's Adam, which
     Siriwardhana et al. trained with, decays as AdamW does, but every parameter.)
+    fused: torch's fused AdamW (one pass per tensor). On a CPU the default is a loop of a dozen
+    tensor ops per parameter: 0.50 s per step for RoBERTa-base's 125M parameters against 0.07 s fused
+    (one core), a quarter of a bf16 step, which is why bf16 sped the step up so little. It rounds
+    differently (4.8e-7 after one step), so fp32 training keeps the loop: its results stay as they were.
     """
     groups = {}
     for name, param in model.named_parameters():
@@ -129,7 +133,7 @@ def configure_optimizer(model, lr_encoders, lr_head, weight_decay=0.01, betas=(0
             "name": f"{part}{'' if decay else ' (no decay)'}", "params": [],
             "lr": lr_encoders if part == "encoders" else lr_head, "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(param)
-    return torch.optim.AdamW([groups[k] for k in sorted(groups)], betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW([groups[k] for k in sorted(groups)], betas=tuple(betas), eps=eps, fused=True if fused else None)
 
 
 class Newbob:
@@ -425,7 +429,7 @@ def prepare_training(settings, fold, utterances, env):
         weights = balanced_class_weights([u["label"] for u in fold["train"] if u["label"] != NO_LABEL],
                                          target.num_classes).to(device)
     optimizer = configure_optimizer(model, settings.lr_encoders, settings.lr_head, settings.weight_decay,
-                                    settings.adam_betas, settings.adam_eps)
+                                    settings.adam_betas, settings.adam_eps, fused=env.amp_dtype is not None)
     loader = training_loader(fold["train"], settings.batch_size, settings.seed, settings.group_by_length, rank, world)
     steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
     scheduler = make_scheduler(optimizer, settings.scheduler, steps_per_epoch * settings.epochs, settings.warmup)

@@ -7,6 +7,8 @@ import contextlib
 import functools
 import io
 import json
+import shutil
+from pathlib import Path
 
 import jiwer
 import numpy as np
@@ -20,7 +22,7 @@ import main
 import mocap_data_collect
 import predict
 from fixtures import synthetic_iemocap
-from mmser.data_contract import SAMPLE_RATE, read_features_record, read_manifest, transcript_set
+from mmser.data_contract import SAMPLE_RATE, qualified_step, read_features_record, read_manifest, transcript_set
 from mmser.asr import normalise_for_wer, transcribe, word_errors
 from mmser.extraction import read_transcript
 from small_runs import SMALL, read_csv
@@ -48,7 +50,8 @@ def asr(tmp_path_factory):
     whisper = write_tiny_whisper(models_dir / "tiny-whisper", texts)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        status = feature_ext.main(["transcripts", str(data_dir), str(models_dir), "--asr-model", str(whisper)])
+        status = feature_ext.main(["transcripts", str(data_dir), str(models_dir), "--asr-model", str(whisper),
+                                   "--asr-precision", "fp32"])
         for step in ("text-tokens", "sentence-embeddings"):
             assert feature_ext.main([step, str(data_dir), str(models_dir), "--transcripts", "asr",
                                      "--asr-model", str(whisper)]) == 0
@@ -82,6 +85,7 @@ def test_each_transcript_is_whispers_own_greedy_generate(asr):
     assert all((data_dir / asr["set"] / "Text" / f"{row['name']}.txt").is_file() for row in rows)
     record = read_features_record(data_dir)[f"transcripts@{asr['whisper'].name}"]
     assert record["asr_model"]["path"] == str(asr["whisper"].resolve()) and len(record["asr_model"]["sha256"]) == 64
+    assert record["asr_decoding"] == {"backend": "transformers", "precision": "fp32"}
     heard = [read_transcript(data_dir, row["name"], asr["set"]) for row in rows]
     assert len(set(heard)) > len(rows) // 2  # the tiny model hears the utterances differently
     for row, text in list(zip(rows, heard))[:20]:  # one session: 20 generate calls
@@ -93,13 +97,66 @@ def test_each_transcript_is_whispers_own_greedy_generate(asr):
 
 def test_a_long_recording_is_transcribed_in_30_s_windows_and_silence_is_empty(asr):
     whisper = asr["whisper"]
-    asr_parts = asr_module.load_asr(str(whisper))
+    asr_parts = asr_module.load_asr(str(whisper), precision="fp32")
     rng = np.random.default_rng(0)
     long = (0.1 * rng.standard_normal(65 * SAMPLE_RATE)).astype(np.float32)
     windows = [long[:30 * SAMPLE_RATE], long[30 * SAMPLE_RATE:60 * SAMPLE_RATE], long[60 * SAMPLE_RATE:]]
     texts, empty = transcribe([long, np.zeros(SAMPLE_RATE, np.float32), long[:800]], asr_parts, batch_size=2)
     assert texts[0] == " ".join(" ".join(greedy_generate(whisper, w) for w in windows).split())
     assert texts[1:] == ["", ""] and empty[1].startswith("silent") and empty[2].startswith("too short")
+
+
+def test_batches_of_windows_give_the_texts_of_one_utterance_at_a_time(asr):
+    # Windows of every length, a 65-s recording's three among them: decoded longest first in
+    # batches of 3, each utterance's texts put back in order, as when each is transcribed alone.
+    whisper = asr_module.load_asr(str(asr["whisper"]), precision="fp32")
+    rng = np.random.default_rng(1)
+    wavs = [(0.1 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32) for s in (2.5, 65, 0.7, 12, 4, 31)]
+    batched, _ = transcribe(wavs, whisper, batch_size=3)
+    assert batched == [transcribe([wav], whisper, batch_size=1)[0][0] for wav in wavs]
+    assert len(set(batched)) == len(wavs)
+
+
+def test_faster_whisper_in_fp32_writes_transformers_words_and_another_precision_needs_overwrite(asr, tmp_path):
+    pytest.importorskip("ctranslate2")  # requirements-asr.txt
+    data_dir, models_dir = tmp_path / "data", tmp_path / "models"
+    shutil.copytree(asr["data_dir"], data_dir, ignore=shutil.ignore_patterns("ASR-*", "features.json"))
+    models_dir.mkdir()
+    args = ["transcripts", str(data_dir), str(models_dir), "--asr-model", str(asr["whisper"]),
+            "--asr-backend", "faster-whisper"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert feature_ext.main(args + ["--asr-precision", "fp32"]) == 0
+    converted = models_dir / f"{asr['whisper'].name}-ctranslate2"
+    record = read_features_record(data_dir)[f"transcripts@{asr['whisper'].name}"]
+    assert Path(record["asr_ctranslate2_model"]["path"]).resolve() == converted.resolve()
+    assert len(record["asr_ctranslate2_model"]["sha256"]) == 64
+    assert record["asr_decoding"] == {"backend": "faster-whisper", "precision": "fp32"}
+    for row in asr["rows"]:  # CTranslate2 in fp32 hears what transformers in fp32 heard
+        assert read_transcript(data_dir, row["name"], asr["set"]) == read_transcript(asr["data_dir"], row["name"],
+                                                                                     asr["set"]), row["name"]
+    # int8 (auto on a CPU) would mix other transcripts into the set: it stops, saying so, unless
+    # --overwrite makes them all again; the converted model is reused.
+    converted_at = (converted / "model.bin").stat().st_mtime_ns
+    with contextlib.redirect_stdout(printed):
+        assert feature_ext.main(args) == 1
+    assert "asr_decoding: faster-whisper fp32 -> faster-whisper int8" in printed.getvalue()
+    with contextlib.redirect_stdout(printed):
+        assert feature_ext.main(args + ["--overwrite"]) == 0
+    record = read_features_record(data_dir)[f"transcripts@{asr['whisper'].name}"]
+    assert record["asr_decoding"] == {"backend": "faster-whisper", "precision": "int8"}
+    assert (converted / "model.bin").stat().st_mtime_ns == converted_at
+
+
+def test_auto_precision_is_bf16_where_the_cpu_computes_it_and_int8_for_faster_whisper(monkeypatch):
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(asr_module, "cpu_has_native_bf16", lambda: native)
+        assert asr_module.asr_precision("transformers", "cpu", "auto") == expected
+    assert asr_module.asr_precision("faster-whisper", "cpu", "auto") == "int8"
+    assert asr_module.asr_precision("transformers", "cpu", "fp32") == "fp32"
+    for backend, precision in (("transformers", "int8"), ("transformers", "fp16")):
+        with pytest.raises(ValueError, match=precision):
+            asr_module.asr_precision(backend, "cpu", precision)
 
 
 def test_silent_audio_gets_an_empty_transcript_a_word_and_a_valid_context_vector(asr):
@@ -202,3 +259,51 @@ def test_mixing_trains_on_one_transcript_set_and_tests_on_the_other(asr, tmp_pat
     with pytest.raises(SystemExit, match="ASR-other/Text: not found"):
         main.main([str(tmp_path / "x"), str(data_dir), str(models_dir), *SMALL, "--transcripts", "asr",
                    "--asr-model", "other"])
+
+
+def test_a_model_that_is_not_a_whisper_is_named_as_such(asr, capsys):
+    """Issue 22 row 12: a RoBERTa given as the ASR model is one line, not transformers' list of config classes."""
+    roberta = asr["models_dir"] / "roberta-large"
+    status = feature_ext.main(["transcripts", str(asr["data_dir"]), str(asr["models_dir"]), "--asr-model", str(roberta)])
+    printed = capsys.readouterr()
+    assert status != 0
+    assert f"--asr-model {roberta}: not a Whisper model (its config.json says roberta)" in printed.out + printed.err
+    assert "WhisperConfig" not in printed.out + printed.err
+
+
+def test_the_asr_fingerprint_covers_the_generation_and_feature_configs(asr, tmp_path):
+    """Issue 22 row 13: editing the Whisper's generation_config.json (what it suppresses) changes its words:
+    the transcripts step then stops, and predict.py names the ASR model as changed since training. A record
+    written before these files were fingerprinted still counts as the same model while it is unchanged."""
+    from mmser.predictor import PredictError, run_asr_model
+    from mmser.settings import DEFAULTS
+    from mmser.utils import fingerprint
+    data_dir, whisper = tmp_path / "data", tmp_path / "models" / "tiny-whisper"
+    shutil.copytree(asr["data_dir"], data_dir)
+    shutil.copytree(asr["whisper"], whisper)
+    shutil.rmtree(data_dir / asr["set"])
+    step = qualified_step("transcripts", asr["set"][len("ASR-"):])
+    args = ["transcripts", str(data_dir), str(tmp_path / "models"), "--asr-model", str(whisper), "--asr-precision",
+            "fp32"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert feature_ext.main(args) == 0
+    record = read_features_record(data_dir)[step]["asr_model"]
+    assert {"generation_config.json", "preprocessor_config.json"} <= set(record["files"])
+    # a record of the older, narrower fingerprint: the same model while its files are unchanged
+    features = json.loads((data_dir / "features.json").read_text())
+    features[step]["asr_model"] = fingerprint(whisper)
+    (data_dir / "features.json").write_text(json.dumps(features))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert feature_ext.main(args) == 0
+    assert read_features_record(data_dir)[step]["asr_model"] == record
+    settings = DEFAULTS.replace(pretrained={"asr_model": record})
+    assert run_asr_model(settings) == record["path"]
+    generation = json.loads((whisper / "generation_config.json").read_text())
+    generation["suppress_tokens"] = list(generation.get("suppress_tokens") or []) + [5, 6, 7]
+    (whisper / "generation_config.json").write_text(json.dumps(generation))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert feature_ext.main(args) != 0
+    assert "computed with other pretrained files (asr_model:" in printed.getvalue()
+    with pytest.raises(PredictError, match="asr_model: .* has changed since training"):
+        run_asr_model(settings)

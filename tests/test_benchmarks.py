@@ -236,3 +236,82 @@ def test_speech_encoder_flops_count_the_conv_stack_as_bench_vq_and_each_layer_on
     layer = 2 * (4 * 768 ** 2 + 2 * 768 * 3072) * frames + 4 * 768 * frames ** 2
     assert bench_speech.speech_flops_per_audio_second(base, 1.0) == conv + per_frame * frames + 12 * layer
     assert bench_speech.speech_flops_per_audio_second(deeper, 1.0) == conv + per_frame * frames + 13 * layer
+
+
+TOY_WHISPER = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "encoder_attention_heads": 2,
+               "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 48, "num_mel_bins": 80,
+               "vocab_size": 1000, "max_source_positions": 1500, "max_target_positions": 448}
+
+
+def test_whisper_flops_per_window_are_torchs_own_count_plus_attention(tmp_path, monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import WhisperForConditionalGeneration
+    monkeypatch.setitem(bench_asr.WHISPER_SIZES, "small", TOY_WHISPER)
+    folder = bench_asr.write_random_whisper(tmp_path / "whisper", tokens=5)
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    flops = bench_asr.whisper_flops_per_window(model.config, 5)
+    features = torch.randn(1, 80, 3000)
+    # FlopCounterMode counts the products and convolutions, not SDPA's attention: the formula's rest.
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        ids = model.generate(features, language="en", task="transcribe", num_beams=1, do_sample=False)
+    assert ids.shape[-1] == 5  # every token decoded, none ended early
+    assert counter.get_total_flops() == flops["total"] - flops["attention"]
+    small = bench_asr.whisper_flops_per_window(transformers_config(bench_asr.WHISPER_SMALL), 24)
+    assert 340e9 < small["encoder"] < 350e9 and 45e9 < small["decoder"] < 55e9  # issue 23's estimate
+
+
+def transformers_config(shape):
+    from transformers import WhisperConfig
+    return WhisperConfig(**shape)
+
+
+def test_asr_runs_report_their_share_of_the_limit_of_their_own_precision(monkeypatch):
+    monkeypatch.setitem(bench_asr.WHISPER_SIZES, "small", TOY_WHISPER)
+    monkeypatch.setattr(bench_asr, "set_threads", lambda: None)
+    peaks = {torch.float32: [2e11, 1e11], torch.bfloat16: [4e11, 5e11]}
+    monkeypatch.setattr(bench_asr, "measure_peak_flops", fixed_peaks(peaks))
+    result = bench_asr.bench_asr(utterances=3, seconds=2.0, tokens=4, runs=["transformers:fp32", "transformers:bf16"],
+                                 corpus_dialogues=0)
+    assert result["windows"] == 3 and result["padding_share"] == pytest.approx(1 - 6 / 90)
+    flops = result["gflop_per_window"] * 1e9
+    fp32, bf16 = result["runs"]
+    for run, peak in ((fp32, 2e11), (bf16, 5e11)):  # the higher of before and after, of the run's precision
+        assert run["windows_per_wall_s"] == pytest.approx(3 / run["wall_s"])
+        assert run["audio_s_per_wall_s"] == pytest.approx(6 / run["wall_s"])
+        assert run["tokens_per_wall_s"] == pytest.approx(12 / run["wall_s"])
+        assert run["limit_share"] == pytest.approx(3 * flops / run["wall_s"] / peak)
+        assert run["useful_share"] == pytest.approx(run["limit_share"] * 6 / 90)
+    assert fp32["same_text_as_fp32"] == 1 and fp32["speedup_vs_fp32"] == 1
+    assert bf16["speedup_vs_fp32"] == pytest.approx(fp32["wall_s"] / bf16["wall_s"])
+    assert result["audio_s_per_wall_s"] == fp32["audio_s_per_wall_s"]
+
+
+def test_run_all_runs_each_benchmark_in_a_fresh_process_of_its_own(tmp_path, monkeypatch):
+    # A benchmark that says where it ran and what it was given: another process each time, which
+    # holds none of this one's memory (spawned, not forked).
+    (tmp_path / "bench_where.py").write_text(
+        "import os, sys\n"
+        "def bench_where(device, **settings):\n"
+        "    return {'pid': os.getpid(), 'device': device, 'settings': settings,\n"
+        "            'ballast_here': 'test_benchmarks' in sys.modules}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import os
+    first = run_all.run_in_own_process("where", "cpu", {"size": 3})
+    second = run_all.run_in_own_process("where", "cpu", {})
+    assert first["pid"] != os.getpid() and second["pid"] not in (os.getpid(), first["pid"])
+    assert first["settings"] == {"size": 3} and first["device"] == "cpu"
+    assert not first["ballast_here"]
+
+
+def test_the_gpu_dry_run_runs_every_part_at_a_tiny_size_on_the_cpu(monkeypatch, capsys):
+    import gpu_dry_run
+    monkeypatch.setattr(gpu_dry_run, "set_threads", lambda: None)
+    result = gpu_dry_run.main(["--tiny", "--device", "cpu"])
+    parts = {row["part"].split(" ")[0] + " " + row["part"].split(" ")[1]: row for row in result["parts"]}
+    assert not [row for row in result["parts"] if "error" in row], result["parts"]
+    assert {"asr transformers", "layer means", "training text"} <= set(parts)
+    for row in result["parts"]:
+        assert 0 < row["peak_share"] < 1
+    assert parts["asr transformers"]["windows_per_s"] > 0 and parts["layer means"]["audio_s_per_s"] > 0
+    assert parts["training text"]["epoch_s"] == pytest.approx(parts["training text"]["step_s"] * 242)
+    assert "GPU dry run" in capsys.readouterr().out

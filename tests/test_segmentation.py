@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -279,12 +280,12 @@ def test_long_regions_are_cut_at_whispers_sentence_ends(excerpt, monkeypatch):
     path, plain = excerpt
     given = []
 
-    def sentence_ends(wavs, asr, batch_size=segmentation.WHISPER_BATCH):
+    def sentence_ends(wavs, asr, batch_size=None):
         given.extend(len(w) for w in wavs)
         return [[1.5] for _ in wavs]
 
     monkeypatch.setattr(segmentation, "whisper_sentence_ends", sentence_ends)
-    cut = segment_recording(path, max_seconds=2.5, asr=("extractor", "tokenizer", "model"), progress=False)
+    cut = segment_recording(path, max_seconds=2.5, asr=types.SimpleNamespace(batch_size=8), progress=False)
     long = [s for s in plain if s.seconds > 2.5]
     assert long and sorted(given) == sorted(round(s.seconds * 16000) for s in long)
     for region in long:
@@ -294,12 +295,15 @@ def test_long_regions_are_cut_at_whispers_sentence_ends(excerpt, monkeypatch):
     assert all(s.seconds <= 2.5 for s in cut)
 
 
-def test_whispers_timestamps_from_the_tiny_whisper_do_not_crash(tmp_path):
-    """The real call, on the tiny random Whisper: its timestamps are garbage (it has no timestamp
-    tokens), so only the shape of the answer is checked."""
+@pytest.mark.parametrize("backend", ["transformers", "faster-whisper"])
+def test_whispers_timestamps_from_the_tiny_whisper_do_not_crash(tmp_path, backend):
+    """The real call by each ASR backend, on the tiny random Whisper: its timestamps are garbage (it has
+    no timestamp tokens), so only the shape of the answer is checked."""
     from fixtures.tiny_models import write_tiny_whisper
     from mmser.asr import load_asr
-    asr = load_asr(str(write_tiny_whisper(tmp_path / "tiny-whisper")))
+    if backend == "faster-whisper":
+        pytest.importorskip("ctranslate2")  # requirements-asr.txt
+    asr = load_asr(str(write_tiny_whisper(tmp_path / "tiny-whisper")), backend=backend, models_dir=tmp_path)
     samples, _ = sf.read(MONO, dtype="float32", frames=3 * 16000)
     ends = segmentation.whisper_sentence_ends([samples, samples[:16000]], asr)
     assert len(ends) == 2 and all(isinstance(t, float) for e in ends for t in e)
