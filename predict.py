@@ -181,7 +181,7 @@ def predict_recording(args):
     return 0
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a RUN_DIR trained by main.py")
     parser.add_argument("--wav", help="one recording (any rate and channels soundfile reads; not needed by a "
@@ -209,7 +209,11 @@ def main(argv=None):
     whole.add_argument("--max-seconds", type=float, default=MAX_SECONDS,
                        help=f"longer speech is cut, at a sentence end where the ASR model finds one (default "
                             f"{MAX_SECONDS:g}: 99.7%% of IEMOCAP's utterances are shorter)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_options(args, parser):
+    """What the command line can be refused for before any model loads (parser.error: exit 2)."""
     if args.list and args.output and Path(args.output).resolve() == Path(args.list).resolve():
         parser.error("--output is the --list file itself: write the predictions elsewhere")
     if sum(map(bool, (args.list, args.wav or args.text, args.recording))) != 1:
@@ -228,6 +232,12 @@ def main(argv=None):
         if path and not Path(path).is_file():
             parser.error(f"{option} {path}: no such file")
     check_model_paths(args, parser, ("asr_model",))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_options(args, parser)
     rows = [{"wav": args.wav or "", "text": args.text or "", "_wav_path": Path(args.wav) if args.wav else None}]
     columns = ["wav", "text"]
     try:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vq.py [--device cpu|cuda] [--seconds 10] [--repeat 3] [--memory-seconds 2 10 34]
 
-Reads and writes nothing: the model is fairseq_checkpoints.VqWav2Vec built from the real vq-wav2vec
+Reads and writes nothing: the model is vq_wav2vec.VqWav2Vec built from the real vq-wav2vec
 k-means args (conv stack (512,10,5),(512,8,4),(512,4,2)x3,(512,1,1)x3, gelu, 320 codes x 2
 groups, shared codebook) with random weights, which cost exactly what the pretrained ones do.
 
@@ -39,7 +39,7 @@ def real_vq_args(conv_layers=REAL_CONV_LAYERS):
 def build_vq(conv_layers=REAL_CONV_LAYERS, device="cpu", seed=0):
     """The project's own vq-wav2vec module at the given size, random weights and codebook."""
     use_repo_modules()
-    from mmser.fairseq_checkpoints import VqWav2Vec
+    from mmser.vq_wav2vec import VqWav2Vec
     torch.manual_seed(seed)
     model = VqWav2Vec(real_vq_args(conv_layers)).eval()
     with torch.no_grad():
@@ -83,7 +83,7 @@ def bench_vq(device="cpu", seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34
     model = build_vq(conv_layers, device, seed)
     wav = torch.from_numpy((0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32))
 
-    from mmser.fairseq_checkpoints import full_fp32_precision, plain_cpu_convolutions
+    from mmser.vq_wav2vec import full_fp32_precision, plain_cpu_convolutions
     # Every part in full fp32, as codes() runs it: TF32 convolutions (cuDNN's default) would time
     # a cheaper computation than the fp32 peak they are compared with.
     with full_fp32_precision():

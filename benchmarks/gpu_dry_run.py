@@ -73,9 +73,9 @@ def utterance(seconds, index, seed=0):
 
 
 def measure_peaks(device, seconds=1.5):
-    """{precision: FLOP/s} of a dense matmul; fp32 with TF32 off (fairseq_checkpoints.full_fp32_precision)."""
+    """{precision: FLOP/s} of a dense matmul; fp32 with TF32 off (vq_wav2vec.full_fp32_precision)."""
     use_repo_modules()
-    from mmser.fairseq_checkpoints import full_fp32_precision
+    from mmser.vq_wav2vec import full_fp32_precision
     with full_fp32_precision():
         peaks = {"fp32": measure_peak_flops(device, torch.float32, seconds=seconds)}
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("int8", torch.int8)):

@@ -43,8 +43,11 @@ from mmser.utils import (SILENCE_PEAK, TOKENIZER_FILES, WEIGHT_FILES, AudioError
                          cpu_has_native_bf16, fingerprint, quiet_transformers, read_audio, write_text_atomic)
 
 DEFAULT_ASR_MODEL = hub_name("asr_model")
-ASR_BACKENDS = ("transformers", "faster-whisper")
-ASR_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+ASR_BACKENDS = ("transformers", "faster-whisper")  # the first: the default
+ASR_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # the first: the default
+DEFAULT_BACKEND, DEFAULT_PRECISION = ASR_BACKENDS[0], ASR_PRECISIONS[0]
+# How transcripts were decoded before the backends existed (a features.json record without asr_decoding).
+LEGACY_DECODING = {"backend": "transformers", "precision": "fp32"}
 # Most 30-s windows per generate() call; fewer where memory is short (window_batch_size). On a CPU
 # batching helps the decoder only (the encoder's products are large already): a Whisper-small-wide
 # model took 1.55, 1.31 and 1.20 s a window in batches of 1, 4 and 8 (2 layers, one core); on a GPU
@@ -72,7 +75,7 @@ def asr_model_name(models_dir=None, asr_model=None):
     return resolve_model(models_dir, "asr_model", asr_model)
 
 
-def asr_precision(backend="transformers", device="cpu", precision="auto"):
+def asr_precision(backend=DEFAULT_BACKEND, device="cpu", precision=DEFAULT_PRECISION):
     """What --asr-precision means for `backend` on `device` (fp32, bf16, fp16 or int8). ValueError,
     with the reason, for a precision the backend does not have there."""
     import torch
@@ -291,7 +294,7 @@ def ctranslate2_model(asr_model, models_dir=None):
     return folder
 
 
-def load_asr(asr_model, device="cpu", precision="auto", backend="transformers", models_dir=None):
+def load_asr(asr_model, device="cpu", precision=DEFAULT_PRECISION, backend=DEFAULT_BACKEND, models_dir=None):
     """The backend (TransformersWhisper or FasterWhisper) that transcribes with `asr_model` (a hub
     name or folder) at `precision` (asr_precision)."""
     try:
@@ -307,7 +310,7 @@ def recorded_decoding(record):
     """load_asr's backend, precision and models_dir as a transcripts step's record in features.json
     (and so a run's config.json "pretrained") holds them: predict.py hears a recording as the
     training transcripts were heard. A record from before the backends: transformers in fp32."""
-    decoding = record.get("asr_decoding", {"backend": "transformers", "precision": "fp32"})
+    decoding = record.get("asr_decoding", LEGACY_DECODING)
     converted = record.get("asr_ctranslate2_model")
     return {"backend": decoding["backend"], "precision": decoding["precision"],
             "models_dir": str(Path(converted["path"]).parent) if converted else None}
@@ -386,7 +389,7 @@ def format_wer(counts):
 
 
 def transcribe_utterances(data_dir, models_dir=None, asr_model=None, device="cpu", overwrite=False, progress=True,
-                          batch_size=None, backend="transformers", precision="auto"):
+                          batch_size=None, backend=DEFAULT_BACKEND, precision=DEFAULT_PRECISION):
     """ASR-<tag>/Text/<name>.txt: Whisper's transcript (transcribe()) of every utterance of the manifest,
     from Audio/<name>.wav (the context branch needs every utterance: mocap_data_collect.py --all-audio
     writes their audio), and ASR-<tag>/wer.json: the word error rates against the reference Text/,
@@ -414,7 +417,7 @@ def transcribe_utterances(data_dir, models_dir=None, asr_model=None, device="cpu
         old = read_features_record(data_dir).get(step)
         models["asr_decoding"] = {"backend": asr.backend, "precision": asr.precision}
         if old is not None and "asr_decoding" not in old:
-            old["asr_decoding"] = {"backend": "transformers", "precision": "fp32"}
+            old["asr_decoding"] = dict(LEGACY_DECODING)
             if old["asr_decoding"] != models["asr_decoding"] and not overwrite and any(out_dir.glob("*.txt")):
                 raise FeatureError(f"{out_dir} was transcribed by transformers in fp32; rerun with --asr-backend "
                                    f"transformers --asr-precision fp32 to finish it, or with --overwrite to "

@@ -202,12 +202,12 @@ def check_folders(args, parser):
 
 def add_asr_arguments(parser):
     """--asr-backend and --asr-precision: how the transcripts step decodes (mmser.asr.load_asr)."""
-    from mmser.asr import ASR_BACKENDS, ASR_PRECISIONS
-    parser.add_argument("--asr-backend", choices=ASR_BACKENDS, default="transformers",
+    from mmser.asr import ASR_BACKENDS, ASR_PRECISIONS, DEFAULT_BACKEND, DEFAULT_PRECISION
+    parser.add_argument("--asr-backend", choices=ASR_BACKENDS, default=DEFAULT_BACKEND,
                         help="speech recognition by transformers' Whisper, or by CTranslate2's (faster-whisper's "
                              "engine: pip install -r requirements-asr.txt), the --asr-model folder converted once "
                              "into MODELS_DIR/<model>-ctranslate2/")
-    parser.add_argument("--asr-precision", choices=ASR_PRECISIONS, default="auto",
+    parser.add_argument("--asr-precision", choices=ASR_PRECISIONS, default=DEFAULT_PRECISION,
                         help="auto: transformers in bf16 where the hardware computes it (a GPU with bf16, a CPU "
                              "with bf16 instructions), fp32 elsewhere; faster-whisper in int8 on a CPU, fp16 on a "
                              "GPU. fp32 gives transformers' own greedy transcripts; features.json records the "

@@ -7,7 +7,7 @@
   SELECT_BY          --select-by: which validation figure chooses the tested checkpoint
   summarize(...)     results.json: per-fold test metrics, their mean and sample std, the pooled predictions
   results_table(...) summary.md
-  write_results(...) both files and the context attention pooled over the folds
+  write_results(...) both files (the runner draws the context attention pooled over the folds)
 """
 import json
 import logging
@@ -21,7 +21,7 @@ from mmser.utils import write_text_atomic
 
 log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log)
 
-# The metrics validation_function.compute_metrics reports for every split (the classes'), then those of
+# The metrics targets.compute_metrics reports for every split (the classes'), then those of
 # targets.flat_attribute_metrics (the attributes': each score's mean over the attributes, then per
 # attribute), in the order the tables show them, with the names they print.
 CLASS_METRICS = {"wa": "WA", "ua": "UA", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
@@ -109,7 +109,7 @@ def summarize(protocol, fold_results, classes, val_split=DEFAULTS.val_split, lef
     left_out names the labelled utterances that --skip-missing left out for lack of features;
     target (targets.Target; None: the classes) what was scored: the attributes are pooled from each
     fold's attributes_true and attributes_pred."""
-    from mmser.validation_function import compute_metrics
+    from mmser.targets import compute_metrics
     # what the fold held out (test_sessions, test_speakers, test_group, ...), then its figures
     folds = [{k: r[k] for k in ("seed", "fold", *[k for k in r if k.startswith("test_")], "n_train", "n_val",
                                  "n_test", "test", "best_epoch", "val", "withheld") if k in r} for r in fold_results]
@@ -199,17 +199,7 @@ def results_table(results, settings):
         recall = ", ".join(f"{c} {r:.3f}" if r is not None else f"{c} -" for c, r in p["per_class_recall"].items())
         lines += ["", f"Pooled per-class recall: {recall}. Chance UA is {1 / len(settings.classes):.2f}."]
     if target != "categorical":
-        scale = {a: " to ".join(f"{b:g}" for b in settings.attributes[a]) for a in attributes}
-        lines += ["", "Pooled test predictions per attribute (MAE on the corpus's scale; a constant prediction has "
-                      "CCC 0):", "", "| attribute | scale | n | CCC | Pearson r | MAE |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {a} | {scale[a]} | {p['attribute_n'][a]} | {p[f'{a}_ccc']:.4f} | {p[f'{a}_pearson']:.4f} | "
-                  f"{p[f'{a}_mae']:.4f} |" for a in attributes]
-        lines.append(f"| mean | | | {p['ccc']:.4f} | {p['pearson']:.4f} | {p['mae']:.4f} |")
-        if settings.attribute_utterances == "rated":
-            lines += ["", "The attributes are trained and scored on every utterance that has them (--attribute-"
-                          "utterances rated)" + (", the classes on the labelled ones only (rows of no class, such "
-                                                 "as MSP-Podcast's X and O, are left out of them, as the challenge "
-                                                 "leaves them out)." if target == "both" else ".")]
+        lines += attribute_lines(p, settings)
     lines += ["", f"Spread: {s['std']}" + ("; ± is one standard deviation." if not s["std"].startswith("none") else
                                            " (--seeds gives a spread over seeds).")]
     if results.get("seeds"):
@@ -240,9 +230,25 @@ def results_table(results, settings):
     return "\n".join(lines) + "\n"
 
 
+def attribute_lines(p, settings):
+    """summary.md's table of the pooled test predictions per attribute (p: results' pooled figures)."""
+    attributes = list(settings.attributes)
+    scale = {a: " to ".join(f"{b:g}" for b in settings.attributes[a]) for a in attributes}
+    lines = ["", "Pooled test predictions per attribute (MAE on the corpus's scale; a constant prediction has "
+                 "CCC 0):", "", "| attribute | scale | n | CCC | Pearson r | MAE |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {a} | {scale[a]} | {p['attribute_n'][a]} | {p[f'{a}_ccc']:.4f} | {p[f'{a}_pearson']:.4f} | "
+              f"{p[f'{a}_mae']:.4f} |" for a in attributes]
+    lines.append(f"| mean | | | {p['ccc']:.4f} | {p['pearson']:.4f} | {p['mae']:.4f} |")
+    if settings.attribute_utterances == "rated":
+        lines += ["", "The attributes are trained and scored on every utterance that has them (--attribute-"
+                      "utterances rated)" + (", the classes on the labelled ones only (rows of no class, such "
+                                             "as MSP-Podcast's X and O, are left out of them, as the challenge "
+                                             "leaves them out)." if settings.target == "both" else ".")]
+    return lines
+
+
 def write_results(settings, fold_results, run_dir, rank, show=True):
-    """results.json, summary.md and the context attention pooled over the folds, in run_dir (by rank
-    0); the table goes to the log when `show`. -> results."""
+    """results.json and summary.md in run_dir (by rank 0); the table goes to the log when `show`. -> results."""
     seeds = settings.seeds
     from mmser.targets import target_of
     results = summarize(settings.protocol, fold_results, settings.classes, settings.val_split, settings.left_out,
@@ -253,13 +259,6 @@ def write_results(settings, fold_results, run_dir, rank, show=True):
         results["first_metric"] = settings.first_metric
     table = results_table(results, settings)
     if rank == 0:
-        from mmser import validation_function
-        attention = [r["attention"] for r in fold_results if r.get("attention")]
-        if attention:  # the context branch's attention over every fold (and seed) at once
-            over = counted(len(attention) // len(seeds or [0]), "fold") + (f" x {len(seeds)} seeds" if seeds else "")
-            validation_function.plot_pooled_attention(attention, run_dir / "attention_pooled.png",
-                                                      f"context attention, pooled over {over}",
-                                                      target_of(settings).classes)
         write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         write_text_atomic(run_dir / "summary.md", table)
         if show:

@@ -17,13 +17,13 @@ import numpy as np
 from mmser.data_contract import (BRANCHES, TEXT_STEPS, DataError, branch_steps, check_attribute_values, label_set,
                                  read_attributes, read_classes, read_manifest, read_withheld, stale_features)
 from mmser.protocols import fold_title, make_folds
-from mmser.reporting import METRICS, write_results
+from mmser.reporting import METRICS, counted, write_results
 from mmser.run_folder import check_resumable, check_run_dir, setup_logging, write_config
 from mmser.run_inputs import (resolve_device, resolve_settings, resolve_token_limits, resolve_transcripts,
                               speech_encoder_of, text_encoder_settings)
 from mmser.speech.routes import speech_models
 from mmser.settings import DEFAULT_FOLD_BY, DEFAULTS, RunEnv, RunError, parse_branches
-from mmser.targets import Target, target_of
+from mmser.targets import Target, one_vs_rest_metrics, target_of
 from mmser.utils import cpu_has_native_bf16, set_threads, write_text_atomic
 
 log = logging.getLogger("main")  # the run's log (RUN_DIR/train.log)
@@ -160,7 +160,7 @@ def run_fold(settings, fold, utterances, run_dir, env, budget, test_inputs=None)
                                                         env.world_size, loss_fn=loss_fn, target=target)
     if settings.one_vs_rest:  # Siriwardhana et al.'s per-emotion binary scores, beside ours (labelled utterances)
         known = predictions["labels"] >= 0
-        test.update(validation_function.one_vs_rest_metrics(predictions["labels"][known],
+        test.update(one_vs_rest_metrics(predictions["labels"][known],
                                                             predictions["probs"].argmax(1)[known], settings.classes))
     result = {k: fold[k] for k in fold if k == "fold" or k.startswith("test_")}
     result.update(n_train=len(fold["train"]), n_val=len(fold["val"]), n_test=len(fold["test"]), test=test,
@@ -327,12 +327,25 @@ def run(settings, run_dir, utterances, env, test_inputs=None):
             seed_results = [run_fold(settings.replace(seed=seed), fold, utterances, seed_dir, env, budget, test_inputs)
                             for fold in folds[seed]]
             if seeds:  # the seed's own results.json and summary.md: its folder is a finished run too
-                write_results(settings.replace(seed=seed, seeds=None), seed_results, seed_dir, rank, show=False)
+                finish_run(settings.replace(seed=seed, seeds=None), seed_results, seed_dir, rank, show=False)
             fold_results += [{"seed": seed, **result} for result in seed_results] if seeds else seed_results
     except RunPaused as pause:
         log.info(str(pause))
         return None
-    return write_results(settings, fold_results, run_dir, rank)
+    return finish_run(settings, fold_results, run_dir, rank)
+
+
+def finish_run(settings, fold_results, run_dir, rank, show=True):
+    """The run's figures over all its folds (rank 0: the context attention pooled over every fold and
+    seed), then results.json and summary.md (reporting.write_results), the mark of a finished run. -> results."""
+    from mmser import validation_function
+    attention = [r["attention"] for r in fold_results if r.get("attention")]
+    if rank == 0 and attention:
+        seeds = settings.seeds
+        over = counted(len(attention) // len(seeds or [0]), "fold") + (f" x {len(seeds)} seeds" if seeds else "")
+        validation_function.plot_pooled_attention(attention, run_dir / "attention_pooled.png",
+                                                  f"context attention, pooled over {over}", target_of(settings).classes)
+    return write_results(settings, fold_results, run_dir, rank, show)
 
 
 def train_and_test(options, run_dir_checked=False):

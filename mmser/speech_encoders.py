@@ -147,7 +147,7 @@ def _whisper_layer_sums(speech, wav):
 def layer_means(speech, wav):
     """(layers + 1, hidden) float32 numpy: the mean over the frames of `wav` (16 kHz mono) of each hidden
     state, the embedding output first; `wav` alone, in fp32 and inference mode."""
-    from mmser.fairseq_checkpoints import full_fp32_precision
+    from mmser.vq_wav2vec import full_fp32_precision
     if frames(speech, len(wav)) < 1:
         raise ValueError(f"{len(wav)} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder")
     # fp32 on a GPU too: cuDNN's convolutions run in TF32 by default, which a cached feature would keep.

@@ -7,7 +7,7 @@
                               with an ASR model, its transcripts and the text features made from them
 Each returns StepReports (mmser.extraction) for the summary table.
 """
-from mmser.asr import transcribe_utterances
+from mmser.asr import DEFAULT_BACKEND, DEFAULT_PRECISION, transcribe_utterances
 from mmser.context import write_context_vectors
 from mmser.data_contract import DEFAULT_SENTENCE_POOLING, sentence_tag, transcript_set
 from mmser.models_dir import resolve_model
@@ -25,7 +25,7 @@ STEP_NAMES = (*ROUTES, "text-tokens", "sentence-embeddings", "transcripts")
 
 def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
              overwrite=False, progress=True, sentence_pooling=DEFAULT_SENTENCE_POOLING, transcripts=None, asr_model=None,
-             speech_model=None, asr_backend="transformers", asr_precision="auto"):
+             speech_model=None, asr_backend=DEFAULT_BACKEND, asr_precision=DEFAULT_PRECISION):
     """Run one step by name (STEP_NAMES): a speech route's (mmser.speech.routes.step_route: the route that
     `speech_model` takes), a text step, or "transcripts" (speech recognition with `asr_model`, decoded
     by asr_backend in asr_precision: asr.load_asr's); the text steps read the transcript set
@@ -45,7 +45,7 @@ def run_step(step, data_dir, models_dir, sentence_model=None, text_model=None, d
 
 def extract_features(data_dir, models_dir, sentence_model=None, text_model=None, device="cpu",
                      contexts=CONTEXTS, overwrite=False, progress=True, sentence_pooling=DEFAULT_SENTENCE_POOLING, asr_model=None,
-                     speech_model=None, asr_backend="transformers", asr_precision="auto"):
+                     speech_model=None, asr_backend=DEFAULT_BACKEND, asr_precision=DEFAULT_PRECISION):
     """Run the speech step (of the route `speech_model` takes), text tokens, sentence embeddings, then
     context vectors; return the reports. Another text or sentence model, or mean pooling, writes folders
     of its own (feature_ext.py). With asr_model: then its transcripts (decoded by asr_backend in

@@ -6,6 +6,8 @@
   Target            one run's target: its classes and attributes (with their scales), the head's width,
                     split(outputs), values(...) on the corpus's scale, metrics(predictions)
   target_of(settings)  the Target of a run's settings (mmser.settings.RunSettings, config.json)
+  compute_metrics(y_true, y_pred, classes)       THE classes' metrics: WA, UA, F1s, recalls, confusion matrix
+  one_vs_rest_metrics(y_true, y_pred, classes)   each emotion's binary task, as Siriwardhana et al. report it
 The loss that trains a target is train_function's (make_criterion: the classes' loss as it always was,
 so categorical runs are byte-identical; TargetLoss: 1 - CCC per attribute, dimensional.attribute_loss, MSE
 as the option, plus for both the classes' loss, the attributes' weighted by --attribute-weight).
@@ -17,8 +19,11 @@ the corpus's scale (attribute_values, what is scored) and on the unit scale the 
 (attributes, what the loss reads), NaN where unknown. The categorical part scores and trains on the labelled
 utterances, each attribute on the utterances that have its value.
 """
+import math
+
 import numpy as np
 
+from mmser.data_contract import CLASSES
 from mmser.dimensional import ATTRIBUTES, Scale, attribute_metrics
 
 TARGETS = ("categorical", "dimensional", "both")
@@ -80,7 +85,6 @@ class Target:
         """The split's figures from validation_function.predict's dictionary: compute_metrics' on the labelled
         utterances (categorical part), and per attribute CCC, Pearson r and MAE with their means, on the
         corpus's scale (reporting.METRICS names them all)."""
-        from mmser.validation_function import compute_metrics
         out = {}
         if self.num_classes:
             labels, guesses = predictions["labels"], predictions["probs"].argmax(1)
@@ -114,3 +118,41 @@ def target_of(settings):
     """The Target of a run's settings: its target, classes and attributes (config.json's {name: [low, high]})."""
     attributes = {a: Scale(*settings.attributes[a]) for a in ATTRIBUTES if a in (settings.attributes or {})}
     return Target(settings.target, settings.classes or (), attributes)
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring the classes
+
+def compute_metrics(y_true, y_pred, classes=CLASSES):
+    """WA (accuracy), UA (mean per-class recall), macro-/weighted-F1, per-class recall, confusion matrix.
+
+    UA averages over the classes present in y_true (a recall is undefined for an absent class,
+    which is then reported as None).
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+    labels = list(range(len(classes)))
+    recalls = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
+    present = [r for r in recalls if not math.isnan(r)]
+    return {
+        "wa": float(accuracy_score(y_true, y_pred)),
+        "ua": float(np.mean(present)) if present else float("nan"),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "per_class_recall": {c: (None if math.isnan(r) else float(r)) for c, r in zip(classes, recalls)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def one_vs_rest_metrics(y_true, y_pred, classes=CLASSES):
+    """Per emotion, the binary task "this emotion or not" scored from the 4-class predictions:
+    accuracy and F1 (weighted over the two outcomes), as Siriwardhana et al. report IEMOCAP
+    (their emotion_prediction_cri.py scores each emotion's 2-way decision this way). These are
+    not comparable with 4-class UA. -> {"ovr_<class>_accuracy": ..., "ovr_<class>_f1": ...}."""
+    from sklearn.metrics import accuracy_score, f1_score
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    out = {}
+    for k, name in enumerate(classes):
+        truth, guess = y_true == k, y_pred == k
+        out[f"ovr_{name}_accuracy"] = float(accuracy_score(truth, guess))
+        out[f"ovr_{name}_f1"] = float(f1_score(truth, guess, average="weighted", zero_division=0))
+    return out

@@ -1,4 +1,5 @@
-"""Evaluation: predictions over a whole split, THE metrics function, and the per-fold reports.
+"""Evaluation: predictions over a whole split, scored by the run's target (mmser/targets.py: compute_metrics
+for the classes), and the per-fold reports.
 
 Writes (when asked by main.py, each atomically): predictions.csv, confusion_matrix.png,
 training_curves.png, attention.png.
@@ -7,51 +8,17 @@ Metrics are always computed over the whole split at once (never averaged over ba
 under torchrun over the predictions gathered from every rank.
 """
 import csv
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, confusion_matrix, f1_score,
-                             recall_score)
+from sklearn.metrics import ConfusionMatrixDisplay
 
 from mmser.data_contract import CLASSES
 from mmser.dataset_loader import map_utterances, model_inputs
+from mmser.targets import compute_metrics
 from mmser.utils import atomic_path
-
-
-def compute_metrics(y_true, y_pred, classes=CLASSES):
-    """WA (accuracy), UA (mean per-class recall), macro-/weighted-F1, per-class recall, confusion matrix.
-
-    UA averages over the classes present in y_true (a recall is undefined for an absent class,
-    which is then reported as None).
-    """
-    labels = list(range(len(classes)))
-    recalls = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
-    present = [r for r in recalls if not math.isnan(r)]
-    return {
-        "wa": float(accuracy_score(y_true, y_pred)),
-        "ua": float(np.mean(present)) if present else float("nan"),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-        "per_class_recall": {c: (None if math.isnan(r) else float(r)) for c, r in zip(classes, recalls)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
-
-
-def one_vs_rest_metrics(y_true, y_pred, classes=CLASSES):
-    """Per emotion, the binary task "this emotion or not" scored from the 4-class predictions:
-    accuracy and F1 (weighted over the two outcomes), as Siriwardhana et al. report IEMOCAP
-    (their emotion_prediction_cri.py scores each emotion's 2-way decision this way). These are
-    not comparable with 4-class UA. -> {"ovr_<class>_accuracy": ..., "ovr_<class>_f1": ...}."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    out = {}
-    for k, name in enumerate(classes):
-        truth, guess = y_true == k, y_pred == k
-        out[f"ovr_{name}_accuracy"] = float(accuracy_score(truth, guess))
-        out[f"ovr_{name}_f1"] = float(f1_score(truth, guess, average="weighted", zero_division=0))
-    return out
 
 
 @torch.no_grad()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmser import fairseq_checkpoints
-from mmser.fairseq_checkpoints import (codes_to_string, load_fairseq_roberta, load_speech_dictionary,
-                         load_vq_wav2vec, parse_conv_spec, safe_torch_load)
+from mmser import fairseq_checkpoints, vq_wav2vec
+from mmser.fairseq_checkpoints import (codes_to_string, load_fairseq_roberta, load_speech_dictionary, load_vq_wav2vec,
+                                       safe_torch_load)
+from mmser.vq_wav2vec import parse_conv_spec
 
 REF = Path(__file__).parent / "data" / "fairseq_reference"
 VQ_FILES = ["vq-wav2vec_kmeans_w64.pt", "vq-wav2vec_variant_w48.pt"]
@@ -74,7 +75,7 @@ def test_codes_switch_tf32_off_on_cuda_whichever_api_the_process_used(tf32_set_b
 
     before = settings()
     assert before == ("tf32", "tf32")
-    with fairseq_checkpoints.full_fp32_precision():
+    with vq_wav2vec.full_fp32_precision():
         assert settings() == ("ieee", "ieee")
     assert settings() == before
 

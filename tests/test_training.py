@@ -14,6 +14,7 @@ from mmser import train_function
 from mmser import validation_function
 from mmser.dataset_loader import EOS, PAD, collate_utterances, load_utterances, pad_tokens, truncate_tokens
 from mmser.data_contract import CLASSES, DataError
+from mmser.targets import compute_metrics
 from small_runs import tiny_model, write_feature_dir
 
 
@@ -88,7 +89,7 @@ def test_training_batches_depend_only_on_seed_and_epoch_and_shard_across_ranks(d
 def test_metrics_are_computed_over_the_whole_split():
     y_true = [0, 0, 0, 0, 1, 1, 2, 3]
     y_pred = [0, 0, 0, 1, 1, 0, 2, 2]
-    m = validation_function.compute_metrics(y_true, y_pred)
+    m = compute_metrics(y_true, y_pred)
     assert m["wa"] == pytest.approx(5 / 8)
     assert m["ua"] == pytest.approx((3 / 4 + 1 / 2 + 1 + 0) / 4)
     assert m["per_class_recall"] == {"ang": 0.75, "hap": 0.5, "sad": 1.0, "neu": 0.0}
@@ -97,7 +98,7 @@ def test_metrics_are_computed_over_the_whole_split():
 
 
 def test_a_class_absent_from_the_split_has_no_recall_and_does_not_count_in_ua():
-    m = validation_function.compute_metrics([0, 0, 1], [0, 1, 1])
+    m = compute_metrics([0, 0, 1], [0, 1, 1])
     assert m["per_class_recall"]["sad"] is None
     assert m["ua"] == pytest.approx((0.5 + 1) / 2)
 

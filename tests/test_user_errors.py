@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score
 
 import feature_ext
 import feature_extraction_main
-from mmser import fairseq_checkpoints
+from mmser import vq_wav2vec
 import main
 import predict
 from mmser import predictor
@@ -110,7 +110,7 @@ def test_an_unexpected_error_is_never_a_failed_utterance(demo, tmp_path, monkeyp
     def broken(self, wav):
         raise RuntimeError("CUDA out of memory (pretend)")
 
-    monkeypatch.setattr(fairseq_checkpoints.VqWav2Vec, "codes", broken)
+    monkeypatch.setattr(vq_wav2vec.VqWav2Vec, "codes", broken)
     with pytest.raises(RuntimeError, match="pretend"):
         speech_tokens.extract_speech_tokens(copy_data(demo, tmp_path), demo["run_dir"] / "models", overwrite=True,
                                             progress=False)
