@@ -1,6 +1,6 @@
 """What the pipeline's stages hand each other: the label set, the audio rate, the manifest, the features.
 
-The data contract (README, "The data contract") in code. Every stage asks this module instead of
+The data contract (docs/data-contract.md) in code. Every stage asks this module instead of
 spelling a folder name, a column or a label itself:
   CLASSES, SAMPLE_RATE, MANIFEST_COLUMNS     IEMOCAP's 4-class label set, 16 kHz, utterances.csv's columns
   OPTIONAL_COLUMNS                           columns another corpus's manifest may add after them

@@ -1,7 +1,7 @@
 """Training recipes: every training setting of a named source at once, each value with its source.
 
     python main.py RUN_DIR DATA_DIR MODELS_DIR --recipe siriwardhana2020   (options given still override)
-    python -m mmser.recipes               prints README's recipe table (Markdown) from the table below
+    python -m mmser.recipes               prints docs/recipes.md's recipe table (Markdown) from the table below
 
 A recipe is a dict of main.py's settings (the keys of its config.json). `default` is main.py's own
 defaults; `original` is the code this project rebuilds (github nataschalemos/UCL-MSC-Project-Code
@@ -193,7 +193,7 @@ MSP_PODCAST_NOT_REPRODUCED = (
     "(ours: precision auto, bf16 where the GPU has it); one AdamW per module (the same rate for all: one optimizer "
     "here)")
 # The rows of the recipe table that a recipe's code sets and main.py has no setting for; each recipe names its
-# own (README's recipe table lists them under it).
+# own (docs/recipes.md's table lists them under it).
 NOT_REPRODUCED = {"msp-podcast-baseline": MSP_PODCAST_NOT_REPRODUCED}
 
 

@@ -76,7 +76,7 @@ def text_encoder_settings(options, branches):
 
 
 def making_command(options, step, text_model):
-    """The command line that makes the per-model folder of `step` (README, stage 2)."""
+    """The command line that makes the per-model folder of `step` (docs/features.md)."""
     sentence = [f"--sentence-model {options.sentence_model}"] if options.sentence_model else []
     sentence += [f"--sentence-pooling {options.sentence_pooling}"] if options.sentence_pooling != "cls" else []
     data_dir, models_dir = str(options.data_dir), str(options.models_dir)
