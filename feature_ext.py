@@ -38,10 +38,12 @@ import argparse
 import sys
 
 from mmser.asr import asr_model_name
+from mmser.distributed import end_distributed, setup_distributed
 from mmser.extraction import format_summary
 from mmser.options import add_asr_arguments, add_model_arguments, asr_transcripts, check_folders
 from mmser.speech.routes import ROUTES, step_route
 from mmser.steps import STEP_NAMES, run_step
+from mmser.settings import RunError
 from mmser.utils import set_threads
 
 
@@ -59,12 +61,21 @@ def main(argv=None):
             parser.error(str(error))
     check_folders(args, parser)
     set_threads(args.threads)
-    # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
-    report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                      args.device, args.overwrite, progress=sys.stderr.isatty(), sentence_pooling=args.sentence_pooling,
-                      transcripts=asr_transcripts(args), asr_model=asr_model_name(args.models_dir, args.asr_model),
-                      speech_model=args.speech_model, asr_backend=args.asr_backend, asr_precision=args.asr_precision)
-    print(format_summary([report]))
+    try:  # under torchrun: this rank's device, and its share of every step (docs/sharding.md)
+        rank, _, device = setup_distributed(args.device)
+    except RunError as error:
+        parser.error(str(error))
+    try:
+        # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
+        report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model, device,
+                          args.overwrite, progress=rank == 0 and sys.stderr.isatty(),
+                          sentence_pooling=args.sentence_pooling, transcripts=asr_transcripts(args),
+                          asr_model=asr_model_name(args.models_dir, args.asr_model), speech_model=args.speech_model,
+                          asr_backend=args.asr_backend, asr_precision=args.asr_precision)
+    finally:
+        end_distributed()
+    if rank == 0:  # the report of every rank's share
+        print(format_summary([report]))
     return 0 if report.ok else 1
 
 
