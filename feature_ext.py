@@ -32,6 +32,8 @@ step with one line. Anything else (a bug, CUDA out of memory) stops with its tra
 DATA_DIR/features.json records, per step, which pretrained files (path, size, sha256) made its
 outputs; a rerun with other files stops unless --overwrite recomputes them all, so outputs of two
 models never mix, and main.py copies the record into each run's config.json for predict.py.
+Under torchrun (torchrun --nproc_per_node N feature_ext.py ...) each rank takes its share of the step, on
+cuda:LOCAL_RANK with --device cuda, and rank 0 writes features.json and prints the summary (docs/sharding.md).
 torch and transformers are imported by the steps that use them, so --help answers at once.
 """
 import argparse

@@ -14,7 +14,8 @@ With --asr-model M (or --transcripts asr, M's default), then also M's transcript
 from them, in ASR-<tag>/ (Text/, GPT2Tokens/, BertEmb/, FullBertEmb{c}/: feature_ext.py transcripts).
 A rerun resumes: finished, valid files are skipped. A bad input is reported by name and the rest
 goes on; the summary at the end says what was written, skipped and failed, and the exit status
-is 1 when anything failed.
+is 1 when anything failed. Under torchrun (torchrun --nproc_per_node N feature_extraction_main.py ...)
+each rank takes its share of every step (docs/sharding.md).
 """
 import argparse
 import sys

@@ -42,7 +42,8 @@ from mmser.extraction import (FeatureError, StepReport, audio_weight, from_pretr
 from mmser.data_dir_writer import context_audio_advice
 from mmser.models_dir import hub_name, resolve_model
 from mmser.utils import (SILENCE_PEAK, TOKENIZER_FILES, WEIGHT_FILES, WHISPER_WINDOW_SECONDS, AudioError, audio_windows,
-                         check_device, cpu_has_native_bf16, fingerprint, quiet_transformers, read_audio, write_text_atomic)
+                         check_device, cpu_has_native_bf16, fingerprint, quiet_transformers, read_audio,
+                         write_text_atomic)
 
 DEFAULT_ASR_MODEL = hub_name("asr_model")
 ASR_BACKENDS = ("transformers", "faster-whisper")

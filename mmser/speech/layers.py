@@ -54,7 +54,8 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
                 return False
             return array.dtype == np.float32 and array.shape == shape and bool(np.isfinite(array).all())
 
-        todo = pending(rows_of(step, manifest, data_dir), out_dir, valid, overwrite, report, weigh=audio_weight(data_dir))
+        todo = pending(rows_of(step, manifest, data_dir), out_dir, valid, overwrite, report,
+                       weigh=audio_weight(data_dir))
         bar = tqdm(todo, desc=step, unit="utt", disable=not progress)
         for row in bar:
             wav_path = data_dir / "Audio" / f"{row['name']}.wav"
