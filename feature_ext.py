@@ -41,7 +41,7 @@ import sys
 
 from mmser.asr import asr_model_name
 from mmser.distributed import end_distributed, setup_distributed
-from mmser.extraction import format_summary
+from mmser.extraction import RANK_WAIT, format_summary
 from mmser.options import add_asr_arguments, add_model_arguments, asr_transcripts, check_folders
 from mmser.speech.routes import ROUTES, step_route
 from mmser.steps import STEP_NAMES, run_step
@@ -64,7 +64,7 @@ def main(argv=None):
     check_folders(args, parser)
     set_threads(args.threads)
     try:  # under torchrun: this rank's device, and its share of every step (docs/sharding.md)
-        rank, _, device = setup_distributed(args.device)
+        rank, _, device = setup_distributed(args.device, RANK_WAIT)
     except RunError as error:
         parser.error(str(error))
     try:

@@ -18,9 +18,10 @@ import sys
 from mmser.settings import RunError
 
 
-def setup_distributed(device):
+def setup_distributed(device, timeout=None):
     """(rank, world size, device) from torchrun's environment; one process without it. On CUDA each
-    process takes the GPU of its LOCAL_RANK, cuda:LOCAL_RANK."""
+    process takes the GPU of its LOCAL_RANK, cuda:LOCAL_RANK. timeout: how long a collective waits for
+    the slowest rank (a datetime.timedelta; None: torch's default, minutes)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, device
@@ -35,7 +36,7 @@ def setup_distributed(device):
     if cuda:
         torch.cuda.set_device(device)  # before NCCL starts, so its communicator uses this GPU
     if not dist.is_initialized():
-        dist.init_process_group(process_group_backend(cuda))
+        dist.init_process_group(process_group_backend(cuda), timeout=timeout)
     return rank, world, device
 
 

@@ -12,6 +12,7 @@ one place (pending, by distributed.share); before any rank writes, the ranks agr
 the same models and none stopped (agree_ranks), and only rank 0 writes features.json; every rank
 ends the step with the reports of all of them merged (gather_reports), which only rank 0 prints.
 """
+import datetime
 import json
 import sys
 import time
@@ -28,6 +29,10 @@ from mmser.distributed import gather_from_ranks, rank_and_world, share, wait_for
 from mmser.models_dir import missing_path
 from mmser.utils import VOCABULARY_FILES, audio_seconds, fingerprint, quiet_transformers, write_text_atomic
 
+# How long a rank waits for the others at a step's end (distributed.setup_distributed's timeout): its
+# share may end hours before the slowest rank's on a corpus that takes days, where torch's default
+# (30 minutes for gloo) would stop the whole job.
+RANK_WAIT = datetime.timedelta(days=7)
 SHOWN_FAILURES = 20  # per step in the summary; a broken input folder would otherwise bury the table
 
 
@@ -243,7 +248,7 @@ def gather_reports(reports):
     together (a note once), the longest time, rank 0's error (else the first another rank had); the
     same on every rank. A collective: every rank calls it, each with the reports of the steps it ran
     (rank 0's name them all). In one process, `reports` themselves."""
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     if world == 1:
         return reports
     merged = {}
