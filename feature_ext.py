@@ -32,16 +32,20 @@ step with one line. Anything else (a bug, CUDA out of memory) stops with its tra
 DATA_DIR/features.json records, per step, which pretrained files (path, size, sha256) made its
 outputs; a rerun with other files stops unless --overwrite recomputes them all, so outputs of two
 models never mix, and main.py copies the record into each run's config.json for predict.py.
+Under torchrun (torchrun --nproc_per_node N feature_ext.py ...) each rank takes its share of the step, on
+cuda:LOCAL_RANK with --device cuda, and rank 0 writes features.json and prints the summary (docs/sharding.md).
 torch and transformers are imported by the steps that use them, so --help answers at once.
 """
 import argparse
 import sys
 
 from mmser.asr import asr_model_name
-from mmser.extraction import format_summary
+from mmser.distributed import end_distributed, setup_distributed
+from mmser.extraction import RANK_WAIT, format_summary
 from mmser.options import add_asr_arguments, add_model_arguments, asr_transcripts, check_folders
 from mmser.speech.routes import ROUTES, step_route
 from mmser.steps import STEP_NAMES, run_step
+from mmser.settings import RunError
 from mmser.utils import set_threads
 
 
@@ -59,12 +63,21 @@ def main(argv=None):
             parser.error(str(error))
     check_folders(args, parser)
     set_threads(args.threads)
-    # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
-    report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                      args.device, args.overwrite, progress=sys.stderr.isatty(), sentence_pooling=args.sentence_pooling,
-                      transcripts=asr_transcripts(args), asr_model=asr_model_name(args.models_dir, args.asr_model),
-                      speech_model=args.speech_model, asr_backend=args.asr_backend, asr_precision=args.asr_precision)
-    print(format_summary([report]))
+    try:  # under torchrun: this rank's device, and its share of every step (docs/sharding.md)
+        rank, _, device = setup_distributed(args.device, RANK_WAIT)
+    except RunError as error:
+        parser.error(str(error))
+    try:
+        # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
+        report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model, device,
+                          args.overwrite, progress=rank == 0 and sys.stderr.isatty(),
+                          sentence_pooling=args.sentence_pooling, transcripts=asr_transcripts(args),
+                          asr_model=asr_model_name(args.models_dir, args.asr_model), speech_model=args.speech_model,
+                          asr_backend=args.asr_backend, asr_precision=args.asr_precision)
+    finally:
+        end_distributed()
+    if rank == 0:  # the report of every rank's share
+        print(format_summary([report]))
     return 0 if report.ok else 1
 
 

@@ -14,15 +14,18 @@ With --asr-model M (or --transcripts asr, M's default), then also M's transcript
 from them, in ASR-<tag>/ (Text/, GPT2Tokens/, BertEmb/, FullBertEmb{c}/: feature_ext.py transcripts).
 A rerun resumes: finished, valid files are skipped. A bad input is reported by name and the rest
 goes on; the summary at the end says what was written, skipped and failed, and the exit status
-is 1 when anything failed.
+is 1 when anything failed. Under torchrun (torchrun --nproc_per_node N feature_extraction_main.py ...)
+each rank takes its share of every step (docs/sharding.md).
 """
 import argparse
 import sys
 
 from mmser.asr import asr_model_name
-from mmser.extraction import format_summary
+from mmser.distributed import end_distributed, setup_distributed
+from mmser.extraction import RANK_WAIT, format_summary
 from mmser.options import add_asr_arguments, add_model_arguments, check_folders
 from mmser.steps import CONTEXTS, extract_features
+from mmser.settings import RunError
 from mmser.utils import set_threads
 
 
@@ -37,15 +40,23 @@ def main(argv=None):
         parser.error("--context sizes must be at least 1")
     check_folders(args, parser)
     set_threads(args.threads)
-    # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
+    try:  # under torchrun: this rank's device, and its share of every step (docs/sharding.md)
+        rank, _, device = setup_distributed(args.device, RANK_WAIT)
+    except RunError as error:
+        parser.error(str(error))
     # --transcripts asr (or an --asr-model given): the ASR set too, beside the reference one.
     asr_model = asr_model_name(args.models_dir, args.asr_model) if args.asr_model or args.transcripts == "asr" else None
-    reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
-                               args.device, args.context, args.overwrite, progress=sys.stderr.isatty(),
-                               sentence_pooling=args.sentence_pooling, asr_model=asr_model,
-                               speech_model=args.speech_model, asr_backend=args.asr_backend,
-                               asr_precision=args.asr_precision)
-    print(format_summary(reports))
+    try:
+        # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
+        reports = extract_features(args.data_dir, args.models_dir, args.sentence_model, args.text_model,
+                                   device, args.context, args.overwrite, progress=rank == 0 and sys.stderr.isatty(),
+                                   sentence_pooling=args.sentence_pooling, asr_model=asr_model,
+                                   speech_model=args.speech_model, asr_backend=args.asr_backend,
+                                   asr_precision=args.asr_precision)
+    finally:
+        end_distributed()
+    if rank == 0:  # the reports of every rank's share
+        print(format_summary(reports))
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -8,9 +8,10 @@ and text-token throughput; peak memory of the extraction on 100 and 1000 synthet
 bench_train.py (training MFU, the frozen-speech cache, data wait), bench_asr.py (speech recognition
 with a Whisper-small-sized model: each backend and precision against the compute-bound limit, audio
 s per wall s, peak memory), bench_timeline.py (a recording's whole timeline, with the tiny models and
-a Whisper-small-sized ASR) and bench_speech.py (a WavLM-base's frozen extraction against the
+a Whisper-small-sized ASR), bench_speech.py (a WavLM-base's frozen extraction against the
 compute-bound limit, its peak memory on a 34-s utterance, an epoch on its cached layer means against
-one on vq-wav2vec tokens).
+one on vq-wav2vec tokens) and bench_shard.py (the speech-tokens step as one process and as two ranks
+under torchrun, one thread each).
 The full run took 5.6 minutes on 2 idle cores of an AMD EPYC Zen 4 (bf16 rows included) and
 12-24 minutes on 2 cores of an Intel Xeon shared with other work (load average 3-5); a CPU without
 bf16 instructions leaves the bf16 rows out (utils.cpu_has_native_bf16), since it would emulate
@@ -28,8 +29,10 @@ with their targets:
   asr_peak_mb               its resident set with the model loaded plus the peak growth while transcribing
   speech_limit_ratio        WavLM-base layer means, audio s per wall s / (peak / FLOPs per audio s)
   timeline_audio_s_per_wall_s  a recording's whole timeline, {"tiny": ..., "whisper-small": ...}
+  shard_speedup             the speech-tokens step (real-size vq-wav2vec): one process's time / two ranks'  >= 1.7
 --quick runs every benchmark at a small size, 1-2 minutes on those busy 2 cores (a smoke run: its
-figures are not the targets', and it writes results.json only where --out says).
+figures are not the targets', and it writes results.json only where --out says); bench_shard.py's
+part, which starts torch in four processes and makes its corpus, adds about 30 s (load average 1.4-1.8).
 """
 import argparse
 import concurrent.futures
@@ -42,7 +45,7 @@ from pathlib import Path
 from common import REPO, load_average, machine_info, use_repo_modules
 
 TARGETS = {"vq_limit_ratio": (">=", 0.6), "train_mfu_fp32_text_base": (">=", 0.3),
-           "cache_epoch_speedup": (">=", 1.5), "data_wait_share": ("<", 0.05)}
+           "cache_epoch_speedup": (">=", 1.5), "data_wait_share": ("<", 0.05), "shard_speedup": (">=", 1.7)}
 # What each benchmark is given: the measurement, and --quick's smoke run, which takes every code
 # path once (every configuration at the real widths, one layer per encoder, one timed step without
 # warm-up, one timed product per peak, one corpus size) and answers in about 2 minutes on 2 cores.
@@ -51,17 +54,19 @@ FULL = {"vq": dict(seconds=10.0, repeat=3, memory_seconds=(2.0, 10.0, 34.0)),
         "train": dict(steps=3, full_steps=2, warmup=1, text_sizes=("base", "large")),
         "asr": dict(utterances=8, seconds=5.0, tokens=24),
         "timeline": dict(minutes=2.0, tokens=24),
-        "speech": dict(seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40)}
+        "speech": dict(seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40),
+        "shard": dict(utterances=100, vq_size="real", repeat=3)}
 QUICK = {"vq": dict(seconds=2.0, repeat=1, memory_seconds=(1.0, 2.0), peak_seconds=0.0),
          "extraction": dict(sentences=16, sizes=(100,), layers=1, peak_seconds=0.0, fit_wavs=20),
          "train": dict(steps=1, full_steps=1, warmup=0, text_sizes=("base",), epoch_utterances=200, layers=1,
                        peak_seconds=0.0),
          "asr": dict(utterances=2, seconds=2.0, tokens=4, layers=1, peak_seconds=0.0),
          "timeline": dict(minutes=0.5, tokens=4, layers=1),
-         "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0)}
+         "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0),
+         "shard": dict(utterances=100, vq_size="tiny", repeat=1)}
 
 
-BENCHES = ("vq", "extraction", "train", "asr", "timeline", "speech")
+BENCHES = ("vq", "extraction", "train", "asr", "timeline", "speech", "shard")
 
 
 def _bench_in_child(name, device, settings):
@@ -94,7 +99,7 @@ def run_all(device="cpu", quick=False):
         figures[name] = run_in_own_process(name, device, settings[name])
         seconds[name] = time.perf_counter() - start
         getattr(importlib.import_module(f"bench_{name}"), f"print_{name}")(figures[name])
-    vq, extraction, train, asr, timeline, speech = (figures[name] for name in BENCHES)
+    vq, extraction, train, asr, timeline, speech, shard = (figures[name] for name in BENCHES)
 
     machine["load_average_after"] = load_average()
     machine["run_all_seconds"] = round(time.perf_counter() - started, 1)
@@ -113,6 +118,7 @@ def run_all(device="cpu", quick=False):
         "asr_peak_mb": asr["rss_model_loaded_mb"] + asr["peak_growth_mb"],
         "speech_limit_ratio": speech["speech_limit_ratio"],
         "timeline_audio_s_per_wall_s": timeline["audio_s_per_wall_s"],
+        "shard_speedup": shard["shard_speedup"],
     }
     met = {}
     for key, (op, target) in TARGETS.items():
@@ -120,7 +126,7 @@ def run_all(device="cpu", quick=False):
                     "met": headline[key] >= target if op == ">=" else headline[key] < target}
     return {**headline, "targets": met, "quick": quick, "machine": machine, "seconds": seconds,
             "vq": vq, "extraction": extraction, "train": train, "asr": asr, "timeline": timeline,
-            "speech": speech}
+            "speech": speech, "shard": shard}
 
 
 def main(argv=None):

@@ -27,6 +27,7 @@ words stay the same can only be shown with a trained Whisper, which no test here
 """
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,12 +36,14 @@ from tqdm import tqdm
 
 from mmser.data_contract import (SAMPLE_RATE, WER_FILE, feature_folder, model_tag, qualified_step, read_features_record,
                                  read_manifest, transcript_set)
-from mmser.extraction import (FeatureError, StepReport, from_pretrained, load_tokenizer, read_transcript, record_models,
-                              run_reported)
+from mmser.distributed import rank_and_world, wait_for_ranks
+from mmser.extraction import (FeatureError, StepReport, audio_weight, from_pretrained, load_tokenizer, pending,
+                              read_transcript, record_models, run_reported)
 from mmser.data_dir_writer import context_audio_advice
 from mmser.models_dir import hub_name, resolve_model
-from mmser.utils import (SILENCE_PEAK, TOKENIZER_FILES, WEIGHT_FILES, AudioError, audio_windows, check_device,
-                         cpu_has_native_bf16, fingerprint, quiet_transformers, read_audio, write_text_atomic)
+from mmser.utils import (SILENCE_PEAK, TOKENIZER_FILES, WEIGHT_FILES, WHISPER_WINDOW_SECONDS, AudioError, audio_windows,
+                         check_device, cpu_has_native_bf16, fingerprint, quiet_transformers, read_audio,
+                         write_text_atomic)
 
 DEFAULT_ASR_MODEL = hub_name("asr_model")
 ASR_BACKENDS = ("transformers", "faster-whisper")  # the first: the default
@@ -274,21 +277,31 @@ def ctranslate2_model(asr_model, models_dir=None):
     source = fingerprint(asr_model)
     parent = Path(models_dir) if models_dir is not None else Path(asr_model).parent
     folder = parent / CT2_FOLDER.format(tag=model_tag(asr_model))
-    try:
-        if json.loads((folder / CT2_SOURCE).read_text(encoding="utf-8"))["sha256"] == source["sha256"] and \
-                all((folder / name).is_file() for name in CT2_FILES):
-            return folder
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+
+    def converted():
+        try:
+            return json.loads((folder / CT2_SOURCE).read_text(encoding="utf-8"))["sha256"] == source["sha256"] and \
+                all((folder / name).is_file() for name in CT2_FILES)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    if converted():
+        return folder
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         with quiet_transformers():
             TransformersConverter(str(asr_model)).convert(str(tmp / "model"), quantization=None)
         write_text_atomic(tmp / "model" / CT2_SOURCE, json.dumps(source, indent=2) + "\n")
+        if converted():  # by another process meanwhile (a rank of the same torchrun): keep it, it may be in use
+            return folder
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(tmp / "model", folder)
+        try:
+            os.replace(tmp / "model", folder)
+        except OSError:  # another process's conversion took its place first
+            if not converted():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -423,11 +436,13 @@ def transcribe_utterances(data_dir, models_dir=None, asr_model=None, device="cpu
                                    f"transformers --asr-precision fp32 to finish it, or with --overwrite to "
                                    f"transcribe it all again with {asr.backend} in {asr.precision}")
         record_models(data_dir, step, models, overwrite, manifest, report, "*.txt")
-        todo = [row for row in manifest if overwrite or not valid(out_dir / f"{row['name']}.txt")]
-        report.skipped = len(manifest) - len(todo)
-        # Longest first, over the whole manifest: each slice below then holds utterances of similar
-        # length, whose windows batch with little wasted decoding.
-        todo.sort(key=lambda row: -audio_seconds(data_dir / "Audio" / f"{row['name']}.wav"))
+        # Under torchrun each rank takes an equal share of the decoding: of 30-s windows (each padded to 30 s).
+        seconds = audio_weight(data_dir)
+        todo = pending(manifest, out_dir, valid, overwrite, report, suffix=".txt",
+                       weigh=lambda row: max(1, math.ceil(seconds(row) / WHISPER_WINDOW_SECONDS)))
+        # Longest first, over the whole manifest (this rank's share): each slice below then holds utterances
+        # of similar length, whose windows batch with little wasted decoding.
+        todo.sort(key=lambda row: -seconds(row))
         empty = []
         slice_size = 4 * (batch_size or asr.batch_size)
         with tqdm(total=len(todo), desc=step, unit="utt", disable=not progress) as bar:
@@ -454,19 +469,11 @@ def transcribe_utterances(data_dir, models_dir=None, asr_model=None, device="cpu
             report.notes.append(f"{len(empty)} utterance(s) silent or too short for speech recognition, given an "
                                 f"empty transcript: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
         report.notes.append(f"decoded by {asr.backend} in {asr.precision}")
-        write_wer(data_dir, manifest, asr_model, report)
+        wait_for_ranks()  # under torchrun, rank 0 scores every rank's transcripts
+        if rank_and_world()[0] == 0:
+            write_wer(data_dir, manifest, asr_model, report)
 
     return run_reported(report, work)
-
-
-def audio_seconds(path):
-    """A wav's length from its header (0 for a file that cannot be read: it fails when it is read)."""
-    import soundfile as sf
-    try:
-        info = sf.info(str(path))
-    except (OSError, RuntimeError):
-        return 0.0
-    return info.frames / info.samplerate
 
 
 def write_wer(data_dir, manifest, asr_model, report):

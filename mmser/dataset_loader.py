@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mmser.data_contract import (BRANCHES, OPTIONAL_COLUMNS, DataError, branch_steps, feature_folder, feature_path,
                                  label_set, read_classes, read_feature, read_manifest, truncate_tokens)
+from mmser.distributed import gather_from_ranks
 from mmser.speech.routes import route_of
 from mmser.targets import NO_LABEL
 from mmser.utils import length_sorted_batches
@@ -230,17 +231,6 @@ MODEL_INPUTS = ("text_ids", "text_mask", "speech_ids", "speech_mask", "speech_ve
 def model_inputs(batch, device):
     """A batch's tensors that the model takes, on `device`."""
     return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-
-
-def gather_from_ranks(value, world_size):
-    """[every rank's value] in rank order under torchrun (a collective: every rank calls it), or
-    [value] in one process. The one way results cross ranks: predictions, speech vectors, RNG states."""
-    if world_size == 1:
-        return [value]
-    import torch.distributed as dist
-    values = [None] * world_size
-    dist.all_gather_object(values, value)
-    return values
 
 
 def map_utterances(fn, utterances, batch_size, rank=0, world_size=1, desc="evaluate", progress=False):

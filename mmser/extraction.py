@@ -6,7 +6,13 @@ A step writes one file per utterance into the folder data_contract.STEPS names; 
 outputs that exist and are valid. A user's problem that stops a whole step (a model missing, a
 manifest that does not read) is a FeatureError or DataError recorded in its StepReport, and the
 next step runs; anything else (a bug, CUDA out of memory) keeps its traceback.
+
+Under torchrun (docs/sharding.md) every rank runs every step over its share of the work, chosen in
+one place (pending, by distributed.share); before any rank writes, the ranks agree that each loaded
+the same models and none stopped (agree_ranks), and only rank 0 writes features.json; every rank
+ends the step with the reports of all of them merged (gather_reports), which only rank 0 prints.
 """
+import datetime
 import json
 import sys
 import time
@@ -19,9 +25,14 @@ from tqdm import tqdm
 from mmser.data_contract import (FEATURES_RECORD, MANIFEST_KEY, TEXT_ENCODERS, DataError, carries_audio,
                                  feature_folder, manifest_fingerprint, read_features_record, read_withheld, step_entry,
                                  transcript_folder)
+from mmser.distributed import gather_from_ranks, rank_and_world, share, wait_for_ranks
 from mmser.models_dir import missing_path
-from mmser.utils import VOCABULARY_FILES, fingerprint, quiet_transformers, write_text_atomic
+from mmser.utils import VOCABULARY_FILES, audio_seconds, fingerprint, quiet_transformers, write_text_atomic
 
+# How long a rank waits for the others at a step's end (distributed.setup_distributed's timeout): its
+# share may end hours before the slowest rank's on a corpus that takes days, where torch's default
+# (30 minutes for gloo) would stop the whole job.
+RANK_WAIT = datetime.timedelta(days=7)
 SHOWN_FAILURES = 20  # per step in the summary; a broken input folder would otherwise bury the table
 
 
@@ -40,6 +51,7 @@ class StepReport:
     notes: list = field(default_factory=list)
     error: str = ""  # the whole step could not run (a model missing, ...)
     seconds: float = 0.0
+    agreed: bool = field(default=False, repr=False, compare=False)  # past agree_ranks (under torchrun)
 
     @property
     def ok(self):
@@ -155,6 +167,14 @@ def stamp_manifest(data_dir, step, rows, out_dir, report, pattern="*.npy"):
         write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
 
 
+def _identity(entry):
+    return entry.get("sha256", entry)
+
+
+def _described(entry):
+    return entry["path"] if "sha256" in entry else " ".join(str(v) for v in entry.values())
+
+
 def record_models(data_dir, step, current, overwrite, rows, report, pattern="*.npy"):
     """Record in DATA_DIR/features.json which pretrained files this step's outputs come from
     (current: {role: utils.fingerprint(...)}), and which manifest (stamp_manifest). An entry without
@@ -162,15 +182,13 @@ def record_models(data_dir, step, current, overwrite, rows, report, pattern="*.n
     compared whole.
 
     Outputs of different models must not mix: when the record names other files than `current`
-    and outputs exist, stop, unless --overwrite is about to recompute them all.
+    and outputs exist, stop, unless --overwrite is about to recompute them all. Under torchrun every
+    rank checks, the ranks agree (agree_ranks), and rank 0 alone writes, before any output is written.
     """
-    def identity(entry):
-        return entry.get("sha256", entry)
-
     def same(old, new):
         """The same files; also where this version fingerprints more of a folder than the record did (the
         ASR model's generation and feature configs): the folder is unchanged by the record's own files."""
-        if identity(old) == identity(new):
+        if _identity(old) == _identity(new):
             return True
         if "files" not in old or old["files"] == new.get("files") or old["path"] != new.get("path"):
             return False
@@ -179,21 +197,71 @@ def record_models(data_dir, step, current, overwrite, rows, report, pattern="*.n
         except FileNotFoundError:
             return False
 
-    def described(entry):
-        return entry["path"] if "sha256" in entry else " ".join(str(v) for v in entry.values())
-
     out_dir = feature_folder(data_dir, step)
-    stamp_manifest(data_dir, step, rows, out_dir, report, pattern)
     record = read_features_record(data_dir)
+    # Files made for another manifest are about to be removed (stamp_manifest): they mix with nothing.
+    made_for = record.get(MANIFEST_KEY, {}).get(step)
+    kept = made_for in (None, manifest_fingerprint(rows)) and any(out_dir.glob(pattern))
     old = record.get(step, {})
     changed = [role for role in current if role in old and not same(old[role], current[role])]
-    if changed and not overwrite and any(out_dir.glob(pattern)):
-        details = "; ".join(f"{role}: {described(old[role])} -> {described(current[role])}" for role in changed)
+    if changed and not overwrite and kept:
+        details = "; ".join(f"{role}: {_described(old[role])} -> {_described(current[role])}" for role in changed)
         raise FeatureError(f"{out_dir} was computed with other pretrained files ({details}); "
                            f"rerun with --overwrite to recompute it with the new ones")
+    agree_ranks(report, current)
+    if rank_and_world()[0] != 0:
+        return
+    stamp_manifest(data_dir, step, rows, out_dir, report, pattern)
+    record = read_features_record(data_dir)
     if record.get(step) != current:
         record[step] = current
         write_text_atomic(Path(data_dir) / FEATURES_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def agree_ranks(report, models=None, error=""):
+    """Under torchrun, the point every rank passes once per step (record_models; run_reported for a rank
+    that stopped before it) before any of them writes: the step goes on only where no rank stopped and
+    all loaded the same files (`models`, by sha256), else every rank stops with the first one's reason,
+    so that no rank waits for one that has gone. Nothing to do in one process."""
+    report.agreed = True
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    ranks = gather_from_ranks((error, models), world)
+    if error:
+        return
+    stopped = [(r, reason) for r, (reason, _) in enumerate(ranks) if reason]
+    if stopped:
+        raise FeatureError(f"rank {stopped[0][0]} of {world} stopped: {stopped[0][1]}")
+    first = ranks[0][1]
+    for r, (_, theirs) in enumerate(ranks):
+        theirs = theirs or {}
+        for role in first:
+            if _identity(theirs.get(role, {})) != _identity(first[role]):
+                raise FeatureError(f"rank {r} loaded other {role} files than rank 0 ({_described(first[role])} -> "
+                                   f"{_described(theirs.get(role, {}))}); every machine needs the same models "
+                                   f"(MODELS_DIR, or the hub cache)")
+
+
+def gather_reports(reports):
+    """Under torchrun, every rank's reports merged step by step: counts added, failures and notes
+    together (a note once), the longest time, rank 0's error (else the first another rank had); the
+    same on every rank. A collective: every rank calls it, each with the reports of the steps it ran
+    (rank 0's name them all). In one process, `reports` themselves."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return reports
+    merged = {}
+    for share_of_rank in gather_from_ranks(reports, world):
+        for report in share_of_rank:
+            into = merged.setdefault(report.step, StepReport(report.step, agreed=True))
+            into.written += report.written
+            into.skipped += report.skipped
+            into.failed += report.failed
+            into.notes += [note for note in report.notes if note not in into.notes]
+            into.error = into.error or report.error
+            into.seconds = max(into.seconds, report.seconds)
+    return list(merged.values())
 
 
 def rows_of(step, manifest, data_dir=None):
@@ -212,23 +280,37 @@ def rows_of(step, manifest, data_dir=None):
         carries_audio(row, withheld) and (Path(data_dir) / "Audio" / f"{row['name']}.wav").is_file())]
 
 
-def pending(rows, out_dir, is_valid, overwrite, report):
-    todo = []
-    for row in rows:
-        if not overwrite and is_valid(out_dir / f"{row['name']}.npy"):
-            report.skipped += 1
-        else:
-            todo.append(row)
-    return todo
+def pending(rows, out_dir, is_valid, overwrite, report, weigh=None, suffix=".npy"):
+    """The rows whose output (out_dir/<name><suffix>) is still to be made, each valid one counted as
+    skipped. Under torchrun, this rank's share of them (distributed.share, by weigh(row): audio_weight
+    where the step reads the audio): each rank checks every world-th row once rank 0 has recorded the
+    models, and they divide what is left among them, so a rerun after a rank was stopped shares out
+    only what it left."""
+    rank, world = rank_and_world()
+    wait_for_ranks()  # rank 0 has removed the files made for another manifest (record_models)
+    to_do = [overwrite or not is_valid(out_dir / f"{row['name']}{suffix}") for row in rows[rank::world]]
+    report.skipped += to_do.count(False)
+    needed = [None] * len(rows)
+    for r, flags in enumerate(gather_from_ranks(to_do, world)):
+        needed[r::world] = flags
+    return share([row for row, row_needed in zip(rows, needed) if row_needed], weigh)
+
+
+def audio_weight(data_dir):
+    """pending's weigh where a step reads the audio: a row's seconds (its wav's header), its share of the work."""
+    return lambda row: audio_seconds(Path(data_dir) / "Audio" / f"{row['name']}.wav")
 
 
 def run_reported(report, work):
     """Run a step's body. A user's problem that stops the whole step (a model missing, a manifest
-    that does not read) is recorded, and the next step runs; anything else is raised."""
+    that does not read) is recorded, and the next step runs; anything else is raised. Under torchrun,
+    -> the step's report merged over the ranks (gather_reports)."""
     start = time.perf_counter()
     try:
         work()
     except (FeatureError, DataError) as e:
         report.error = str(e)
+    if not report.agreed:  # stopped before record_models: the other ranks wait there to hear it
+        agree_ranks(report, error=report.error)
     report.seconds = time.perf_counter() - start
-    return report
+    return gather_reports([report])[0]

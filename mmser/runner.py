@@ -7,7 +7,6 @@
 """
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from mmser.data_contract import (BRANCHES, TEXT_STEPS, DataError, branch_steps, check_attribute_values, label_set,
                                  read_attributes, read_classes, read_manifest, read_withheld, stale_features)
+from mmser.distributed import setup_distributed
 from mmser.protocols import fold_title, make_folds
 from mmser.reporting import METRICS, counted, write_results
 from mmser.run_folder import check_resumable, check_run_dir, setup_logging, write_config
@@ -255,32 +255,6 @@ def write_submission(fold_dir, split, utterances, predicted, target, data_dir):
         files.append(f"submission_{split}_attributes.csv")
         write_text_atomic(Path(fold_dir) / files[-1], buffer.getvalue())
     return files
-
-
-def setup_distributed(device):
-    """(rank, world size, device) from torchrun's environment; one process without it."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, device
-    import torch
-    import torch.distributed as dist
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = device.startswith("cuda")
-    if cuda and local_rank >= torch.cuda.device_count():
-        raise RunError(f"process {local_rank} of this node needs a GPU of its own, but torch sees "
-                       f"{torch.cuda.device_count()}; start at most that many per node (--nproc_per_node)")
-    device = f"cuda:{local_rank}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(device)  # before NCCL starts, so its communicator uses this GPU
-    if not dist.is_initialized():
-        dist.init_process_group(process_group_backend(cuda))
-    return rank, world, device
-
-
-def process_group_backend(cuda):
-    """NCCL only carries CUDA tensors: the few CPU-side collectives (the loss check, the epoch's
-    loss, gathered predictions and speech vectors) go through gloo beside it."""
-    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def run(settings, run_dir, utterances, env, test_inputs=None):

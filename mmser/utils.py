@@ -205,6 +205,16 @@ SILENCE_PEAK = 1e-3
 WHISPER_WINDOW_SECONDS = 30
 
 
+def audio_seconds(path):
+    """A wav's length from its header (0 for a file that cannot be read: it fails when it is read)."""
+    import soundfile as sf
+    try:
+        info = sf.info(str(path))
+    except (OSError, RuntimeError):
+        return 0.0
+    return info.frames / info.samplerate
+
+
 def audio_windows(samples, seconds=WHISPER_WINDOW_SECONDS, sample_rate=SAMPLE_RATE):
     """`samples` cut into consecutive windows of `seconds` (the last one what is left; an empty
     input gives one empty window, so that every utterance has at least one)."""

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_asr  # noqa: E402
 import bench_extraction  # noqa: E402
+import bench_shard  # noqa: E402
 import bench_speech  # noqa: E402
 import bench_train  # noqa: E402
 import bench_vq  # noqa: E402
@@ -207,7 +208,7 @@ def test_native_bf16_without_proc_cpuinfo_asks_torch_and_a_capped_onednn_has_non
 def test_run_all_settings_are_the_benchmarks_own_arguments(settings):
     for name, function in (("vq", bench_vq.bench_vq), ("extraction", bench_extraction.bench_extraction),
                            ("train", bench_train.bench_train), ("asr", bench_asr.bench_asr),
-                           ("speech", bench_speech.bench_speech)):
+                           ("speech", bench_speech.bench_speech), ("shard", bench_shard.bench_shard)):
         inspect.signature(function).bind("cpu", **settings[name])  # raises on a misspelt or missing argument
 
 

@@ -15,7 +15,7 @@ from mmser import train_function
 from mmser.fairseq_checkpoints import load_vq_wav2vec
 from test_fairseq_loading import CASES, REF, VQ_FILES
 from mmser import extraction, steps
-from mmser import runner
+from mmser import distributed, runner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -57,7 +57,7 @@ def test_cpu_side_collectives_work_beside_nccl(tmp_path):
     """Under torchrun on GPUs, the loss check and the gathered losses and predictions are CPU
     collectives, which NCCL alone refuses ("No backend type associated with device type cpu")."""
     torch.cuda.set_device(0)
-    dist.init_process_group(runner.process_group_backend(cuda=True), store=dist.FileStore(str(tmp_path / "store"), 1),
+    dist.init_process_group(distributed.process_group_backend(cuda=True), store=dist.FileStore(str(tmp_path / "store"), 1),
                             rank=0, world_size=1)
     try:
         train_function._check_finite(1.0, "loss", distributed=True)

@@ -3,6 +3,7 @@
 One extraction is shared by the module (scope="module"); tests that change files work on a copy.
 """
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from fixtures.tiny_models import make_tiny_bert, make_tiny_models
 from mmser.utils import fingerprint
 from mmser import context, extraction, steps, text_features
 from mmser.speech import tokens as speech_tokens
+from mmser import distributed
+from test_main import torchrun
 
 CONTEXTS = (1, 2, 3)
 
@@ -359,3 +362,114 @@ def test_audio_windows_cut_long_audio_into_consecutive_30_s_windows():
     assert [len(w) for w in windows] == [480000, 480000, 80000]
     assert np.array_equal(np.concatenate(windows), samples)
     assert [len(w) for w in audio_windows(samples[:0])] == [0]
+
+
+# ------------------------------------------------------------------------------------------------
+# sharded under torchrun (docs/sharding.md)
+
+# Three runs in one launch of two ranks (a start of torch in three processes spared): every step; then,
+# as if a rank had been stopped before writing them, again once rank 0 removed some files; then once
+# more with rank 1 given a MODELS_DIR without the vq-wav2vec file (the text models the same files by
+# other paths). Each rank writes down how much of each step it took; rank 0 the summaries.
+SHARDED_RUNS = """import contextlib, io, json, sys, feature_extraction_main, torch.distributed as dist
+from pathlib import Path
+from mmser import extraction
+data_dir, models_dir, models_without_vq, out, *removed = sys.argv[1:]
+destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None
+share, took, summaries, codes = extraction.share, [], [], []
+def counted(items, weigh=None):
+    mine = share(items, weigh)
+    took.append((len(mine), len(items)))
+    return mine
+extraction.share = counted
+for run in ("first", "rerun", "one rank without a model"):
+    if run == "rerun":  # in the process group the first run started
+        if dist.get_rank() == 0:
+            for name in removed:
+                Path(data_dir, name).unlink()
+        dist.barrier()
+    models = models_without_vq if run == "one rank without a model" and dist.get_rank() == 1 else models_dir
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        codes.append(feature_extraction_main.main([data_dir, models]))
+    summaries.append(printed.getvalue())
+Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps({"took": took, "summaries": summaries, "codes": codes}))
+destroy()
+"""
+
+
+def summary_counts(summary):
+    """{step: (written, skipped)} from format_summary's table."""
+    rows = [line.split() for line in summary.splitlines()[1:]]
+    return {row[0]: (int(row[1]), int(row[2])) for row in rows if len(row) == 5 and row[1].isdigit()}
+
+
+def test_two_ranks_write_the_files_of_one_process_and_a_rerun_finishes_only_what_is_missing(extracted, tmp_path):
+    """Two ranks with gloo on the CPU, one thread each: every folder and features.json byte for byte
+    one process's; each rank took a share of each step; a rerun makes only the files removed; a rank
+    that stops for want of a model stops the step on both, which say why."""
+    one_process, models_dir = extracted["data_dir"], extracted["models_dir"]
+    data_dir = _copy_data_dir(extracted, tmp_path)
+    folders = ["vqw2vTokens", "GPT2Tokens", "BertEmb", "FullBertEmb1", "FullBertEmb2", "FullBertEmb3"]
+    for folder in folders:
+        shutil.rmtree(data_dir / folder)
+    (data_dir / data_contract.FEATURES_RECORD).unlink()
+    without_vq = tmp_path / "models_without_vq"
+    shutil.copytree(models_dir, without_vq, ignore=shutil.ignore_patterns("vq-wav2vec_kmeans.pt"))
+    labelled = sorted(p.name for p in (one_process / "vqw2vTokens").glob("*.npy"))
+    everyone = sorted(p.name for p in (one_process / "GPT2Tokens").glob("*.npy"))
+    removed = {"vqw2vTokens": labelled[:3], "GPT2Tokens": everyone[5:7], "BertEmb": everyone[:1]}
+    torchrun(tmp_path, data_dir, models_dir, without_vq, tmp_path,
+             *[f"{folder}/{name}" for folder, names in removed.items() for name in names], program=SHARDED_RUNS)
+
+    for folder in folders:
+        ours, theirs = sorted((data_dir / folder).iterdir()), sorted((one_process / folder).iterdir())
+        assert [p.name for p in ours] == [p.name for p in theirs], folder
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(ours, theirs)), folder
+    assert (data_dir / "features.json").read_bytes() == (one_process / "features.json").read_bytes()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # speech tokens, text tokens, sentence embeddings (twice, then text only): each rank a share, together all
+    took0, took1 = ranks[0]["took"], ranks[1]["took"]
+    assert len(took0) == len(took1) == 8
+    for (mine0, of0), (mine1, of1) in zip(took0, took1):
+        assert of0 == of1 and mine0 + mine1 == of0 and (of0 < 2 or min(mine0, mine1) > 0)
+    assert [of for _, of in took0] == [len(labelled), len(everyone), len(everyone), 3, 2, 1, 0, 0]
+    counts = summary_counts(ranks[0]["summaries"][1])
+    assert counts["speech-tokens"] == (3, len(labelled) - 3)
+    assert counts["text-tokens"] == (2, len(everyone) - 2)
+    assert counts["sentence-embeddings"] == (1, len(everyone) - 1)
+    assert counts["context-1"] == (0, len(everyone))  # the same embedding again: nothing to rewrite
+    assert ranks[1]["summaries"] == ["", "", ""]  # rank 0 alone prints
+    assert ranks[0]["codes"] == ranks[1]["codes"] == [0, 0, 1]
+    stopped = ranks[0]["summaries"][2]
+    assert "speech-tokens: could not run: rank 1 of 2 stopped: " in stopped
+    assert "models_without_vq/vq-wav2vec_kmeans.pt: not found" in stopped
+    assert summary_counts(stopped)["text-tokens"] == (0, len(everyone))
+
+
+def test_a_rank_s_share_is_balanced_by_weight_and_each_item_falls_to_one_rank(monkeypatch):
+    assert distributed.share([3, 1, 2]) == [3, 1, 2]  # one process: all of it
+    weights = [5, 1, 1, 1, 4, 2, 2, 3, 8, 1]
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 3))
+        shares.append(distributed.share(list(range(10)), weigh=weights.__getitem__))
+    assert sorted(sum(shares, [])) == list(range(10)) and all(share == sorted(share) for share in shares)
+    loads = [sum(weights[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= 1, loads
+    assert distributed.share(list("abcdefg")) == list("cf")  # unweighted: in turn, rank 2 of 3 every third
+
+
+def test_ranks_that_loaded_other_model_files_stop_before_any_writes(monkeypatch):
+    ours = {"sentence_model": {"path": "/node0/bert", "sha256": "1"}}
+    same_files_elsewhere = {"sentence_model": {"path": "/node1/bert", "sha256": "1"}}
+    other_files = {"sentence_model": {"path": "/node1/bert", "sha256": "2"}}
+    monkeypatch.setattr(extraction, "rank_and_world", lambda: (0, 3))
+    monkeypatch.setattr(extraction, "gather_from_ranks",
+                        lambda value, world: [value, ("", same_files_elsewhere), ("", other_files)])
+    with pytest.raises(extraction.FeatureError, match="rank 2 loaded other sentence_model files than rank 0 "
+                                                      r"\(/node0/bert -> /node1/bert\)"):
+        extraction.agree_ranks(extraction.StepReport("sentence-embeddings"), ours)
+    monkeypatch.setattr(extraction, "gather_from_ranks",
+                        lambda value, world: [value, ("", same_files_elsewhere), ("", same_files_elsewhere)])
+    extraction.agree_ranks(extraction.StepReport("sentence-embeddings"), ours)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from mmser.data_contract import (DataError, Step, feature_folder, model_tag, qualified_step, read_feature,
                                  read_manifest, register_step)
-from mmser.extraction import FeatureError, StepReport, pending, record_models, rows_of, run_reported
+from mmser.extraction import FeatureError, StepReport, audio_weight, pending, record_models, rows_of, run_reported
 from mmser.speech import SpeechRoute
 from mmser.utils import SILENCE_PEAK, AudioError, check_device, fingerprint, read_audio, save_npy_atomic
 
@@ -54,7 +54,8 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
                 return False
             return array.dtype == np.float32 and array.shape == shape and bool(np.isfinite(array).all())
 
-        todo = pending(rows_of(step, manifest, data_dir), out_dir, valid, overwrite, report)
+        todo = pending(rows_of(step, manifest, data_dir), out_dir, valid, overwrite, report,
+                       weigh=audio_weight(data_dir))
         bar = tqdm(todo, desc=step, unit="utt", disable=not progress)
         for row in bar:
             wav_path = data_dir / "Audio" / f"{row['name']}.wav"

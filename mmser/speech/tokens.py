@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from mmser.data_contract import Step, feature_folder, read_feature, read_manifest, register_step, truncate_tokens
 from mmser.models_dir import models_dir_path
-from mmser.extraction import FeatureError, StepReport, pending, record_models, rows_of, run_reported, valid_npy
+from mmser.extraction import (FeatureError, StepReport, audio_weight, pending, record_models, rows_of, run_reported,
+                              valid_npy)
 from mmser.speech import SpeechRoute
 from mmser.utils import SILENCE_PEAK, AudioError, check_device, fingerprint, read_audio, save_npy_atomic
 
@@ -61,7 +62,7 @@ def extract_speech_tokens(data_dir, models_dir, device="cpu", overwrite=False, p
             if not (data_dir / "Audio" / f"{row['name']}.wav").is_file():
                 (out_dir / f"{row['name']}.npy").unlink(missing_ok=True)
         todo = pending(rows_of(step, manifest, data_dir), out_dir, lambda p: valid_npy(p, np.int32, bos_eos=(0, 2)),
-                        overwrite, report)
+                       overwrite, report, weigh=audio_weight(data_dir))
         bar = tqdm(todo, desc=step, unit="utt", disable=not progress)
         for row in bar:
             wav_path = data_dir / "Audio" / f"{row['name']}.wav"
