@@ -40,13 +40,11 @@ import argparse
 import sys
 
 from mmser.asr import asr_model_name
-from mmser.distributed import end_distributed, setup_distributed
-from mmser.extraction import RANK_WAIT, format_summary
-from mmser.options import add_asr_arguments, add_model_arguments, asr_transcripts, check_folders
+from mmser.distributed import end_distributed
+from mmser.extraction import format_summary
+from mmser.options import add_asr_arguments, add_model_arguments, asr_transcripts, start_extraction
 from mmser.speech.routes import ROUTES, step_route
 from mmser.steps import STEP_NAMES, run_step
-from mmser.settings import RunError
-from mmser.utils import set_threads
 
 
 def main(argv=None):
@@ -61,12 +59,7 @@ def main(argv=None):
             step_route(args.step, args.speech_model)
         except ValueError as error:
             parser.error(str(error))
-    check_folders(args, parser)
-    set_threads(args.threads)
-    try:  # under torchrun: this rank's device, and its share of every step (docs/sharding.md)
-        rank, _, device = setup_distributed(args.device, RANK_WAIT)
-    except RunError as error:
-        parser.error(str(error))
+    rank, device = start_extraction(args, parser)  # under torchrun: this rank's device and share (docs/sharding.md)
     try:
         # Progress bars on a terminal only: in a log file their redrawn frames pile up (16 KB for one run).
         report = run_step(args.step, args.data_dir, args.models_dir, args.sentence_model, args.text_model, device,

@@ -21,12 +21,10 @@ import argparse
 import sys
 
 from mmser.asr import asr_model_name
-from mmser.distributed import end_distributed, setup_distributed
-from mmser.extraction import RANK_WAIT, format_summary
-from mmser.options import add_asr_arguments, add_model_arguments, check_folders
+from mmser.distributed import end_distributed
+from mmser.extraction import format_summary
+from mmser.options import add_asr_arguments, add_model_arguments, start_extraction
 from mmser.steps import CONTEXTS, extract_features
-from mmser.settings import RunError
-from mmser.utils import set_threads
 
 
 def main(argv=None):
@@ -38,12 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.context):
         parser.error("--context sizes must be at least 1")
-    check_folders(args, parser)
-    set_threads(args.threads)
-    try:  # under torchrun: this rank's device, and its share of every step (docs/sharding.md)
-        rank, _, device = setup_distributed(args.device, RANK_WAIT)
-    except RunError as error:
-        parser.error(str(error))
+    rank, device = start_extraction(args, parser)  # under torchrun: this rank's device and share (docs/sharding.md)
     # --transcripts asr (or an --asr-model given): the ASR set too, beside the reference one.
     asr_model = asr_model_name(args.models_dir, args.asr_model) if args.asr_model or args.transcripts == "asr" else None
     try:

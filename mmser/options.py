@@ -212,3 +212,19 @@ def add_asr_arguments(parser):
                              "with bf16 instructions), fp32 elsewhere; faster-whisper in int8 on a CPU, fp16 on a "
                              "GPU. fp32 gives transformers' own greedy transcripts; features.json records the "
                              "choice, and a rerun with another stops unless --overwrite")
+
+
+def start_extraction(args, parser):
+    """The extraction scripts' start: the folders and models checked (check_folders), torch's threads,
+    and under torchrun this rank's process group and device (docs/sharding.md). -> (rank, device)"""
+    from mmser.distributed import setup_distributed
+    from mmser.extraction import RANK_WAIT
+    from mmser.settings import RunError
+    from mmser.utils import set_threads
+    check_folders(args, parser)
+    set_threads(args.threads)
+    try:
+        rank, _, device = setup_distributed(args.device, RANK_WAIT)
+    except RunError as error:
+        parser.error(str(error))
+    return rank, device
