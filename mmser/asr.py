@@ -263,6 +263,22 @@ def segment_ends(tokenizer, ids):
     return [float(o["timestamp"][1]) for o in offsets if o["timestamp"][1] is not None]
 
 
+def converter_for_installed_transformers(converter_class):
+    """CTranslate2's TransformersConverter, loading the model as the installed transformers takes it:
+    CTranslate2 4.8 passes `dtype=`, which transformers before 4.56 calls `torch_dtype=` (requirements.txt's
+    floor is older)."""
+    class Converter(converter_class):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            try:
+                return super().load_model(model_class, model_name_or_path, **kwargs)
+            except TypeError as e:
+                if "dtype" not in kwargs or "'dtype'" not in str(e):
+                    raise
+                kwargs["torch_dtype"] = kwargs.pop("dtype")
+                return super().load_model(model_class, model_name_or_path, **kwargs)
+    return Converter
+
+
 def ctranslate2_model(asr_model, models_dir=None):
     """MODELS_DIR/<tag>-ctranslate2 (beside the folder itself without MODELS_DIR): `asr_model` converted
     by CTranslate2's own converter, once, with its weights as saved (the compute type is chosen when
@@ -291,7 +307,8 @@ def ctranslate2_model(asr_model, models_dir=None):
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         with quiet_transformers():
-            TransformersConverter(str(asr_model)).convert(str(tmp / "model"), quantization=None)
+            converter_for_installed_transformers(TransformersConverter)(str(asr_model)).convert(
+                str(tmp / "model"), quantization=None)
         write_text_atomic(tmp / "model" / CT2_SOURCE, json.dumps(source, indent=2) + "\n")
         if converted():  # by another process meanwhile (a rank of the same torchrun): keep it, it may be in use
             return folder
