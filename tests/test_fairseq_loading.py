@@ -42,7 +42,9 @@ def test_vq_wav2vec_codes_equal_fairseq(checkpoint, vq_reference):
     for case in CASES:
         expected = vq_reference[checkpoint][case]
         z = model.features(expected["wav"])
-        assert (z - expected["z"]).abs().max() < 1e-5, case
+        # fp32 rounding through eight conv layers, relative to the features' scale (up to about 5):
+        # a few ulps, and more on some CPUs than others; the codes below must be exact.
+        assert (z - expected["z"]).abs().max() <= 1e-5 * max(1.0, expected["z"].abs().max().item()), case
         codes = model.codes(expected["wav"].numpy())
         assert codes.dtype == torch.int64
         assert torch.equal(codes, expected["idx"]), case
