@@ -15,6 +15,10 @@ and the attention mask follow the checkpoint.
                                  the utterance alone, in inference mode. Whisper reads 30-s windows
                                  (utils.audio_windows) and only the frames that cover audio count: the
                                  first ceil(samples / 320) of each window.
+  batch_layer_means(speech, wavs) layer_means of several utterances in one batch (the extraction step's
+                                 way): any lengths for the families that pad freely (PADS_FREELY, Whisper),
+                                 equal lengths only for the others; on a CPU the convolutional front end
+                                 runs time-major (_time_major_front_end), within 1e-5 of transformers' own
   pooled_layers(...)             the same over a padded batch, with gradients (--finetune-speech;
                                  Whisper: every utterance's windows in one encoder batch)
   SpeechLayerSum                 the speech branch over them: a learned softmax-weighted sum of the layers
@@ -41,6 +45,14 @@ FAMILIES = {"wavlm": "WavLM", "hubert": "HuBERT", "wav2vec2": "wav2vec 2.0", "da
             "whisper": "Whisper (its encoder)"}
 # Whisper: 100 mel frames a second, halved by its second convolution: one encoder frame per 320 samples.
 WHISPER_SAMPLES_PER_FRAME = 320
+# The families whose hidden states over an utterance's frames stay the same when it is zero-padded
+# into a batch with an attention mask (tiny models of each: within 5e-7 of the utterance alone), with a
+# layer-norm feature encoder: it works frame by frame, and the one positional convolution reads the
+# masked frames as zeros. Not so, and batched only at equal lengths: the group-norm feature encoder
+# (wav2vec 2.0, HuBERT and WavLM base: its first norm spans the padded time; 0.18 to 0.35 off) and
+# data2vec-audio (its five stacked positional convolutions carry the padding into the last real
+# frames; 0.06 to 0.13 off). Whisper pads each 30-s window alone, whatever the batch.
+PADS_FREELY = ("wavlm", "hubert", "wav2vec2")
 
 
 
@@ -61,6 +73,12 @@ class SpeechModel:
     @property
     def hidden_size(self):
         return self.encoder.config.hidden_size
+
+    @property
+    def pads_freely(self):
+        """Whether utterances of different lengths can share a batch (PADS_FREELY): else only equal lengths."""
+        return self.kind == "whisper" or (self.kind in PADS_FREELY and self.takes_attention_mask
+                                          and getattr(self.encoder.config, "feat_extract_norm", None) == "layer")
 
     @property
     def takes_attention_mask(self):
@@ -115,6 +133,99 @@ def _quiet_wavlm_masks():
         yield
 
 
+def _time_major_front_end(feature_encoder, wav):
+    """transformers' convolutional feature encoder (wav2vec 2.0, HuBERT, WavLM, data2vec-audio) over one
+    utterance (1-D samples) in (frames, channels) layout: every convolution a few matrix products
+    (vq_wav2vec.time_major_conv), the norms and activations in place, and no copy between layers. On a
+    CPU, oneDNN's convolutions in transformers' (channels, time) layout reached about 0.6 of the matmul
+    peak on a 10-s utterance, and oneDNN compiles a kernel for every new input length. None where a
+    layer is not one this path knows (the caller then runs transformers' own)."""
+    from mmser.vq_wav2vec import time_major_conv
+    x, buffers = wav[:, None], [None, None]
+    for k, layer in enumerate(feature_encoder.conv_layers):
+        conv, norm = layer.conv, getattr(layer, "layer_norm", None)
+        channels, kernel, stride = conv.out_channels, conv.kernel_size[0], conv.stride[0]
+        frames = (x.shape[0] - kernel) // stride + 1
+        buffer = buffers[k % 2]
+        if buffer is None or buffer.numel() < frames * channels:
+            buffer = buffers[k % 2] = torch.empty(frames * channels, dtype=x.dtype, device=x.device)
+        cache = feature_encoder.__dict__.setdefault("_time_major_weights", {}).setdefault(k, {})
+        x = time_major_conv(x, conv.weight, stride, cache, buffer[:frames * channels].view(frames, channels))
+        if conv.bias is not None:
+            x.add_(conv.bias)
+        if isinstance(norm, nn.GroupNorm):  # one group per channel: each channel over the utterance's time
+            x.sub_(x.mean(0))
+            x.mul_(torch.rsqrt(_mean_square(x) + norm.eps) * norm.weight).add_(norm.bias)
+        elif isinstance(norm, nn.LayerNorm):  # over the channels of each frame
+            x = torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        torch.ops.aten.gelu_(x)
+    return x
+
+
+def _mean_square(x, rows=2048):
+    """The mean over dim 0 of x * x, (time, channels), a block of rows at a time in one small scratch
+    tensor (torch's var over dim 0 of this layout runs on one thread, 60 ms on 10 s; the squares in one
+    new tensor of x's size cost more in fresh pages than the arithmetic)."""
+    total, scratch = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device), torch.empty_like(x[:rows])
+    for start in range(0, x.shape[0], rows):
+        block = x[start:start + rows]
+        total += torch.mul(block, block, out=scratch[:len(block)]).sum(0)
+    return total / x.shape[0]
+
+
+def _knows_front_end(encoder):
+    """Whether _time_major_front_end computes this encoder's feature encoder: bias-free or biased
+    convolutions, GroupNorm with one group per channel or LayerNorm, exact GELU (every released
+    checkpoint of the four families)."""
+    from transformers.activations import GELUActivation
+    layers = getattr(getattr(encoder, "feature_extractor", None), "conv_layers", None)
+    if layers is None:
+        return False
+    for layer in layers:
+        norm, act = getattr(layer, "layer_norm", None), getattr(layer, "activation", None)
+        if (not isinstance(getattr(layer, "conv", None), nn.Conv1d) or layer.conv.groups != 1
+                or layer.conv.padding != (0,) or layer.conv.dilation != (1,)):
+            return False
+        if isinstance(norm, nn.GroupNorm) and (norm.num_groups != norm.num_channels or not norm.affine):
+            return False
+        if norm is not None and not isinstance(norm, (nn.GroupNorm, nn.LayerNorm)):
+            return False
+        if not ((isinstance(act, GELUActivation) and act.act is nn.functional.gelu)
+                or (isinstance(act, nn.GELU) and act.approximate == "none")):
+            return False
+    return True
+
+
+class _TimeMajorFeatureEncoder(nn.Module):
+    """Stands in for an encoder's feature encoder (inference on a CPU): (batch, samples) -> (batch,
+    channels, frames) as transformers' returns it, a transposed view of the time-major result, which
+    the model transposes back without a copy."""
+
+    def __init__(self, original):
+        super().__init__()
+        self.original = original
+
+    def forward(self, input_values):
+        x = torch.stack([_time_major_front_end(self.original, w) for w in input_values])
+        return x.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def _fast_front_end(encoder):
+    """On a CPU, while the encoder runs frozen, its feature encoder is _time_major_front_end (within
+    1e-5 of transformers' own, tests/test_speech_encoders.py); elsewhere, and for a front end that path
+    does not know, transformers' own."""
+    original = getattr(encoder, "feature_extractor", None)
+    if next(encoder.parameters()).device.type != "cpu" or not _knows_front_end(encoder):
+        yield
+        return
+    encoder.feature_extractor = _TimeMajorFeatureEncoder(original)
+    try:
+        yield
+    finally:
+        encoder.feature_extractor = original
+
+
 def frames(speech, samples):
     """Encoder frames that `samples` of audio give (0: too short for the model)."""
     if speech.kind == "whisper":
@@ -134,33 +245,42 @@ def _whisper_window_sums(encoder, feature_extractor, windows):
     return (states * real[:, None, :, None]).sum(2), counts
 
 
-def _whisper_layer_sums(speech, wav):
-    """Whisper: (sum over counted frames of every hidden state (layers + 1, hidden), frames counted),
-    one window at a time."""
-    total, counted = 0.0, 0
-    for window in audio_windows(wav):
-        sums, counts = _whisper_window_sums(speech.encoder, speech.feature_extractor, [window])
-        total, counted = total + sums[0].float(), counted + int(counts[0])
-    return total, counted
-
-
 def layer_means(speech, wav):
     """(layers + 1, hidden) float32 numpy: the mean over the frames of `wav` (16 kHz mono) of each hidden
-    state, the embedding output first; `wav` alone, in fp32 and inference mode."""
+    state, the embedding output first; `wav` alone (a batch of one of batch_layer_means), in fp32 and
+    inference mode."""
+    return batch_layer_means(speech, [wav])[0]
+
+
+def batch_layer_means(speech, wavs):
+    """layer_means of several utterances (16 kHz mono numpy) in one encoder batch: (N, layers + 1,
+    hidden) float32 numpy, within 1e-5 of each alone (tests/test_speech_encoders.py), in fp32 and
+    inference mode. Whisper reads 30-s windows (utils.audio_windows), all of the batch's in one encoder
+    batch, and only the frames that cover audio count. Utterances of different lengths only where the
+    family pads freely (SpeechModel.pads_freely); else a ValueError."""
     from mmser.vq_wav2vec import full_fp32_precision
-    if frames(speech, len(wav)) < 1:
-        raise ValueError(f"{len(wav)} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder")
+    if len({len(w) for w in wavs}) > 1 and not speech.pads_freely:
+        raise ValueError(f"the {FAMILIES[speech.kind]} encoder's hidden states change with padding: "
+                         "it batches only utterances of equal length")
+    shortest = min(len(w) for w in wavs)
+    if frames(speech, shortest) < 1:
+        raise ValueError(f"{shortest} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder")
+    device = next(speech.encoder.parameters()).device
     # fp32 on a GPU too: cuDNN's convolutions run in TF32 by default, which a cached feature would keep.
     with torch.inference_mode(), full_fp32_precision():
         if speech.kind == "whisper":
-            total, counted = _whisper_layer_sums(speech, wav)
-            return (total / counted).cpu().numpy()
-        device = next(speech.encoder.parameters()).device
-        inputs = speech.feature_extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt",
-                                          return_attention_mask=speech.takes_attention_mask)
-        with _quiet_wavlm_masks():
-            states = speech.encoder(**inputs.to(device), output_hidden_states=True).hidden_states
-        return torch.stack(states)[:, 0].float().mean(1).cpu().numpy()
+            wave = torch.zeros(len(wavs), max(len(w) for w in wavs))
+            for b, w in enumerate(wavs):
+                wave[b, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+            mask = (torch.arange(wave.shape[1])[None] < torch.tensor([len(w) for w in wavs])[:, None]).float()
+            means = pooled_layers(speech.encoder, wave, mask, False, speech.feature_extractor)
+        else:
+            inputs = speech.feature_extractor(list(wavs), sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                                              padding=True, return_attention_mask=True)
+            with _fast_front_end(speech.encoder):
+                means = pooled_layers(speech.encoder, inputs.input_values.to(device), inputs.attention_mask.to(device),
+                                      speech.takes_attention_mask)
+        return means.float().cpu().numpy()
 
 
 def waveform_input(speech, wav):

@@ -108,9 +108,61 @@ def test_every_family_s_layer_means_are_transformers_own_hidden_states_means(fam
     folder = tiny_models.make_tiny_speech_encoder(tmp_path / family, family)
     speech = speech_encoders.load_speech_model(folder)
     assert speech.kind == family and speech.takes_attention_mask == (family != "wav2vec2")
+    assert speech_encoders._knows_front_end(speech.encoder)  # the time-major front end is what ran
     for wav in wavs([4000, 9000]):
         np.testing.assert_allclose(speech_encoders.layer_means(speech, wav), own_hidden_state_means(folder, wav),
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["wavlm", "hubert", "wav2vec2", "data2vec-audio"])
+def test_the_time_major_front_end_is_transformers_feature_encoder(family, tmp_path):
+    encoder = speech_encoders.load_speech_model(tiny_models.make_tiny_speech_encoder(tmp_path / family, family)).encoder
+    # the tiny models' kernels are the real ones: 10 over 5 (unfolded), 3 over 2 (per tap), 2 over 2
+    for wav in wavs([400, 4321, 16000]):
+        with torch.inference_mode():
+            own = encoder.feature_extractor(torch.from_numpy(wav)[None])[0].t()
+            time_major = speech_encoders._time_major_front_end(encoder.feature_extractor, torch.from_numpy(wav))
+        assert time_major.shape == own.shape
+        torch.testing.assert_close(time_major, own, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", tiny_models.TINY_SPEECH_FAMILIES)
+def test_a_batch_s_layer_means_are_each_utterance_s_alone_and_only_where_padding_changes_nothing(family, tmp_path):
+    speech = speech_encoders.load_speech_model(tiny_models.make_tiny_speech_encoder(tmp_path / family, family))
+    # a layer-norm front end with attention masks, and Whisper's windows: any lengths; group norm
+    # (wav2vec 2.0 base-like) and data2vec-audio's stacked positional convolutions: equal lengths only
+    assert speech.pads_freely == (family in ("wavlm", "hubert", "whisper"))
+    different = wavs([16000, 12345, 9000] + ([31 * 16000 + 100] if family == "whisper" else []), seed=1)
+    alone = [speech_encoders.layer_means(speech, wav) for wav in different]
+    if speech.pads_freely:
+        batched = speech_encoders.batch_layer_means(speech, different)
+    else:
+        with pytest.raises(ValueError, match="equal length"):
+            speech_encoders.batch_layer_means(speech, different)
+        batched = speech_encoders.batch_layer_means(speech, [different[0], different[0][::-1].copy()])[:1]
+    for one, many in zip(alone, batched):
+        np.testing.assert_allclose(many, one, rtol=0, atol=1e-5)
+
+
+def test_length_batches_sort_by_length_cap_the_padding_and_keep_group_norm_to_equal_lengths():
+    from mmser.speech.layers import MAX_PADDING, length_batches
+
+    class Speech:  # what length_batches reads of a speech_encoders.SpeechModel
+        def __init__(self, kind, pads_freely):
+            self.kind, self.pads_freely = kind, pads_freely
+
+    items = [(name, n) for name, n in [("a", 48000), ("b", 16000), ("c", 47000), ("d", 16000), ("e", 2_000_000),
+                                       ("f", 17000), ("g", 46000)]]
+    free = length_batches(items, Speech("wavlm", True), batch_seconds=10)
+    assert [[name for name, _ in batch] for batch in free] == [["b", "d", "f"], ["g", "c", "a"], ["e"]]
+    for batch in free:
+        longest = max(n for _, n in batch) * len(batch)
+        assert longest - sum(n for _, n in batch) <= MAX_PADDING * longest
+    equal = length_batches(items, Speech("wav2vec2", False), batch_seconds=10)
+    assert [[name for name, _ in batch] for batch in equal] == [["b", "d"], ["f"], ["g"], ["c"], ["a"], ["e"]]
+    # Whisper: 30 s of padded audio a window; 120 s is four windows, whatever the lengths in them
+    windows = length_batches([(i, 16000 * s) for i, s in enumerate([1, 2, 29, 31, 3])], Speech("whisper", True), 120)
+    assert [[i for i, _ in batch] for batch in windows] == [[0, 1, 4, 2], [3]]
 
 
 def test_whisper_s_layer_means_count_only_the_frames_over_audio_window_by_window(tmp_path):

@@ -9,16 +9,18 @@ makes it (speech_encoders.waveform_input), read from Audio/, and no layer means 
 layer_means and waveform_input are the one way a recording becomes this input, for the extraction
 step, the training data and predict.py alike.
 """
+import math
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from mmser.data_contract import (DataError, Step, feature_folder, model_tag, qualified_step, read_feature,
+from mmser.data_contract import (SAMPLE_RATE, DataError, Step, feature_folder, model_tag, qualified_step, read_feature,
                                  read_manifest, register_step)
 from mmser.extraction import FeatureError, StepReport, audio_weight, pending, record_models, rows_of, run_reported
 from mmser.speech import SpeechRoute
-from mmser.utils import SILENCE_PEAK, AudioError, check_device, fingerprint, read_audio, save_npy_atomic
+from mmser.utils import (SILENCE_PEAK, WHISPER_WINDOW_SECONDS, AudioError, check_device, fingerprint, read_audio,
+                         save_npy_atomic)
 
 NAME = "speech-layers"
 register_step(NAME, Step(None, "labelled", ("speech_encoder",), per_model="SpeechLayers-{model}"))
@@ -27,11 +29,50 @@ register_step(NAME, Step(None, "labelled", ("speech_encoder",), per_model="Speec
 ENCODER_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "pytorch_model*.bin")
 
 
-def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False, progress=True):
+# A batch of the extraction step: at most this much padded audio (WavLM-large's hidden states of one
+# audio second take 25 layers x 50 frames x 1024 x 4 bytes = 5 MB), and at most MAX_PADDING of it padding.
+BATCH_SECONDS = 120
+MAX_PADDING = 0.1
+
+
+def length_batches(items, speech, batch_seconds=BATCH_SECONDS):
+    """items: (row, samples) -> lists of them in order of length, each one encoder batch: what the family
+    allows (speech_encoders.SpeechModel.pads_freely: similar lengths, at most MAX_PADDING of the batch
+    padding; otherwise equal lengths only), at most batch_seconds of padded audio (Whisper: 30 s a
+    window), one utterance alone whatever its length."""
+    window = WHISPER_WINDOW_SECONDS * SAMPLE_RATE
+
+    def padded(batch):  # samples the encoder reads
+        if speech.kind == "whisper":  # utils.audio_windows: one window at least
+            return sum(max(1, math.ceil(n / window)) for _, n in batch) * window
+        return max(n for _, n in batch) * len(batch)
+
+    def allowed(batch):
+        if padded(batch) > batch_seconds * SAMPLE_RATE:
+            return False
+        if speech.kind == "whisper":
+            return True
+        if not speech.pads_freely:
+            return batch[0][1] == batch[-1][1]
+        return padded(batch) - sum(n for _, n in batch) <= MAX_PADDING * padded(batch)
+
+    batches = []
+    for item in sorted(items, key=lambda item: item[1]):
+        if batches and allowed(batches[-1] + [item]):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False, progress=True,
+                          batch_seconds=BATCH_SECONDS):
     """SpeechLayers-<model>/<name>.npy: float32 (layers + 1, hidden), the mean over the utterance's frames
     of every hidden state of a transformers speech encoder (speech_encoders.layer_means), for every
-    target utterance, each alone, in fp32 and inference mode. One folder per encoder, so the features
-    of different encoders sit side by side."""
+    target utterance, in fp32 and inference mode, in batches of similar lengths where the family's
+    hidden states do not change with padding and of equal lengths where they do (length_batches;
+    within 1e-5 of each utterance alone). One folder per encoder, so the features of different
+    encoders sit side by side."""
     from mmser import speech_encoders
     data_dir = Path(data_dir)
     step = qualified_step(NAME, model_tag(speech_model))
@@ -54,19 +95,35 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
                 return False
             return array.dtype == np.float32 and array.shape == shape and bool(np.isfinite(array).all())
 
-        todo = pending(rows_of(step, manifest, data_dir), out_dir, valid, overwrite, report,
-                       weigh=audio_weight(data_dir))
-        bar = tqdm(todo, desc=step, unit="utt", disable=not progress)
-        for row in bar:
-            wav_path = data_dir / "Audio" / f"{row['name']}.wav"
-            try:
-                wav, _ = read_audio(wav_path)
-                means = speech_encoders.layer_means(speech, wav)
-            except (AudioError, ValueError) as e:  # unreadable, cut off, or shorter than one frame
-                report.fail(row["name"], e if isinstance(e, AudioError) else f"{wav_path}: {e}", bar)
-                continue
-            save_npy_atomic(out_dir / f"{row['name']}.npy", means.astype(np.float32))
-            report.written += 1
+        weigh = audio_weight(data_dir)
+        todo = pending(rows_of(step, manifest, data_dir), out_dir, valid, overwrite, report, weigh=weigh)
+        items = [(row, round(weigh(row) * SAMPLE_RATE)) for row in todo]  # lengths from the headers
+        bar = tqdm(total=len(items), desc=step, unit="utt", disable=not progress)
+        for batch in length_batches(items, speech, batch_seconds):
+            names, wavs = [], []
+            for row, _ in batch:
+                wav_path = data_dir / "Audio" / f"{row['name']}.wav"
+                try:
+                    wav, _ = read_audio(wav_path)
+                except AudioError as e:  # unreadable or cut off
+                    report.fail(row["name"], e, bar)
+                    continue
+                if speech_encoders.frames(speech, len(wav)) < 1:
+                    report.fail(row["name"], f"{wav_path}: {len(wav)} samples: too short for one frame of the "
+                                f"{speech_encoders.FAMILIES[speech.kind]} encoder", bar)
+                    continue
+                names.append(row["name"])
+                wavs.append(wav)
+            # A header that did not tell the length read: those utterances one at a time.
+            alone = len({len(w) for w in wavs}) > 1 and not speech.pads_freely
+            groups = [[i] for i in range(len(wavs))] if alone else [list(range(len(wavs)))] if wavs else []
+            for group in groups:
+                means = speech_encoders.batch_layer_means(speech, [wavs[i] for i in group])
+                for i, array in zip(group, means):
+                    save_npy_atomic(out_dir / f"{names[i]}.npy", array.astype(np.float32))
+                    report.written += 1
+            bar.update(len(batch))
+        bar.close()
 
     return run_reported(report, work)
 
