@@ -1,7 +1,7 @@
 """A transformers speech encoder's frozen extraction at WavLM-base size, and training on its cached layers.
 
     python benchmarks/bench_speech.py [--device cpu|cuda] [--seconds 10] [--repeat 3] [--memory-seconds 34]
-                                      [--steps 40] [--layers N]
+                                      [--steps 40] [--layers N] [--batch-utterances 24]
 
 Reads and writes nothing. The encoder is transformers' WavLMModel at WavLMConfig's defaults (WavLM-base:
 the 512-wide 7-layer convolutional feature encoder, 12 transformer layers of 768, 3072 feed-forward),
@@ -16,6 +16,12 @@ Compute-bound limit: the model's FLOPs per audio second on an utterance of --sec
 (WavLM's gated relative position bias is a few multiply-adds per frame pair and head, not counted)
 against the FLOP/s of a dense fp32 matmul measured in the same run: limit = peak / FLOPs per audio
 second; speech_limit_ratio = measured audio seconds per wall second / limit.
+Front end: transformers' own convolutional feature encoder against the time-major one the extraction
+runs on a CPU (speech_encoders._time_major_front_end), milliseconds on the timed utterance.
+Batches: --batch-utterances utterances of IEMOCAP-like lengths (log-normal, 4.5 s on average, 1 to 20 s)
+through a WavLM-base-sized encoder with WavLM-large's layer-norm front end (which batches any lengths),
+one at a time and in the extraction step's length batches (speech.layers.length_batches), audio s per
+wall s and each against the limit (the FLOPs of every utterance at its own length over the peak).
 Peak memory: the resident set's growth while one utterance of --memory-seconds (IEMOCAP's longest is
 34 s) is encoded (torch.cuda.max_memory_allocated on a GPU).
 Training: one epoch of the speech branch alone at the original's settings (242 batches of 16), by
@@ -40,14 +46,16 @@ SAMPLE_RATE = 16000
 MEAN_UTTERANCE_S, RUN_UTTERANCES, EPOCH_BATCHES = 4.5, 5531, 242
 
 
-def wavlm_base(layers=None, seed=0, device="cpu"):
-    """speech_encoders.SpeechModel over a random WavLM-base (layers: fewer transformer layers, --quick)."""
+def wavlm_base(layers=None, seed=0, device="cpu", layer_norm=False):
+    """speech_encoders.SpeechModel over a random WavLM-base (layers: fewer transformer layers, --quick;
+    layer_norm: WavLM-large's front end, whose hidden states do not change with padding)."""
     use_repo_modules()
     from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 
     from mmser import speech_encoders
     torch.manual_seed(seed)
-    config = WavLMConfig(**({"num_hidden_layers": layers} if layers else {}))
+    config = WavLMConfig(**({"num_hidden_layers": layers} if layers else {}),
+                         **({"feat_extract_norm": "layer", "do_stable_layer_norm": True} if layer_norm else {}))
     extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
     return speech_encoders.SpeechModel(WavLMModel(config).to(device).eval(), extractor, "wavlm")
 
@@ -111,8 +119,48 @@ def bench_epochs(device="cpu", steps=40, warmup=2, layers=None, seed=0):
             "tokens_cache_once_s": on_tokens["cache_s_per_utterance"] * RUN_UTTERANCES}
 
 
+def iemocap_like_lengths(n, seed=0):
+    """n utterance lengths in samples: log-normal around IEMOCAP's 4.5-s mean, between 1 and 20 s."""
+    rng = np.random.default_rng(seed)
+    seconds = np.clip(rng.lognormal(np.log(MEAN_UTTERANCE_S) - 0.5 * 0.6 ** 2, 0.6, n), 1.0, 20.0)
+    return [int(s * SAMPLE_RATE) for s in seconds]
+
+
+def bench_batches(utterances, device="cpu", layers=None, seed=0, peak=None):
+    """Audio s per wall s of layer means over IEMOCAP-like lengths, one at a time and in length batches."""
+    use_repo_modules()
+    from mmser import speech_encoders
+    from mmser.speech.layers import length_batches
+    speech = wavlm_base(layers, seed, device, layer_norm=True)
+    rng = np.random.default_rng(seed)
+    wavs = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in iemocap_like_lengths(utterances, seed)]
+    batches = [[wavs[i] for i, _ in batch] for batch in length_batches(list(enumerate(map(len, wavs))), speech)]
+    audio = sum(map(len, wavs)) / SAMPLE_RATE
+    alone = min(timed(lambda: [speech_encoders.layer_means(speech, w) for w in wavs], device, repeat=1))
+    batched = min(timed(lambda: [speech_encoders.batch_layer_means(speech, b) for b in batches], device, repeat=1))
+    flops = sum(speech_flops_per_audio_second(speech.encoder.config, len(w) / SAMPLE_RATE) * len(w) / SAMPLE_RATE
+                for w in wavs)
+    figures = {"batch_utterances": utterances, "batch_audio_s": audio, "batches": len(batches),
+               "alone_audio_s_per_wall_s": audio / alone, "batched_audio_s_per_wall_s": audio / batched}
+    if peak:
+        figures.update(alone_limit_ratio=flops / alone / peak, batched_limit_ratio=flops / batched / peak)
+    return figures
+
+
+def front_end_ms(speech, wav, device):
+    """Milliseconds of transformers' own feature encoder and of the time-major one, on `wav`."""
+    from mmser import speech_encoders
+    encoder, samples = speech.encoder, torch.from_numpy(wav).to(device)
+    with torch.inference_mode():
+        own = min(timed(lambda: encoder.feature_extractor(samples[None]), device, repeat=3))
+        if torch.device(device).type != "cpu":
+            return {"front_end_ms_transformers": own * 1e3}
+        fast = min(timed(lambda: speech_encoders._time_major_front_end(encoder.feature_extractor, samples), device, 3))
+    return {"front_end_ms_transformers": own * 1e3, "front_end_ms_time_major": fast * 1e3}
+
+
 def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), steps=40, layers=None, seed=0,
-                 peak_seconds=1.5):
+                 peak_seconds=1.5, batch_utterances=24):
     """-> dict of figures (see the module docstring)."""
     set_threads()
     use_repo_modules()
@@ -124,6 +172,7 @@ def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), s
     times = timed(lambda: speech_encoders.layer_means(speech, wav), device, repeat)
     peak_after = measure_peak_flops(device, seconds=peak_seconds)
     peak = max(peak_before, peak_after)
+    front_end = front_end_ms(speech, wav, device)
     flops = speech_flops_per_audio_second(speech.encoder.config, seconds)
     throughput = seconds / min(times)
     limit = peak / flops
@@ -135,6 +184,7 @@ def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), s
         memory.append({"audio_s": length, "peak_growth_mb": round(grown, 1),
                        "wall_s": round(time.perf_counter() - start, 2)})
     del speech
+    batches = bench_batches(batch_utterances, device, layers, seed, peak)
     epochs = bench_epochs(device, steps, layers=layers, seed=seed)
     extraction_once = RUN_UTTERANCES * MEAN_UTTERANCE_S / throughput
     return {
@@ -147,6 +197,8 @@ def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), s
         "limit_audio_s_per_wall_s": limit,
         "speech_limit_ratio": throughput / limit,
         "peak_memory_by_length": memory,
+        **front_end,
+        **batches,
         **epochs,
         "layers_extraction_once_s": extraction_once,
     }
@@ -160,6 +212,18 @@ def print_speech(result):
         {"measure": "GFLOP per audio s", "value": result["gflop_per_audio_s"]},
         {"measure": "dense fp32 matmul peak GFLOP/s", "value": result["peak_gflops_fp32"]},
     ], ["measure", "value"])
+    print_table("convolutional front end on the timed utterance", [
+        {"front end": name, "ms": result[key]} for name, key in
+        [("transformers' own", "front_end_ms_transformers"), ("time-major (the extraction's on a CPU)",
+                                                                "front_end_ms_time_major")] if key in result],
+        ["front end", "ms"])
+    print_table(f"layer means of {result['batch_utterances']} IEMOCAP-like utterances ({result['batch_audio_s']:.0f} s), "
+                "layer-norm front end", [
+        {"way": "one at a time", "audio_s_per_wall_s": result["alone_audio_s_per_wall_s"],
+         "limit_ratio": result.get("alone_limit_ratio")},
+        {"way": f"length batches ({result['batches']})", "audio_s_per_wall_s": result["batched_audio_s_per_wall_s"],
+         "limit_ratio": result.get("batched_limit_ratio")},
+    ], ["way", "audio_s_per_wall_s", "limit_ratio"])
     print_table("WavLM-base peak memory growth per utterance", result["peak_memory_by_length"])
     print_table("speech branch alone, one epoch (242 batches of 16)", [
         {"route": "cached layer means (weighted sum)", "epoch_s": result["layers_epoch_s"],
@@ -177,8 +241,11 @@ def main(argv=None):
                         help="utterance lengths whose peak memory is measured (IEMOCAP's longest is 34 s)")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per route")
     parser.add_argument("--layers", type=int, default=None, help="fewer transformer layers (a smoke run)")
+    parser.add_argument("--batch-utterances", type=int, default=24,
+                        help="IEMOCAP-like utterances timed one at a time and in length batches")
     args = parser.parse_args(argv)
-    result = bench_speech(args.device, args.seconds, args.repeat, args.memory_seconds, args.steps, args.layers)
+    result = bench_speech(args.device, args.seconds, args.repeat, args.memory_seconds, args.steps, args.layers,
+                          batch_utterances=args.batch_utterances)
     print(machine_info(args.device))
     print_speech(result)
     return result

@@ -62,7 +62,8 @@ QUICK = {"vq": dict(seconds=2.0, repeat=1, memory_seconds=(1.0, 2.0), peak_secon
                        peak_seconds=0.0),
          "asr": dict(utterances=2, seconds=2.0, tokens=4, layers=1, peak_seconds=0.0),
          "timeline": dict(minutes=0.5, tokens=4, layers=1),
-         "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0),
+         "speech": dict(seconds=2.0, repeat=1, memory_seconds=(2.0,), steps=2, layers=1, peak_seconds=0.0,
+                        batch_utterances=3),
          "shard": dict(utterances=100, vq_size="tiny", repeat=1)}
 
 
