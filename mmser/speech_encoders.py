@@ -12,7 +12,7 @@ and the attention mask follow the checkpoint.
   load_speech_model(model)       -> SpeechModel(encoder, feature_extractor, kind), in eval mode, fp32
   layer_means(speech, wav)       float32 (layers + 1, hidden): the mean over the utterance's frames of
                                  every hidden state (output_hidden_states, the embedding output first),
-                                 the utterance alone, in inference mode. Whisper reads 30-s windows
+                                 the utterance alone (a batch of one), in inference mode. Whisper reads 30-s windows
                                  (utils.audio_windows) and only the frames that cover audio count: the
                                  first ceil(samples / 320) of each window.
   batch_layer_means(speech, wavs) layer_means of several utterances in one batch (the extraction step's
