@@ -6,7 +6,8 @@
 Reads and writes nothing. The encoder is transformers' WavLMModel at WavLMConfig's defaults (WavLM-base:
 the 512-wide 7-layer convolutional feature encoder, 12 transformer layers of 768, 3072 feed-forward),
 with random weights, which cost what the pretrained ones do, run through speech_encoders.layer_means
-as the speech-layers extraction step runs it (fp32, inference mode, one utterance at a time).
+as the speech-layers extraction step runs it (fp32, inference mode; WavLM-base batches only equal
+lengths, so an utterance is a batch of its own).
 
 Compute-bound limit: the model's FLOPs per audio second on an utterance of --seconds, from its config,
     conv     sum over conv layers of 2 * C_in * C_out * kernel * frames_out
