@@ -19,6 +19,7 @@ and the attention mask follow the checkpoint.
                                  way): any lengths for the families that pad freely (PADS_FREELY, Whisper),
                                  equal lengths only for the others; on a CPU the convolutional front end
                                  runs time-major (_time_major_front_end), within 1e-5 of transformers' own
+  frames(speech, samples), too_short(speech, samples)   the encoder frames of so many samples; why none
   pooled_layers(...)             the same over a padded batch, with gradients (--finetune-speech;
                                  Whisper: every utterance's windows in one encoder batch)
   SpeechLayerSum                 the speech branch over them: a learned softmax-weighted sum of the layers
@@ -233,6 +234,13 @@ def frames(speech, samples):
     return int(speech.encoder._get_feat_extract_output_lengths(torch.tensor(samples)))
 
 
+def too_short(speech, samples):
+    """Why `samples` of audio give the encoder nothing to read (shorter than one frame), or None."""
+    if frames(speech, samples) < 1:
+        return f"{samples} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder"
+    return None
+
+
 def _whisper_window_sums(encoder, feature_extractor, windows):
     """Whisper over 30-s windows (numpy, each padded to 30 s by its feature extractor): per window, the
     sum over the frames that cover audio (the first ceil(samples / 320)) of every hidden state,
@@ -262,9 +270,9 @@ def batch_layer_means(speech, wavs):
     if len({len(w) for w in wavs}) > 1 and not speech.pads_freely:
         raise ValueError(f"the {FAMILIES[speech.kind]} encoder's hidden states change with padding: "
                          "it batches only utterances of equal length")
-    shortest = min(len(w) for w in wavs)
-    if frames(speech, shortest) < 1:
-        raise ValueError(f"{shortest} samples: too short for one frame of the {FAMILIES[speech.kind]} encoder")
+    short = too_short(speech, min(len(w) for w in wavs))
+    if short:
+        raise ValueError(short)
     device = next(speech.encoder.parameters()).device
     # fp32 on a GPU too: cuDNN's convolutions run in TF32 by default, which a cached feature would keep.
     with torch.inference_mode(), full_fp32_precision():

@@ -100,7 +100,7 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
         items = [(row, round(weigh(row) * SAMPLE_RATE)) for row in todo]  # lengths from the headers
         bar = tqdm(total=len(items), desc=step, unit="utt", disable=not progress)
         for batch in length_batches(items, speech, batch_seconds):
-            names, wavs = [], []
+            readable = []  # (name, waveform) of each utterance that reads
             for row, _ in batch:
                 wav_path = data_dir / "Audio" / f"{row['name']}.wav"
                 try:
@@ -108,19 +108,21 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
                 except AudioError as e:  # unreadable or cut off
                     report.fail(row["name"], e, bar)
                     continue
-                if speech_encoders.frames(speech, len(wav)) < 1:
-                    report.fail(row["name"], f"{wav_path}: {len(wav)} samples: too short for one frame of the "
-                                f"{speech_encoders.FAMILIES[speech.kind]} encoder", bar)
-                    continue
-                names.append(row["name"])
-                wavs.append(wav)
-            # A header that did not tell the length read: those utterances one at a time.
-            alone = len({len(w) for w in wavs}) > 1 and not speech.pads_freely
-            groups = [[i] for i in range(len(wavs))] if alone else [list(range(len(wavs)))] if wavs else []
-            for group in groups:
-                means = speech_encoders.batch_layer_means(speech, [wavs[i] for i in group])
-                for i, array in zip(group, means):
-                    save_npy_atomic(out_dir / f"{names[i]}.npy", array.astype(np.float32))
+                short = speech_encoders.too_short(speech, len(wav))
+                if short:
+                    report.fail(row["name"], f"{wav_path}: {short}", bar)
+                else:
+                    readable.append((row["name"], wav))
+            # Where a header did not tell the length read, a family that batches only equal lengths
+            # takes those utterances one at a time.
+            if len({len(wav) for _, wav in readable}) > 1 and not speech.pads_freely:
+                parts = [[one] for one in readable]
+            else:
+                parts = [readable] if readable else []
+            for part in parts:
+                means = speech_encoders.batch_layer_means(speech, [wav for _, wav in part])
+                for (name, _), array in zip(part, means):
+                    save_npy_atomic(out_dir / f"{name}.npy", array.astype(np.float32))
                     report.written += 1
             bar.update(len(batch))
         bar.close()
@@ -191,8 +193,9 @@ class SpeechLayers(SpeechRoute):
 
     def features(self, extractor, wav, path):
         from mmser import speech_encoders
-        if speech_encoders.frames(extractor, len(wav)) < 1:
-            return f"{path}: too short for one frame of the speech encoder ({len(wav)} samples at 16 kHz)"
+        short = speech_encoders.too_short(extractor, len(wav))
+        if short:
+            return f"{path}: {short}"
         if np.abs(wav).max() < SILENCE_PEAK:
             return f"{path}: silent (peak below -60 dBFS), nothing to classify"
         if self.reads_audio:
