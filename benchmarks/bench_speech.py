@@ -5,9 +5,11 @@
 
 Reads and writes nothing. The encoder is transformers' WavLMModel at WavLMConfig's defaults (WavLM-base:
 the 512-wide 7-layer convolutional feature encoder, 12 transformer layers of 768, 3072 feed-forward),
-with random weights, which cost what the pretrained ones do, run through speech_encoders.layer_means
-as the speech-layers extraction step runs it (fp32, inference mode; WavLM-base batches only equal
-lengths, so an utterance is a batch of its own).
+with random weights, which cost what the pretrained ones do, run as the speech-layers extraction step
+runs it (speech_encoders.layer_means_of_batches: fp32, inference mode, on a CPU one batch per torch
+thread at once, each on one thread; WavLM-base batches only equal lengths, so each utterance is a
+batch of its own): 2 x workers utterances of --seconds, timed together. Beside it, one utterance on
+every thread (speech_encoders.layer_means, as predict.py computes a recording's).
 
 Compute-bound limit: the model's FLOPs per audio second on an utterance of --seconds, from its config,
     conv     sum over conv layers of 2 * C_in * C_out * kernel * frames_out
@@ -15,14 +17,16 @@ Compute-bound limit: the model's FLOPs per audio second on an utterance of --sec
     per frame: feature projection 2 * C_last * H, positional convolution 2 * H * (H / groups) * K,
                per transformer layer 2 * (4 H^2 + 2 H F) + 4 * H * T (Q K^T and A V)
 (WavLM's gated relative position bias is a few multiply-adds per frame pair and head, not counted)
-against the FLOP/s of a dense fp32 matmul measured in the same run: limit = peak / FLOPs per audio
-second; speech_limit_ratio = measured audio seconds per wall second / limit.
+against the FLOP/s of a dense fp32 matmul measured in the same run (every thread on one product):
+limit = peak / FLOPs per audio second; speech_limit_ratio = the extraction's audio seconds per wall
+second / limit.
 Front end: transformers' own convolutional feature encoder against the time-major one the extraction
-runs on a CPU (speech_encoders._time_major_front_end), milliseconds on the timed utterance.
+runs on a CPU (encoder_speedups.time_major_front_end), milliseconds on the timed utterance.
 Batches: --batch-utterances utterances of IEMOCAP-like lengths (log-normal, 4.5 s on average, 1 to 20 s)
 through a WavLM-base-sized encoder with WavLM-large's layer-norm front end (which batches any lengths),
-one at a time and in the extraction step's length batches (speech.layers.length_batches), audio s per
-wall s and each against the limit (the FLOPs of every utterance at its own length over the peak).
+one at a time on every thread and as the extraction step runs them (speech.layers.length_batches of
+BATCH_SECONDS / workers, workers at once), audio s per wall s and each against the limit (the FLOPs of
+every utterance at its own length over the peak).
 Peak memory: the resident set's growth while one utterance of --memory-seconds (IEMOCAP's longest is
 34 s) is encoded (torch.cuda.max_memory_allocated on a GPU).
 Training: one epoch of the speech branch alone at the original's settings (242 batches of 16), by
@@ -131,14 +135,21 @@ def bench_batches(utterances, device="cpu", layers=None, seed=0, peak=None):
     """Audio s per wall s of layer means over IEMOCAP-like lengths, one at a time and in length batches."""
     use_repo_modules()
     from mmser import speech_encoders
-    from mmser.speech.layers import length_batches
+    from mmser.speech.layers import BATCH_SECONDS, length_batches
     speech = wavlm_base(layers, seed, device, layer_norm=True)
     rng = np.random.default_rng(seed)
     wavs = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in iemocap_like_lengths(utterances, seed)]
-    batches = [[wavs[i] for i, _ in batch] for batch in length_batches(list(enumerate(map(len, wavs))), speech)]
+    workers = speech_encoders.extraction_workers(speech)
+    batches = [(k, [wavs[i] for i, _ in batch]) for k, batch in
+               enumerate(length_batches(list(enumerate(map(len, wavs))), speech, BATCH_SECONDS / workers))]
     audio = sum(map(len, wavs)) / SAMPLE_RATE
+
+    def extraction():  # as the speech-layers step runs them
+        for _ in speech_encoders.layer_means_of_batches(speech, batches, workers):
+            pass
+
     alone = min(timed(lambda: [speech_encoders.layer_means(speech, w) for w in wavs], device, repeat=1))
-    batched = min(timed(lambda: [speech_encoders.batch_layer_means(speech, b) for b in batches], device, repeat=1))
+    batched = min(timed(extraction, device, repeat=1))
     flops = sum(speech_flops_per_audio_second(speech.encoder.config, len(w) / SAMPLE_RATE) * len(w) / SAMPLE_RATE
                 for w in wavs)
     figures = {"batch_utterances": utterances, "batch_audio_s": audio, "batches": len(batches),
@@ -150,13 +161,13 @@ def bench_batches(utterances, device="cpu", layers=None, seed=0, peak=None):
 
 def front_end_ms(speech, wav, device):
     """Milliseconds of transformers' own feature encoder and of the time-major one, on `wav`."""
-    from mmser import speech_encoders
+    from mmser import encoder_speedups
     encoder, samples = speech.encoder, torch.from_numpy(wav).to(device)
     with torch.inference_mode():
         own = min(timed(lambda: encoder.feature_extractor(samples[None]), device, repeat=3))
         if torch.device(device).type != "cpu":
             return {"front_end_ms_transformers": own * 1e3}
-        fast = min(timed(lambda: speech_encoders._time_major_front_end(encoder.feature_extractor, samples), device, 3))
+        fast = min(timed(lambda: encoder_speedups.time_major_front_end(encoder.feature_extractor, samples), device, 3))
     return {"front_end_ms_transformers": own * 1e3, "front_end_ms_time_major": fast * 1e3}
 
 
@@ -168,14 +179,22 @@ def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), s
     from mmser import speech_encoders
     rng = np.random.default_rng(seed)
     speech = wavlm_base(layers, seed, device)
-    wav = (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+    workers = speech_encoders.extraction_workers(speech)
+    wavs = [(0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32) for _ in range(2 * workers)]
+    wav = wavs[0]
+
+    def extraction():  # the extraction step's way: each utterance a batch of its own (equal lengths only)
+        for _ in speech_encoders.layer_means_of_batches(speech, ((i, [w]) for i, w in enumerate(wavs)), workers):
+            pass
+
     peak_before = measure_peak_flops(device, seconds=peak_seconds)
-    times = timed(lambda: speech_encoders.layer_means(speech, wav), device, repeat)
+    times = timed(extraction, device, repeat)
+    alone = timed(lambda: speech_encoders.layer_means(speech, wav), device, repeat)
     peak_after = measure_peak_flops(device, seconds=peak_seconds)
     peak = max(peak_before, peak_after)
     front_end = front_end_ms(speech, wav, device)
     flops = speech_flops_per_audio_second(speech.encoder.config, seconds)
-    throughput = seconds / min(times)
+    throughput = seconds * len(wavs) / min(times)
     limit = peak / flops
     memory = []
     for length in memory_seconds:
@@ -190,8 +209,11 @@ def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), s
     extraction_once = RUN_UTTERANCES * MEAN_UTTERANCE_S / throughput
     return {
         "device": str(device), "layers": layers or 12, "utterance_s": seconds, "repeat": repeat,
+        "workers": workers, "utterances": len(wavs),
         "wall_s": [round(t, 3) for t in times],
         "audio_s_per_wall_s": throughput,
+        "one_utterance_audio_s_per_wall_s": seconds / min(alone),
+        "one_utterance_limit_ratio": seconds / min(alone) / limit,
         "gflop_per_audio_s": flops / 1e9,
         "peak_gflops_fp32": peak / 1e9,
         "peak_gflops_fp32_before_after": [round(peak_before / 1e9, 2), round(peak_after / 1e9, 2)],
@@ -207,11 +229,15 @@ def bench_speech(device="cpu", seconds=10.0, repeat=3, memory_seconds=(34.0,), s
 
 def print_speech(result):
     print_table(f"WavLM-base frozen extraction (random weights, {result['layers']} layers), " + result["device"], [
-        {"measure": "audio s per wall s (layer_means)", "value": result["audio_s_per_wall_s"]},
+        {"measure": f"audio s per wall s (extraction: {result['utterances']} utterances, "
+                    f"{result['workers']} at once)", "value": result["audio_s_per_wall_s"]},
         {"measure": "compute-bound limit, audio s per wall s", "value": result["limit_audio_s_per_wall_s"]},
         {"measure": "speech_limit_ratio (measured / limit)", "value": result["speech_limit_ratio"]},
         {"measure": "GFLOP per audio s", "value": result["gflop_per_audio_s"]},
         {"measure": "dense fp32 matmul peak GFLOP/s", "value": result["peak_gflops_fp32"]},
+        {"measure": "one utterance on every thread (layer_means), audio s per wall s",
+         "value": result["one_utterance_audio_s_per_wall_s"]},
+        {"measure": "  its share of the limit", "value": result["one_utterance_limit_ratio"]},
     ], ["measure", "value"])
     print_table("convolutional front end on the timed utterance", [
         {"front end": name, "ms": result[key]} for name, key in
@@ -220,9 +246,10 @@ def print_speech(result):
         ["front end", "ms"])
     print_table(f"layer means of {result['batch_utterances']} IEMOCAP-like utterances ({result['batch_audio_s']:.0f} s), "
                 "layer-norm front end", [
-        {"way": "one at a time", "audio_s_per_wall_s": result["alone_audio_s_per_wall_s"],
+        {"way": "one at a time, every thread on each", "audio_s_per_wall_s": result["alone_audio_s_per_wall_s"],
          "limit_ratio": result.get("alone_limit_ratio")},
-        {"way": f"length batches ({result['batches']})", "audio_s_per_wall_s": result["batched_audio_s_per_wall_s"],
+        {"way": f"the extraction's: length batches ({result['batches']}), {result['workers']} at once",
+         "audio_s_per_wall_s": result["batched_audio_s_per_wall_s"],
          "limit_ratio": result.get("batched_limit_ratio")},
     ], ["way", "audio_s_per_wall_s", "limit_ratio"])
     print_table("WavLM-base peak memory growth per utterance", result["peak_memory_by_length"])

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from mmser.data_contract import SAMPLE_RATE
-from mmser.utils import SILENCE_PEAK, STREAM_WINDOW, WHISPER_WINDOW_SECONDS, AudioError, AudioStream
+from mmser.utils import SILENCE_PEAK, STREAM_WINDOW, WHISPER_WINDOW_SECONDS, AudioError, AudioStream, torch_threads
 
 # -- defaults ---------------------------------------------------------------------------------------
 # Shorter speech is not an utterance: under half a second is a word at most (about 50 speech tokens),
@@ -117,10 +117,8 @@ def speech_probabilities(stream, per_channel=False, progress=True):
     rows, samples = [], 0
     # One 32-ms frame at a time through a small network: a second thread only adds its waiting (on 2
     # shared, busy cores the conversation took 21-44 s with two threads, 1-2 s with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     total = round(stream.duration, 1) if stream.duration else None
-    try:
+    with torch_threads(1):
         with tqdm(total=total, unit="s", desc="voice activity", disable=not progress,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}]") as bar, \
                 torch.inference_mode():
@@ -138,8 +136,6 @@ def speech_probabilities(stream, per_channel=False, progress=True):
                 samples += window.shape[1]
                 seconds = window.shape[1] / SAMPLE_RATE
                 bar.update(min(seconds, total - bar.n) if total else seconds)
-    finally:
-        torch.set_num_threads(threads)
     channels = stream.channels if per_channel else 1
     return (np.concatenate(rows, axis=1) if rows else np.zeros((channels, 0), dtype=np.float32)), samples
 

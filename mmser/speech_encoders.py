@@ -17,8 +17,8 @@ and the attention mask follow the checkpoint.
                                  first ceil(samples / 320) of each window.
   batch_layer_means(speech, wavs) layer_means of several utterances in one batch (the extraction step's
                                  way): any lengths for the families that pad freely (PADS_FREELY, Whisper),
-                                 equal lengths only for the others; on a CPU the convolutional front end
-                                 runs time-major (_time_major_front_end), within 1e-5 of transformers' own
+                                 equal lengths only for the others; faster than transformers' own
+                                 code and within 1e-5 of it (encoder_speedups.faster)
   frames(speech, samples), too_short(speech, samples)   the encoder frames of so many samples; why none
   pooled_layers(...)             the same over a padded batch, with gradients (--finetune-speech;
                                  Whisper: every utterance's windows in one encoder batch)
@@ -28,18 +28,21 @@ The frozen way (SUPERB's) stores layer_means per labelled utterance (the layers 
 model learns a softmax-weighted sum over the layers. transformers is imported by the functions that
 use it; the speech routes import this module only when they run an encoder.
 """
+import collections
 import contextlib
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from mmser import encoder_speedups
 from mmser.data_contract import SAMPLE_RATE
 from mmser.models_dir import missing_path
-from mmser.utils import audio_windows, quiet_transformers
+from mmser.utils import audio_windows, quiet_transformers, torch_threads
 
 # model_type -> the family's name, as a user reads it
 FAMILIES = {"wavlm": "WavLM", "hubert": "HuBERT", "wav2vec2": "wav2vec 2.0", "data2vec-audio": "data2vec-audio",
@@ -127,104 +130,12 @@ def _quiet_wavlm_masks():
     """WavLM's attention hands torch a boolean padding mask beside its float position bias, and torch
     warns on every utterance that mixing the two is deprecated (UserWarning: "Support for mismatched
     key_padding_mask and attn_mask is deprecated"): a warning about transformers' code, not the
-    user's, which the user cannot act on. Only that warning is silenced, and only while the encoder runs."""
+    user's, which the user cannot act on. Only that warning is silenced, and only while the encoder
+    trains (--finetune-speech); the frozen extraction's attention (encoder_speedups) makes no such mix."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask",
                                 category=UserWarning)
         yield
-
-
-def _time_major_front_end(feature_encoder, wav):
-    """transformers' convolutional feature encoder (wav2vec 2.0, HuBERT, WavLM, data2vec-audio) over one
-    utterance (1-D samples) in (frames, channels) layout: every convolution a few matrix products
-    (vq_wav2vec.time_major_conv), the norms and activations in place, and no copy between layers:
-    WavLM-base's on a 10-s utterance took 193 ms against 260 for transformers' own in its (channels,
-    time) layout through oneDNN, which also compiles a kernel for every new input length
-    (bench_speech.py). Only for the layers _knows_front_end accepts."""
-    from mmser.vq_wav2vec import time_major_conv
-    x, buffers = wav[:, None], [None, None]
-    for k, layer in enumerate(feature_encoder.conv_layers):
-        conv, norm = layer.conv, getattr(layer, "layer_norm", None)
-        channels, kernel, stride = conv.out_channels, conv.kernel_size[0], conv.stride[0]
-        frames = (x.shape[0] - kernel) // stride + 1
-        buffer = buffers[k % 2]
-        if buffer is None or buffer.numel() < frames * channels:
-            buffer = buffers[k % 2] = torch.empty(frames * channels, dtype=x.dtype, device=x.device)
-        cache = feature_encoder.__dict__.setdefault("_time_major_weights", {}).setdefault(k, {})
-        x = time_major_conv(x, conv.weight, stride, cache, buffer[:frames * channels].view(frames, channels))
-        if conv.bias is not None:
-            x.add_(conv.bias)
-        if isinstance(norm, nn.GroupNorm):  # one group per channel: each channel over the utterance's time
-            x.sub_(x.mean(0))
-            x.mul_(torch.rsqrt(_mean_square(x) + norm.eps) * norm.weight).add_(norm.bias)
-        elif isinstance(norm, nn.LayerNorm):  # over the channels of each frame
-            x = torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        torch.ops.aten.gelu_(x)
-    return x
-
-
-def _mean_square(x, rows=2048):
-    """The mean over dim 0 of x * x, (time, channels), a block of rows at a time in one small scratch
-    tensor (torch's var over dim 0 of this layout runs on one thread, 60 ms on 10 s; the squares in one
-    new tensor of x's size cost more in fresh pages than the arithmetic)."""
-    total, scratch = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device), torch.empty_like(x[:rows])
-    for start in range(0, x.shape[0], rows):
-        block = x[start:start + rows]
-        total += torch.mul(block, block, out=scratch[:len(block)]).sum(0)
-    return total / x.shape[0]
-
-
-def _knows_front_end(encoder):
-    """Whether _time_major_front_end computes this encoder's feature encoder: bias-free or biased
-    convolutions, GroupNorm with one group per channel or LayerNorm, exact GELU (every released
-    checkpoint of the four families)."""
-    from transformers.activations import GELUActivation
-    layers = getattr(getattr(encoder, "feature_extractor", None), "conv_layers", None)
-    if layers is None:
-        return False
-    for layer in layers:
-        norm, act = getattr(layer, "layer_norm", None), getattr(layer, "activation", None)
-        if (not isinstance(getattr(layer, "conv", None), nn.Conv1d) or layer.conv.groups != 1
-                or layer.conv.padding != (0,) or layer.conv.dilation != (1,)):
-            return False
-        if isinstance(norm, nn.GroupNorm) and (norm.num_groups != norm.num_channels or not norm.affine):
-            return False
-        if norm is not None and not isinstance(norm, (nn.GroupNorm, nn.LayerNorm)):
-            return False
-        if not ((isinstance(act, GELUActivation) and act.act is nn.functional.gelu)
-                or (isinstance(act, nn.GELU) and act.approximate == "none")):
-            return False
-    return True
-
-
-class _TimeMajorFeatureEncoder(nn.Module):
-    """Stands in for an encoder's feature encoder (inference on a CPU): (batch, samples) -> (batch,
-    channels, frames) as transformers' returns it, a transposed view of the time-major result, which
-    the model transposes back without a copy."""
-
-    def __init__(self, original):
-        super().__init__()
-        self.original = original
-
-    def forward(self, input_values):
-        x = torch.stack([_time_major_front_end(self.original, w) for w in input_values])
-        return x.transpose(1, 2)
-
-
-@contextlib.contextmanager
-def _fast_front_end(encoder):
-    """On a CPU, while the encoder runs frozen, its feature encoder is _time_major_front_end (within
-    1e-5 of transformers' own, tests/test_speech_encoders.py); elsewhere, and for a front end that path
-    does not know, transformers' own."""
-    original = getattr(encoder, "feature_extractor", None)
-    if next(encoder.parameters()).device.type != "cpu" or not _knows_front_end(encoder):
-        yield
-        return
-    encoder.feature_extractor = _TimeMajorFeatureEncoder(original)
-    try:
-        yield
-    finally:
-        encoder.feature_extractor = original
 
 
 def frames(speech, samples):
@@ -267,6 +178,43 @@ def batch_layer_means(speech, wavs):
     batch, and only the frames that cover audio count. Utterances of different lengths only where the
     family pads freely (SpeechModel.pads_freely); else a ValueError."""
     from mmser.vq_wav2vec import full_fp32_precision
+    # fp32 on a GPU too: cuDNN's convolutions run in TF32 by default, which a cached feature would keep.
+    with full_fp32_precision(), encoder_speedups.faster(speech.encoder):
+        return _batch_means(speech, wavs)
+
+
+def extraction_workers(speech):
+    """How many batches layer_means_of_batches runs at once: on a CPU, one per torch thread; else one."""
+    return torch.get_num_threads() if next(speech.encoder.parameters()).device.type == "cpu" else 1
+
+
+def layer_means_of_batches(speech, batches, workers=1):
+    """batch_layer_means over `batches`, an iterable of (key, waveforms) read as it goes: (key, means)
+    pairs in the same order. With workers > 1 (a CPU: extraction_workers), as many batches run at once,
+    each on a thread of its own with one torch thread, instead of one batch at a time on all of them:
+    one utterance's products are too small to keep several cores busy, and its norms, softmaxes and
+    copies run between them (WavLM-base over 10 s on 2 cores, benchmarks/bench_speech.py: two workers
+    575 ms an utterance, one batch on two threads 654). At most 2 x workers batches are read ahead."""
+    from mmser.vq_wav2vec import full_fp32_precision
+    if workers <= 1:
+        for key, wavs in batches:
+            yield key, batch_layer_means(speech, wavs)
+        return
+    with full_fp32_precision(), encoder_speedups.faster(speech.encoder), torch_threads(1), \
+            ThreadPoolExecutor(workers) as pool:
+        running = collections.deque()
+        for key, wavs in batches:
+            running.append((key, pool.submit(_batch_means, speech, wavs)))
+            if len(running) >= 2 * workers:
+                key, done = running.popleft()
+                yield key, done.result()
+        while running:
+            key, done = running.popleft()
+            yield key, done.result()
+
+
+def _batch_means(speech, wavs):
+    """batch_layer_means inside its precision and encoder settings (entered once by the caller)."""
     if len({len(w) for w in wavs}) > 1 and not speech.pads_freely:
         raise ValueError(f"the {FAMILIES[speech.kind]} encoder's hidden states change with padding: "
                          "it batches only utterances of equal length")
@@ -274,8 +222,7 @@ def batch_layer_means(speech, wavs):
     if short:
         raise ValueError(short)
     device = next(speech.encoder.parameters()).device
-    # fp32 on a GPU too: cuDNN's convolutions run in TF32 by default, which a cached feature would keep.
-    with torch.inference_mode(), full_fp32_precision():
+    with torch.inference_mode():
         if speech.kind == "whisper":
             wave = torch.zeros(len(wavs), max(len(w) for w in wavs))
             for b, w in enumerate(wavs):
@@ -288,9 +235,8 @@ def batch_layer_means(speech, wavs):
             # Without padding, no mask: the same hidden states, and WavLM's attention then skips merging
             # a padding mask into its position bias for every layer.
             padded = bool((inputs.attention_mask == 0).any())
-            with _fast_front_end(speech.encoder):
-                means = pooled_layers(speech.encoder, inputs.input_values.to(device), inputs.attention_mask.to(device),
-                                      speech.takes_attention_mask and padded)
+            means = pooled_layers(speech.encoder, inputs.input_values.to(device), inputs.attention_mask.to(device),
+                                  speech.takes_attention_mask and padded)
         return means.float().cpu().numpy()
 
 
@@ -318,12 +264,13 @@ def pooled_layers(encoder, wave, wave_mask, takes_attention_mask, whisper_featur
         total = torch.zeros(len(samples), *sums.shape[1:], dtype=sums.dtype, device=sums.device).index_add(0, owner, sums)
         counted = torch.zeros(len(samples), dtype=sums.dtype, device=sums.device).index_add(0, owner, counts.to(sums.dtype))
         return total / counted.clamp(min=1)[:, None, None]
-    with _quiet_wavlm_masks():
-        out = encoder(wave, attention_mask=wave_mask if takes_attention_mask else None, output_hidden_states=True)
-    states = torch.stack(out.hidden_states, 1)  # (B, layers + 1, frames, hidden)
+    out = encoder(wave, attention_mask=wave_mask if takes_attention_mask else None, output_hidden_states=True)
+    first = out.hidden_states[0]  # each (B, frames, hidden)
     lengths = encoder._get_feat_extract_output_lengths(wave_mask.sum(-1)).clamp(min=1)
-    real = (torch.arange(states.shape[2], device=states.device)[None] < lengths[:, None]).to(states.dtype)
-    return (states * real[:, None, :, None]).sum(2) / lengths[:, None, None].to(states.dtype)
+    real = (torch.arange(first.shape[1], device=first.device)[None] < lengths[:, None]).to(first.dtype)
+    # each hidden state read once: its real frames summed by a (1, frames) product, not a masked copy
+    sums = torch.stack([torch.bmm(real[:, None], h)[:, 0] for h in out.hidden_states], 1)
+    return sums / lengths[:, None, None].to(first.dtype)
 
 
 class SpeechLayerSum(nn.Module):
@@ -344,7 +291,8 @@ class SpeechLayerSum(nn.Module):
     def forward(self, layers=None, wave=None, wave_mask=None):
         """layers (B, layers + 1, hidden), or wave and wave_mask (B, samples) -> (B, hidden)."""
         if layers is None:
-            layers = pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask, self.whisper_features)
+            with _quiet_wavlm_masks():
+                layers = pooled_layers(self.encoder, wave, wave_mask, self.takes_attention_mask, self.whisper_features)
         return (self.layer_weights()[None, :, None] * layers.float()).sum(1)
 
 

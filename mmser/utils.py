@@ -324,6 +324,19 @@ def set_threads(threads=None):
 
 
 @contextlib.contextmanager
+def torch_threads(threads):
+    """torch's CPU threads set to `threads` for a while, the setting put back afterwards. A thread
+    started meanwhile keeps the count it first ran with (torch reads it once per thread)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def quiet_transformers():
     """transformers' per-load "Loading weights" bars and load reports, silenced: on a terminal they
     split this tool's own tables, in a job's log file they pile up (205 updates in one extraction)."""

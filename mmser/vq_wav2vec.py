@@ -84,7 +84,8 @@ def time_major_conv(x, weight, stride, cache, out):
     channels_out, channels_in, kernel = weight.shape
     frames = (x.shape[0] - kernel) // stride + 1
     key = (weight.data_ptr(), weight._version, x.dtype)
-    if cache.get("key") != key:
+    entry = cache.get("entry")  # one tuple, replaced whole: safe for threads that share the cache
+    if entry is None or entry[0] != key:
         w = weight.detach().to(x.dtype)
         if channels_in * kernel <= 64:
             mode, blocks = "unfold", [w.reshape(channels_out, channels_in * kernel).t().contiguous()]
@@ -93,8 +94,8 @@ def time_major_conv(x, weight, stride, cache, out):
         else:  # weight[:, :, j*stride + s] multiplies time step s of block j: (stride, in) rows per block
             mode, blocks = "blocks", [b.reshape(channels_out, stride * channels_in).t().contiguous() for b in
                                       w.reshape(channels_out, channels_in, kernel // stride, stride).permute(2, 0, 3, 1)]
-        cache.update(key=key, mode=mode, blocks=blocks)
-    mode, blocks = cache["mode"], cache["blocks"]
+        entry = cache["entry"] = (key, mode, blocks)
+    _, mode, blocks = entry
     if mode == "unfold":
         windows = x.unfold(0, kernel, stride)  # (frames, channels_in, kernel)
         return torch.mm(windows.reshape(frames, channels_in * kernel), blocks[0], out=out)

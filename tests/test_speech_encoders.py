@@ -15,10 +15,11 @@ import transformers
 from mmser import data_contract
 import feature_ext
 import main
-from mmser import speech_encoders
+from mmser import encoder_speedups, speech_encoders
 from mmser.speech.routes import route_of, speech_models
 from fixtures import tiny_models
 from mmser.dataset_loader import collate_utterances
+from mmser.utils import torch_threads
 from small_runs import fold_result, run_like_the_demo
 from test_predict import assert_session5_predictions_equal_the_evaluation
 
@@ -64,9 +65,11 @@ def test_a_wavlm_folder_made_elsewhere_goes_through_extraction_training_and_pred
     data_dir.mkdir()
     shutil.copy(demo["data_dir"] / "utterances.csv", data_dir)
     shutil.copytree(demo["data_dir"] / "Audio", data_dir / "Audio")
-    with contextlib.redirect_stdout(io.StringIO()):
+    # with two CPU threads, as two workers of one thread each (speech_encoders.layer_means_of_batches)
+    with contextlib.redirect_stdout(io.StringIO()), torch_threads(2):
+        assert speech_encoders.extraction_workers(speech_encoders.load_speech_model(folder)) == 2
         assert feature_ext.main(["speech-layers", str(data_dir), str(demo["run_dir"] / "models"),
-                                 "--speech-model", str(folder)]) == 0
+                                 "--speech-model", str(folder), "--threads", "2"]) == 0
     out = data_dir / "SpeechLayers-my-wavlm"
     written = sorted(out.glob("*.npy"))
     assert len(written) == len(list((data_dir / "Audio").glob("*.wav")))
@@ -108,7 +111,7 @@ def test_every_family_s_layer_means_are_transformers_own_hidden_states_means(fam
     folder = tiny_models.make_tiny_speech_encoder(tmp_path / family, family)
     speech = speech_encoders.load_speech_model(folder)
     assert speech.kind == family and speech.takes_attention_mask == (family != "wav2vec2")
-    assert speech_encoders._knows_front_end(speech.encoder)  # the time-major front end is what ran
+    assert encoder_speedups.knows_front_end(speech.encoder)  # the time-major front end is what ran
     for wav in wavs([4000, 9000]):
         np.testing.assert_allclose(speech_encoders.layer_means(speech, wav), own_hidden_state_means(folder, wav),
                                    rtol=0, atol=1e-5)
@@ -117,11 +120,13 @@ def test_every_family_s_layer_means_are_transformers_own_hidden_states_means(fam
 @pytest.mark.parametrize("family", ["wavlm", "hubert", "wav2vec2", "data2vec-audio"])
 def test_the_time_major_front_end_is_transformers_feature_encoder(family, tmp_path):
     encoder = speech_encoders.load_speech_model(tiny_models.make_tiny_speech_encoder(tmp_path / family, family)).encoder
-    # the tiny models' kernels are the real ones: 10 over 5 (unfolded), 3 over 2 (per tap), 2 over 2
-    for wav in wavs([400, 4321, 16000]):
+    # the tiny models' kernels are the real ones: 10 over 5 (unfolded), 3 over 2 (per tap), 2 over 2;
+    # wav2vec 2.0's group norm is folded into the first layer's weights: also over a DC offset (no
+    # normalisation before it), and over more frames than one block of the first two layers
+    for wav in wavs([400, 4321, 16000]) + [wavs([24000], seed=2)[0] + 0.3]:
         with torch.inference_mode():
             own = encoder.feature_extractor(torch.from_numpy(wav)[None])[0].t()
-            time_major = speech_encoders._time_major_front_end(encoder.feature_extractor, torch.from_numpy(wav))
+            time_major = encoder_speedups.time_major_front_end(encoder.feature_extractor, torch.from_numpy(wav))
         assert time_major.shape == own.shape
         torch.testing.assert_close(time_major, own, rtol=0, atol=1e-5)
 
@@ -142,6 +147,51 @@ def test_a_batch_s_layer_means_are_each_utterance_s_alone_and_only_where_padding
         batched = speech_encoders.batch_layer_means(speech, [different[0], different[0][::-1].copy()])[:1]
     for one, many in zip(alone, batched):
         np.testing.assert_allclose(many, one, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["wavlm", "hubert", "wav2vec2"])
+def test_the_frozen_stand_ins_compute_transformers_own_hidden_states_and_are_put_back(family, tmp_path):
+    speech = speech_encoders.load_speech_model(tiny_models.make_tiny_speech_encoder(tmp_path / family, family))
+    encoder = speech.encoder
+    lengths = [16000, 11000] if speech.pads_freely else [16000, 16000]  # padded, with its mask
+    inputs = speech.feature_extractor(wavs(lengths), sampling_rate=16000, return_tensors="pt", padding=True,
+                                      return_attention_mask=True)
+    mask = inputs.attention_mask if speech.takes_attention_mask else None
+    front_end, positional = encoder.feature_extractor, encoder.encoder.pos_conv_embed
+    with torch.inference_mode():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+            own = encoder(inputs.input_values, attention_mask=mask, output_hidden_states=True).hidden_states
+        with encoder_speedups.faster(encoder), warnings.catch_warnings():
+            warnings.simplefilter("error")  # the attention's padding mask goes in as torch wants it
+            assert type(encoder.feature_extractor).__name__ == "_TimeMajorFeatureEncoder"
+            assert type(encoder.encoder.pos_conv_embed).__name__ == "_ChannelsLastPositionalConv"
+            attentions = [m for m in encoder.modules() if type(m).__name__ == "WavLMAttention"]
+            assert bool(attentions) == (family == "wavlm")
+            assert all("torch_multi_head_self_attention" in vars(m) for m in attentions)
+            fast = encoder(inputs.input_values, attention_mask=mask, output_hidden_states=True).hidden_states
+    frames = encoder._get_feat_extract_output_lengths(torch.tensor(lengths))
+    for a, b in zip(own, fast):
+        for row, n in enumerate(frames):
+            torch.testing.assert_close(b[row, :n], a[row, :n], rtol=0, atol=1e-5)
+    assert encoder.feature_extractor is front_end and encoder.encoder.pos_conv_embed is positional
+    assert not any("torch_multi_head_self_attention" in vars(m) for m in encoder.modules())
+
+
+def test_several_batches_at_once_on_one_thread_each_give_each_batch_s_layer_means_in_order(tmp_path):
+    speech = speech_encoders.load_speech_model(tiny_models.make_tiny_speech_encoder(tmp_path / "wavlm", "wavlm"))
+    batches = [(f"batch{k}", wavs(lengths, seed=k)) for k, lengths in
+               enumerate([[16000], [9000, 8800], [3000], [20000, 19000, 19500], [5000]])]
+    threads = torch.get_num_threads()
+    together = list(speech_encoders.layer_means_of_batches(speech, iter(batches), workers=2))
+    assert [key for key, _ in together] == [key for key, _ in batches]
+    for (_, means), (_, batch) in zip(together, batches):
+        np.testing.assert_allclose(means, speech_encoders.batch_layer_means(speech, batch), rtol=0, atol=1e-6)
+    assert torch.get_num_threads() == threads
+    # a batch that fails says so in the caller's thread, and the thread setting is put back
+    with pytest.raises(ValueError, match="too short"):
+        list(speech_encoders.layer_means_of_batches(speech, iter([("a", wavs([8000])), ("b", wavs([100]))]), 2))
+    assert torch.get_num_threads() == threads
 
 
 def test_length_batches_sort_by_length_cap_the_padding_and_keep_group_norm_to_equal_lengths():

@@ -71,7 +71,8 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
     of every hidden state of a transformers speech encoder (speech_encoders.layer_means), for every
     target utterance, in fp32 and inference mode, in batches of similar lengths where the family's
     hidden states do not change with padding and of equal lengths where they do (length_batches;
-    within 1e-5 of each utterance alone). One folder per encoder, so the features of different
+    within 1e-5 of each utterance alone), on a CPU several batches at once (one per torch thread,
+    speech_encoders.layer_means_of_batches). One folder per encoder, so the features of different
     encoders sit side by side."""
     from mmser import speech_encoders
     data_dir = Path(data_dir)
@@ -99,32 +100,39 @@ def extract_speech_layers(data_dir, speech_model, device="cpu", overwrite=False,
         todo = pending(rows_of(step, manifest, data_dir), out_dir, valid, overwrite, report, weigh=weigh)
         items = [(row, round(weigh(row) * SAMPLE_RATE)) for row in todo]  # lengths from the headers
         bar = tqdm(total=len(items), desc=step, unit="utt", disable=not progress)
-        for batch in length_batches(items, speech, batch_seconds):
-            readable = []  # (name, waveform) of each utterance that reads
-            for row, _ in batch:
-                wav_path = data_dir / "Audio" / f"{row['name']}.wav"
-                try:
-                    wav, _ = read_audio(wav_path)
-                except AudioError as e:  # unreadable or cut off
-                    report.fail(row["name"], e, bar)
-                    continue
-                short = speech_encoders.too_short(speech, len(wav))
-                if short:
-                    report.fail(row["name"], f"{wav_path}: {short}", bar)
-                else:
-                    readable.append((row["name"], wav))
-            # Where a header did not tell the length read, a family that batches only equal lengths
-            # takes those utterances one at a time.
-            if len({len(wav) for _, wav in readable}) > 1 and not speech.pads_freely:
-                parts = [[one] for one in readable]
-            else:
-                parts = [readable] if readable else []
-            for part in parts:
-                means = speech_encoders.batch_layer_means(speech, [wav for _, wav in part])
-                for (name, _), array in zip(part, means):
-                    save_npy_atomic(out_dir / f"{name}.npy", array.astype(np.float32))
-                    report.written += 1
-            bar.update(len(batch))
+        # The batches in flight together hold at most batch_seconds of padded audio.
+        workers = speech_encoders.extraction_workers(speech)
+        batches = length_batches(items, speech, batch_seconds / workers)
+
+        def readable_parts():  # (names, waveforms) per encoder batch, the unreadable reported on the way
+            for batch in batches:
+                readable = []
+                for row, _ in batch:
+                    wav_path = data_dir / "Audio" / f"{row['name']}.wav"
+                    try:
+                        wav, _ = read_audio(wav_path)
+                    except AudioError as e:  # unreadable or cut off
+                        report.fail(row["name"], e, bar)
+                        bar.update()
+                        continue
+                    short = speech_encoders.too_short(speech, len(wav))
+                    if short:
+                        report.fail(row["name"], f"{wav_path}: {short}", bar)
+                        bar.update()
+                    else:
+                        readable.append((row["name"], wav))
+                # Where a header did not tell the length read, a family that batches only equal lengths
+                # takes those utterances one at a time.
+                if len({len(wav) for _, wav in readable}) > 1 and not speech.pads_freely:
+                    yield from ([[name], [wav]] for name, wav in readable)
+                elif readable:
+                    yield [name for name, _ in readable], [wav for _, wav in readable]
+
+        for names, means in speech_encoders.layer_means_of_batches(speech, readable_parts(), workers):
+            for name, array in zip(names, means):
+                save_npy_atomic(out_dir / f"{name}.npy", array.astype(np.float32))
+                report.written += 1
+            bar.update(len(names))
         bar.close()
 
     return run_reported(report, work)
