@@ -146,7 +146,13 @@ class _ChannelsLastPositionalConv(nn.Module):
     def __init__(self, original):
         super().__init__()
         conv = original.conv
-        self.weight = conv.weight.detach()[:, :, None, :].contiguous(memory_format=torch.channels_last)
+        # kept on the original for as long as its parameters (the weight norm's two) are unchanged
+        key = tuple((p.data_ptr(), p._version) for p in conv.parameters())
+        kept = original.__dict__.get("_channels_last_weight")
+        if kept is None or kept[0] != key:
+            kept = original.__dict__["_channels_last_weight"] = (
+                key, conv.weight.detach()[:, :, None, :].contiguous(memory_format=torch.channels_last))
+        self.weight = kept[1]
         self.bias, self.groups, self.pad = conv.bias.detach(), conv.groups, conv.padding[0]
         self.remove = original.padding.num_pad_remove
 
