@@ -201,8 +201,9 @@ def _wavlm_attentions(encoder):
 
 @contextlib.contextmanager
 def faster(encoder):
-    """While a frozen encoder runs: on a CPU, its feature encoder time-major (where knows_front_end); on
-    any device, WavLM's attention without the discarded weights. Put back on the way out."""
+    """While a frozen encoder runs: on a CPU, its feature encoder time-major (where knows_front_end) and
+    its positional convolution channels-last (where _positional_conv finds one it computes); on any
+    device, WavLM's attention without the discarded weights. Put back on the way out."""
     on_cpu = next(encoder.parameters()).device.type == "cpu"
     front_end = getattr(encoder, "feature_extractor", None)
     swap_front_end = on_cpu and knows_front_end(encoder)

@@ -193,8 +193,8 @@ def layer_means_of_batches(speech, batches, workers=1):
     pairs in the same order. With workers > 1 (a CPU: extraction_workers), as many batches run at once,
     each on a thread of its own with one torch thread, instead of one batch at a time on all of them:
     one utterance's products are too small to keep several cores busy, and its norms, softmaxes and
-    copies run between them (WavLM-base over 10 s on 2 cores, benchmarks/bench_speech.py: two workers
-    575 ms an utterance, one batch on two threads 654). At most 2 x workers batches are read ahead."""
+    copies run between them (WavLM-base on 2 cores: 3% to 10% faster on 10-s utterances, more on
+    IEMOCAP's shorter ones; docs/speed.md). At most 2 x workers batches are read ahead."""
     from mmser.vq_wav2vec import full_fp32_precision
     if workers <= 1:
         for key, wavs in batches:
