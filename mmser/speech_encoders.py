@@ -192,9 +192,9 @@ def layer_means_of_batches(speech, batches, workers=1):
     """batch_layer_means over `batches`, an iterable of (key, waveforms) read as it goes: (key, means)
     pairs in the same order. With workers > 1 (a CPU: extraction_workers), as many batches run at once,
     each on a thread of its own with one torch thread, instead of one batch at a time on all of them:
-    one utterance's products are too small to keep several cores busy, and its norms, softmaxes and
-    copies run between them (WavLM-base on 2 cores: 3% to 10% faster on 10-s utterances, more on
-    IEMOCAP's shorter ones; docs/speed.md). At most 2 x workers batches are read ahead."""
+    between an utterance's products run its norms, softmaxes and copies, which keep several threads
+    less busy than the products do (WavLM-base on 2 cores: 3% to 10% faster on 10-s utterances, more
+    on IEMOCAP's shorter ones; docs/speed.md). At most 2 x workers batches are read ahead."""
     from mmser.vq_wav2vec import full_fp32_precision
     if workers <= 1:
         for key, wavs in batches:
